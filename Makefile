@@ -1,0 +1,25 @@
+# Quick start: `make run` (a local 3-node cluster) and `make test` (the whole suite).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(VENV)/bin/sheep up --nodes 3 --copies 3 --dir ./var
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -ra
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m bench.objects
+
+clean:
+	rm -rf var build *.egg-info .pytest_cache

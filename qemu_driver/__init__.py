@@ -1,0 +1,1 @@
+"""VM runtime: boots QEMU guests with sheep VDIs as virtio disks (see issue 8)."""

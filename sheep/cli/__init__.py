@@ -1,0 +1,1 @@
+"""Command-line front ends: `sheep` (daemon, embedded cluster) and `dog` (admin)."""

@@ -1,0 +1,173 @@
+"""dog: the admin CLI, with Sheepdog's command names, over the gRPC control plane."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from sheep.control import sheep_pb2 as pb
+from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.units import format_size, parse_size
+
+DEFAULT_ADDRESS = "127.0.0.1:7000"
+RPC_TIMEOUT = 15.0
+
+
+class DogError(Exception):
+    """A one-line error for the user; dog exits 1 with it."""
+
+
+def _emit_json(message) -> None:
+    data = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def cluster_format(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    try:
+        object_size = parse_size(args.object_size)
+    except ValueError as exc:
+        raise DogError(str(exc)) from None
+    reply = await stub.FormatCluster(
+        pb.FormatRequest(copies=args.copies, object_size=object_size), timeout=RPC_TIMEOUT
+    )
+    if args.json:
+        _emit_json(reply)
+    else:
+        print(f"cluster {reply.cluster_id} formatted: {reply.copies} copies, "
+              f"{format_size(reply.object_size)} objects, epoch {reply.epoch}")
+
+
+async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    reply = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
+    if args.json:
+        _emit_json(reply)
+        return
+    print(f"Cluster status: {reply.status}")
+    if reply.cluster_id:
+        print(f"Cluster id: {reply.cluster_id}")
+        print(f"Created: {_when(reply.created)}")
+        print(f"Copies: {reply.copies}")
+        print(f"Object size: {format_size(reply.object_size)}")
+    print(f"Epoch: {reply.epoch}\n")
+    rows = [
+        [str(e.epoch), _when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
+        for e in reversed(reply.history)
+    ]
+    print(_table(rows, ["Epoch", "Time", "Nodes"]))
+
+
+async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    if args.json:
+        _emit_json(reply)
+        return
+    rows = []
+    for i, s in enumerate(reply.nodes):
+        n = s.node
+        used = format_size(s.used) if s.reachable else "?"
+        free = format_size(s.free) if s.reachable else "?"
+        rows.append([str(i), n.id[:12], f"{n.host}:{n.control_port}", f"{n.host}:{n.data_port}",
+                     n.zone or "-", str(n.vnodes), used, free])
+    print(_table(rows, ["Idx", "Id", "Control", "Data", "Zone", "Vnodes", "Used", "Free"]))
+
+
+async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    if args.json:
+        _emit_json(reply)
+        return
+    rows = []
+    total_used = total_size = 0
+    for i, s in enumerate(reply.nodes):
+        if not s.reachable:
+            rows.append([str(i), "?", "?", "?", "?", "unreachable: " + s.error])
+            continue
+        size = s.used + s.free
+        total_used += s.used
+        total_size += size
+        pct = f"{100 * s.used / size:.0f}%" if size else "-"
+        rows.append([str(i), format_size(size), format_size(s.used), format_size(s.free), pct,
+                     str(s.objects)])
+    pct = f"{100 * total_used / total_size:.0f}%" if total_size else "-"
+    rows.append(["Total", format_size(total_size), format_size(total_used),
+                 format_size(total_size - total_used), pct, ""])
+    print(_table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
+
+
+# -- argument parsing ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-a", "--address", default=os.environ.get("SHEEP_ADDRESS", DEFAULT_ADDRESS),
+        help="control address of any node (HOST:PORT; default $SHEEP_ADDRESS or %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(prog="dog", description="sheep cluster administration")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node}")
+
+    cluster = kinds.add_parser("cluster", help="cluster-wide operations").add_subparsers(
+        dest="cmd", required=True)
+    fmt = cluster.add_parser("format", parents=[common], help="format the cluster")
+    fmt.add_argument("-c", "--copies", type=int, default=3, help="replicas per object")
+    fmt.add_argument("--object-size", default="4M", help="data object size (power of two)")
+    fmt.set_defaults(func=cluster_format)
+    cluster.add_parser("info", parents=[common], help="status, epochs, copies").set_defaults(
+        func=cluster_info)
+
+    node = kinds.add_parser("node", help="storage nodes").add_subparsers(dest="cmd", required=True)
+    node.add_parser("list", parents=[common], help="list nodes").set_defaults(func=node_list)
+    node.add_parser("info", parents=[common], help="space used per node").set_defaults(
+        func=node_info)
+    return parser
+
+
+async def _run(args: argparse.Namespace, func: Callable) -> None:
+    async with grpc.aio.insecure_channel(args.address) as channel:
+        await func(pb_grpc.ControlStub(channel), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        asyncio.run(_run(args, args.func))
+    except DogError as exc:
+        print(f"dog: {exc}", file=sys.stderr)
+        return 1
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            print(f"dog: cannot reach sheep at {args.address}: {exc.details()}", file=sys.stderr)
+        else:
+            print(f"dog: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""sheep: the storage daemon (`sheep run`) and the embedded local cluster (`sheep up`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from sheep.units import parse_size
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def install_event_loop_policy() -> None:
+    """uvloop when present: the data plane's per-request cost roughly halves."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sheep.daemon import NodeOptions, run_node
+
+    opts = NodeOptions(
+        dir=Path(args.dir),
+        port=args.port,
+        etcd=args.etcd,
+        data_port=args.data_port,
+        bind=args.bind,
+        advertise=args.advertise,
+        zone=args.zone,
+        vnodes=args.vnodes,
+        weight=args.weight,
+        lease_ttl=args.lease_ttl,
+    )
+    install_event_loop_policy()
+    try:
+        return asyncio.run(run_node(opts))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from sheep.embedded import EmbeddedCluster
+
+    try:
+        object_size = parse_size(args.object_size)
+    except ValueError as exc:
+        print(f"sheep: {exc}", file=sys.stderr)
+        return 1
+    cluster = EmbeddedCluster(
+        Path(args.dir),
+        nodes=args.nodes,
+        copies=args.copies,
+        base_port=args.base_port,
+        object_size=object_size,
+    )
+    return cluster.run_foreground()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sheep", description="sheep storage daemon")
+    cmds = parser.add_subparsers(dest="cmd", required=True)
+
+    run = cmds.add_parser("run", help="run one storage node")
+    run.add_argument("--dir", required=True, help="data directory of this node")
+    run.add_argument("--port", type=int, default=7000, help="control (gRPC) port")
+    run.add_argument("--data-port", type=int, default=0,
+                     help="data-plane port (default: any free port, published in etcd)")
+    run.add_argument("--etcd", required=True,
+                     help="etcd URL, optionally with a key prefix: http://HOST:PORT[/PREFIX]")
+    run.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    run.add_argument("--advertise", default="", help="address peers use (default: --bind)")
+    run.add_argument("--zone", default="", help="failure zone; replicas go to distinct zones")
+    run.add_argument("--vnodes", type=int, default=0, help="ring vnodes (default: from weight)")
+    run.add_argument("--weight", type=float, default=1.0,
+                     help="share of data relative to other nodes (scale with capacity)")
+    run.add_argument("--lease-ttl", type=int, default=10,
+                     help="seconds after which a silent node leaves the cluster")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=_run)
+
+    up = cmds.add_parser("up", help="run a local cluster with its own etcd in the foreground")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--copies", type=int, default=3)
+    up.add_argument("--dir", default="./var", help="where the nodes and etcd keep data")
+    up.add_argument("--base-port", type=int, default=7000,
+                    help="node i listens on control port BASE+i and data port BASE+100+i")
+    up.add_argument("--object-size", default="4M")
+    up.add_argument("-v", "--verbose", action="store_true")
+    up.set_defaults(func=_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cluster: ring, membership, epochs; coordination in etcd."""

@@ -1,0 +1,185 @@
+"""The cluster's records in etcd: read, format, watch, and epoch transactions.
+
+Every change of membership is one etcd transaction guarded by the epoch key's revision,
+so two nodes that race to bump the epoch cannot both win; the loser re-reads and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aetcd
+
+from sheep.errors import ClusterError
+
+from .state import (
+    ClusterConfig,
+    EpochRecord,
+    EtcdTarget,
+    NodeInfo,
+    dump,
+    load_config,
+    load_epoch,
+    load_node,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyFormatted(ClusterError):
+    """the cluster is already formatted"""
+
+
+class EtcdUnavailable(ClusterError):
+    """etcd cannot be reached"""
+
+
+class EtcdCluster:
+    def __init__(self, target: EtcdTarget, *, timeout: float = 5.0) -> None:
+        self.target = target
+        self._client = aetcd.Client(host=target.host, port=target.port, timeout=timeout)
+
+    @property
+    def client(self) -> aetcd.Client:
+        return self._client
+
+    async def connect(self, wait: float = 10.0) -> None:
+        """Connect, retrying for `wait` seconds: etcd may still be starting."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                await self._client.connect()
+                await self._client.get(self.target.config_key)
+                return
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise EtcdUnavailable(
+                        f"cannot reach etcd at {self.target.host}:{self.target.port}: {exc}"
+                    ) from None
+                await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def config(self) -> ClusterConfig | None:
+        kv = await self._client.get(self.target.config_key)
+        return load_config(kv.value) if kv is not None else None
+
+    async def epoch(self) -> tuple[EpochRecord | None, int]:
+        """The current epoch record and its key's mod revision (0 when absent)."""
+        kv = await self._client.get(self.target.epoch_key)
+        if kv is None:
+            return None, 0
+        return load_epoch(kv.value), kv.mod_revision
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        kvs = await self._client.get_prefix(self.target.nodes_prefix)
+        return sorted((load_node(kv.value) for kv in kvs), key=lambda n: n.node_id)
+
+    async def epoch_history(self) -> list[EpochRecord]:
+        kvs = await self._client.get_prefix(self.target.epoch_log_prefix)
+        return sorted((load_epoch(kv.value) for kv in kvs), key=lambda r: r.epoch)
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def format(self, copies: int, object_size: int) -> ClusterConfig:
+        config = ClusterConfig(
+            cluster_id=uuid.uuid4().hex, copies=copies, object_size=object_size, created=time.time()
+        )
+        tx = self._client.transactions
+        ok, _ = await self._client.transaction(
+            compare=[tx.version(self.target.config_key) == 0],
+            success=[tx.put(self.target.config_key, dump(config))],
+            failure=[],
+        )
+        if not ok:
+            raise AlreadyFormatted("the cluster is already formatted")
+        await self.bump_epoch(lambda current: current)  # a new epoch starts the formatted era
+        return config
+
+    async def bump_epoch(
+        self,
+        members: Callable[[list[NodeInfo]], list[NodeInfo]],
+        *,
+        extra_success: Callable[[], list] | None = None,
+        only_if_changed: bool = False,
+    ) -> EpochRecord | None:
+        """Write epoch N+1 whose members are `members(live nodes)`, in one transaction.
+
+        `extra_success` adds operations to the same transaction (registering or removing
+        this node's own key). With `only_if_changed`, nothing is written when the current
+        epoch already has exactly those members.
+        """
+        tx = self._client.transactions
+        for _ in range(100):
+            current, rev = await self.epoch()
+            nodes = sorted(members(await self.live_nodes()), key=lambda n: n.node_id)
+            if only_if_changed and current is not None and current.same_members(nodes):
+                return None
+            record = EpochRecord(
+                epoch=(current.epoch if current else 0) + 1, time=time.time(), nodes=tuple(nodes)
+            )
+            guard = (
+                tx.mod(self.target.epoch_key) == rev
+                if rev
+                else tx.version(self.target.epoch_key) == 0
+            )
+            ops = [
+                tx.put(self.target.epoch_key, dump(record)),
+                tx.put(self.target.epoch_log_key(record.epoch), dump(record)),
+            ]
+            if extra_success is not None:
+                ops.extend(extra_success())
+            ok, _ = await self._client.transaction(compare=[guard], success=ops, failure=[])
+            if ok:
+                log.info(
+                    "epoch %d: %d node(s) %s",
+                    record.epoch,
+                    len(nodes),
+                    ",".join(n.node_id[:8] for n in nodes),
+                )
+                return record
+            await asyncio.sleep(0.01)
+        raise ClusterError("could not bump the epoch: too much contention")
+
+    # -- watching ---------------------------------------------------------------------
+
+    async def watch(self, on_change: Callable[[], Awaitable[None]], poll: float = 2.0) -> None:
+        """Call `on_change` after every change under the cluster prefix, forever.
+
+        The watch stream is re-established after etcd errors; a slow poll covers the
+        window while it is down.
+        """
+        prefix = self.target.prefix.encode() + b"/"
+        while True:
+            changed = asyncio.Event()
+            pump: asyncio.Future | None = None
+            try:
+                watch = await self._client.watch_prefix(prefix)
+
+                async def drain(watch=watch, changed=changed) -> None:
+                    async for _event in watch:
+                        changed.set()
+
+                pump = asyncio.ensure_future(drain())
+                while not pump.done():
+                    await on_change()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), poll)
+                    changed.clear()
+                pump.result()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("etcd watch broke (%s); retrying", exc)
+                await asyncio.sleep(min(poll, 1.0))
+            finally:
+                if pump is not None:
+                    pump.cancel()

@@ -1,0 +1,70 @@
+"""A node's presence in the cluster: a leased key, joins and leaves as epoch bumps.
+
+Joining puts this node's key and epoch N+1 in one transaction. A node that dies stops
+refreshing its lease; etcd deletes its key, and every surviving node's reconciler races to
+write the epoch without it (one wins, the rest see nothing left to do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .etcd import EtcdCluster
+from .state import NodeInfo, dump
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, etcd: EtcdCluster, me: NodeInfo, *, lease_ttl: int = 10) -> None:
+        self._etcd = etcd
+        self.me = me
+        self._ttl = max(2, lease_ttl)
+        self._lease = None
+
+    async def join(self) -> None:
+        self._lease = await self._etcd.client.lease(self._ttl)
+        tx = self._etcd.client.transactions
+        key = self._etcd.target.node_key(self.me.node_id)
+        lease = self._lease
+
+        def members(live: list[NodeInfo]) -> list[NodeInfo]:
+            return [n for n in live if n.node_id != self.me.node_id] + [self.me]
+
+        await self._etcd.bump_epoch(
+            members, extra_success=lambda: [tx.put(key, dump(self.me), lease=lease)]
+        )
+
+    async def leave(self) -> None:
+        tx = self._etcd.client.transactions
+        key = self._etcd.target.node_key(self.me.node_id)
+
+        def members(live: list[NodeInfo]) -> list[NodeInfo]:
+            return [n for n in live if n.node_id != self.me.node_id]
+
+        await self._etcd.bump_epoch(members, extra_success=lambda: [tx.delete(key)])
+        if self._lease is not None:
+            try:
+                await self._lease.revoke()
+            except Exception as exc:  # the key is gone already; a stale lease just expires
+                log.debug("lease revoke failed: %s", exc)
+            self._lease = None
+
+    async def keep_alive(self) -> None:
+        """Refresh the lease forever; rejoin if it was lost (paused or partitioned node)."""
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                reply = await self._lease.refresh() if self._lease is not None else None
+                if reply is None or reply.TTL <= 0:
+                    log.warning("lease lost; rejoining the cluster")
+                    await self.join()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease refresh failed: %s", exc)
+
+    async def reconcile(self) -> None:
+        """Bump the epoch if the live nodes differ from the current epoch's members."""
+        await self._etcd.bump_epoch(lambda live: live, only_if_changed=True)

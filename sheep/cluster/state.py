@@ -1,0 +1,132 @@
+"""The cluster's shared records as stored in etcd, and the keys they live under.
+
+Pure data: JSON in and out, no client. Every node and every client derives its ring from
+the same `EpochRecord`, so placement agrees wherever it is computed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+from .ring import Ring, RingNode
+
+DEFAULT_PREFIX = "/sheep"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    host: str
+    data_port: int
+    control_port: int
+    zone: str = ""
+    vnodes: int = 0
+    capacity: int = 0
+
+    @property
+    def data_addr(self) -> tuple[str, int]:
+        return (self.host, self.data_port)
+
+    @property
+    def control_addr(self) -> str:
+        return f"{self.host}:{self.control_port}"
+
+    def ring_node(self) -> RingNode:
+        return RingNode(self.node_id, self.zone, self.vnodes)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    cluster_id: str
+    copies: int
+    object_size: int
+    created: float
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    time: float
+    nodes: tuple[NodeInfo, ...] = field(default_factory=tuple)
+
+    def ring(self) -> Ring:
+        return Ring(n.ring_node() for n in self.nodes)
+
+    def node(self, node_id: str) -> NodeInfo | None:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        return None
+
+    def same_members(self, nodes: list[NodeInfo] | tuple[NodeInfo, ...]) -> bool:
+        return set(self.nodes) == set(nodes)
+
+
+def dump(record: NodeInfo | ClusterConfig | EpochRecord) -> bytes:
+    return json.dumps(asdict(record), sort_keys=True).encode()
+
+
+def load_node(raw: bytes) -> NodeInfo:
+    return NodeInfo(**json.loads(raw))
+
+
+def load_config(raw: bytes) -> ClusterConfig:
+    return ClusterConfig(**json.loads(raw))
+
+
+def load_epoch(raw: bytes) -> EpochRecord:
+    data = json.loads(raw)
+    nodes = tuple(sorted((NodeInfo(**n) for n in data["nodes"]), key=lambda n: n.node_id))
+    return EpochRecord(epoch=data["epoch"], time=data["time"], nodes=nodes)
+
+
+@dataclass(frozen=True)
+class EtcdTarget:
+    """Where the cluster's coordination lives: an etcd endpoint and a key prefix.
+
+    The URL's path selects the prefix, so several clusters (or tests) can share one etcd:
+    `http://127.0.0.1:2379/mycluster`.
+    """
+
+    host: str
+    port: int
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def parse(cls, url: str) -> EtcdTarget:
+        if "://" not in url:
+            url = "http://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "etcd"):
+            raise ValueError(f"unsupported etcd URL scheme {parts.scheme!r} in {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"etcd URL {url!r} has no host")
+        prefix = parts.path.rstrip("/") or DEFAULT_PREFIX
+        return cls(parts.hostname, parts.port or 2379, prefix)
+
+    def key(self, *parts: str) -> bytes:
+        return "/".join((self.prefix, *parts)).encode()
+
+    @property
+    def config_key(self) -> bytes:
+        return self.key("config")
+
+    @property
+    def epoch_key(self) -> bytes:
+        return self.key("epoch")
+
+    @property
+    def nodes_prefix(self) -> bytes:
+        return self.key("nodes") + b"/"
+
+    def node_key(self, node_id: str) -> bytes:
+        return self.key("nodes", node_id)
+
+    def epoch_log_key(self, epoch: int) -> bytes:
+        return self.key("epochs", f"{epoch:010d}")
+
+    @property
+    def epoch_log_prefix(self) -> bytes:
+        return self.key("epochs") + b"/"

@@ -1,0 +1,116 @@
+"""The gRPC control service of one node: cluster format/info and node stats.
+
+`dog` may talk to any node; a node answers cluster-wide questions by asking its peers'
+control services (node list) or etcd (cluster info), never the data plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+
+from sheep.cluster.etcd import AlreadyFormatted
+from sheep.cluster.state import EpochRecord, NodeInfo
+
+from . import sheep_pb2 as pb
+from . import sheep_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from sheep.daemon import Node
+
+MIN_OBJECT_SIZE = 64 << 10
+MAX_OBJECT_SIZE = 64 << 20
+MAX_COPIES = 31
+PEER_TIMEOUT = 3.0
+
+
+def node_pb(info: NodeInfo) -> pb.Node:
+    return pb.Node(
+        id=info.node_id,
+        host=info.host,
+        data_port=info.data_port,
+        control_port=info.control_port,
+        zone=info.zone,
+        vnodes=info.vnodes,
+        capacity=info.capacity,
+    )
+
+
+def epoch_pb(record: EpochRecord) -> pb.Epoch:
+    return pb.Epoch(epoch=record.epoch, time=record.time, nodes=[node_pb(n) for n in record.nodes])
+
+
+class ControlService(pb_grpc.ControlServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def FormatCluster(self, request: pb.FormatRequest, context) -> pb.ClusterInfoReply:
+        copies = request.copies
+        object_size = request.object_size or (4 << 20)
+        if not 1 <= copies <= MAX_COPIES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"copies must be 1..{MAX_COPIES}, got {copies}"
+            )
+        if (
+            not MIN_OBJECT_SIZE <= object_size <= MAX_OBJECT_SIZE
+            or object_size & (object_size - 1)
+        ):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"object size must be a power of two from {MIN_OBJECT_SIZE} to "
+                f"{MAX_OBJECT_SIZE} bytes, got {object_size}",
+            )
+        try:
+            await self._node.etcd.format(copies, object_size)
+        except AlreadyFormatted as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        await self._node.view.refresh(self._node.etcd)
+        return await self.ClusterInfo(pb.Empty(), context)
+
+    async def ClusterInfo(self, request: pb.Empty, context) -> pb.ClusterInfoReply:
+        etcd = self._node.etcd
+        config = await etcd.config()
+        record, _ = await etcd.epoch()
+        history = await etcd.epoch_history()
+        reply = pb.ClusterInfoReply(
+            epoch=record.epoch if record else 0, history=[epoch_pb(r) for r in history]
+        )
+        if config is None:
+            reply.status = "waiting for format"
+            return reply
+        reply.cluster_id = config.cluster_id
+        reply.copies = config.copies
+        reply.object_size = config.object_size
+        reply.created = config.created
+        members = len(record.nodes) if record else 0
+        reply.status = "running" if members >= config.copies else "degraded"
+        return reply
+
+    async def NodeInfo(self, request: pb.Empty, context) -> pb.NodeStats:
+        return self._node.stats()
+
+    async def NodeList(self, request: pb.Empty, context) -> pb.NodeListReply:
+        record, _ = await self._node.etcd.epoch()
+        nodes = record.nodes if record else ()
+        stats = await asyncio.gather(*(self._peer_stats(n) for n in nodes))
+        return pb.NodeListReply(nodes=stats)
+
+    async def _peer_stats(self, info: NodeInfo) -> pb.NodeStats:
+        if info.node_id == self._node.info.node_id:
+            return self._node.stats()
+        try:
+            async with grpc.aio.insecure_channel(info.control_addr) as channel:
+                stub = pb_grpc.ControlStub(channel)
+                return await stub.NodeInfo(pb.Empty(), timeout=PEER_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            return pb.NodeStats(node=node_pb(info), reachable=False, error=exc.details() or "")
+
+
+async def serve(node: Node, host: str, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server

@@ -1,0 +1,242 @@
+"""One storage node: object store, data-plane server, control service, cluster membership.
+
+Start-up refuses loudly rather than half-starting: a data dir of another cluster, a data
+dir in use by another daemon, or a port in use are each a one-line error and exit code 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.membership import Membership
+from sheep.cluster.ring import DEFAULT_VNODES, vnodes_for_weight
+from sheep.cluster.state import EtcdTarget, NodeInfo, dump
+from sheep.cluster.view import ClusterView, follow
+from sheep.control import service as control
+from sheep.control import sheep_pb2 as pb
+from sheep.dataplane import server as dataplane
+from sheep.dataplane.service import ObjectService
+from sheep.errors import SheepError
+from sheep.store import NodeMeta, ObjectStore
+
+log = logging.getLogger("sheep.daemon")
+
+
+class StartupError(SheepError):
+    """the node cannot start"""
+
+
+@dataclass
+class NodeOptions:
+    dir: Path
+    port: int
+    etcd: str
+    data_port: int = 0
+    bind: str = "127.0.0.1"
+    advertise: str = ""
+    zone: str = ""
+    vnodes: int = 0
+    weight: float = 1.0
+    lease_ttl: int = 10
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"{what} port {host}:{port} is already in use") from None
+            raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
+
+
+class Node:
+    def __init__(self, opts: NodeOptions) -> None:
+        self.opts = opts
+        self.view = ClusterView()
+        self.etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
+        self.store: ObjectStore | None = None
+        self.meta: NodeMeta | None = None
+        self.info: NodeInfo | None = None  # type: ignore[assignment]
+        self.stopped = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._membership: Membership | None = None
+        self._data_server: asyncio.Server | None = None
+        self._control_server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        opts = self.opts
+        self._open_dir()
+        _check_port_free(opts.bind, opts.port, "control")
+        _check_port_free(opts.bind, opts.data_port, "data")
+        await self.etcd.connect()
+        config = await self.etcd.config()
+        self._adopt_cluster(config.cluster_id if config else None, refuse=True)
+        if config is not None:
+            self.store.set_object_size(config.object_size)
+
+        self.view.add_listener(self._on_view_change)
+        service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0)
+        self._data_server = await dataplane.serve(service, opts.bind, opts.data_port)
+        data_port = self._data_server.sockets[0].getsockname()[1]
+        try:
+            self._control_server = await control.serve(self, opts.bind, opts.port)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind control port {opts.bind}:{opts.port}: {exc}") from None
+
+        used, free = self.store.usage()
+        self.info = NodeInfo(
+            node_id=self.meta.get("node_id"),
+            host=opts.advertise or opts.bind,
+            data_port=data_port,
+            control_port=opts.port,
+            zone=opts.zone,
+            vnodes=opts.vnodes or vnodes_for_weight(opts.weight, DEFAULT_VNODES),
+            capacity=used + free,
+        )
+        self._membership = Membership(self.etcd, self.info, lease_ttl=opts.lease_ttl)
+        await self._membership.join()
+        await self.view.refresh(self.etcd)
+        self._tasks = [
+            asyncio.ensure_future(self._membership.keep_alive()),
+            asyncio.ensure_future(follow(self.view, self.etcd)),
+            asyncio.ensure_future(self._reconcile_loop()),
+        ]
+        log.info(
+            "node %s up: control %s:%d, data %s:%d, zone %r, vnodes %d, epoch %d",
+            self.info.node_id[:8],
+            opts.bind,
+            opts.port,
+            opts.bind,
+            data_port,
+            self.info.zone,
+            self.info.vnodes,
+            self.view.epoch,
+        )
+
+    async def stop(self) -> None:
+        log.info("stopping")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._membership is not None:
+            try:
+                await asyncio.wait_for(self._membership.leave(), 5)
+            except Exception as exc:
+                log.warning("could not leave the cluster cleanly: %s", exc)
+        if self._data_server is not None:
+            self._data_server.close()
+        if self._control_server is not None:
+            await self._control_server.stop(grace=1)
+        if self.store is not None:
+            self.store.close()
+        await self.etcd.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("stopped")
+
+    # -- internals --------------------------------------------------------------------
+
+    def _open_dir(self) -> None:
+        root = self.opts.dir
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(root / "sheep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"data dir {root} is in use by another sheep daemon") from None
+        self.store = ObjectStore(root)
+        self.meta = self.store.meta
+        if self.meta.get("node_id") is None:
+            self.meta.set("node_id", uuid.uuid4().hex)
+
+    def _adopt_cluster(self, cluster_id: str | None, *, refuse: bool) -> bool:
+        """Bind the data dir to the cluster; False (or StartupError) if it is another's."""
+        mine = self.meta.get("cluster_id")
+        if cluster_id is None:
+            if mine is not None and refuse:
+                raise StartupError(
+                    f"data dir {self.opts.dir} belongs to cluster {mine}, but the cluster "
+                    f"at {self.opts.etcd} is not formatted (wrong --etcd, or wipe the dir)"
+                )
+            return True
+        if mine is None:
+            self.meta.set("cluster_id", cluster_id)
+            return True
+        if mine != cluster_id:
+            if refuse:
+                raise StartupError(
+                    f"data dir {self.opts.dir} belongs to cluster {mine}, not to cluster "
+                    f"{cluster_id} at {self.opts.etcd}"
+                )
+            return False
+        return True
+
+    def _on_view_change(self, view: ClusterView) -> None:
+        if view.config is not None:
+            if not self._adopt_cluster(view.config.cluster_id, refuse=False):
+                log.error("the cluster was re-formatted under this node; shutting down")
+                self.stopped.set()
+                return
+            self.store.set_object_size(view.config.object_size)
+        if view.record is not None:
+            self.meta.put_epoch(view.record.epoch, dump(view.record))
+
+    async def _reconcile_loop(self) -> None:
+        """Notice nodes whose lease expired and write the epoch without them."""
+        while True:
+            try:
+                await self._membership.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconcile failed: %s", exc)
+            await self.view.wait_for_change(self.view.epoch, 0.5)
+
+    def stats(self) -> pb.NodeStats:
+        used, free = self.store.usage()
+        return pb.NodeStats(
+            node=control.node_pb(self.info),
+            used=used,
+            free=free,
+            objects=len(self.store.list_oids()),
+            epoch=self.view.epoch,
+            reachable=True,
+        )
+
+
+async def run_node(opts: NodeOptions) -> int:
+    """Run until SIGTERM/SIGINT; the exit code for the process."""
+    import signal
+
+    node = Node(opts)
+    try:
+        await node.start()
+    except SheepError as exc:
+        log.error("%s", exc)
+        print(f"sheep: {exc}", flush=True, file=__import__("sys").stderr)
+        await node.etcd.close()
+        return 1
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.stopped.set)
+    await node.stopped.wait()
+    await node.stop()
+    return 0

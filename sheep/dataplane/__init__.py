@@ -1,0 +1,1 @@
+"""Data plane: the framed binary protocol between gateways and storage nodes."""

@@ -1,0 +1,176 @@
+"""asyncio adapter for the requesting side of the data plane.
+
+One pipelined connection per peer. A request is a future in a dict keyed by request id;
+replies resolve them in whatever order they come. Timeouts are timer handles, not Tasks,
+so a replicated write costs one future per replica and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+
+from sheep.errors import ProtocolError, SheepError, error_for
+
+from .codec import Frame, FrameDecoder, encode
+from .wire import Opcode, pack_header
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class PeerUnavailable(SheepError):
+    """the peer could not be reached or the connection broke"""
+
+
+class PeerConnection(asyncio.BufferedProtocol):
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(replies=True)
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, tuple[asyncio.Future[Frame], asyncio.TimerHandle | None]] = {}
+        self._ids = itertools.count(1)
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self._transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail_all(PeerUnavailable(f"peer broke the protocol: {exc}"))
+            if self._transport is not None:
+                self._transport.close()
+            return
+        for frame in self._decoder.frames():
+            entry = self._pending.pop(frame.req_id, None)
+            if entry is None:
+                continue  # its request timed out
+            fut, timer = entry
+            if timer is not None:
+                timer.cancel()
+            if not fut.done():
+                fut.set_result(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._transport = None
+        self._fail_all(PeerUnavailable(f"connection lost: {exc or 'closed by peer'}"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for fut, timer in pending.values():
+            if timer is not None:
+                timer.cancel()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _expire(self, req_id: int) -> None:
+        entry = self._pending.pop(req_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(TimeoutError(f"data-plane request {req_id} timed out"))
+
+    def request(
+        self,
+        opcode: int,
+        *,
+        oid: int = 0,
+        offset: int = 0,
+        length: int = 0,
+        payload: bytes | bytearray | memoryview = b"",
+        flags: int = 0,
+        epoch: int = 0,
+        aux: int = 0,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> asyncio.Future[Frame]:
+        """Send one request; the future resolves to the reply frame (any result code)."""
+        fut: asyncio.Future[Frame] = self._loop.create_future()
+        transport = self._transport
+        if transport is None or self.closed:
+            fut.set_exception(PeerUnavailable("not connected"))
+            return fut
+        req_id = next(self._ids)
+        if payload:
+            length = len(payload)
+        header = pack_header(
+            opcode, req_id, flags=flags, epoch=epoch, oid=oid, offset=offset, length=length, aux=aux
+        )
+        timer = self._loop.call_later(timeout, self._expire, req_id) if timeout else None
+        self._pending[req_id] = (fut, timer)
+        transport.writelines(encode(header, payload))
+        return fut
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def check(frame: Frame) -> Frame:
+    """Raise the typed error a failed reply stands for."""
+    if frame.result:
+        raise error_for(frame.result)
+    return frame
+
+
+class PeerPool:
+    """Connections to storage nodes, one per address, made on first use and on demand
+    again after a failure."""
+
+    def __init__(self, *, connect_timeout: float = 3.0) -> None:
+        self._conns: dict[tuple[str, int], PeerConnection] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Future[PeerConnection]] = {}
+        self._connect_timeout = connect_timeout
+
+    def cached(self, addr: tuple[str, int]) -> PeerConnection | None:
+        conn = self._conns.get(addr)
+        return conn if conn is not None and conn.usable else None
+
+    async def get(self, addr: tuple[str, int]) -> PeerConnection:
+        conn = self.cached(addr)
+        if conn is not None:
+            return conn
+        fut = self._connecting.get(addr)
+        if fut is None:
+            fut = asyncio.ensure_future(self._connect(addr))
+            self._connecting[addr] = fut
+            fut.add_done_callback(lambda _f: self._connecting.pop(addr, None))
+        return await asyncio.shield(fut)
+
+    async def _connect(self, addr: tuple[str, int]) -> PeerConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(PeerConnection, addr[0], addr[1]), self._connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise PeerUnavailable(f"cannot connect to {addr[0]}:{addr[1]}: {exc}") from None
+        self._conns[addr] = conn
+        return conn
+
+    async def call(
+        self, addr: tuple[str, int], opcode: Opcode, **kwargs: object
+    ) -> Frame:
+        conn = await self.get(addr)
+        return check(await conn.request(opcode, **kwargs))  # type: ignore[arg-type]
+
+    def drop(self, addr: tuple[str, int]) -> None:
+        conn = self._conns.pop(addr, None)
+        if conn is not None:
+            conn.close()
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+        await asyncio.sleep(0)

@@ -1,0 +1,83 @@
+"""asyncio adapter for the serving side of the data plane.
+
+One BufferedProtocol per connection; frames go to an `ObjectService`, replies come back
+through `send`. No Task is created for ordinary requests: the store calls run inline and
+only durable writes wait for a group commit, through a future callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Protocol
+
+from sheep.errors import ProtocolError
+
+from .codec import Frame, FrameDecoder, encode
+
+log = logging.getLogger(__name__)
+
+
+class FrameHandler(Protocol):
+    def handle(self, frame: Frame, conn: ReplySink) -> None: ...
+
+
+class ReplySink(Protocol):
+    def send(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None: ...
+
+
+class DataPlaneServerProtocol(asyncio.BufferedProtocol):
+    def __init__(self, handler: FrameHandler) -> None:
+        self._handler = handler
+        self._decoder = FrameDecoder(replies=False)
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._peer = str(transport.get_extra_info("peername"))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            log.warning("closing data-plane connection from %s: %s", self._peer, exc)
+            self.close()
+            return
+        for frame in self._decoder.frames():
+            self._handler.handle(frame, self)
+
+    def send(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.writelines(encode(header, payload))
+
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+
+async def serve(handler: FrameHandler, host: str, port: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: DataPlaneServerProtocol(handler), host, port, reuse_address=True, backlog=256
+    )

@@ -1,0 +1,153 @@
+"""The storage node's side of the data plane: one handler per opcode over the object store.
+
+This is the operations table (in the manner of Sheepdog's ops.c): each opcode maps to a
+method; typed store errors become result codes; the epoch check happens once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+
+from sheep.errors import (
+    NewEpoch,
+    NotFormatted,
+    OldEpoch,
+    Result,
+    SheepError,
+    UnknownOp,
+)
+from sheep.store import ObjectStore
+
+from .codec import Frame
+from .server import ReplySink
+from .wire import EPOCH_CHECKED, Flags, Opcode, pack_header
+
+log = logging.getLogger(__name__)
+
+
+class ObjectService:
+    """Serves data-plane frames from one node's ObjectStore.
+
+    `epoch()` returns the node's current cluster epoch (0 while the cluster is not
+    formatted); requests of another epoch are refused so the sender retries with the
+    ring of the current one.
+    """
+
+    def __init__(self, store: ObjectStore, epoch: Callable[[], int]) -> None:
+        self._store = store
+        self._epoch = epoch
+        self._ops: dict[int, Callable[[Frame, ReplySink], None]] = {
+            Opcode.WRITE: self._write,
+            Opcode.CREATE: self._create,
+            Opcode.READ: self._read,
+            Opcode.REMOVE: self._remove,
+            Opcode.DISCARD: self._discard,
+            Opcode.FLUSH: self._flush,
+            Opcode.LIST: self._list,
+            Opcode.GET_EPOCH: self._get_epoch,
+            Opcode.EXISTS: self._exists,
+        }
+
+    def handle(self, frame: Frame, conn: ReplySink) -> None:
+        try:
+            op = self._ops.get(frame.opcode)
+            if op is None:
+                raise UnknownOp(f"unknown opcode {frame.opcode}")
+            if frame.opcode in EPOCH_CHECKED:
+                self._check_epoch(frame.epoch)
+            op(frame, conn)
+        except SheepError as exc:
+            self._reply(conn, frame, exc.code)
+        except Exception:
+            log.exception("data-plane request %s failed", frame.opcode)
+            self._reply(conn, frame, Result.IO_ERROR)
+
+    def _check_epoch(self, epoch: int) -> None:
+        mine = self._epoch()
+        if mine == 0:
+            raise NotFormatted()
+        if epoch == 0 or epoch == mine:
+            return
+        if epoch < mine:
+            raise OldEpoch(f"request epoch {epoch} < node epoch {mine}")
+        raise NewEpoch(f"request epoch {epoch} > node epoch {mine}")
+
+    def _reply(
+        self,
+        conn: ReplySink,
+        frame: Frame,
+        result: int = 0,
+        *,
+        length: int = 0,
+        aux: int = 0,
+        payload: bytes | bytearray | memoryview = b"",
+    ) -> None:
+        header = pack_header(
+            frame.opcode,
+            frame.req_id,
+            epoch=self._epoch(),
+            result=result,
+            oid=frame.oid,
+            offset=frame.offset,
+            length=length,
+            aux=aux,
+        )
+        conn.send(header, payload)
+
+    def _after_durable(self, frame: Frame, conn: ReplySink, oids: list[int] | None) -> None:
+        task = asyncio.ensure_future(self._store.flush(oids))
+
+        def done(t: asyncio.Future) -> None:
+            exc = t.exception()
+            if exc is None:
+                self._reply(conn, frame)
+            else:
+                code = exc.code if isinstance(exc, SheepError) else Result.IO_ERROR
+                log.error("flush failed: %s", exc)
+                self._reply(conn, frame, code)
+
+        task.add_done_callback(done)
+
+    def _write(self, frame: Frame, conn: ReplySink) -> None:
+        self._store.write(frame.oid, frame.offset, frame.payload, epoch=self._epoch(), create=False)
+        self._ack_write(frame, conn)
+
+    def _create(self, frame: Frame, conn: ReplySink) -> None:
+        self._store.write(frame.oid, frame.offset, frame.payload, epoch=self._epoch(), create=True)
+        self._ack_write(frame, conn)
+
+    def _ack_write(self, frame: Frame, conn: ReplySink) -> None:
+        if frame.flags & Flags.FUA:
+            self._after_durable(frame, conn, [frame.oid])
+        else:
+            self._reply(conn, frame)
+
+    def _read(self, frame: Frame, conn: ReplySink) -> None:
+        buf = bytearray(frame.length)
+        self._store.readinto(frame.oid, frame.offset, memoryview(buf))
+        self._reply(conn, frame, length=frame.length, payload=buf)
+
+    def _remove(self, frame: Frame, conn: ReplySink) -> None:
+        self._store.remove(frame.oid)
+        self._reply(conn, frame)
+
+    def _discard(self, frame: Frame, conn: ReplySink) -> None:
+        self._store.discard(frame.oid, frame.offset, frame.length)
+        self._reply(conn, frame)
+
+    def _flush(self, frame: Frame, conn: ReplySink) -> None:
+        self._after_durable(frame, conn, None)
+
+    def _list(self, frame: Frame, conn: ReplySink) -> None:
+        oids = self._store.list_oids()
+        payload = struct.pack(f"<{len(oids)}Q", *oids)
+        self._reply(conn, frame, length=len(payload), payload=payload)
+
+    def _get_epoch(self, frame: Frame, conn: ReplySink) -> None:
+        self._reply(conn, frame)
+
+    def _exists(self, frame: Frame, conn: ReplySink) -> None:
+        self._reply(conn, frame, aux=int(self._store.exists(frame.oid)))

@@ -1,0 +1,60 @@
+"""The data-plane wire format: the one place that defines it.
+
+Every frame is a fixed 48-byte little-endian header, followed by a payload whose size is
+the header's `length` when the (opcode, direction) pair carries one:
+
+    magic u32 | opcode u8 | flags u8 | pad u16 | epoch u32 | result u32 |
+    req_id u64 | oid u64 | offset u64 | length u32 | aux u32
+
+Requests and replies share the header so a reply can echo the request's fields; replies
+are matched to requests by `req_id` and may arrive in any order (pipelining).
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum, IntFlag
+
+MAGIC = 0x50454853  # b"SHEP" read as little-endian u32
+HEADER = struct.Struct("<IBBHIIQQQII")
+HEADER_SIZE = HEADER.size
+MAX_LENGTH = 64 << 20  # largest payload a peer may announce
+
+
+class Opcode(IntEnum):
+    WRITE = 1  # payload -> existing object at offset
+    READ = 2  # reply carries `length` bytes
+    REMOVE = 3
+    DISCARD = 4  # punch a hole [offset, offset+length)
+    FLUSH = 5  # make every acknowledged write durable
+    LIST = 6  # reply payload: little-endian u64 oids
+    GET_EPOCH = 7  # reply `epoch` = node's epoch
+    CREATE = 8  # create the object if absent, then write the payload (may be empty)
+    EXISTS = 9  # reply `aux` = 1 if the object exists
+
+
+class Flags(IntFlag):
+    NONE = 0
+    FUA = 1  # the write is durable before the reply
+
+
+REQUEST_HAS_PAYLOAD = frozenset({Opcode.WRITE, Opcode.CREATE})
+REPLY_HAS_PAYLOAD = frozenset({Opcode.READ, Opcode.LIST})
+EPOCH_CHECKED = frozenset(
+    {Opcode.WRITE, Opcode.READ, Opcode.REMOVE, Opcode.DISCARD, Opcode.CREATE, Opcode.EXISTS}
+)
+
+
+def pack_header(
+    opcode: int,
+    req_id: int,
+    *,
+    flags: int = 0,
+    epoch: int = 0,
+    result: int = 0,
+    oid: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    aux: int = 0,
+) -> bytes:
+    return HEADER.pack(MAGIC, opcode, flags, 0, epoch, result, req_id, oid, offset, length, aux)

@@ -1,0 +1,281 @@
+"""The replicated object client: one logical object -> `copies` replicas on the ring.
+
+Writes go to every replica of the current epoch and succeed only when all of them
+acknowledged; reads go to one replica (this node's own store first) and fail over to the
+next. A refusal for another epoch, or a replica that cannot be reached, makes the request
+wait for the ring to change and retry; the deadline bounds how long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+
+from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.state import NodeInfo
+from sheep.cluster.view import ClusterView
+from sheep.dataplane.client import PeerPool, PeerUnavailable, check
+from sheep.dataplane.codec import Frame
+from sheep.dataplane.wire import Flags, Opcode
+from sheep.errors import (
+    ClusterError,
+    NewEpoch,
+    NoObject,
+    NotFormatted,
+    OldEpoch,
+    SheepError,
+    error_for,
+)
+from sheep.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = (OldEpoch, NewEpoch, PeerUnavailable, TimeoutError, NotFormatted)
+
+
+class ObjectClient:
+    def __init__(
+        self,
+        view: ClusterView,
+        pool: PeerPool,
+        *,
+        etcd: EtcdCluster | None = None,
+        local: tuple[str, ObjectStore] | None = None,
+        timeout: float = 5.0,
+        deadline: float = 60.0,
+    ) -> None:
+        self._view = view
+        self._pool = pool
+        self._etcd = etcd
+        self._local_id, self._local_store = local if local else ("", None)
+        self._timeout = timeout
+        self._deadline = deadline
+
+    @property
+    def view(self) -> ClusterView:
+        return self._view
+
+    def replicas(self, oid: int) -> list[NodeInfo]:
+        record = self._view.record
+        config = self._view.config
+        if record is None or config is None:
+            raise NotFormatted("the cluster is not formatted")
+        placed = self._view.ring.place(oid, config.copies)
+        return [n for r in placed if (n := record.node(r.node_id)) is not None]
+
+    # -- public operations ------------------------------------------------------------
+
+    async def write(
+        self,
+        oid: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        fua: bool = False,
+        create: bool = True,
+    ) -> None:
+        opcode = Opcode.CREATE if create else Opcode.WRITE
+        flags = Flags.FUA if fua else Flags.NONE
+        await self._to_all(opcode, oid, offset=offset, payload=data, flags=flags)
+
+    async def remove(self, oid: int) -> None:
+        await self._to_all(Opcode.REMOVE, oid, missing_ok=True)
+
+    async def discard(self, oid: int, offset: int, length: int) -> None:
+        await self._to_all(Opcode.DISCARD, oid, offset=offset, length=length)
+
+    async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
+        frame = await self._from_one(Opcode.READ, oid, offset=offset, length=length)
+        return frame.payload
+
+    async def exists(self, oid: int) -> bool:
+        frame = await self._from_one(Opcode.EXISTS, oid)
+        return bool(frame.aux)
+
+    async def flush(self) -> None:
+        """Make every acknowledged write on every node durable."""
+        record = self._view.record
+        if record is None:
+            return
+        await asyncio.gather(*(self._flush_node(n) for n in record.nodes))
+
+    async def list_node(self, node: NodeInfo) -> list[int]:
+        frame = await self._pool.call(node.data_addr, Opcode.LIST, timeout=self._timeout)
+        payload = frame.payload
+        return list(struct.unpack(f"<{len(payload) // 8}Q", payload))
+
+    async def read_replica(self, node: NodeInfo, oid: int, offset: int, length: int) -> bytes:
+        """Read one specific replica (for checks that compare copies)."""
+        frame = await self._pool.call(
+            node.data_addr,
+            Opcode.READ,
+            oid=oid,
+            offset=offset,
+            length=length,
+            epoch=0,
+            timeout=self._timeout,
+        )
+        return bytes(frame.payload)
+
+    # -- internals --------------------------------------------------------------------
+
+    async def _flush_node(self, node: NodeInfo) -> None:
+        if node.node_id == self._local_id and self._local_store is not None:
+            await self._local_store.flush()
+            return
+        await self._pool.call(node.data_addr, Opcode.FLUSH, timeout=self._timeout * 6)
+
+    def _local_op(
+        self, opcode: Opcode, oid: int, offset: int, length: int, payload, flags: int
+    ) -> asyncio.Future[Frame]:
+        """Run one replica's operation on this node's own store: no network, no copy."""
+        store = self._local_store
+        assert store is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Frame] = loop.create_future()
+        frame = Frame(opcode, 0, self._view.epoch, 0, 0, oid, offset, length, 0)
+        try:
+            if opcode in (Opcode.CREATE, Opcode.WRITE):
+                store.write(oid, offset, payload, epoch=frame.epoch, create=opcode == Opcode.CREATE)
+                if flags & Flags.FUA:
+                    flushed = asyncio.ensure_future(store.flush([oid]))
+                    flushed.add_done_callback(
+                        lambda f: fut.set_exception(f.exception())
+                        if f.exception()
+                        else fut.set_result(frame)
+                    )
+                    return fut
+            elif opcode == Opcode.READ:
+                frame.payload = store.read(oid, offset, length)
+            elif opcode == Opcode.REMOVE:
+                store.remove(oid)
+            elif opcode == Opcode.DISCARD:
+                store.discard(oid, offset, length)
+            elif opcode == Opcode.EXISTS:
+                frame.aux = int(store.exists(oid))
+            else:
+                raise ValueError(f"no local path for {opcode!r}")
+        except SheepError as exc:
+            frame.result = exc.code
+        fut.set_result(frame)
+        return fut
+
+    def _send(
+        self,
+        node: NodeInfo,
+        opcode: Opcode,
+        oid: int,
+        offset: int,
+        length: int,
+        payload,
+        flags: int,
+    ) -> asyncio.Future[Frame] | None:
+        if node.node_id == self._local_id and self._local_store is not None:
+            return self._local_op(opcode, oid, offset, length, payload, flags)
+        conn = self._pool.cached(node.data_addr)
+        if conn is None:
+            return None
+        return conn.request(
+            opcode,
+            oid=oid,
+            offset=offset,
+            length=length,
+            payload=payload,
+            flags=flags,
+            epoch=self._view.epoch,
+            timeout=self._timeout,
+        )
+
+    async def _connected_send(self, node: NodeInfo, *args) -> asyncio.Future[Frame]:
+        fut = self._send(node, *args)
+        if fut is None:
+            await self._pool.get(node.data_addr)
+            fut = self._send(node, *args)
+            if fut is None:
+                raise PeerUnavailable(f"connection to {node.host}:{node.data_port} broke")
+        return fut
+
+    async def _to_all(
+        self,
+        opcode: Opcode,
+        oid: int,
+        *,
+        offset: int = 0,
+        length: int = 0,
+        payload=b"",
+        flags: int = 0,
+        missing_ok: bool = False,
+    ) -> None:
+        start = time.monotonic()
+        while True:
+            epoch = self._view.epoch
+            nodes = self.replicas(oid)
+            if not nodes:
+                raise ClusterError("no storage nodes in the cluster")
+            futs = []
+            try:
+                for node in nodes:
+                    fut = self._send(node, opcode, oid, offset, length, payload, flags)
+                    if fut is None:
+                        fut = await self._connected_send(
+                            node, opcode, oid, offset, length, payload, flags
+                        )
+                    futs.append(fut)
+                results = await asyncio.gather(*futs, return_exceptions=True)
+            except PeerUnavailable as exc:
+                results = [exc]
+            failure: BaseException | None = None
+            for res in results:
+                if isinstance(res, BaseException):
+                    failure = res
+                elif res.result and not (missing_ok and res.result == NoObject.code):
+                    failure = error_for(res.result)
+                else:
+                    continue
+                if not isinstance(failure, _RETRYABLE):
+                    raise failure
+            if failure is None:
+                return
+            await self._await_new_ring(epoch, failure, start)
+
+    async def _from_one(self, opcode: Opcode, oid: int, *, offset: int = 0, length: int = 0):
+        start = time.monotonic()
+        while True:
+            epoch = self._view.epoch
+            nodes = self.replicas(oid)
+            if not nodes:
+                raise ClusterError("no storage nodes in the cluster")
+            nodes.sort(key=lambda n: n.node_id != self._local_id)
+            failure: BaseException | None = None
+            missing = 0
+            for node in nodes:
+                try:
+                    fut = await self._connected_send(node, opcode, oid, offset, length, b"", 0)
+                    return check(await fut)
+                except NoObject as exc:
+                    missing += 1
+                    failure = exc
+                except _RETRYABLE as exc:
+                    failure = exc
+            if missing == len(nodes):
+                raise NoObject(f"object {oid:016x} does not exist")
+            assert failure is not None
+            await self._await_new_ring(epoch, failure, start)
+
+    async def _await_new_ring(self, epoch: int, failure: BaseException, start: float) -> None:
+        remaining = self._deadline - (time.monotonic() - start)
+        if remaining <= 0:
+            raise ClusterError(f"request failed after {self._deadline:.0f}s: {failure}")
+        log.debug("retrying after %s (epoch %d)", failure, epoch)
+        if isinstance(failure, OldEpoch) and self._etcd is not None:
+            await self._view.refresh(self._etcd)
+            if self._view.epoch != epoch:
+                return
+        if isinstance(failure, (NewEpoch, NotFormatted)):
+            await asyncio.sleep(0.05)  # the node has not caught up with the ring yet
+            return
+        changed = await self._view.wait_for_change(epoch, min(1.0, remaining))
+        if not changed and self._etcd is not None:
+            await self._view.refresh(self._etcd)
