@@ -1,0 +1,218 @@
+"""Real clusters for tests: a private etcd, `sheep run` processes, `dog`, and clients.
+
+Every port is chosen at run time on 127.0.0.1; every wait is bounded; every process is
+stopped at the end (the fixtures in conftest.py own their lifetimes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def dog(*args: str, address: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "dog"), *args]
+    if address is not None:
+        cmd += ["-a", address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def dog_json(*args: str, address: str) -> dict:
+    return json.loads(dog(*args, "--json", address=address).stdout)
+
+
+@dataclass
+class SheepProcess:
+    dir: Path
+    port: int
+    etcd_url: str
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    log_start: int = 0  # where this run's lines begin in the log
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir.with_suffix(".log")
+
+    def start(self) -> SheepProcess:
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "sheep"), "run",
+                    "--dir", str(self.dir),
+                    "--port", str(self.port),
+                    "--etcd", self.etcd_url,
+                    *self.extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_up(self, timeout: float = 20) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"sheep exited with {self.proc.returncode}:\n{self.log()}")
+            return " up: " in self.log()[self.log_start :]
+
+        wait_until(up, timeout, f"sheep on port {self.port}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@dataclass
+class Cluster:
+    root: Path
+    etcd_base: str
+    prefix: str = field(default_factory=lambda: f"/t-{uuid.uuid4().hex[:12]}")
+    nodes: list[SheepProcess] = field(default_factory=list)
+    lease_ttl: int = 3
+
+    @property
+    def etcd_url(self) -> str:
+        return self.etcd_base + self.prefix
+
+    @property
+    def address(self) -> str:
+        live = [n for n in self.nodes if n.alive]
+        return (live or self.nodes)[0].address
+
+    def add_node(self, *extra: str, wait: bool = True) -> SheepProcess:
+        i = len(self.nodes)
+        node = SheepProcess(
+            self.root / f"node{i}",
+            free_port(),
+            self.etcd_url,
+            ["--lease-ttl", str(self.lease_ttl), *extra],
+        )
+        self.nodes.append(node.start())
+        if wait:
+            node.wait_up()
+        return node
+
+    def format(self, copies: int = 3, *args: str) -> dict:
+        return dog_json("cluster", "format", "--copies", str(copies), *args, address=self.address)
+
+    def info(self) -> dict:
+        return dog_json("cluster", "info", address=self.address)
+
+    def node_list(self) -> list[dict]:
+        return dog_json("node", "list", address=self.address).get("nodes", [])
+
+    def wait_members(self, count: int, timeout: float = 30) -> dict:
+        def settled() -> dict | None:
+            info = self.info()
+            history = info.get("history", [])
+            if history and len(history[-1].get("nodes", [])) == count:
+                return info
+            return None
+
+        return wait_until(settled, timeout, f"{count} members in the current epoch")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+
+
+def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
+                  lease_ttl: int = 3) -> Cluster:
+    cluster = Cluster(root, etcd_base, lease_ttl=lease_ttl)
+    for _ in range(nodes):
+        cluster.add_node(wait=False)
+    for node in cluster.nodes:
+        node.wait_up()
+    cluster.wait_members(nodes)
+    if copies:
+        cluster.format(copies)
+    return cluster
+
+
+
+@contextlib.asynccontextmanager
+async def object_client(etcd_url: str, **kwargs: object):
+    """An ObjectClient following the cluster at `etcd_url`, as a gateway would hold one."""
+    import asyncio
+
+    from sheep.cluster.etcd import EtcdCluster
+    from sheep.cluster.state import EtcdTarget
+    from sheep.cluster.view import ClusterView, follow
+    from sheep.dataplane.client import PeerPool
+    from sheep.objclient import ObjectClient
+
+    etcd = EtcdCluster(EtcdTarget.parse(etcd_url))
+    await etcd.connect()
+    view = ClusterView()
+    await view.refresh(etcd)
+    follower = asyncio.ensure_future(follow(view, etcd))
+    pool = PeerPool()
+    try:
+        yield ObjectClient(view, pool, etcd=etcd, **kwargs)
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await pool.close()
+        await etcd.close()

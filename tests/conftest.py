@@ -1,0 +1,37 @@
+"""Fixtures that build real clusters: one etcd per test session, a cluster per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sheep.etcd_server import EtcdServer
+
+from .cluster import Cluster, free_port, start_cluster
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    root = tmp_path_factory.mktemp("etcd")
+    server = EtcdServer(root / "data", free_port(), free_port(), root / "etcd.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+    """A formatted 3-node cluster with copies=3."""
+    c = start_cluster(tmp_path / "cluster", etcd.url, nodes=3, copies=3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def empty_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+    """No nodes yet: the test adds and formats what it needs."""
+    c = Cluster(tmp_path / "cluster", etcd.url)
+    yield c
+    c.stop()
