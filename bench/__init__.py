@@ -1,0 +1,1 @@
+"""Benchmarks of sheep against real processes (`python -m bench.objects`); not timed tests."""
