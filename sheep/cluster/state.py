@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from urllib.parse import urlsplit
 
 from .ring import Ring, RingNode
@@ -54,11 +55,12 @@ class EpochRecord:
     def ring(self) -> Ring:
         return Ring(n.ring_node() for n in self.nodes)
 
+    @cached_property
+    def _by_id(self) -> dict[str, NodeInfo]:
+        return {n.node_id: n for n in self.nodes}
+
     def node(self, node_id: str) -> NodeInfo | None:
-        for n in self.nodes:
-            if n.node_id == node_id:
-                return n
-        return None
+        return self._by_id.get(node_id)
 
     def same_members(self, nodes: list[NodeInfo] | tuple[NodeInfo, ...]) -> bool:
         return set(self.nodes) == set(nodes)
