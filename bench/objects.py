@@ -309,7 +309,7 @@ async def run_shape(
         cpu["daemons1"] = sum(_proc_cpu_seconds(p) for p in daemon_pids)
         cpu["t1"] = time.perf_counter()
 
-    tasks = [worker(hash((shape.key, i)) & 0xFFFFFFFF) for i in range(shape.depth)]
+    tasks = [worker(shape.size * 1000 + shape.depth * 100 + i) for i in range(shape.depth)]
     await asyncio.wait_for(asyncio.gather(sample_cpu(), *tasks), warmup + seconds + 60)
 
     latencies.sort()

@@ -57,7 +57,9 @@ def test_epoch_record_finds_members_by_id() -> None:
         ("http://127.0.0.1:2379/a/b", "127.0.0.1", 2379, "/a/b"),
     ],
 )
-def test_etcd_url_gives_endpoint_and_key_prefix(url: str, host: str, port: int, prefix: str) -> None:
+def test_etcd_url_gives_endpoint_and_key_prefix(
+    url: str, host: str, port: int, prefix: str
+) -> None:
     target = EtcdTarget.parse(url)
     assert (target.host, target.port, target.prefix) == (host, port, prefix)
 
