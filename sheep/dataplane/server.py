@@ -48,6 +48,9 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
         try:
             self._decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
+            # requests that arrived intact before the garbage still get their replies
+            for frame in self._decoder.frames():
+                self._handler.handle(frame, self)
             log.warning("closing data-plane connection from %s: %s", self._peer, exc)
             self.close()
             return

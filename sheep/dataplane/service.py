@@ -15,6 +15,7 @@ from sheep.errors import (
     NewEpoch,
     NotFormatted,
     OldEpoch,
+    OutOfRange,
     Result,
     SheepError,
     UnknownOp,
@@ -126,6 +127,12 @@ class ObjectService:
             self._reply(conn, frame)
 
     def _read(self, frame: Frame, conn: ReplySink) -> None:
+        # check the range before allocating: a header may announce up to 4 GiB
+        if frame.offset + frame.length > self._store.object_size:
+            raise OutOfRange(
+                f"read [{frame.offset}, {frame.offset + frame.length}) of a "
+                f"{self._store.object_size}-byte object"
+            )
         buf = bytearray(frame.length)
         self._store.readinto(frame.oid, frame.offset, memoryview(buf))
         self._reply(conn, frame, length=frame.length, payload=buf)
