@@ -6,12 +6,18 @@ Brings up, in a temporary directory, a private etcd and three `sheep run` daemon
 loopback ports chosen at run time, formats the cluster with copies=3, and drives it with an
 ObjectClient running in this process on uvloop (as a gateway would hold one). Each shape
 runs N coroutine workers (N = depth) in a loop for a short warm-up and then `--seconds`;
-only operations that complete inside the measured window count. Everything started here is
-stopped at the end, also on Ctrl-C, SIGTERM and errors; every wait is bounded.
+only operations that complete inside the measured window count. Before the first shape the
+64 objects are written in full (1 MiB writes), and after each shape the nodes are flushed
+(untimed) so one shape's writeback does not land in the next one's window. Everything
+started here is stopped at the end, also on Ctrl-C, SIGTERM and errors; every wait is
+bounded. The filesystem under --dir matters (page-cache costs differ): it is reported.
 
 MB/s is 10^6 bytes per second of object payload (replication traffic not included: a
-replicated 1 MiB write moves 3 MiB over loopback). CPU columns are the CPU time the client
-(this process) and the three daemons used during the window, divided by the operations.
+replicated 1 MiB write moves 3 MiB over loopback). CPU columns are the CPU time used
+during the window divided by the operations, by the client (this process) and by the three
+daemons. "other load" is how many cores were busy with anything else (not the client, the
+daemons or etcd): on a shared machine, a concurrent test run makes every number lower;
+"steal" is the share of CPU time the hypervisor gave to other guests.
 """
 
 from __future__ import annotations
@@ -98,10 +104,19 @@ class Result:
     p99_us: float
     mean_us: float
     max_us: float
+    # CPU time in the measured window: exact per-process runtimes (client = this process,
+    # daemons = the three nodes) and the whole machine's busy time (all processes, softirq)
     client_cpu_us_per_op: float
     daemons_cpu_us_per_op: float
-    client_cpu_pct: float
+    machine_cpu_us_per_op: float
+    client_cpu_pct: float  # % of one core
     daemons_cpu_pct: float
+    machine_busy_pct: float  # % of all cores
+    machine_softirq_pct: float
+    machine_steal_pct: float  # CPU the hypervisor gave to someone else
+    others_cores: float  # cores busy with something else than the client, daemons and etcd
+    client_sys_share: float  # estimated part of the client's CPU spent in the kernel
+    daemons_sys_share: float
 
 
 # -- processes --------------------------------------------------------------------------
@@ -120,20 +135,105 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads), from /proc."""
+def _ticks(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc (tick-sampled: a split only)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def _self_cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+def _runtime(pid: int) -> float:
+    """CPU seconds of a process's live threads, from the scheduler's exact runtimes."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def _machine_jiffies() -> list[int]:
+    """The aggregate `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+@dataclass
+class CpuSample:
+    at: float
+    client: float
+    daemons: float
+    etcd: float
+    client_ticks: tuple[float, float]
+    daemons_ticks: tuple[float, float]
+    machine: list[int]
+
+    @classmethod
+    def take(cls, daemon_pids: list[int], etcd_pid: int | None) -> CpuSample:
+        me = os.getpid()
+        ticks = [_ticks(p) for p in daemon_pids]
+        return cls(
+            at=time.perf_counter(),
+            client=_runtime(me),
+            daemons=sum(_runtime(p) for p in daemon_pids),
+            etcd=_runtime(etcd_pid) if etcd_pid else 0.0,
+            client_ticks=_ticks(me),
+            daemons_ticks=(sum(t[0] for t in ticks), sum(t[1] for t in ticks)),
+            machine=_machine_jiffies(),
+        )
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores the machine keeps busy over `seconds` (before the bench starts)."""
+    a = _machine_jiffies()
+    time.sleep(seconds)
+    d = [y - x for x, y in zip(a, _machine_jiffies(), strict=True)]
+    total = sum(d) or 1
+    return round((total - d[3] - d[4]) / total * len(os.sched_getaffinity(0)), 2)
+
+
+def cpu_usage(a: CpuSample, b: CpuSample, ops: int) -> dict[str, float]:
+    """CPU between two samples: per operation, as % of one core, and machine-wide."""
+    window = b.at - a.at
+    client = b.client - a.client
+    daemons = b.daemons - a.daemons
+    etcd = b.etcd - a.etcd
+
+    def sys_share(t0: tuple[float, float], t1: tuple[float, float]) -> float:
+        user, system = t1[0] - t0[0], t1[1] - t0[1]
+        return round(system / (user + system), 3) if user + system else 0.0
+
+    jiffies = [y - x for x, y in zip(a.machine, b.machine, strict=True)]
+    total = sum(jiffies) or 1
+    idle = jiffies[3] + jiffies[4]
+    cores = len(os.sched_getaffinity(0))
+    busy_core_s = (total - idle) / total * cores * window
+    per_op = 1e6 / ops if ops else 0.0
+    return {
+        "client_cpu_us_per_op": client * per_op,
+        "daemons_cpu_us_per_op": daemons * per_op,
+        "machine_cpu_us_per_op": busy_core_s * per_op,
+        "client_cpu_pct": 100 * client / window,
+        "daemons_cpu_pct": 100 * daemons / window,
+        "machine_busy_pct": 100 * (total - idle) / total,
+        # busy cores not explained by the bench's processes: other work on this machine
+        "others_cores": max(0.0, busy_core_s - client - daemons - etcd) / window,
+        "machine_softirq_pct": 100 * jiffies[6] / total,
+        "machine_steal_pct": 100 * jiffies[7] / total,
+        "client_sys_share": sys_share(a.client_ticks, b.client_ticks),
+        "daemons_sys_share": sys_share(a.daemons_ticks, b.daemons_ticks),
+    }
 
 
 @dataclass
@@ -191,6 +291,9 @@ class BenchCluster:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+    def etcd_pid(self) -> int | None:
+        return self.etcd.proc.pid if self.etcd is not None and self.etcd.proc else None
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -265,7 +368,13 @@ def _percentile(sorted_ns: list[int], q: float) -> float:
 
 
 async def run_shape(
-    client, shape: Shape, oids: list[int], seconds: float, warmup: float, daemon_pids: list[int]
+    client,
+    shape: Shape,
+    oids: list[int],
+    seconds: float,
+    warmup: float,
+    daemon_pids: list[int],
+    etcd_pid: int | None,
 ) -> Result:
     payload = os.urandom(shape.size) if shape.op == "write" else b""
     slots = OBJECT_SIZE // shape.size
@@ -297,26 +406,21 @@ async def run_shape(
             if t1 >= begin:
                 record(t1 - t0)
 
-    cpu: dict[str, float] = {}
+    samples: list[CpuSample] = []
 
     async def sample_cpu() -> None:
         await asyncio.sleep(max(0.0, (begin - time.perf_counter_ns()) / 1e9))
-        cpu["client0"] = _self_cpu_seconds()
-        cpu["daemons0"] = sum(_proc_cpu_seconds(p) for p in daemon_pids)
-        cpu["t0"] = time.perf_counter()
+        samples.append(CpuSample.take(daemon_pids, etcd_pid))
         await asyncio.sleep(max(0.0, (end - time.perf_counter_ns()) / 1e9))
-        cpu["client1"] = _self_cpu_seconds()
-        cpu["daemons1"] = sum(_proc_cpu_seconds(p) for p in daemon_pids)
-        cpu["t1"] = time.perf_counter()
+        samples.append(CpuSample.take(daemon_pids, etcd_pid))
 
-    tasks = [worker(shape.size * 1000 + shape.depth * 100 + i) for i in range(shape.depth)]
-    await asyncio.wait_for(asyncio.gather(sample_cpu(), *tasks), warmup + seconds + 60)
+    async with asyncio.timeout(warmup + seconds + 60), asyncio.TaskGroup() as tg:
+        tg.create_task(sample_cpu())
+        for i in range(shape.depth):
+            tg.create_task(worker(shape.size * 1000 + shape.depth * 100 + i))
 
     latencies.sort()
     ops = len(latencies)
-    window = cpu["t1"] - cpu["t0"]
-    client_cpu = cpu["client1"] - cpu["client0"]
-    daemons_cpu = cpu["daemons1"] - cpu["daemons0"]
     return Result(
         shape=shape.key,
         op=shape.op,
@@ -331,10 +435,7 @@ async def run_shape(
         p99_us=_percentile(latencies, 0.99),
         mean_us=sum(latencies) / ops / 1000 if ops else 0.0,
         max_us=latencies[-1] / 1000 if ops else 0.0,
-        client_cpu_us_per_op=client_cpu / ops * 1e6 if ops else 0.0,
-        daemons_cpu_us_per_op=daemons_cpu / ops * 1e6 if ops else 0.0,
-        client_cpu_pct=100 * client_cpu / window,
-        daemons_cpu_pct=100 * daemons_cpu / window,
+        **cpu_usage(samples[0], samples[1], ops),
     )
 
 
@@ -348,10 +449,18 @@ async def prefill(client, oids: list[int]) -> None:
             oid, off = jobs.pop()
             await client.write(oid, off, chunk)
 
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(8))), 120)
+    async with asyncio.timeout(120), asyncio.TaskGroup() as tg:
+        for _ in range(8):
+            tg.create_task(worker())
     got = await client.read(oids[0], 4 * KiB, 4 * KiB)
     if bytes(got) != chunk[4 * KiB : 8 * KiB]:
         raise RuntimeError("read-back after prefill does not match what was written")
+
+
+async def settle(client) -> None:
+    """Untimed, between shapes: make the nodes write back what the last shape dirtied, so
+    its writeback does not run (and cost CPU) inside the next shape's window."""
+    await asyncio.wait_for(client.flush(), 120)
 
 
 # -- profiling --------------------------------------------------------------------------
@@ -408,12 +517,26 @@ class Profiler:
 # -- report -----------------------------------------------------------------------------
 
 
+def filesystem_of(path: Path) -> str:
+    """'TYPE on DEVICE (MOUNTPOINT)' of the mount holding `path`, from /proc/mounts."""
+    best = ("", "?", "?")
+    target = str(path.resolve())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            inside = target == mnt or target.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best[0]):
+                best = (mnt, fstype, dev)
+    return f"{best[1]} on {best[2]} ({best[0]})"
+
+
 def machine_info() -> dict:
     info: dict = {
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)),
         "kernel": platform.release(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     with contextlib.suppress(OSError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -437,16 +560,17 @@ def machine_info() -> dict:
 
 def markdown(results: list[Result]) -> str:
     rows = [
-        "| shape | depth | ops/s | MB/s | p50 µs | p99 µs | client CPU µs/op | "
-        "daemons CPU µs/op |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | depth | ops/s | MB/s | p50 µs | p99 µs | client CPU µs/op "
+        "| daemons CPU µs/op | other load (cores) | steal |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         label = next(s.label for s in SHAPES if s.key == r.shape)
         rows.append(
             f"| {label} | {r.depth} | {r.ops_per_s:,.0f} | {r.mb_per_s:,.1f} | "
             f"{r.p50_us:,.0f} | {r.p99_us:,.0f} | {r.client_cpu_us_per_op:,.0f} | "
-            f"{r.daemons_cpu_us_per_op:,.0f} |"
+            f"{r.daemons_cpu_us_per_op:,.0f} | {r.others_cores:.2f} | "
+            f"{r.machine_steal_pct:.1f}% |"
         )
     return "\n".join(rows)
 
@@ -490,6 +614,7 @@ async def bench(cluster: BenchCluster, args: argparse.Namespace, shapes: list[Sh
     async with object_client(cluster.etcd_url) as client:
         t = time.monotonic()
         await prefill(client, oids)
+        await settle(client)
         print(f"pre-wrote {OBJECTS} x {OBJECT_SIZE // MiB} MiB objects in "
               f"{time.monotonic() - t:.1f}s", flush=True)
         profiler: Profiler | None = None
@@ -510,9 +635,11 @@ async def bench(cluster: BenchCluster, args: argparse.Namespace, shapes: list[Sh
             for shape in shapes:
                 cluster.check_alive()
                 r = await run_shape(
-                    client, shape, oids, args.seconds, args.warmup, cluster.pids()
+                    client, shape, oids, args.seconds, args.warmup, cluster.pids(),
+                    cluster.etcd_pid(),
                 )
                 results.append(r)
+                await settle(client)
                 print(f"  {shape.key:<13} {r.ops_per_s:>9,.0f} ops/s {r.mb_per_s:>8,.1f} MB/s"
                       f"  p50 {r.p50_us:>7,.0f} µs  p99 {r.p99_us:>7,.0f} µs", flush=True)
         finally:
@@ -539,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-format", default="flamegraph",
                         choices=("flamegraph", "raw", "speedscope"))
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument("--dir", help="where the cluster's temporary directory goes "
+                                      "(default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
     args = parser.parse_args(argv)
     if args.quick:
@@ -554,26 +683,32 @@ def main(argv: list[str] | None = None) -> int:
 
     loop_kind = _install_uvloop()
     signal.signal(signal.SIGTERM, _sigterm)
-    root = Path(tempfile.mkdtemp(prefix="sheep-bench-"))
+    before = busy_cores()
+    if before > 0.2:
+        print(f"warning: {before:.2f} cores are busy with other work before the bench starts",
+              flush=True)
+    root = Path(tempfile.mkdtemp(prefix="sheep-bench-", dir=args.dir))
+    data_fs = filesystem_of(root)
     cluster = BenchCluster(root)
-    failed = True
+    keep = args.keep
     try:
         cluster.start()
         out = asyncio.run(bench(cluster, args, shapes))
-        failed = False
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        keep = True
         print(f"bench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         for i in range(len(cluster.procs)):
             print(f"--- node{i}.log (tail) ---\n{cluster.tail(i)}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         cluster.stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if args.keep or failed:
+        if keep:
             print(f"cluster directory kept: {root}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
@@ -581,20 +716,26 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = out["results"]
     machine = machine_info()
     machine["event_loop"] = loop_kind if loop_kind == "asyncio" else machine["event_loop"]
+    machine["busy_cores_before"] = before
+    machine["data_fs"] = data_fs
     print()
     print(f"sheep objects: {NODES} nodes, copies={COPIES}, {OBJECTS} objects x "
           f"{OBJECT_SIZE // MiB} MiB, {args.seconds:g} s per shape after {args.warmup:g} s "
-          f"warm-up; client in-process on {machine['event_loop']}")
+          f"warm-up; client in-process on {machine['event_loop']}; data on {data_fs}")
     print()
     print(markdown(results))
     print()
     for line in aims_report(results):
         print(line)
+    worst = max((r.others_cores for r in results), default=0.0)
+    if worst > 0.2:
+        print(f"warning: other work kept up to {worst:.2f} cores busy during the run "
+              f"(before start: {before:.2f}); the numbers understate the cluster")
     print()
     mem = machine.get("memory_gib", "?")
     print(f"machine: {machine['usable_cores']}/{machine['cores']} cores "
           f"({machine.get('cpu', '?')}), {mem} GiB memory, kernel {machine['kernel']}, "
-          f"{machine['python']}")
+          f"{machine['python']}, load average at end {machine['loadavg_at_end']}")
     if args.json:
         doc = {
             "bench": "objects",
