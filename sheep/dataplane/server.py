@@ -33,6 +33,7 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
         self._decoder = FrameDecoder(replies=False)
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
+        self._batch: list | None = None  # replies produced by the frames of one recv
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
@@ -54,10 +55,23 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
             log.warning("closing data-plane connection from %s: %s", self._peer, exc)
             self.close()
             return
-        for frame in self._decoder.frames():
-            self._handler.handle(frame, self)
+        batch = self._batch = []
+        try:
+            for frame in self._decoder.frames():
+                self._handler.handle(frame, self)
+        finally:
+            self._batch = None
+        if batch:
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(batch)
 
     def send(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
+        """Replies made while a recv is being handled go out in one write at its end;
+        later ones (after a group commit) go at once."""
+        if self._batch is not None:
+            self._batch.extend(encode(header, payload))
+            return
         transport = self._transport
         if transport is None or transport.is_closing():
             return
