@@ -46,6 +46,7 @@ import grpc
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.etcd_server import EtcdServer
+from sheep.objclient import open_client
 from sheep.oid import data_oid
 
 KiB = 1 << 10
@@ -335,29 +336,9 @@ class BenchCluster:
 # -- the in-process client --------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def object_client(etcd_url: str):
-    """An ObjectClient following the cluster at `etcd_url`, as a gateway would hold one."""
-    from sheep.cluster.etcd import EtcdCluster
-    from sheep.cluster.state import EtcdTarget
-    from sheep.cluster.view import ClusterView, follow
-    from sheep.dataplane.client import PeerPool
-    from sheep.objclient import ObjectClient
-
-    etcd = EtcdCluster(EtcdTarget.parse(etcd_url))
-    await etcd.connect()
-    view = ClusterView()
-    await view.refresh(etcd)
-    follower = asyncio.ensure_future(follow(view, etcd))
-    pool = PeerPool()
-    try:
-        yield ObjectClient(view, pool, etcd=etcd, timeout=10.0, deadline=30.0)
-    finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
-        await pool.close()
-        await etcd.close()
+def object_client(etcd_url: str):
+    """The ObjectClient a gateway would hold, with bench-sized timeouts."""
+    return open_client(etcd_url, timeout=10.0, deadline=30.0)
 
 
 def _percentile(sorted_ns: list[int], q: float) -> float:

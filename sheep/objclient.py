@@ -9,9 +9,11 @@ wait for the ring to change and retry; the deadline bounds how long.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
+from collections.abc import AsyncIterator
 
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import NodeInfo
@@ -279,3 +281,26 @@ class ObjectClient:
         changed = await self._view.wait_for_change(epoch, min(1.0, remaining))
         if not changed and self._etcd is not None:
             await self._view.refresh(self._etcd)
+
+
+@contextlib.asynccontextmanager
+async def open_client(etcd_url: str, **kwargs: object) -> AsyncIterator[ObjectClient]:
+    """An ObjectClient that follows the cluster at `etcd_url` for as long as it is open:
+    what a gateway, a benchmark or a test holds."""
+    from sheep.cluster.state import EtcdTarget
+    from sheep.cluster.view import follow
+
+    etcd = EtcdCluster(EtcdTarget.parse(etcd_url))
+    await etcd.connect()
+    view = ClusterView()
+    await view.refresh(etcd)
+    follower = asyncio.ensure_future(follow(view, etcd))
+    pool = PeerPool()
+    try:
+        yield ObjectClient(view, pool, etcd=etcd, **kwargs)  # type: ignore[arg-type]
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await pool.close()
+        await etcd.close()
