@@ -26,6 +26,10 @@ class Result(IntEnum):
     TOO_LARGE = 10
     BUSY = 11
     SHUTTING_DOWN = 12
+    NO_VDI = 13
+    VDI_EXISTS = 14
+    VDI_LOCKED = 15
+    READ_ONLY = 16
 
 
 class SheepError(Exception):
@@ -121,6 +125,30 @@ class ClusterError(SheepError):
     code = Result.IO_ERROR
 
 
+class NoVdi(SheepError):
+    """no such VDI"""
+
+    code = Result.NO_VDI
+
+
+class VdiExists(SheepError):
+    """the VDI already exists"""
+
+    code = Result.VDI_EXISTS
+
+
+class VdiLocked(SheepError):
+    """the VDI is open for writing elsewhere"""
+
+    code = Result.VDI_LOCKED
+
+
+class ReadOnly(SheepError):
+    """the VDI is read-only (a snapshot, or opened read-only)"""
+
+    code = Result.READ_ONLY
+
+
 _BY_CODE: dict[int, type[SheepError]] = {
     cls.code: cls
     for cls in (
@@ -136,6 +164,10 @@ _BY_CODE: dict[int, type[SheepError]] = {
         TooLarge,
         Busy,
         ShuttingDown,
+        NoVdi,
+        VdiExists,
+        VdiLocked,
+        ReadOnly,
     )
 }
 

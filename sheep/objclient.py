@@ -30,6 +30,7 @@ from sheep.errors import (
     SheepError,
     error_for,
 )
+from sheep.oid import oid_copies
 from sheep.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,18 @@ class ObjectClient:
     def view(self) -> ClusterView:
         return self._view
 
+    @property
+    def etcd(self) -> EtcdCluster:
+        if self._etcd is None:
+            raise ClusterError("this client was built without etcd")
+        return self._etcd
+
     def replicas(self, oid: int) -> list[NodeInfo]:
         record = self._view.record
         config = self._view.config
         if record is None or config is None:
             raise NotFormatted("the cluster is not formatted")
-        placed = self._view.ring.place(oid, config.copies)
+        placed = self._view.ring.place(oid, oid_copies(oid) or config.copies)
         return [n for r in placed if (n := record.node(r.node_id)) is not None]
 
     # -- public operations ------------------------------------------------------------
@@ -77,9 +84,12 @@ class ObjectClient:
         *,
         fua: bool = False,
         create: bool = True,
+        fresh: bool = False,
     ) -> None:
+        """`create=False` fails on a replica that lacks the object; `fresh` (with create)
+        empties an existing object before writing."""
         opcode = Opcode.CREATE if create else Opcode.WRITE
-        flags = Flags.FUA if fua else Flags.NONE
+        flags = (Flags.FUA if fua else 0) | (Flags.FRESH if fresh and create else 0)
         await self._to_all(opcode, oid, offset=offset, payload=data, flags=flags)
 
     async def remove(self, oid: int) -> None:
@@ -121,6 +131,21 @@ class ObjectClient:
         )
         return bytes(frame.payload)
 
+    async def write_replica(self, node: NodeInfo, oid: int, data: bytes) -> None:
+        """Replace one specific replica with `data` (repair copies a good replica over a
+        bad one)."""
+        await self._pool.call(
+            node.data_addr,
+            Opcode.CREATE,
+            flags=Flags.FRESH,
+            oid=oid,
+            offset=0,
+            length=len(data),
+            payload=data,
+            epoch=self._view.epoch,
+            timeout=self._timeout,
+        )
+
     # -- internals --------------------------------------------------------------------
 
     async def _flush_node(self, node: NodeInfo) -> None:
@@ -140,7 +165,8 @@ class ObjectClient:
         frame = Frame(opcode, 0, self._view.epoch, 0, 0, oid, offset, length, 0)
         try:
             if opcode in (Opcode.CREATE, Opcode.WRITE):
-                store.write(oid, offset, payload, epoch=frame.epoch, create=opcode == Opcode.CREATE)
+                store.write(oid, offset, payload, epoch=frame.epoch, create=opcode == Opcode.CREATE,
+                            fresh=bool(flags & Flags.FRESH))
                 if flags & Flags.FUA:
                     flushed = asyncio.ensure_future(store.flush([oid]))
                     flushed.add_done_callback(

@@ -1,6 +1,8 @@
-"""Object ids: 64 bits = 8 type bits | 24-bit VDI id | 32-bit object index.
+"""Object ids: 64 bits = 4 copies bits | 4 type bits | 24-bit VDI id | 32-bit object index.
 
-Placement hashes the whole id, so an object's replicas depend on nothing but its id.
+Placement hashes the whole id, so an object's replicas depend on nothing but its id. The
+copies nibble carries a VDI's own replica count (0 = the cluster's default), so every node
+and client places, writes and recovers an object without looking its VDI up.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from enum import IntEnum
 
 VDI_BITS = 24
 INDEX_BITS = 32
+TYPE_SHIFT = VDI_BITS + INDEX_BITS
+COPIES_SHIFT = TYPE_SHIFT + 4
 MAX_VDI_ID = (1 << VDI_BITS) - 1
 MAX_INDEX = (1 << INDEX_BITS) - 1
+MAX_COPIES = 15
 
 
 class ObjType(IntEnum):
@@ -19,24 +24,31 @@ class ObjType(IntEnum):
     VDI_ATTR = 2
 
 
-def make_oid(kind: ObjType, vdi_id: int, index: int = 0) -> int:
+def make_oid(kind: ObjType, vdi_id: int, index: int = 0, copies: int = 0) -> int:
     if not 0 <= vdi_id <= MAX_VDI_ID:
         raise ValueError(f"VDI id {vdi_id} out of range")
     if not 0 <= index <= MAX_INDEX:
         raise ValueError(f"object index {index} out of range")
-    return (int(kind) << (VDI_BITS + INDEX_BITS)) | (vdi_id << INDEX_BITS) | index
+    if not 0 <= copies <= MAX_COPIES:
+        raise ValueError(f"copies {copies} out of range (0..{MAX_COPIES})")
+    return (copies << COPIES_SHIFT) | (int(kind) << TYPE_SHIFT) | (vdi_id << INDEX_BITS) | index
 
 
-def data_oid(vdi_id: int, index: int) -> int:
-    return make_oid(ObjType.DATA, vdi_id, index)
+def data_oid(vdi_id: int, index: int, copies: int = 0) -> int:
+    return make_oid(ObjType.DATA, vdi_id, index, copies)
 
 
-def inode_oid(vdi_id: int) -> int:
-    return make_oid(ObjType.INODE, vdi_id, 0)
+def inode_oid(vdi_id: int, copies: int = 0) -> int:
+    return make_oid(ObjType.INODE, vdi_id, 0, copies)
 
 
 def oid_type(oid: int) -> ObjType:
-    return ObjType(oid >> (VDI_BITS + INDEX_BITS))
+    return ObjType((oid >> TYPE_SHIFT) & 0xF)
+
+
+def oid_copies(oid: int) -> int:
+    """The object's own replica count; 0 means the cluster's default."""
+    return oid >> COPIES_SHIFT
 
 
 def oid_vdi(oid: int) -> int:

@@ -15,7 +15,10 @@ from google.protobuf.json_format import MessageToDict
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.errors import SheepError
 from sheep.units import format_size, parse_size
+
+from .dog_vdi import UsageError, add_vdi_commands
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
 RPC_TIMEOUT = 15.0
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = argparse.ArgumentParser(prog="dog", description="sheep cluster administration")
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node}")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node,vdi}")
 
     cluster = kinds.add_parser("cluster", help="cluster-wide operations").add_subparsers(
         dest="cmd", required=True)
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_parser("list", parents=[common], help="list nodes").set_defaults(func=node_list)
     node.add_parser("info", parents=[common], help="space used per node").set_defaults(
         func=node_info)
+    add_vdi_commands(kinds, common)
     return parser
 
 
@@ -157,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         asyncio.run(_run(args, args.func))
-    except DogError as exc:
+    except (DogError, UsageError, SheepError) as exc:
         print(f"dog: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             print(f"dog: cannot reach sheep at {args.address}: {exc.details()}", file=sys.stderr)

@@ -171,8 +171,11 @@ class EtcdCluster:
                 pump = asyncio.ensure_future(drain())
                 while not pump.done():
                     await on_change()
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel
+                    # that lands as the event fires, and the watcher never stops
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), poll)
+                        async with asyncio.timeout(poll):
+                            await changed.wait()
                     changed.clear()
                 pump.result()
             except asyncio.CancelledError:

@@ -52,9 +52,8 @@ class ClusterView:
         """Wait until the epoch differs from `than_epoch`; False on timeout."""
         async with self._changed:
             try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.epoch != than_epoch), timeout
-                )
+                async with asyncio.timeout(timeout):  # not wait_for: see EtcdCluster.watch
+                    await self._changed.wait_for(lambda: self.epoch != than_epoch)
             except TimeoutError:
                 return False
         return True

@@ -75,7 +75,8 @@ class ControlService(pb_grpc.ControlServicer):
         record, _ = await etcd.epoch()
         history = await etcd.epoch_history()
         reply = pb.ClusterInfoReply(
-            epoch=record.epoch if record else 0, history=[epoch_pb(r) for r in history]
+            epoch=record.epoch if record else 0, history=[epoch_pb(r) for r in history],
+            etcd=self._node.opts.etcd,
         )
         if config is None:
             reply.status = "waiting for format"

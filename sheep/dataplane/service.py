@@ -29,6 +29,7 @@ from .wire import EPOCH_CHECKED, Flags, Opcode, pack_header
 log = logging.getLogger(__name__)
 
 _FUA = int(Flags.FUA)  # a plain int: IntFlag arithmetic costs µs per request
+_FRESH = int(Flags.FRESH)
 
 
 class ObjectService:
@@ -119,7 +120,8 @@ class ObjectService:
         self._ack_write(frame, conn)
 
     def _create(self, frame: Frame, conn: ReplySink) -> None:
-        self._store.write(frame.oid, frame.offset, frame.payload, epoch=self._epoch(), create=True)
+        self._store.write(frame.oid, frame.offset, frame.payload, epoch=self._epoch(), create=True,
+                          fresh=bool(frame.flags & _FRESH))
         self._ack_write(frame, conn)
 
     def _ack_write(self, frame: Frame, conn: ReplySink) -> None:

@@ -36,6 +36,7 @@ class Opcode(IntEnum):
 class Flags(IntFlag):
     NONE = 0
     FUA = 1  # the write is durable before the reply
+    FRESH = 2  # CREATE starts from an empty object: no leftover bytes survive around it
 
 
 REQUEST_HAS_PAYLOAD = frozenset({Opcode.WRITE, Opcode.CREATE})

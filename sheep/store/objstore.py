@@ -252,11 +252,14 @@ class ObjectStore:
         *,
         epoch: int = 0,
         create: bool = True,
+        fresh: bool = False,
     ) -> None:
         """Write ``data`` at ``offset`` of the object, creating it (at ``epoch``) if absent.
 
         With ``create=False`` a missing object raises NoObject: a replica that lost an
-        object must not silently grow a sparse copy that reads as zeros elsewhere.
+        object must not silently grow a sparse copy that reads as zeros elsewhere. With
+        ``fresh`` an existing object is emptied first, so a partial first write of a block
+        never exposes leftovers of an interrupted earlier life of the same object id.
         """
         n = len(data)
         if offset < 0 or offset + n > self.object_size:
@@ -269,6 +272,8 @@ class ObjectStore:
         self._dirty.add(oid)
         self._stale.add(oid)
         try:
+            if fresh:
+                os.ftruncate(fd, 0)
             done = os.pwrite(fd, data, offset)
             if done < n:
                 view = memoryview(data).cast("B")

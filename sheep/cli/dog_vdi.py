@@ -1,0 +1,436 @@
+"""`dog vdi ...`: VDI commands. They read the cluster's etcd address from the node named by
+-a, then act as a client of the cluster themselves (registry in etcd, objects over the data
+plane), so bulk transfers never squeeze through the control plane."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+
+from sheep.control import sheep_pb2 as pb
+from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.units import format_size, parse_size
+from sheep.vdi.check import check_vdi
+from sheep.vdi.inodes import nblocks
+from sheep.vdi.manager import VdiManager, open_manager
+from sheep.vdi.registry import RegistryState, VdiRecord
+from sheep.vdi.transfer import export_file, import_file
+
+RPC_TIMEOUT = 15.0
+_STREAM_CHUNK = 4 << 20
+
+
+class UsageError(Exception):
+    """Bad command-line input: dog prints it on one line and exits 1."""
+
+
+@contextlib.asynccontextmanager
+async def _manager(stub: pb_grpc.ControlStub, args: argparse.Namespace
+                   ) -> AsyncIterator[VdiManager]:
+    info = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
+    if not info.cluster_id:
+        raise UsageError("the cluster is not formatted (dog cluster format)")
+    holder = f"dog vdi {args.cmd} (pid {os.getpid()})"
+    async with open_manager(info.etcd, holder=holder) as manager:
+        yield manager
+
+
+def _size(text: str, what: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in [header, *rows])
+
+
+def _progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
+    """A progress bar on stderr: on a terminal by default, or when --progress asks."""
+    if not enabled:
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        if pct == last[0]:
+            return
+        last[0] = pct
+        bar = "#" * (pct // 4)
+        sys.stderr.write(f"\r{what} [{bar:<25}] {pct:3d}% {format_size(done)}"
+                         f" / {format_size(total)}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _emit(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _record_dict(rec: VdiRecord, used: int, shared: int) -> dict:
+    return {"name": rec.name, "tag": rec.tag, "id": rec.id, "parent": rec.parent,
+            "size": rec.size, "used": used, "shared": shared, "copies": rec.copies,
+            "block_size": rec.block_size, "snapshot": rec.snapshot, "created": rec.created,
+            "snap_time": rec.snap_time}
+
+
+def _split_at(spec: str) -> tuple[str, str | None]:
+    name, sep, tag = spec.partition("@")
+    return name, (tag if sep else None)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def vdi_create(stub, args) -> None:
+    size = _size(args.size, "VDI size")
+    async with _manager(stub, args) as m:
+        rec = await m.create(args.name, size, copies=args.copies, prealloc=args.prealloc)
+    if args.json:
+        _emit(_record_dict(rec, size if args.prealloc else 0, 0))
+    else:
+        print(f"VDI {rec.name} created: {format_size(rec.size)}, {rec.copies} copies, "
+              f"id {rec.id}")
+
+
+async def _listing(m: VdiManager, state: RegistryState, names: list[str]) -> list[dict]:
+    out = []
+    for name in names:
+        for rec in state.family(name):
+            usage = await m.usage(rec)
+            out.append(_record_dict(rec, usage.used, usage.shared))
+    return out
+
+
+async def vdi_list(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        state = await m.state()
+        names = sorted(state.working) if args.name is None else [args.name]
+        if args.name is not None and args.name not in state.working:
+            raise UsageError(f"no VDI named {args.name!r}")
+        rows = await _listing(m, state, names)
+    if args.json:
+        _emit({"vdis": rows})
+        return
+    table = [["s" if r["snapshot"] else "", r["name"], r["tag"] or "-", str(r["id"]),
+              format_size(r["size"]), format_size(r["used"]), format_size(r["shared"]),
+              str(r["copies"]), _when(r["snap_time"] if r["snapshot"] else r["created"])]
+             for r in rows]
+    print(_table(table, ["", "Name", "Tag", "Id", "Size", "Used", "Shared", "Copies", "Time"]))
+
+
+async def vdi_tree(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        state = await m.state()
+    records = state.records
+    roots = sorted((r for r in records.values() if r.parent not in records), key=lambda r: r.id)
+    if args.json:
+        def node(rec: VdiRecord) -> dict:
+            return {"id": rec.id, "name": rec.name, "tag": rec.tag, "snapshot": rec.snapshot,
+                    "children": [node(c) for c in state.children(rec.id)]}
+        _emit({"tree": [node(r) for r in roots]})
+        return
+    lines: list[str] = []
+
+    def walk(rec: VdiRecord, prefix: str, last: bool, top: bool) -> None:
+        label = f"{rec.name}@{rec.tag}" if rec.snapshot else f"{rec.name} (working)"
+        lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+        kids = state.children(rec.id)
+        for i, kid in enumerate(kids):
+            walk(kid, "" if top else prefix + ("    " if last else "│   "),
+                 i == len(kids) - 1, False)
+
+    for root in roots:
+        walk(root, "", True, True)
+    print("\n".join(lines))
+
+
+async def vdi_info(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        state = await m.state()
+        rec = state.lookup(args.name, args.snapshot)
+        usage = await m.usage(rec)
+        lock = state.locks.get(args.name)
+    info = _record_dict(rec, usage.used, usage.shared)
+    info["snapshots"] = [r.tag for r in state.family(args.name) if r.snapshot]
+    info["objects"] = nblocks(rec)
+    info["locked_by"] = lock.holder if lock is not None and not rec.snapshot else ""
+    if args.json:
+        _emit(info)
+        return
+    print(f"Name: {rec.label}\nId: {rec.id}\nParent: {rec.parent or '-'}\n"
+          f"Size: {format_size(rec.size)} ({rec.size} bytes)\n"
+          f"Used: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
+          f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"
+          f"Created: {_when(rec.created)}\n"
+          + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
+          + f"Snapshots: {', '.join(info['snapshots']) or '-'}\n"
+          f"Locked by: {info['locked_by'] or '-'}")
+
+
+async def vdi_snapshot(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        rec = await m.snapshot(args.name, args.snapshot)
+    if args.json:
+        _emit(_record_dict(rec, 0, 0))
+    else:
+        print(f"snapshot {rec.label} taken (id {rec.id})")
+
+
+async def vdi_clone(stub, args) -> None:
+    name, tag = _split_at(args.source)
+    tag = args.snapshot or tag
+    if not tag:
+        raise UsageError("clone needs a snapshot: NAME@TAG or -s TAG")
+    async with _manager(stub, args) as m:
+        rec = await m.clone(name, tag, args.new_name)
+    if args.json:
+        _emit(_record_dict(rec, 0, 0))
+    else:
+        print(f"VDI {rec.name} cloned from {name}@{tag} (id {rec.id})")
+
+
+async def vdi_rollback(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        rec = await m.rollback(args.name, args.snapshot)
+    if args.json:
+        _emit(_record_dict(rec, 0, 0))
+    else:
+        print(f"VDI {rec.name} rolled back to {args.snapshot} (id {rec.id})")
+
+
+async def vdi_flatten(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        rec = await m.flatten(args.name, _progress(args.progress, "flatten"))
+    if args.json:
+        _emit(_record_dict(rec, 0, 0))
+    else:
+        print(f"VDI {rec.name} flattened")
+
+
+async def vdi_delete(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        removed = await m.delete(args.name, args.snapshot)
+    label = f"{args.name}@{args.snapshot}" if args.snapshot else args.name
+    if args.json:
+        _emit({"deleted": label, "reclaimed_objects": removed})
+    else:
+        print(f"VDI {label} deleted; {removed} object(s) reclaimed")
+
+
+async def vdi_resize(stub, args) -> None:
+    size = _size(args.size, "VDI size")
+    async with _manager(stub, args) as m:
+        rec = await m.resize(args.name, size)
+    if args.json:
+        _emit(_record_dict(rec, 0, 0))
+    else:
+        print(f"VDI {rec.name} is now {format_size(rec.size)}")
+
+
+def _range(args: argparse.Namespace, size: int) -> tuple[int, int | None]:
+    offset = _size(args.offset, "offset") if args.offset is not None else 0
+    length = _size(args.length, "length") if args.length is not None else None
+    if offset > size:
+        raise UsageError(f"offset {offset} is past the end of the VDI ({size} bytes)")
+    if length is not None and offset + length > size:
+        raise UsageError(f"range [{offset}, {offset + length}) is past the end of the VDI "
+                         f"({size} bytes)")
+    return offset, length
+
+
+async def vdi_read(stub, args) -> None:
+    async with _manager(stub, args) as m, await m.open(args.name, args.snapshot) as vol:
+        offset, length = _range(args, vol.size)
+        end = vol.size if length is None else offset + length
+        out = sys.stdout.buffer
+        for pos in range(offset, end, _STREAM_CHUNK):
+            out.write(await vol.read(pos, min(_STREAM_CHUNK, end - pos)))
+        out.flush()
+
+
+async def vdi_write(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        state = await m.state()
+        offset, length = _range(args, state.lookup(args.name).size)
+        limit = state.lookup(args.name).size - offset
+        want = length if length is not None else limit + 1
+        data = sys.stdin.buffer.read(want)
+        if len(data) > limit:
+            raise UsageError(f"standard input runs past the end of the VDI "
+                             f"({limit} bytes fit from offset {offset}); nothing written")
+        async with await m.open(args.name, writable=True) as vol:
+            for pos in range(0, len(data), _STREAM_CHUNK):
+                await vol.write(offset + pos, memoryview(data)[pos : pos + _STREAM_CHUNK])
+            await vol.flush()
+
+
+async def vdi_import(stub, args) -> None:
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file}: no such file")
+    size = os.path.getsize(args.file)
+    async with _manager(stub, args) as m:
+        state = await m.state()
+        if args.name not in state.working:
+            if size == 0:
+                raise UsageError(f"{args.file} is empty")
+            await m.create(args.name, size, copies=args.copies)
+        async with await m.open(args.name, writable=True) as vol:
+            written = await import_file(vol, args.file, _progress(args.progress, "import"))
+    if args.json:
+        _emit({"name": args.name, "size": size, "written": written})
+    else:
+        print(f"imported {format_size(size)} into {args.name} "
+              f"({format_size(written)} of data)")
+
+
+async def vdi_export(stub, args) -> None:
+    async with _manager(stub, args) as m, await m.open(args.name, args.snapshot) as vol:
+        written = await export_file(vol, args.file, _progress(args.progress, "export"))
+        size = vol.size
+    if args.json:
+        _emit({"name": args.name, "size": size, "written": written})
+    else:
+        print(f"exported {args.name} to {args.file}: {format_size(size)} "
+              f"({format_size(written)} of data)")
+
+
+async def vdi_check(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        rec = (await m.state()).lookup(args.name, args.snapshot)
+        report = await check_vdi(m.client, rec, repair=args.repair,
+                                 progress=_progress(args.progress, "check"))
+    if args.json:
+        _emit(report.as_dict())
+    else:
+        for f in report.findings:
+            print(f"object {f.oid} on node {f.node[:12]}: {f.problem}"
+                  + (" (repaired)" if f.repaired else ""))
+        for oid in report.unrepairable:
+            print(f"object {oid}: no good copy to repair from")
+        print(f"{report.objects} object(s) checked: "
+              + ("all replicas present and identical" if report.clean else
+                 f"{len(report.findings)} bad replica(s)"))
+    broken = report.unrepairable or any(not f.repaired for f in report.findings)
+    if broken:
+        raise SystemExit(1)
+
+
+async def lock_list(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        locks = sorted((await m.state()).locks.values(), key=lambda lock: lock.name)
+    if args.json:
+        _emit({"locks": [{"name": x.name, "holder": x.holder, "host": x.host, "pid": x.pid,
+                          "since": x.since} for x in locks]})
+        return
+    print(_table([[x.name, x.holder, x.host, str(x.pid), _when(x.since)] for x in locks],
+                 ["Name", "Holder", "Host", "Pid", "Since"]))
+
+
+async def lock_unlock(stub, args) -> None:
+    async with _manager(stub, args) as m:
+        (await m.state()).lookup(args.name)
+        broken = await m.registry.break_lock(args.name)
+    if not broken:
+        raise UsageError(f"VDI {args.name!r} is not locked")
+    if args.json:
+        _emit({"unlocked": args.name})
+    else:
+        print(f"lock on {args.name} broken")
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    vdi = kinds.add_parser("vdi", help="virtual disk images").add_subparsers(
+        dest="cmd", required=True)
+
+    def cmd(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = vdi.add_parser(name, parents=[common], help=help)
+        p.set_defaults(func=func)
+        return p
+
+    def snap_opt(p: argparse.ArgumentParser, required: bool = False) -> None:
+        p.add_argument("-s", "--snapshot", metavar="TAG", required=required,
+                       help="the snapshot's tag")
+
+    def progress_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       default=sys.stderr.isatty(), help="show a progress bar on stderr")
+
+    p = cmd("create", vdi_create, "create a thin VDI")
+    p.add_argument("name")
+    p.add_argument("size")
+    p.add_argument("-c", "--copies", type=int, help="replicas (default: the cluster's)")
+    p.add_argument("-P", "--prealloc", action="store_true", help="allocate every object now")
+    p = cmd("list", vdi_list, "VDIs and snapshots with their space")
+    p.add_argument("name", nargs="?")
+    cmd("tree", vdi_tree, "the snapshot and clone tree")
+    p = cmd("info", vdi_info, "one VDI or snapshot")
+    p.add_argument("name")
+    snap_opt(p)
+    p = cmd("snapshot", vdi_snapshot, "snapshot a VDI (also while it is in use)")
+    p.add_argument("name")
+    snap_opt(p, required=True)
+    p = cmd("clone", vdi_clone, "writable copy-on-write clone of a snapshot")
+    p.add_argument("source", metavar="NAME@TAG")
+    p.add_argument("new_name", metavar="NEWNAME")
+    snap_opt(p)
+    p = cmd("rollback", vdi_rollback, "make a VDI the content of one of its snapshots")
+    p.add_argument("name")
+    snap_opt(p, required=True)
+    p = cmd("flatten", vdi_flatten, "copy a clone's shared blocks so it stands alone")
+    p.add_argument("name")
+    progress_opt(p)
+    p = cmd("delete", vdi_delete, "delete a VDI or one snapshot, reclaiming its objects")
+    p.add_argument("name")
+    snap_opt(p)
+    p = cmd("resize", vdi_resize, "grow a VDI")
+    p.add_argument("name")
+    p.add_argument("size")
+    for name, func, help in (("read", vdi_read, "VDI bytes to stdout"),
+                             ("write", vdi_write, "stdin to VDI bytes")):
+        p = cmd(name, func, help)
+        p.add_argument("name")
+        p.add_argument("offset", nargs="?")
+        p.add_argument("length", nargs="?")
+        if name == "read":
+            snap_opt(p)
+    p = cmd("import", vdi_import, "copy a raw image into a VDI (created if missing)")
+    p.add_argument("name")
+    p.add_argument("file")
+    p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
+    progress_opt(p)
+    p = cmd("export", vdi_export, "copy a VDI into a raw image file (sparse)")
+    p.add_argument("name")
+    p.add_argument("file")
+    snap_opt(p)
+    progress_opt(p)
+    p = cmd("check", vdi_check, "compare every replica of every object; --repair fixes")
+    p.add_argument("name")
+    snap_opt(p)
+    p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
+    progress_opt(p)
+    lock = vdi.add_parser("lock", help="write locks").add_subparsers(dest="lock_cmd",
+                                                                     required=True)
+    p = lock.add_parser("list", parents=[common], help="who holds which VDI open for writing")
+    p.set_defaults(func=lock_list)
+    p = lock.add_parser("unlock", parents=[common], help="break a VDI's write lock")
+    p.add_argument("name")
+    p.set_defaults(func=lock_unlock)

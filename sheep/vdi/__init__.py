@@ -1,0 +1,1 @@
+"""Virtual disk images on the replicated object store: inodes, registry, volumes."""

@@ -1,0 +1,315 @@
+"""Admin operations on VDIs: what `dog vdi` runs, against the registry and the objects.
+
+Every operation changes the registry in one guarded transaction and does its object work
+around it so that a crash leaves, at worst, objects nobody references (wasted space), never
+a VDI that references objects that are gone: new objects are written before the registry
+names them, and old ones are reclaimed only after the registry stopped naming them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from array import array
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiExists, VdiLocked
+from sheep.objclient import ObjectClient, open_client
+from sheep.oid import ObjType, oid_type
+
+from .inode import block_oid, max_vdi_size
+from .inodes import nblocks, read_table, write_header, write_inode
+from .parallel import for_each
+from .reclaim import reclaim
+from .registry import (
+    RegistryState,
+    VdiRecord,
+    VdiRegistry,
+    validate_copies,
+    validate_name,
+)
+from .volume import Volume
+
+Progress = Callable[[int, int], None]
+_RETRIES = 50
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Space a VDI references: `used` is in objects it owns, `shared` in objects owned by
+    ancestors (or a clone's origin) that it still shares."""
+
+    used: int
+    shared: int
+
+
+def usage_of(record: VdiRecord, table: array) -> Usage:
+    own = shared = 0
+    mine = record.ref
+    for ref in table:
+        if ref == mine:
+            own += 1
+        elif ref:
+            shared += 1
+    return Usage(own * record.block_size, shared * record.block_size)
+
+
+class VdiManager:
+    def __init__(self, client: ObjectClient, registry: VdiRegistry, *, holder: str = "dog"):
+        self.client = client
+        self.registry = registry
+        self.holder = holder
+
+    # -- lookups --------------------------------------------------------------------------
+
+    async def state(self) -> RegistryState:
+        return await self.registry.load()
+
+    async def table(self, record: VdiRecord) -> array:
+        return await read_table(self.client, record)
+
+    async def open(self, name: str, tag: str | None = None, *, writable: bool = False) -> Volume:
+        return await Volume.open(self.client, self.registry, name, tag, writable=writable,
+                                 holder=self.holder)
+
+    def _block_size(self) -> int:
+        config = self.client.view.config
+        if config is None:
+            raise ClusterError("the cluster is not formatted")
+        return config.object_size
+
+    def _check_size(self, size: int, block_size: int) -> None:
+        limit = max_vdi_size(block_size)
+        if size <= 0:
+            raise InvalidParams("VDI size must be more than 0")
+        if size > limit:
+            raise InvalidParams(f"VDI size {size} is over the maximum of {limit} bytes "
+                                f"for {block_size}-byte objects")
+
+    # -- create ---------------------------------------------------------------------------
+
+    async def create(
+        self, name: str, size: int, *, copies: int | None = None, prealloc: bool = False
+    ) -> VdiRecord:
+        validate_name(name)
+        block_size = self._block_size()
+        self._check_size(size, block_size)
+        config = self.client.view.config
+        assert config is not None
+        copies = validate_copies(copies if copies is not None else config.copies)
+        record_nodes = self.client.view.record
+        nodes = len(record_nodes.nodes) if record_nodes is not None else 0
+        if copies > nodes:
+            raise InvalidParams(f"{copies} copies need at least {copies} nodes; "
+                                f"the cluster has {nodes}")
+        state = await self.state()
+        if name in state.working:
+            raise VdiExists(f"VDI {name!r} already exists")
+        record = VdiRecord(await self.registry.allocate_id(), name, size, copies, block_size,
+                           time.time())
+        table = array("I", [record.ref] * nblocks(record)) if prealloc else None
+        try:
+            if table is not None:
+                await self._preallocate(record)
+            await write_inode(self.client, record, table)
+            if not await self.registry.change(state).put_record(record).put_family(
+                    name, record.id).commit():
+                raise VdiExists(f"VDI {name!r} already exists")
+        except BaseException:
+            await self._discard_objects(record, table)
+            raise
+        return record
+
+    async def _preallocate(self, record: VdiRecord) -> None:
+        zeros = bytes(record.block_size)
+
+        async def one(index: int) -> None:
+            await self.client.write(block_oid(record.ref, index), 0, zeros, fresh=True)
+
+        await for_each(range(nblocks(record)), one, 8)
+
+    async def _discard_objects(self, record: VdiRecord, table: array | None) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.remove(record.inode_oid)
+            if table is not None:
+                for index, ref in enumerate(table):
+                    if ref == record.ref:
+                        await self.client.remove(block_oid(ref, index))
+
+    # -- snapshot, clone, rollback ------------------------------------------------------
+
+    async def snapshot(self, name: str, tag: str) -> VdiRecord:
+        """Snapshot NAME as TAG. If a writer holds NAME open, it takes the snapshot itself
+        (between two of its writes); otherwise this process opens NAME for writing to."""
+        validate_name(tag, "snapshot tag")
+        state = await self.state()
+        state.lookup(name)
+        if name not in state.locks:
+            try:
+                async with await self.open(name, writable=True) as vol:
+                    return await vol.snapshot(tag)
+            except VdiLocked:
+                pass  # a writer opened it meanwhile: ask that writer
+        answer = await self.registry.ask_holder(name, {"op": "snapshot", "tag": tag})
+        if not answer.get("ok"):
+            raise ClusterError(str(answer.get("error", "the writer refused the snapshot")))
+        return (await self.state()).lookup(name, tag)
+
+    async def clone(self, name: str, tag: str, new_name: str) -> VdiRecord:
+        validate_name(new_name)
+        for _ in range(_RETRIES):
+            state = await self.state()
+            source = state.lookup(name, tag)
+            if new_name in state.working:
+                raise VdiExists(f"VDI {new_name!r} already exists")
+            table = await self.table(source)
+            record = VdiRecord(await self.registry.allocate_id(), new_name, source.size,
+                               source.copies, source.block_size, time.time(), parent=source.id)
+            await write_inode(self.client, record, table)
+            change = self.registry.change(state).require(source).put_record(record)
+            if await change.put_family(new_name, record.id).commit():
+                return record
+            await self._discard_objects(record, None)
+        raise ClusterError("the registry kept changing; try again")
+
+    async def rollback(self, name: str, tag: str) -> VdiRecord:
+        """NAME's working VDI becomes a copy of snapshot TAG; what the old working VDI
+        alone held is reclaimed."""
+        validate_name(tag, "snapshot tag")
+        (await self.state()).lookup(name, tag)
+        lock = await self.registry.acquire_lock(name, f"{self.holder} (rollback)")
+        try:
+            for _ in range(_RETRIES):
+                state = await self.state()
+                snap = state.lookup(name, tag)
+                old = state.records.get(state.working.get(name, 0))
+                old_table = await self.table(old) if old is not None else None
+                record = replace(snap, id=await self.registry.allocate_id(), parent=snap.id,
+                                 created=time.time(), snapshot=False, tag="", snap_time=0.0)
+                await write_inode(self.client, record, await self.table(snap))
+                change = self.registry.change(state).require(snap).put_record(record)
+                change.put_family(name, record.id)
+                if old is not None:
+                    change.delete_record(old)
+                if await change.commit():
+                    if old is not None and old_table is not None:
+                        await reclaim(self.client, self.registry, old_table, {old.parent})
+                        await self.client.remove(old.inode_oid)
+                    return record
+                await self._discard_objects(record, None)
+            raise ClusterError("the registry kept changing; try again")
+        finally:
+            await lock.release()
+
+    # -- flatten, resize ------------------------------------------------------------------
+
+    async def flatten(self, name: str, progress: Progress | None = None) -> VdiRecord:
+        """Copy into NAME every block it shares outside its own family (a clone's origin),
+        so that it no longer depends on it; then cut the link to the origin."""
+        async with await self.open(name, writable=True) as vol:
+            state = await self.state()
+            family = {r.ref for r in state.family(name)}
+            todo = [i for i, ref in enumerate(vol.table) if ref and ref not in family]
+            for done, index in enumerate(todo, 1):
+                await vol.copy_block(index)
+                if progress is not None:
+                    progress(done, len(todo))
+            for _ in range(_RETRIES):
+                state = await self.state()
+                current = state.records[vol.record.id]
+                parent = state.records.get(current.parent)
+                if parent is not None and parent.name == name:
+                    return current  # its own snapshots still share with the origin
+                flat = replace(current, parent=0)
+                if await self.registry.change(state).put_record(flat).commit():
+                    with contextlib.suppress(Exception):
+                        await write_header(self.client, flat)
+                    return flat
+            raise ClusterError("the registry kept changing; try again")
+
+    async def resize(self, name: str, size: int) -> VdiRecord:
+        lock = await self.registry.acquire_lock(name, f"{self.holder} (resize)")
+        try:
+            for _ in range(_RETRIES):
+                state = await self.state()
+                current = state.lookup(name)
+                if size < current.size:
+                    raise InvalidParams(f"shrinking is not supported: VDI {name!r} is "
+                                        f"{current.size} bytes, asked for {size}")
+                self._check_size(size, current.block_size)
+                grown = replace(current, size=size)
+                if await self.registry.change(state).put_record(grown).commit():
+                    await write_header(self.client, grown)
+                    return grown
+            raise ClusterError("the registry kept changing; try again")
+        finally:
+            await lock.release()
+
+    # -- delete ---------------------------------------------------------------------------
+
+    async def delete(self, name: str, tag: str | None = None) -> int:
+        """Delete NAME's working VDI, or its snapshot TAG; returns how many data objects
+        were reclaimed. Children of a deleted snapshot keep every block they use."""
+        state = await self.state()
+        target = state.lookup(name, tag)
+        lock = None
+        if not target.snapshot:
+            lock = await self.registry.acquire_lock(name, f"{self.holder} (delete)")
+        try:
+            table = await self.table(target)
+            for _ in range(_RETRIES):
+                state = await self.state()
+                target = state.records.get(target.id)
+                if target is None:
+                    raise NoVdi(f"VDI {name!r} was deleted meanwhile")
+                children = state.children(target.id)
+                change = self.registry.change(state).delete_record(target)
+                for child in children:
+                    change.put_record(replace(child, parent=target.parent))
+                remaining = [r for r in state.family(name) if r.id != target.id]
+                if not remaining:
+                    change.delete_family(name)
+                else:
+                    working = 0 if not target.snapshot else state.working.get(name, 0)
+                    change.put_family(name, working)
+                if await change.commit():
+                    break
+            else:
+                raise ClusterError("the registry kept changing; try again")
+            neighbours = {target.parent} | {c.id for c in children}
+            removed = await reclaim(self.client, self.registry, table, neighbours)
+            await self.client.remove(target.inode_oid)
+            for child in children:
+                with contextlib.suppress(Exception):
+                    await write_header(self.client, replace(child, parent=target.parent))
+            return removed
+        finally:
+            if lock is not None:
+                await lock.release()
+
+    # -- accounting -----------------------------------------------------------------------
+
+    async def usage(self, record: VdiRecord) -> Usage:
+        return usage_of(record, await self.table(record))
+
+    async def stored_objects(self) -> set[int]:
+        """Data objects that exist on any node (for accounting and leak checks)."""
+        record = self.client.view.record
+        if record is None:
+            return set()
+        found: set[int] = set()
+        for node in record.nodes:
+            found.update(oid for oid in await self.client.list_node(node)
+                         if oid_type(oid) == ObjType.DATA)
+        return found
+
+
+@contextlib.asynccontextmanager
+async def open_manager(etcd_url: str, *, holder: str = "dog", **kwargs: object
+                       ) -> AsyncIterator[VdiManager]:
+    """A VdiManager on the cluster at `etcd_url`, for as long as the block runs."""
+    async with open_client(etcd_url, **kwargs) as client:
+        if client.view.config is None:
+            raise ClusterError("the cluster is not formatted")
+        yield VdiManager(client, VdiRegistry(client.etcd), holder=holder)

@@ -1,0 +1,403 @@
+"""The VDI registry in etcd: names, ids, the snapshot tree, write locks, holder requests.
+
+Every change is one etcd transaction guarded by the mod revision of each record it touches,
+so concurrent admins (two creators of one name, a delete racing a snapshot) cannot both win:
+the loser re-reads and retries or gets a clear error. Layout under the cluster prefix:
+
+    vdi/next_id            the next VDI id to hand out
+    vdi/ids/<id>           one VdiRecord (working VDI or snapshot) per id, JSON
+    vdi/names/<name>       the family: which id is the name's working VDI (0: none)
+    vdi/locks/<name>       the writer's lock, attached to its lease
+    vdi/requests/<name>/*  requests to the lock holder (a snapshot of a VDI in use)
+    vdi/replies/<id>       the holder's answers
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+
+from sheep.cluster.etcd import EtcdCluster
+from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiLocked
+from sheep.oid import MAX_COPIES, MAX_VDI_ID, inode_oid
+
+from .inode import InodeHeader, make_ref
+
+log = logging.getLogger(__name__)
+
+LOCK_TTL = 10
+_FORBIDDEN = set("@/\\") | {chr(c) for c in range(33)} | {"\x7f"}
+
+
+def validate_name(name: str, what: str = "VDI name") -> str:
+    if not name:
+        raise InvalidParams(f"{what} is empty")
+    if len(name.encode()) > 255:
+        raise InvalidParams(f"{what} is longer than 255 bytes")
+    bad = sorted(set(name) & _FORBIDDEN)
+    if bad:
+        raise InvalidParams(f"{what} {name!r} contains {bad[0]!r} (no '@', '/', spaces)")
+    return name
+
+
+def validate_copies(copies: int) -> int:
+    if not 1 <= copies <= MAX_COPIES:
+        raise InvalidParams(f"copies must be 1..{MAX_COPIES}, not {copies}")
+    return copies
+
+
+@dataclass(frozen=True)
+class VdiRecord:
+    id: int
+    name: str
+    size: int
+    copies: int
+    block_size: int
+    created: float
+    parent: int = 0
+    tag: str = ""
+    snapshot: bool = False
+    snap_time: float = 0.0
+
+    @property
+    def ref(self) -> int:
+        """This VDI's owner ref, as its objects appear in owner tables."""
+        return make_ref(self.id, self.copies)
+
+    @property
+    def inode_oid(self) -> int:
+        return inode_oid(self.id, self.copies)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.tag}" if self.snapshot else self.name
+
+    def header(self) -> InodeHeader:
+        return InodeHeader(self.id, self.name, self.tag, self.parent, self.size, self.copies,
+                           self.block_size, self.created, self.snapshot, self.snap_time)
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, raw: bytes) -> VdiRecord:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    name: str
+    holder: str
+    host: str
+    pid: int
+    since: float
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, name: str, raw: bytes) -> LockInfo:
+        data = json.loads(raw)
+        data["name"] = name
+        return cls(**data)
+
+
+@dataclass
+class RegistryState:
+    """One consistent read of the whole registry (a single etcd range read)."""
+
+    records: dict[int, VdiRecord] = field(default_factory=dict)
+    record_revs: dict[int, int] = field(default_factory=dict)
+    working: dict[str, int] = field(default_factory=dict)  # family name -> working id (0)
+    family_revs: dict[str, int] = field(default_factory=dict)
+    locks: dict[str, LockInfo] = field(default_factory=dict)
+
+    def family(self, name: str) -> list[VdiRecord]:
+        """The name's snapshots, oldest first, then its working VDI if it has one."""
+        members = [r for r in self.records.values() if r.name == name]
+        return sorted(members, key=lambda r: (not r.snapshot, r.snap_time, r.id))
+
+    def lookup(self, name: str, tag: str | None = None) -> VdiRecord:
+        if name not in self.working:
+            raise NoVdi(f"no VDI named {name!r}")
+        if tag is None:
+            working = self.records.get(self.working[name])
+            if working is None:
+                raise NoVdi(f"VDI {name!r} has only snapshots (roll back or clone one)")
+            return working
+        for rec in self.records.values():
+            if rec.name == name and rec.snapshot and rec.tag == tag:
+                return rec
+        raise NoVdi(f"VDI {name!r} has no snapshot tagged {tag!r}")
+
+    def children(self, vdi_id: int) -> list[VdiRecord]:
+        return sorted((r for r in self.records.values() if r.parent == vdi_id),
+                      key=lambda r: r.id)
+
+    def component(self, vdi_ids: set[int]) -> list[VdiRecord]:
+        """Every live VDI connected to `vdi_ids` through parent links: the only VDIs whose
+        tables can share objects with them (tables are only ever copied along those links)."""
+        seen: set[int] = set()
+        todo = [i for i in vdi_ids if i in self.records]
+        while todo:
+            cur = todo.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            rec = self.records[cur]
+            if rec.parent in self.records:
+                todo.append(rec.parent)
+            todo.extend(c.id for c in self.children(cur))
+        return [self.records[i] for i in sorted(seen)]
+
+
+class Change:
+    """One registry transaction: every record it writes or deletes is guarded by the mod
+    revision it had when `state` was read."""
+
+    def __init__(self, state: RegistryState, registry: VdiRegistry) -> None:
+        self._state = state
+        self._reg = registry
+        self._guards: dict[bytes, int] = {}
+        self._ops: list = []
+
+    def _guard(self, key: bytes, rev: int) -> None:
+        self._guards.setdefault(key, rev)
+
+    def require(self, record: VdiRecord) -> Change:
+        """Fail the transaction if `record` changed or went away meanwhile."""
+        self._guard(self._reg.record_key(record.id), self._state.record_revs.get(record.id, 0))
+        return self
+
+    def put_record(self, record: VdiRecord) -> Change:
+        self._guard(self._reg.record_key(record.id), self._state.record_revs.get(record.id, 0))
+        self._ops.append(self._reg.tx.put(self._reg.record_key(record.id), record.dump()))
+        return self
+
+    def delete_record(self, record: VdiRecord) -> Change:
+        self.require(record)
+        self._ops.append(self._reg.tx.delete(self._reg.record_key(record.id)))
+        return self
+
+    def put_family(self, name: str, working: int) -> Change:
+        key = self._reg.family_key(name)
+        self._guard(key, self._state.family_revs.get(name, 0))
+        self._ops.append(self._reg.tx.put(key, json.dumps({"working": working}).encode()))
+        return self
+
+    def delete_family(self, name: str) -> Change:
+        key = self._reg.family_key(name)
+        self._guard(key, self._state.family_revs.get(name, 0))
+        self._ops.append(self._reg.tx.delete(key))
+        return self
+
+    async def commit(self) -> bool:
+        compare = [self._reg.tx.mod(key) == rev for key, rev in self._guards.items()]
+        ok, _ = await self._reg.etcd.client.transaction(compare=compare, success=self._ops,
+                                                        failure=[])
+        return bool(ok)
+
+
+class VdiLock:
+    """A held write lock: an etcd key on our own lease, refreshed until released.
+
+    If the lease or the key goes away (the holder stalled past the TTL, or an admin broke
+    the lock), `lost` is set: the holder must stop writing, because someone else may now.
+    """
+
+    def __init__(self, registry: VdiRegistry, name: str, lease, ttl: int) -> None:
+        self.name = name
+        self.lost = asyncio.Event()
+        self._reg = registry
+        self._lease = lease
+        self._ttl = ttl
+        self._task = asyncio.ensure_future(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        key = self._reg.lock_key(self.name)
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                reply = await self._lease.refresh()
+                kv = await self._reg.etcd.client.get(key)
+                if reply.TTL <= 0 or kv is None or kv.lease != self._lease.id:
+                    log.warning("lock on VDI %s was lost; refusing further writes", self.name)
+                    self.lost.set()
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd briefly away: the lease has slack until the TTL
+                log.warning("refreshing the lock on VDI %s failed: %s", self.name, exc)
+
+    async def release(self) -> None:
+        """Revoking the lease deletes the lock key with it, and never a newer holder's key
+        (that one hangs on its own lease)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(Exception):
+            await self._lease.revoke()
+
+
+class VdiRegistry:
+    def __init__(self, etcd: EtcdCluster) -> None:
+        self.etcd = etcd
+        self.tx = etcd.client.transactions
+        self._root = etcd.target.key("vdi")
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> bytes:
+        return self._root + ("/" + "/".join(parts)).encode()
+
+    def record_key(self, vdi_id: int) -> bytes:
+        return self._key("ids", f"{vdi_id:08x}")
+
+    def family_key(self, name: str) -> bytes:
+        return self._key("names", name)
+
+    def lock_key(self, name: str) -> bytes:
+        return self._key("locks", name)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def load(self) -> RegistryState:
+        state = RegistryState()
+        ids, names, locks = self._key("ids", ""), self._key("names", ""), self._key("locks", "")
+        for kv in await self.etcd.client.get_prefix(self._root + b"/"):
+            key = bytes(kv.key)
+            if key.startswith(ids):
+                rec = VdiRecord.load(kv.value)
+                state.records[rec.id] = rec
+                state.record_revs[rec.id] = kv.mod_revision
+            elif key.startswith(names):
+                name = key[len(names):].decode()
+                state.working[name] = json.loads(kv.value)["working"]
+                state.family_revs[name] = kv.mod_revision
+            elif key.startswith(locks):
+                name = key[len(locks):].decode()
+                state.locks[name] = LockInfo.load(name, kv.value)
+        return state
+
+    async def is_live(self, vdi_id: int) -> bool:
+        return await self.etcd.client.get(self.record_key(vdi_id)) is not None
+
+    def change(self, state: RegistryState) -> Change:
+        return Change(state, self)
+
+    async def allocate_id(self) -> int:
+        """A VDI id never handed out before: ids are not reused, so an object named by a
+        deleted VDI's id can only be a leftover of that VDI."""
+        key = self._key("next_id")
+        for _ in range(1000):
+            kv = await self.etcd.client.get(key)
+            current = int(kv.value) if kv is not None else 1
+            if current > MAX_VDI_ID:
+                raise ClusterError("VDI ids are exhausted")
+            ok, _ = await self.etcd.client.transaction(
+                compare=[self.tx.mod(key) == (kv.mod_revision if kv is not None else 0)],
+                success=[self.tx.put(key, str(current + 1).encode())], failure=[])
+            if ok:
+                return current
+            await asyncio.sleep(0.001)
+        raise ClusterError("could not allocate a VDI id: too much contention")
+
+    # -- locks ----------------------------------------------------------------------------
+
+    async def acquire_lock(self, name: str, holder: str, *, ttl: int = LOCK_TTL) -> VdiLock:
+        lease = await self.etcd.client.lease(ttl)
+        info = LockInfo(name, holder, socket.gethostname(), os.getpid(), time.time())
+        key = self.lock_key(name)
+        ok, _ = await self.etcd.client.transaction(
+            compare=[self.tx.version(key) == 0],
+            success=[self.tx.put(key, info.dump(), lease=lease)], failure=[])
+        if not ok:
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+            kv = await self.etcd.client.get(key)
+            who = LockInfo.load(name, kv.value).holder if kv is not None else "another writer"
+            raise VdiLocked(f"VDI {name!r} is open for writing by {who} "
+                            f"('dog vdi lock unlock {name}' breaks a stale lock)")
+        return VdiLock(self, name, lease, ttl)
+
+    async def lock_holder(self, name: str) -> LockInfo | None:
+        kv = await self.etcd.client.get(self.lock_key(name))
+        return LockInfo.load(name, kv.value) if kv is not None else None
+
+    async def break_lock(self, name: str) -> bool:
+        reply = await self.etcd.client.delete(self.lock_key(name))
+        return bool(reply and reply.deleted)
+
+    # -- requests to the lock holder ----------------------------------------------------
+
+    async def ask_holder(self, name: str, request: dict, timeout: float = 30.0) -> dict:
+        """Send `request` to the process holding `name`'s lock and wait for its answer."""
+        req_id = uuid.uuid4().hex
+        req_key = self._key("requests", name, req_id)
+        reply_key = self._key("replies", req_id)
+        await self.etcd.client.put(req_key, json.dumps(request).encode())
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                kv = await self.etcd.client.get(reply_key)
+                if kv is not None:
+                    return json.loads(kv.value)
+                if await self.lock_holder(name) is None:
+                    raise ClusterError(f"the writer of VDI {name!r} went away before answering")
+                await asyncio.sleep(0.05)
+            raise ClusterError(f"the writer of VDI {name!r} did not answer in {timeout:.0f}s")
+        finally:
+            await self.etcd.client.delete(req_key)
+            await self.etcd.client.delete(reply_key)
+
+    async def serve_requests(
+        self, name: str, handler: Callable[[dict], Awaitable[dict]]
+    ) -> None:
+        """Answer requests addressed to `name`'s lock holder, forever (cancel to stop)."""
+        prefix = self._key("requests", name, "")
+        replies = self._key("replies", "")
+        done: set[bytes] = set()
+        while True:
+            wake = asyncio.Event()
+            watch = await self.etcd.client.watch_prefix(prefix)
+
+            async def pump(watch=watch, wake=wake) -> None:
+                async for _event in watch:
+                    wake.set()
+
+            pumper = asyncio.ensure_future(pump())
+            try:
+                while not pumper.done():
+                    for kv in await self.etcd.client.get_prefix(prefix):
+                        key = bytes(kv.key)
+                        if key in done:
+                            continue
+                        done.add(key)
+                        try:
+                            answer = await handler(json.loads(kv.value))
+                        except Exception as exc:
+                            answer = {"ok": False, "error": str(exc)}
+                        await self.etcd.client.put(replies + key[len(prefix):],
+                                                   json.dumps(answer).encode())
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):  # not wait_for: see etcd.watch
+                            await wake.wait()
+                    wake.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching requests for VDI %s broke (%s); retrying", name, exc)
+                await asyncio.sleep(0.5)
+            finally:
+                pumper.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await watch.cancel()
+
