@@ -1,0 +1,1 @@
+"""Protocol gateways (NBD, iSCSI): thin layers that expose VDIs to unmodified clients."""

@@ -1,0 +1,506 @@
+"""Server side of the NBD fixed newstyle handshake, sans-I/O: bytes in, bytes and events out.
+
+No sockets, no clock, no asyncio: the adapter sends `initial_bytes()`, feeds whatever the
+client sends to `receive_data()`, writes `data_to_send()` and then asks `next_event()` what
+happened. Keeping the state machine pure is what lets the tests pin every reply byte for
+byte and feed input one byte at a time.
+
+What the server does with bad input follows the spec's split between errors it can report
+and violations it cannot: an option the server does not know, or whose payload is
+malformed, gets an error reply and negotiation continues (a client probes with options it
+is unsure of); broken framing (bad magic, unknown client flags, an option length so large
+that reading it would be a denial of service, an unknown name in NBD_OPT_EXPORT_NAME which
+has no error reply) ends the session with `Closed`.
+
+Option data is bounded: payloads this server has to parse are buffered up to
+MAX_OPTION_DATA, payloads it ignores are discarded as they arrive, and anything announcing
+more than MAX_OPTION_SKIP bytes closes the session at once, so garbage cannot make the
+handshake hold more than one option's worth of memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Protocol
+
+from .wire import (
+    BASE_ALLOCATION,
+    CLIENT_FLAGS,
+    DEFAULT_MAX_PAYLOAD,
+    EXPORT_NAME_PADDING,
+    EXPORT_NAME_REPLY,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    INFO_TYPE,
+    MAX_STRING,
+    NBDMAGIC,
+    OPT_REPLY_MAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    U16,
+    U32,
+    ClientFlag,
+    HandshakeFlag,
+    InfoType,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+
+MAX_OPTION_DATA = 64 << 10  # largest option payload buffered for parsing
+MAX_OPTION_SKIP = 1 << 20  # larger announced payloads close the session instead of being read
+BASE_ALLOCATION_ID = 1  # context id handed out for base:allocation by SET_META_CONTEXT
+
+SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+# plain ints: `~` of an IntFlag only complements within its members, hiding unknown bits
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the handshake needs to know about one export (one VDI).
+
+    `min_block`, `preferred_block` and `max_block` are the NBD size constraints (minimum
+    block, preferred block, maximum payload). The defaults are the spec's defaults, so a
+    client that never asks for NBD_INFO_BLOCK_SIZE is still served correctly. They are
+    checked here, because a wrong value is otherwise only noticed by a client.
+    """
+
+    name: str
+    description: str
+    size: int
+    read_only: bool
+    can_multi_conn: bool
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = DEFAULT_MAX_PAYLOAD
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.size < 1 << 64:
+            raise ValueError(f"export size {self.size} does not fit in 64 bits")
+        if not _power_of_two(self.min_block) or self.min_block > 1 << 16:
+            raise ValueError(f"minimum block {self.min_block} is not a power of 2 <= 64 KiB")
+        if not _power_of_two(self.preferred_block) or self.preferred_block < max(
+            self.min_block, 512
+        ):
+            raise ValueError(f"preferred block {self.preferred_block} is not a power of 2 >= 512")
+        if not self.preferred_block <= self.max_block < 1 << 32:
+            raise ValueError(f"maximum payload {self.max_block} out of range")
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class ExportCatalog(Protocol):
+    """The exports this server offers; the gateway implements it over the VDI table.
+
+    Called synchronously from inside `receive_data()`, so it must answer from memory.
+    """
+
+    def list(self) -> Sequence[tuple[str, str]]:
+        """(name, description) of every export NBD_OPT_LIST should show."""
+        ...
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        """The export a client asked for by name ("" is the default export), or None."""
+        ...
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NeedData:
+    """Nothing decided yet: feed more bytes (after sending data_to_send())."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeDone:
+    """Transmission starts: send data_to_send() first, then hand the connection over.
+
+    `meta_context_id` is the id of base:allocation when the client selected it for this
+    very export (otherwise NBD_CMD_BLOCK_STATUS must be refused); `no_zeroes` only
+    mattered for the NBD_OPT_EXPORT_NAME reply and is reported for logging.
+    """
+
+    export: ExportInfo
+    structured_replies: bool
+    meta_context_id: int | None
+    no_zeroes: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The session ends: send data_to_send() (it may hold the ACK to NBD_OPT_ABORT), then
+    close. `clean` is True for a client's soft disconnect (NBD_OPT_ABORT), False for a
+    protocol violation or end of file."""
+
+    reason: str
+    clean: bool = False
+
+
+Event = NeedData | HandshakeDone | Closed
+
+
+# -- the state machine ----------------------------------------------------------------------
+
+
+class _State(Enum):
+    CLIENT_FLAGS = auto()
+    OPTION_HEADER = auto()
+    OPTION_DATA = auto()
+    FINISHED = auto()
+
+
+class ServerHandshake:
+    """One connection's negotiation, from the greeting to HandshakeDone or Closed."""
+
+    def __init__(self, exports: ExportCatalog) -> None:
+        self._exports = exports
+        self._state = _State.CLIENT_FLAGS
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._terminal: HandshakeDone | Closed | None = None
+        self._trailing = bytearray()
+        self._no_zeroes = False
+        self._structured = False
+        self._meta_export: str | None = None  # export base:allocation was selected for
+        self._shutting_down = False
+        # the option whose data is being received
+        self._option = 0
+        self._need = 0  # data bytes still to come
+        self._collect = False  # keep them (True) or discard them as they arrive
+        self._on_data: Callable[[bytes], None] = _ignore
+
+    # -- transport side ---------------------------------------------------------------
+
+    def initial_bytes(self) -> bytes:
+        """The server greeting, to send as soon as the connection is accepted."""
+        return GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_FLAGS)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the client; replies accumulate for data_to_send()."""
+        if self._terminal is not None:
+            if isinstance(self._terminal, HandshakeDone):
+                self._trailing += data  # early transmission requests: see trailing_data()
+            return
+        self._buf += data
+        self._advance()
+
+    def receive_eof(self) -> None:
+        """The client closed its side."""
+        if self._terminal is None:
+            self._close("client closed the connection during the handshake")
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the client now (each returned once)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Event:
+        """NeedData until the handshake ends, then its terminal event on every call."""
+        return self._terminal if self._terminal is not None else NeedData()
+
+    def trailing_data(self) -> bytes:
+        """Bytes received after the handshake ended: the start of the transmission phase,
+        to feed to the RequestDecoder (a client should not send any before our reply,
+        but nothing may be lost if it does)."""
+        return bytes(self._trailing)
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping: from now on every option but ABORT gets ERR_SHUTDOWN,
+        which tells the client to disconnect."""
+        self._shutting_down = True
+
+    # -- parsing ------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        buf = self._buf
+        while self._terminal is None:
+            if self._state is _State.CLIENT_FLAGS:
+                if len(buf) < CLIENT_FLAGS.size:
+                    return
+                (flags,) = CLIENT_FLAGS.unpack_from(buf)
+                del buf[: CLIENT_FLAGS.size]
+                self._client_flags(flags)
+            elif self._state is _State.OPTION_HEADER:
+                if len(buf) < OPTION_HEADER.size:
+                    return
+                magic, option, length = OPTION_HEADER.unpack_from(buf)
+                del buf[: OPTION_HEADER.size]
+                if magic != IHAVEOPT:
+                    self._close(f"bad option magic {magic:#018x}")
+                    break
+                self._begin_option(option, length)
+            elif self._state is _State.OPTION_DATA:
+                if self._collect:
+                    if len(buf) < self._need:
+                        return
+                    data = bytes(buf[: self._need])
+                    del buf[: self._need]
+                else:
+                    n = min(self._need, len(buf))
+                    del buf[:n]
+                    self._need -= n
+                    if self._need:
+                        return
+                    data = b""
+                self._state = _State.OPTION_HEADER
+                self._on_data(data)
+            else:  # FINISHED
+                return
+        # ended: whatever follows belongs to the transmission phase (or is dropped)
+        if isinstance(self._terminal, HandshakeDone):
+            self._trailing += buf
+        buf.clear()
+
+    def _client_flags(self, flags: int) -> None:
+        if flags & ~_KNOWN_CLIENT_FLAGS:
+            self._close(f"unknown client flags {flags:#010x}")
+        elif not flags & ClientFlag.FIXED_NEWSTYLE:
+            self._close("client does not speak fixed newstyle negotiation")
+        else:
+            self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+            self._state = _State.OPTION_HEADER
+
+    def _begin_option(self, option: int, length: int) -> None:
+        """Decide, from the header alone, whether the data is parsed, discarded or refused."""
+        if length > MAX_OPTION_SKIP:
+            self._close(f"option {option} announces {length} bytes of data")
+            return
+        self._option = option
+        if option == Opt.ABORT:  # data SHOULD be ignored
+            self._expect(length, False, self._opt_abort)
+        elif self._shutting_down:
+            if option == Opt.EXPORT_NAME:  # cannot be answered with an error
+                self._close("server shutting down")
+            else:
+                self._expect(length, False, self._refuse(Rep.ERR_SHUTDOWN, "server shutting down"))
+        elif option == Opt.EXPORT_NAME:
+            if length > MAX_STRING:
+                self._close(f"export name of {length} bytes")
+            else:
+                self._expect(length, True, self._opt_export_name)
+        elif option in (Opt.LIST, Opt.STRUCTURED_REPLY):  # these carry no data
+            if length:
+                self._expect(length, False, self._refuse(Rep.ERR_INVALID, "unexpected data"))
+            elif option == Opt.LIST:
+                self._expect(0, False, self._opt_list)
+            else:
+                self._expect(0, False, self._opt_structured_reply)
+        elif option in (Opt.INFO, Opt.GO, Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            if option == Opt.SET_META_CONTEXT:
+                self._meta_export = None  # replaced even if this request fails
+            if length > MAX_OPTION_DATA:
+                self._expect(length, False, self._refuse(Rep.ERR_TOO_BIG, "option data too big"))
+            elif option in (Opt.INFO, Opt.GO):
+                self._expect(length, True, self._opt_info_go)
+            else:
+                self._expect(length, True, self._opt_meta_context)
+        else:  # STARTTLS (no TLS here) and every option this server does not know
+            self._expect(length, False, self._refuse(Rep.ERR_UNSUP, "unsupported option"))
+
+    def _expect(self, length: int, collect: bool, on_data: Callable[[bytes], None]) -> None:
+        self._state = _State.OPTION_DATA
+        self._need, self._collect, self._on_data = length, collect, on_data
+
+    # -- options ------------------------------------------------------------------------
+
+    def _opt_abort(self, _data: bytes) -> None:
+        self._reply(Rep.ACK)
+        self._close("client sent NBD_OPT_ABORT", clean=True)
+
+    def _opt_export_name(self, data: bytes) -> None:
+        name = _decode(data)
+        export = self._exports.lookup(name) if name is not None else None
+        if export is None:  # NBD_OPT_EXPORT_NAME has no error reply: the spec says hang up
+            self._close(f"unknown export {name!r} in NBD_OPT_EXPORT_NAME")
+            return
+        self._out += EXPORT_NAME_REPLY.pack(
+            export.size, transmission_flags(export, self._structured)
+        )
+        if not self._no_zeroes:
+            self._out += bytes(EXPORT_NAME_PADDING)
+        self._finish(export)
+
+    def _opt_list(self, _data: bytes) -> None:
+        for name, description in self._exports.list():
+            raw = name.encode()
+            self._reply(Rep.SERVER, U32.pack(len(raw)) + raw + description.encode())
+        self._reply(Rep.ACK)
+
+    def _opt_structured_reply(self, _data: bytes) -> None:
+        if self._structured:
+            self._error(Rep.ERR_INVALID, "structured replies already negotiated")
+        else:
+            self._structured = True
+            self._reply(Rep.ACK)
+
+    def _opt_info_go(self, data: bytes) -> None:
+        parsed = _parse_info_request(data)
+        if parsed is None:
+            self._error(Rep.ERR_INVALID, "malformed request")
+            return
+        name, requested = parsed
+        export = self._exports.lookup(name)
+        if export is None:
+            self._error(Rep.ERR_UNKNOWN, f"export {name!r} not found")
+            return
+        flags = transmission_flags(export, self._structured)
+        self._reply(Rep.INFO, INFO_EXPORT.pack(InfoType.EXPORT, export.size, flags))
+        if InfoType.NAME in requested:
+            self._reply(Rep.INFO, INFO_TYPE.pack(InfoType.NAME) + export.name.encode())
+        if InfoType.DESCRIPTION in requested:
+            description = export.description.encode()
+            self._reply(Rep.INFO, INFO_TYPE.pack(InfoType.DESCRIPTION) + description)
+        # Also sent unasked when the export needs more than the default 1-byte alignment,
+        # which the spec permits and which lets a careful client honour it anyway.
+        if InfoType.BLOCK_SIZE in requested or export.min_block != 1:
+            self._reply(
+                Rep.INFO,
+                INFO_BLOCK_SIZE.pack(
+                    InfoType.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
+                ),
+            )
+        self._reply(Rep.ACK)
+        if self._option == Opt.GO:
+            self._finish(export)
+
+    def _opt_meta_context(self, data: bytes) -> None:
+        setting = self._option == Opt.SET_META_CONTEXT
+        if not self._structured:
+            self._error(Rep.ERR_INVALID, "negotiate structured replies first")
+            return
+        parsed = _parse_meta_request(data)
+        if parsed is None:
+            self._error(Rep.ERR_INVALID, "malformed request")
+            return
+        name, queries = parsed
+        export = self._exports.lookup(name)
+        if export is None:
+            self._error(Rep.ERR_UNKNOWN, f"export {name!r} not found")
+            return
+        if setting:
+            # "base:" is a wildcard only for LIST; SET selects exact names.
+            selected = BASE_ALLOCATION in queries
+        else:
+            selected = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+        if selected:
+            context_id = BASE_ALLOCATION_ID if setting else 0  # LIST ids are reserved: 0
+            self._reply(Rep.META_CONTEXT, U32.pack(context_id) + BASE_ALLOCATION.encode())
+            if setting:
+                self._meta_export = export.name
+        self._reply(Rep.ACK)
+
+    def _refuse(self, rep: Rep, message: str) -> Callable[[bytes], None]:
+        return lambda _data: self._error(rep, message)
+
+    # -- output -------------------------------------------------------------------------
+
+    def _reply(self, rep: Rep, payload: bytes = b"") -> None:
+        self._out += OPTION_REPLY_HEADER.pack(OPT_REPLY_MAGIC, self._option, rep, len(payload))
+        self._out += payload
+
+    def _error(self, rep: Rep, message: str) -> None:
+        """Error replies carry a message a human sees (qemu-img prints it)."""
+        self._reply(rep, message.encode()[:MAX_STRING])
+
+    def _finish(self, export: ExportInfo) -> None:
+        meta_id = BASE_ALLOCATION_ID if self._meta_export == export.name else None
+        self._terminal = HandshakeDone(export, self._structured, meta_id, self._no_zeroes)
+        self._state = _State.FINISHED
+
+    def _close(self, reason: str, *, clean: bool = False) -> None:
+        self._terminal = Closed(reason, clean)
+        self._state = _State.FINISHED
+
+
+def transmission_flags(export: ExportInfo, structured: bool) -> int:
+    """The 16 transmission flags for an export: what the client may send it.
+
+    SEND_DF is only legal with structured replies; SEND_FAST_ZERO and SEND_CACHE are not
+    offered (the volume layer cannot promise either), so those requests are refused.
+    """
+    flags = (
+        TransmissionFlag.HAS_FLAGS
+        | TransmissionFlag.SEND_FLUSH
+        | TransmissionFlag.SEND_FUA
+        | TransmissionFlag.SEND_TRIM
+        | TransmissionFlag.SEND_WRITE_ZEROES
+    )
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
+    if export.read_only:
+        flags |= TransmissionFlag.READ_ONLY
+    if export.can_multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    return int(flags)
+
+
+# -- payload parsers: None means malformed ---------------------------------------------------
+
+
+def _ignore(_data: bytes) -> None:
+    pass
+
+
+def _decode(raw: bytes) -> str | None:
+    if len(raw) > MAX_STRING:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_info_request(data: bytes) -> tuple[str, set[int]] | None:
+    """INFO/GO: name length u32 | name | count u16 | count x info type u16."""
+    if len(data) < 6:
+        return None
+    (name_len,) = U32.unpack_from(data)
+    if name_len > len(data) - 6:
+        return None
+    name = _decode(data[4 : 4 + name_len])
+    pos = 4 + name_len
+    (count,) = U16.unpack_from(data, pos)
+    pos += 2
+    if name is None or len(data) - pos != 2 * count:
+        return None
+    return name, {U16.unpack_from(data, pos + 2 * i)[0] for i in range(count)}
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
+    """LIST/SET_META_CONTEXT: name length u32 | name | count u32 | count x (u32 | query)."""
+    if len(data) < 8:
+        return None
+    (name_len,) = U32.unpack_from(data)
+    if name_len > len(data) - 8:
+        return None
+    name = _decode(data[4 : 4 + name_len])
+    pos = 4 + name_len
+    (count,) = U32.unpack_from(data, pos)
+    pos += 4
+    if name is None or count > (len(data) - pos) // 4:
+        return None
+    queries = []
+    for _ in range(count):
+        if len(data) - pos < 4:
+            return None
+        (query_len,) = U32.unpack_from(data, pos)
+        pos += 4
+        if query_len > len(data) - pos:
+            return None
+        query = _decode(data[pos : pos + query_len])
+        if query is None:
+            return None
+        queries.append(query)
+        pos += query_len
+    if pos != len(data):
+        return None
+    return name, queries
