@@ -26,9 +26,14 @@ from sheep.cluster.view import ClusterView, follow
 from sheep.control import service as control
 from sheep.control import sheep_pb2 as pb
 from sheep.dataplane import server as dataplane
+from sheep.dataplane.client import PeerPool
 from sheep.dataplane.service import ObjectService
 from sheep.errors import SheepError
+from sheep.gateway.exports import VolumeCache
+from sheep.gateway.nbd.server import serve_nbd
+from sheep.objclient import ObjectClient
 from sheep.store import NodeMeta, ObjectStore
+from sheep.vdi.registry import VdiRegistry
 
 log = logging.getLogger("sheep.daemon")
 
@@ -49,6 +54,7 @@ class NodeOptions:
     vnodes: int = 0
     weight: float = 1.0
     lease_ttl: int = 10
+    nbd_port: int | None = None  # serve VDIs over NBD on this port (0: any free one)
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
@@ -78,6 +84,9 @@ class Node:
         self._data_server: asyncio.Server | None = None
         self._control_server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        self._nbd_server: asyncio.Server | None = None
+        self._volumes: VolumeCache | None = None
+        self._pool: PeerPool | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -86,6 +95,8 @@ class Node:
         self._open_dir()
         _check_port_free(opts.bind, opts.port, "control")
         _check_port_free(opts.bind, opts.data_port, "data")
+        if opts.nbd_port:
+            _check_port_free(opts.bind, opts.nbd_port, "NBD")
         await self.etcd.connect()
         config = await self.etcd.config()
         self._adopt_cluster(config.cluster_id if config else None, refuse=True)
@@ -119,6 +130,8 @@ class Node:
             asyncio.ensure_future(follow(self.view, self.etcd)),
             asyncio.ensure_future(self._reconcile_loop()),
         ]
+        if opts.nbd_port is not None:
+            await self._start_gateway(opts.nbd_port)
         log.info(
             "node %s up: control %s:%d, data %s:%d, zone %r, vnodes %d, epoch %d",
             self.info.node_id[:8],
@@ -131,8 +144,29 @@ class Node:
             self.view.epoch,
         )
 
+    async def _start_gateway(self, port: int) -> None:
+        """Serve VDIs over NBD from this node: its own replicas are read and written in
+        its own store, with no network hop."""
+        self._pool = PeerPool()
+        client = ObjectClient(self.view, self._pool, etcd=self.etcd,
+                              local=(self.info.node_id, self.store))
+        holder = f"sheep {self.info.node_id[:8]} nbd (pid {os.getpid()})"
+        self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
+        try:
+            self._nbd_server = await serve_nbd(self._volumes, self.opts.bind, port)
+        except OSError as exc:
+            raise StartupError(f"cannot bind NBD port {self.opts.bind}:{port}: {exc}") from None
+        bound = self._nbd_server.sockets[0].getsockname()[1]
+        log.info("nbd gateway on nbd://%s:%d/", self.opts.bind, bound)
+
     async def stop(self) -> None:
         log.info("stopping")
+        if self._nbd_server is not None:
+            self._nbd_server.close()
+        if self._volumes is not None:
+            await self._volumes.close()
+        if self._pool is not None:
+            await self._pool.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

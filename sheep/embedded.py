@@ -20,17 +20,20 @@ from sheep.units import format_size
 ETCD_CLIENT_OFFSET = 379
 ETCD_PEER_OFFSET = 380
 DATA_PORT_OFFSET = 100
+DEFAULT_NBD_PORT = 10809  # IANA's NBD port; node 0 is the gateway
 
 
 class EmbeddedCluster:
     def __init__(
-        self, root: Path, *, nodes: int, copies: int, base_port: int, object_size: int
+        self, root: Path, *, nodes: int, copies: int, base_port: int, object_size: int,
+        nbd_port: int = DEFAULT_NBD_PORT,
     ) -> None:
         self.root = root.resolve()
         self.nodes = nodes
         self.copies = copies
         self.base_port = base_port
         self.object_size = object_size
+        self.nbd_port = nbd_port
         self.etcd = EtcdServer(
             self.root / "etcd",
             base_port + ETCD_CLIENT_OFFSET,
@@ -56,6 +59,7 @@ class EmbeddedCluster:
                         "--port", str(self.control_port(i)),
                         "--data-port", str(self.base_port + DATA_PORT_OFFSET + i),
                         "--etcd", self.etcd.url,
+                        *(["--nbd-port", str(self.nbd_port)] if i == 0 else []),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -119,7 +123,10 @@ class EmbeddedCluster:
                     f"log {self.root}/node{i}.log",
                     flush=True,
                 )
-            print(f"try: dog node list -a 127.0.0.1:{self.control_port(0)}   (Ctrl-C stops)",
+            print(f"nbd: nbd://127.0.0.1:{self.nbd_port}/VDI  (every VDI by name; "
+                  f"NAME@TAG is a read-only snapshot)", flush=True)
+            print(f"try: dog vdi create disk 10G -a 127.0.0.1:{self.control_port(0)}; "
+                  f"qemu-img info nbd://127.0.0.1:{self.nbd_port}/disk   (Ctrl-C stops)",
                   flush=True)
             last = ""
             while not self._stop:

@@ -36,6 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         vnodes=args.vnodes,
         weight=args.weight,
         lease_ttl=args.lease_ttl,
+        nbd_port=args.nbd_port,
     )
     install_event_loop_policy()
     try:
@@ -58,6 +59,7 @@ def _up(args: argparse.Namespace) -> int:
         copies=args.copies,
         base_port=args.base_port,
         object_size=object_size,
+        nbd_port=args.nbd_port,
     )
     return cluster.run_foreground()
 
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of data relative to other nodes (scale with capacity)")
     run.add_argument("--lease-ttl", type=int, default=10,
                      help="seconds after which a silent node leaves the cluster")
+    run.add_argument("--nbd-port", type=int, default=None,
+                     help="also serve every VDI over NBD on this port (0: any free port)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 
@@ -91,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--base-port", type=int, default=7000,
                     help="node i listens on control port BASE+i and data port BASE+100+i")
     up.add_argument("--object-size", default="4M")
+    up.add_argument("--nbd-port", type=int, default=10809, help="NBD gateway port (node 0)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
     return parser

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..cluster import BIN, dog_json
+from ..cluster import BIN, dog_json, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ class Up:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [str(BIN / "sheep"), "up", "--nodes", "3", "--copies", "3", "--dir", str(root),
-             "--base-port", str(base)],
+             "--base-port", str(base), "--nbd-port", str(free_port())],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         self._buf = b""

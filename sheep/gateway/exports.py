@@ -1,0 +1,134 @@
+"""What a gateway exports: every VDI by name, every snapshot as NAME@TAG (read-only), and
+the volumes behind them, shared by all connections to one export on this gateway.
+
+Sharing one Volume per export is what makes multi-conn true: every connection writes
+through the same owner table and the same write lock, and a flush on any connection flushes
+the cluster, so what one connection flushed, another reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from sheep.errors import NoVdi
+from sheep.objclient import ObjectClient
+from sheep.units import format_size
+from sheep.vdi.registry import RegistryState, VdiRegistry
+from sheep.vdi.volume import Volume
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 32 << 20
+
+
+@dataclass(frozen=True)
+class Export:
+    name: str  # as clients ask for it: NAME or NAME@TAG
+    vdi: str
+    tag: str | None
+    size: int
+    description: str
+    read_only: bool
+
+
+def split_export(name: str) -> tuple[str, str | None]:
+    vdi, sep, tag = name.partition("@")
+    return vdi, (tag if sep else None)
+
+
+class ExportTable:
+    """A snapshot of the registry taken when a client connects, answering synchronously
+    what the handshake asks. A working VDI that another process holds open for writing is
+    offered read-only: readers need no lock, and a second writer must not get one."""
+
+    def __init__(self, state: RegistryState, held_here: set[str]) -> None:
+        self._state = state
+        self._held_here = held_here
+
+    def names(self) -> list[str]:
+        out = []
+        for name in sorted(self._state.working):
+            for rec in self._state.family(name):
+                out.append(rec.label)
+        return out
+
+    def find(self, name: str) -> Export | None:
+        vdi, tag = split_export(name)
+        try:
+            rec = self._state.lookup(vdi, tag)
+        except NoVdi:
+            return None
+        locked_elsewhere = vdi in self._state.locks and vdi not in self._held_here
+        read_only = rec.snapshot or locked_elsewhere
+        what = "snapshot" if rec.snapshot else "VDI"
+        note = ", in use elsewhere: read-only" if locked_elsewhere and not rec.snapshot else ""
+        return Export(name, vdi, tag, rec.size,
+                      f"sheep {what} {rec.label}, {format_size(rec.size)}{note}", read_only)
+
+
+class VolumeCache:
+    """Open volumes by export name, with a count of the connections using each."""
+
+    def __init__(self, client: ObjectClient, registry: VdiRegistry, holder: str) -> None:
+        self.client = client
+        self.registry = registry
+        self.holder = holder
+        self._open: dict[str, tuple[Volume, int]] = {}
+        self._opening: dict[str, asyncio.Future[Volume]] = {}
+
+    def held_writable(self) -> set[str]:
+        return {v.name for v, _ in self._open.values() if not v.read_only}
+
+    async def table(self) -> ExportTable:
+        return ExportTable(await self.registry.load(), self.held_writable())
+
+    async def acquire(self, export: Export) -> Volume:
+        key = export.name
+        while True:
+            if key in self._open:
+                vol, users = self._open[key]
+                self._open[key] = (vol, users + 1)
+                return vol
+            pending = self._opening.get(key)
+            if pending is None:
+                break
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+            if key not in self._open:
+                break
+        fut: asyncio.Future[Volume] = asyncio.get_running_loop().create_future()
+        self._opening[key] = fut
+        try:
+            vol = await Volume.open(self.client, self.registry, export.vdi, export.tag,
+                                    writable=not export.read_only, holder=self.holder)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters re-try on their own
+            raise
+        finally:
+            self._opening.pop(key, None)
+        fut.set_result(vol)
+        self._open[key] = (vol, 1)
+        log.info("export %s opened %s", key, "read-only" if vol.read_only else "for writing")
+        return vol
+
+    async def release(self, export: Export) -> None:
+        vol, users = self._open[export.name]
+        if users > 1:
+            self._open[export.name] = (vol, users - 1)
+            return
+        del self._open[export.name]
+        try:
+            await vol.close()
+        except Exception as exc:
+            log.warning("closing export %s: %s", export.name, exc)
+        log.info("export %s closed", export.name)
+
+    async def close(self) -> None:
+        for key in list(self._open):
+            vol, _ = self._open.pop(key)
+            with contextlib.suppress(Exception):
+                await vol.close()

@@ -1,0 +1,310 @@
+"""The NBD server: the asyncio adapter around the sans-I/O handshake and request decoder.
+
+One BufferedProtocol per connection. During the handshake, bytes go to ServerHandshake;
+after it, the kernel receives straight into the RequestDecoder's buffer (a large WRITE
+payload lands in its own bytearray and travels to the object store without a copy). Each
+request runs as one coroutine and its reply goes out in one writelines; replies may come
+back out of order, as NBD allows. Errors become NBD errors on that request only: a bad
+request never costs other requests their replies, and a framing error ends only its own
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from sheep.errors import (
+    InvalidParams,
+    NoSpace,
+    OutOfRange,
+    ReadOnly,
+    SheepError,
+    VdiLocked,
+)
+from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
+from sheep.vdi.volume import Volume
+
+from .handshake import Closed, ExportInfo, HandshakeDone, ServerHandshake
+from .transmission import (
+    Request,
+    RequestDecoder,
+    error_reply,
+    simple_reply,
+    structured_block_status,
+    structured_none,
+    structured_offset_data,
+    structured_offset_hole,
+    validate,
+)
+from .wire import Cmd, CmdFlag, Errno, NbdProtocolError, StateFlag
+
+log = logging.getLogger(__name__)
+
+_MAX_INFLIGHT = 128  # requests in progress per connection before we stop reading
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
+
+
+def nbd_errno(exc: BaseException) -> int:
+    if isinstance(exc, (ReadOnly, VdiLocked)):
+        return Errno.EPERM
+    if isinstance(exc, (InvalidParams, OutOfRange)):
+        return Errno.EINVAL
+    if isinstance(exc, NoSpace):
+        return Errno.ENOSPC
+    return Errno.EIO
+
+
+class _Catalog:
+    """The handshake's synchronous view of the exports (see ExportTable)."""
+
+    def __init__(self, table: ExportTable) -> None:
+        self._table = table
+        self.chosen: dict[str, Export] = {}
+
+    def list(self) -> list[tuple[str, str]]:
+        out = []
+        for name in self._table.names():
+            export = self._table.find(name)
+            if export is not None:
+                out.append((name, export.description))
+        return out
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        export = self._table.find(name)
+        if export is None:
+            return None
+        self.chosen[name] = export
+        return ExportInfo(name=name, description=export.description, size=export.size,
+                          read_only=export.read_only, can_multi_conn=True,
+                          max_block=MAX_REQUEST)
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    def __init__(self, volumes: VolumeCache) -> None:
+        self._volumes = volumes
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._handshake: ServerHandshake | None = None
+        self._catalog: _Catalog | None = None
+        self._scratch = bytearray(64 << 10)
+        self._decoder: RequestDecoder | None = None
+        self._export: Export | None = None
+        self._volume: Volume | None = None
+        self._structured = False
+        self._context: int | None = None
+        self._inflight = 0
+        self._paused = False
+        self._closing = False
+        self._lost = False
+        self._tasks: set[asyncio.Future] = set()
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        transport.pause_reading()
+        self._spawn(self._greet())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._decoder is not None:
+            return self._decoder.get_buffer(sizehint)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._decoder is not None:
+            try:
+                self._decoder.buffer_updated(nbytes)
+            except NbdProtocolError as exc:
+                self._abort(f"protocol error: {exc}")
+                return
+            for request in self._decoder.requests():
+                self._dispatch(request)
+            return
+        handshake = self._handshake
+        assert handshake is not None
+        handshake.receive_data(memoryview(self._scratch)[:nbytes])
+        self._after_handshake_input()
+
+    def eof_received(self) -> bool:
+        if self._handshake is not None and self._decoder is None:
+            self._handshake.receive_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._transport = None
+        self._maybe_release()
+
+    # -- handshake ------------------------------------------------------------------------
+
+    async def _greet(self) -> None:
+        try:
+            table = await self._volumes.table()
+        except Exception as exc:
+            log.warning("nbd %s: cannot read the VDI registry: %s", self._peer, exc)
+            self._abort("registry unavailable")
+            return
+        if self._transport is None:
+            return
+        self._catalog = _Catalog(table)
+        self._handshake = ServerHandshake(self._catalog)
+        self._transport.write(self._handshake.initial_bytes())
+        self._transport.resume_reading()
+
+    def _after_handshake_input(self) -> None:
+        handshake = self._handshake
+        assert handshake is not None and self._transport is not None
+        out = handshake.data_to_send()
+        if out:
+            self._transport.write(out)
+        event = handshake.next_event()
+        if isinstance(event, Closed):
+            self._transport.close()
+        elif isinstance(event, HandshakeDone):
+            self._transport.pause_reading()
+            self._spawn(self._enter_transmission(event))
+
+    async def _enter_transmission(self, done: HandshakeDone) -> None:
+        assert self._catalog is not None and self._handshake is not None
+        export = self._catalog.chosen[done.export.name]
+        try:
+            self._volume = await self._volumes.acquire(export)
+        except Exception as exc:
+            # the lock went elsewhere between the handshake's look and our open
+            log.warning("nbd %s: cannot open %s: %s", self._peer, export.name, exc)
+            self._abort(str(exc))
+            return
+        self._export = export
+        if self._lost:
+            self._maybe_release()
+            return
+        self._structured = done.structured_replies
+        self._context = done.meta_context_id
+        self._decoder = RequestDecoder(max_payload=MAX_REQUEST)
+        log.info("nbd %s: transmission on %s", self._peer, export.name)
+        trailing = self._handshake.trailing_data()
+        self._handshake = None
+        if trailing:
+            try:
+                self._decoder.receive_data(trailing)
+            except NbdProtocolError as exc:
+                self._abort(f"protocol error: {exc}")
+                return
+            for request in self._decoder.requests():
+                self._dispatch(request)
+        if self._transport is not None and not self._paused:
+            self._transport.resume_reading()
+
+    # -- transmission ---------------------------------------------------------------------
+
+    def _dispatch(self, req: Request) -> None:
+        if self._closing:
+            return
+        vol = self._volume
+        assert vol is not None
+        if req.command == Cmd.DISC:
+            self._closing = True
+            if self._inflight == 0 and self._transport is not None:
+                self._transport.close()
+            return
+        err = validate(req, vol.size, vol.read_only, self._structured, self._context,
+                       max_payload=MAX_REQUEST)
+        if err:
+            self._send(error_reply(req.cookie, err, self._structured))
+            return
+        self._inflight += 1
+        if self._inflight >= _MAX_INFLIGHT and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._spawn(self._serve(req, vol))
+
+    async def _serve(self, req: Request, vol: Volume) -> None:
+        try:
+            reply = await self._execute(req, vol)
+        except Exception as exc:
+            if not isinstance(exc, SheepError):
+                log.exception("nbd %s: request %d failed", self._peer, req.command)
+            reply = error_reply(req.cookie, nbd_errno(exc), self._structured, str(exc)[:200])
+        self._send(reply)
+        self._inflight -= 1
+        if self._paused and self._inflight < _MAX_INFLIGHT // 2 and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        if self._inflight == 0:
+            if self._closing and self._transport is not None:
+                self._transport.close()
+            self._maybe_release()
+
+    async def _execute(self, req: Request, vol: Volume) -> list:
+        cmd = req.command
+        fua = bool(req.flags & _FUA)
+        if cmd == Cmd.READ:
+            if self._structured and not any(a for _, a in vol.block_status(req.offset,
+                                                                            req.length)):
+                return structured_offset_hole(req.cookie, req.offset, req.length)
+            data = await vol.read(req.offset, req.length)
+            if self._structured:
+                return structured_offset_data(req.cookie, req.offset, data)
+            return simple_reply(req.cookie, 0, data)
+        if cmd == Cmd.WRITE:
+            await vol.write(req.offset, req.payload, fua=fua)
+        elif cmd == Cmd.FLUSH:
+            await vol.flush()
+        elif cmd == Cmd.TRIM:
+            await vol.discard(req.offset, req.length, fua=fua)
+        elif cmd == Cmd.WRITE_ZEROES:
+            if req.flags & _NO_HOLE:
+                await vol.write_zeroes(req.offset, req.length, fua=fua)
+            else:
+                await vol.discard(req.offset, req.length, fua=fua)
+        elif cmd == Cmd.BLOCK_STATUS:
+            runs = vol.block_status(req.offset, req.length)
+            extents = [(n, 0 if allocated else _HOLE) for n, allocated in runs]
+            if req.flags & _REQ_ONE:
+                extents = extents[:1]
+            assert self._context is not None
+            return structured_block_status(req.cookie, self._context, extents)
+        else:  # validate() lets nothing else through
+            return error_reply(req.cookie, Errno.EINVAL, self._structured)
+        return structured_none(req.cookie) if self._structured else simple_reply(req.cookie, 0)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _send(self, buffers: list) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(buffers)
+
+    def _abort(self, why: str) -> None:
+        log.info("nbd %s: closing: %s", self._peer, why)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _maybe_release(self) -> None:
+        """Give the volume back once the connection is gone and its requests are done:
+        a client that vanishes mid-write still gets its acknowledged writes kept."""
+        if self._lost and self._inflight == 0 and self._export is not None:
+            export, self._export = self._export, None
+            self._volume = None
+            self._spawn(self._volumes.release(export))
+
+
+async def serve_nbd(volumes: VolumeCache, host: str, port: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: NbdConnection(volumes), host, port,
+                                    reuse_address=True)
