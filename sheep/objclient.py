@@ -55,6 +55,8 @@ class ObjectClient:
         self._local_id, self._local_store = local if local else ("", None)
         self._timeout = timeout
         self._deadline = deadline
+        self._placed: dict[int, list[NodeInfo]] = {}  # oid -> replicas, for one epoch
+        self._placed_epoch = -1
 
     @property
     def view(self) -> ClusterView:
@@ -67,12 +69,38 @@ class ObjectClient:
         return self._etcd
 
     def replicas(self, oid: int) -> list[NodeInfo]:
+        """The nodes holding `oid` in the current epoch (cached until the epoch moves: the
+        ring walk costs more than the rest of a local read)."""
         record = self._view.record
-        config = self._view.config
-        if record is None or config is None:
-            raise NotFormatted("the cluster is not formatted")
-        placed = self._view.ring.place(oid, oid_copies(oid) or config.copies)
-        return [n for r in placed if (n := record.node(r.node_id)) is not None]
+        if record is None or record.epoch != self._placed_epoch or len(self._placed) > 65536:
+            self._placed.clear()
+            self._placed_epoch = record.epoch if record is not None else -1
+        nodes = self._placed.get(oid)
+        if nodes is None:
+            config = self._view.config
+            if record is None or config is None:
+                raise NotFormatted("the cluster is not formatted")
+            placed = self._view.ring.place(oid, oid_copies(oid) or config.copies)
+            nodes = [n for r in placed if (n := record.node(r.node_id)) is not None]
+            self._placed[oid] = nodes
+        return list(nodes)
+
+    def read_local(self, oid: int, offset: int, length: int) -> bytes | None:
+        """This node's own replica of `oid`, read synchronously, or None when this node
+        holds no replica (or lacks the object): the caller then takes the async path."""
+        store = self._local_store
+        if store is None:
+            return None
+        try:
+            nodes = self.replicas(oid)
+        except NotFormatted:
+            return None
+        if not any(n.node_id == self._local_id for n in nodes):
+            return None
+        try:
+            return store.read(oid, offset, length)
+        except SheepError:
+            return None
 
     # -- public operations ------------------------------------------------------------
 
@@ -99,6 +127,9 @@ class ObjectClient:
         await self._to_all(Opcode.DISCARD, oid, offset=offset, length=length)
 
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
+        local = self.read_local(oid, offset, length)
+        if local is not None:
+            return local
         frame = await self._from_one(Opcode.READ, oid, offset=offset, length=length)
         return frame.payload
 

@@ -6,6 +6,7 @@ stopped at the end (the fixtures in conftest.py own their lifetimes).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -130,6 +131,10 @@ class Cluster:
     prefix: str = field(default_factory=lambda: f"/t-{uuid.uuid4().hex[:12]}")
     nodes: list[SheepProcess] = field(default_factory=list)
     lease_ttl: int = 3
+    nbd_port: int = field(default_factory=free_port)
+
+    def nbd_url(self, export: str = "") -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
 
     @property
     def etcd_url(self) -> str:
@@ -179,10 +184,12 @@ class Cluster:
 
 
 def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
-                  lease_ttl: int = 3) -> Cluster:
+                  lease_ttl: int = 3, nbd: bool = False) -> Cluster:
+    """With `nbd`, node 0 also serves NBD on `cluster.nbd_port`."""
     cluster = Cluster(root, etcd_base, lease_ttl=lease_ttl)
-    for _ in range(nodes):
-        cluster.add_node(wait=False)
+    for i in range(nodes):
+        extra = ["--nbd-port", str(cluster.nbd_port)] if nbd and i == 0 else []
+        cluster.add_node(*extra, wait=False)
     for node in cluster.nodes:
         node.wait_up()
     cluster.wait_members(nodes)
@@ -194,3 +201,67 @@ def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
 
 # the client tests hold, as a gateway would
 object_client = open_client
+
+
+# -- VDI test helpers ---------------------------------------------------------------------
+
+
+def dog_bytes(*args: str, address: str, input: bytes = b"", check: bool = True
+              ) -> subprocess.CompletedProcess:
+    """`dog` with binary stdin and stdout (vdi read/write)."""
+    cmd = [str(BIN / "dog"), *args, "-a", address]
+    proc = subprocess.run(cmd, input=input, capture_output=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def dog_error(*args: str, address: str, input: bytes = b"") -> str:
+    """Run a dog command that must fail cleanly: non-zero exit, one line on stderr that
+    starts with "dog: ", nothing on stdout. Returns that line without the prefix."""
+    proc = dog_bytes(*args, address=address, input=input, check=False)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0, f"dog {' '.join(args)} succeeded: {proc.stdout[:200]!r}"
+    assert err.startswith("dog: ") and err.count("\n") == 1 and err.endswith("\n"), (
+        f"dog {' '.join(args)}: not a one-line error: {err!r}")
+    assert proc.stdout == b"", f"dog {' '.join(args)} printed {proc.stdout[:200]!r}"
+    return err[len("dog: "):].rstrip("\n")
+
+
+async def dog_async(*args: str, address: str, input: bytes | None = None,
+                    timeout: float = 60) -> tuple[int, bytes, bytes]:
+    """`dog` as an asyncio subprocess, so the test's own event loop keeps running (e.g. a
+    Volume held open for writing that must answer the command). Returns (rc, out, err)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "dog"), *args, "-a", address,
+        stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+def object_path(node: SheepProcess, oid: int) -> Path:
+    """Where `node` keeps object `oid` on disk (see ObjectStore._path)."""
+    return node.dir / "obj" / f"{oid:016x}"
+
+
+def objects_on_disk(cluster: Cluster) -> dict[int, set[int]]:
+    """Node index -> the oids whose files exist in that node's object directory."""
+    found: dict[int, set[int]] = {}
+    for i, node in enumerate(cluster.nodes):
+        objdir = node.dir / "obj"
+        names = [p.name for p in objdir.iterdir()] if objdir.is_dir() else []
+        found[i] = {int(n, 16) for n in names if len(n) == 16}
+    return found
+
+
+def all_objects_on_disk(cluster: Cluster) -> set[int]:
+    return set().union(*objects_on_disk(cluster).values())

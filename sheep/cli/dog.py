@@ -16,6 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.errors import SheepError
+from sheep.malloc import keep_freed_memory
 from sheep.units import format_size, parse_size
 
 from .dog_vdi import UsageError, add_vdi_commands
@@ -159,6 +160,7 @@ async def _run(args: argparse.Namespace, func: Callable) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         asyncio.run(_run(args, args.func))
     except (DogError, UsageError, SheepError) as exc:

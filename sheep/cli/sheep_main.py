@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sheep.malloc import keep_freed_memory
 from sheep.units import parse_size
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -39,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
         nbd_port=args.nbd_port,
     )
     install_event_loop_policy()
+    keep_freed_memory()
     try:
         return asyncio.run(run_node(opts))
     except KeyboardInterrupt:

@@ -35,7 +35,6 @@ from .transmission import (
     structured_block_status,
     structured_none,
     structured_offset_data,
-    structured_offset_hole,
     validate,
 )
 from .wire import Cmd, CmdFlag, Errno, NbdProtocolError, StateFlag
@@ -103,6 +102,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._lost = False
         self._tasks: set[asyncio.Future] = set()
+        self._outbox: list = []  # replies of this loop pass: one writelines for all of them
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -216,6 +216,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if req.command == Cmd.DISC:
             self._closing = True
             if self._inflight == 0 and self._transport is not None:
+                self._flush_outbox()
                 self._transport.close()
             return
         err = validate(req, vol.size, vol.read_only, self._structured, self._context,
@@ -223,6 +224,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         if err:
             self._send(error_reply(req.cookie, err, self._structured))
             return
+        if req.command == Cmd.READ:
+            data = vol.read_now(req.offset, req.length)
+            if data is not None:
+                self._send(self._read_reply(req, data))
+                return
         self._inflight += 1
         if self._inflight >= _MAX_INFLIGHT and not self._paused and self._transport is not None:
             self._paused = True
@@ -243,6 +249,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._transport.resume_reading()
         if self._inflight == 0:
             if self._closing and self._transport is not None:
+                self._flush_outbox()
                 self._transport.close()
             self._maybe_release()
 
@@ -250,13 +257,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         cmd = req.command
         fua = bool(req.flags & _FUA)
         if cmd == Cmd.READ:
-            if self._structured and not any(a for _, a in vol.block_status(req.offset,
-                                                                            req.length)):
-                return structured_offset_hole(req.cookie, req.offset, req.length)
-            data = await vol.read(req.offset, req.length)
-            if self._structured:
-                return structured_offset_data(req.cookie, req.offset, data)
-            return simple_reply(req.cookie, 0, data)
+            return self._read_reply(req, await vol.read(req.offset, req.length))
         if cmd == Cmd.WRITE:
             await vol.write(req.offset, req.payload, fua=fua)
         elif cmd == Cmd.FLUSH:
@@ -279,6 +280,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             return error_reply(req.cookie, Errno.EINVAL, self._structured)
         return structured_none(req.cookie) if self._structured else simple_reply(req.cookie, 0)
 
+    def _read_reply(self, req: Request, data: bytes | bytearray) -> list:
+        if self._structured:
+            return structured_offset_data(req.cookie, req.offset, data)
+        return simple_reply(req.cookie, 0, data)
+
     # -- plumbing -------------------------------------------------------------------------
 
     def _spawn(self, coro) -> None:
@@ -287,8 +293,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         task.add_done_callback(self._tasks.discard)
 
     def _send(self, buffers: list) -> None:
+        if not self._outbox:
+            self._loop.call_soon(self._flush_outbox)
+        self._outbox.extend(buffers)
+
+    def _flush_outbox(self) -> None:
+        out, self._outbox = self._outbox, []
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(buffers)
+            self._transport.writelines(out)
 
     def _abort(self, why: str) -> None:
         log.info("nbd %s: closing: %s", self._peer, why)
