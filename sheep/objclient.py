@@ -85,6 +85,19 @@ class ObjectClient:
             self._placed[oid] = nodes
         return list(nodes)
 
+    def local_fd(self, oid: int) -> int | None:
+        """The fd of this node's own replica of `oid` (see ObjectStore.file_descriptor), or
+        None when this node holds none."""
+        store = self._local_store
+        if store is None:
+            return None
+        try:
+            if not any(n.node_id == self._local_id for n in self.replicas(oid)):
+                return None
+            return store.file_descriptor(oid)
+        except SheepError:
+            return None
+
     def read_local(self, oid: int, offset: int, length: int) -> bytes | None:
         """This node's own replica of `oid`, read synchronously, or None when this node
         holds no replica (or lacks the object): the caller then takes the async path."""

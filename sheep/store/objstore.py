@@ -336,6 +336,15 @@ class ObjectStore:
         except OSError as e:
             raise _io_error(e, f"read object {oid_str(oid)}") from e
 
+    def file_descriptor(self, oid: int) -> int:
+        """The object's open fd, for a caller that reads it right now and in this thread
+        (sendfile): it may be closed by any later store call."""
+        fd = self._fds.get(oid)
+        if fd is None:
+            return self._open(oid, create=False)
+        self._fds.move_to_end(oid)
+        return fd
+
     def exists(self, oid: int) -> bool:
         return oid in self._fds or (0 <= oid <= MAX_OID and os.path.exists(self._path(oid)))
 
