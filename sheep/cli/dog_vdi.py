@@ -5,12 +5,15 @@ plane), so bulk transfers never squeeze through the control plane."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
@@ -22,7 +25,7 @@ from sheep.vdi.registry import RegistryState, VdiRecord
 from sheep.vdi.transfer import export_file, import_file
 
 RPC_TIMEOUT = 15.0
-_STREAM_CHUNK = 4 << 20
+_WINDOW = 4  # block-sized reads or writes in flight
 
 
 class UsageError(Exception):
@@ -259,24 +262,57 @@ async def vdi_read(stub, args) -> None:
         offset, length = _range(args, vol.size)
         end = vol.size if length is None else offset + length
         out = sys.stdout.buffer
-        for pos in range(offset, end, _STREAM_CHUNK):
-            out.write(await vol.read(pos, min(_STREAM_CHUNK, end - pos)))
+        window: collections.deque[asyncio.Task] = collections.deque()
+        for pos, n in _chunks(offset, end, vol.block_size):
+            window.append(asyncio.ensure_future(vol.read(pos, n)))
+            if len(window) >= _WINDOW:
+                out.write(await window.popleft())
+        while window:
+            out.write(await window.popleft())
         out.flush()
+
+
+def _chunks(start: int, end: int, block_size: int) -> Iterator[tuple[int, int]]:
+    """Block-aligned pieces of [start, end): each one touches a single object."""
+    pos = start
+    while pos < end:
+        n = min(block_size - pos % block_size, end - pos)
+        yield pos, n
+        pos += n
 
 
 async def vdi_write(stub, args) -> None:
     async with _manager(stub, args) as m:
-        state = await m.state()
-        offset, length = _range(args, state.lookup(args.name).size)
-        limit = state.lookup(args.name).size - offset
-        want = length if length is not None else limit + 1
-        data = sys.stdin.buffer.read(want)
-        if len(data) > limit:
-            raise UsageError(f"standard input runs past the end of the VDI "
-                             f"({limit} bytes fit from offset {offset}); nothing written")
+        size = (await m.state()).lookup(args.name).size
+        offset, length = _range(args, size)
+        room = size - offset
+        stdin = sys.stdin.buffer
+        info = os.fstat(stdin.fileno())
+        if length is None and stat.S_ISREG(info.st_mode):
+            length = info.st_size - stdin.tell()
+            if length > room:
+                raise UsageError(f"standard input holds {length} bytes; {room} fit from "
+                                 f"offset {offset}; nothing written")
+        end = offset + (length if length is not None else room)
         async with await m.open(args.name, writable=True) as vol:
-            for pos in range(0, len(data), _STREAM_CHUNK):
-                await vol.write(offset + pos, memoryview(data)[pos : pos + _STREAM_CHUNK])
+            pending: set[asyncio.Task] = set()
+            for pos, n in _chunks(offset, end, vol.block_size):
+                data = await asyncio.to_thread(stdin.read, n)
+                if data:
+                    pending.add(asyncio.ensure_future(vol.write(pos, data)))
+                if len(pending) >= _WINDOW:
+                    done, pending = await asyncio.wait(pending,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
+                if len(data) < n:
+                    break
+            else:
+                if length is None and await asyncio.to_thread(stdin.read, 1):
+                    await asyncio.gather(*pending)
+                    raise UsageError(f"standard input runs past the end of the VDI: wrote "
+                                     f"the {room} bytes that fit from offset {offset}")
+            await asyncio.gather(*pending)
             await vol.flush()
 
 
