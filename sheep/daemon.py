@@ -32,6 +32,7 @@ from sheep.errors import SheepError
 from sheep.gateway.exports import VolumeCache
 from sheep.gateway.nbd.server import serve_nbd
 from sheep.objclient import ObjectClient
+from sheep.recovery import Recovery
 from sheep.store import NodeMeta, ObjectStore
 from sheep.vdi.registry import VdiRegistry
 
@@ -54,6 +55,7 @@ class NodeOptions:
     vnodes: int = 0
     weight: float = 1.0
     lease_ttl: int = 10
+    recovery_throttle: int = 0  # bytes/s of recovery reads per node; 0 = unbounded
     nbd_port: int | None = None  # serve VDIs over NBD on this port (0: any free one)
 
 
@@ -87,6 +89,7 @@ class Node:
         self._nbd_server: asyncio.Server | None = None
         self._volumes: VolumeCache | None = None
         self._pool: PeerPool | None = None
+        self.recovery: Recovery | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -104,7 +107,12 @@ class Node:
             self.store.set_object_size(config.object_size)
 
         self.view.add_listener(self._on_view_change)
-        service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0)
+        self._pool = PeerPool()
+        self.recovery = Recovery(self.meta.get("node_id"), self.store, self.view, self._pool,
+                                 self.etcd, throttle=opts.recovery_throttle)
+        self.view.add_listener(self.recovery.on_view)
+        service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0,
+                                guard=self.recovery.guard)
         self._data_server = await dataplane.serve(service, opts.bind, opts.data_port)
         data_port = self._data_server.sockets[0].getsockname()[1]
         try:
@@ -147,9 +155,9 @@ class Node:
     async def _start_gateway(self, port: int) -> None:
         """Serve VDIs over NBD from this node: its own replicas are read and written in
         its own store, with no network hop."""
-        self._pool = PeerPool()
+        assert self._pool is not None
         client = ObjectClient(self.view, self._pool, etcd=self.etcd,
-                              local=(self.info.node_id, self.store))
+                              local=(self.info.node_id, self.store), guard=self.recovery.guard)
         holder = f"sheep {self.info.node_id[:8]} nbd (pid {os.getpid()})"
         self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
         try:
@@ -165,6 +173,8 @@ class Node:
             self._nbd_server.close()
         if self._volumes is not None:
             await self._volumes.close()
+        if self.recovery is not None:
+            await self.recovery.close()
         if self._pool is not None:
             await self._pool.close()
         for task in self._tasks:

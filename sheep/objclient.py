@@ -20,6 +20,7 @@ from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool, PeerUnavailable, check
 from sheep.dataplane.codec import Frame
+from sheep.dataplane.service import Guard
 from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import (
     ClusterError,
@@ -46,6 +47,7 @@ class ObjectClient:
         *,
         etcd: EtcdCluster | None = None,
         local: tuple[str, ObjectStore] | None = None,
+        guard: Guard | None = None,
         timeout: float = 5.0,
         deadline: float = 60.0,
     ) -> None:
@@ -53,6 +55,7 @@ class ObjectClient:
         self._pool = pool
         self._etcd = etcd
         self._local_id, self._local_store = local if local else ("", None)
+        self._guard = guard  # this node's recovery: local I/O waits like remote I/O does
         self._timeout = timeout
         self._deadline = deadline
         self._placed: dict[int, list[NodeInfo]] = {}  # oid -> replicas, for one epoch
@@ -89,7 +92,8 @@ class ObjectClient:
         """The fd of this node's own replica of `oid` (see ObjectStore.file_descriptor), or
         None when this node holds none."""
         store = self._local_store
-        if store is None:
+        if store is None or (self._guard is not None
+                             and self._guard(oid, Opcode.READ, False) is not None):
             return None
         try:
             if not any(n.node_id == self._local_id for n in self.replicas(oid)):
@@ -102,7 +106,8 @@ class ObjectClient:
         """This node's own replica of `oid`, read synchronously, or None when this node
         holds no replica (or lacks the object): the caller then takes the async path."""
         store = self._local_store
-        if store is None:
+        if store is None or (self._guard is not None
+                             and self._guard(oid, Opcode.READ, False) is not None):
             return None
         try:
             nodes = self.replicas(oid)
@@ -202,6 +207,12 @@ class ObjectClient:
         self, opcode: Opcode, oid: int, offset: int, length: int, payload, flags: int
     ) -> asyncio.Future[Frame]:
         """Run one replica's operation on this node's own store: no network, no copy."""
+        if self._guard is not None:
+            fresh = opcode == Opcode.CREATE and bool(flags & Flags.FRESH)
+            wait = self._guard(oid, opcode, fresh)
+            if wait is not None:
+                return asyncio.ensure_future(
+                    self._local_after(wait, opcode, oid, offset, length, payload, flags))
         store = self._local_store
         assert store is not None
         loop = asyncio.get_running_loop()
@@ -224,7 +235,7 @@ class ObjectClient:
             elif opcode == Opcode.REMOVE:
                 store.remove(oid)
             elif opcode == Opcode.DISCARD:
-                store.discard(oid, offset, length)
+                store.discard(oid, offset, length, epoch=frame.epoch)
             elif opcode == Opcode.EXISTS:
                 frame.aux = int(store.exists(oid))
             else:
@@ -233,6 +244,10 @@ class ObjectClient:
             frame.result = exc.code
         fut.set_result(frame)
         return fut
+
+    async def _local_after(self, wait: asyncio.Future[None], *args) -> Frame:
+        await wait
+        return await self._local_op(*args)
 
     def _send(
         self,

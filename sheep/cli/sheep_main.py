@@ -38,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         weight=args.weight,
         lease_ttl=args.lease_ttl,
         nbd_port=args.nbd_port,
+        recovery_throttle=args.recovery_throttle,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds after which a silent node leaves the cluster")
     run.add_argument("--nbd-port", type=int, default=None,
                      help="also serve every VDI over NBD on this port (0: any free port)")
+    run.add_argument("--recovery-throttle", type=parse_size, default=0, metavar="BYTES/S",
+                     help="bound recovery reads per node (e.g. 50M; default unbounded)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 

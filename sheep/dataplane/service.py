@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 _FUA = int(Flags.FUA)  # a plain int: IntFlag arithmetic costs µs per request
 _FRESH = int(Flags.FRESH)
 
+# (oid, opcode, fresh) -> None to go ahead, or a future to wait for (recovery of the object)
+Guard = Callable[[int, int, bool], "asyncio.Future[None] | None"]
+
 
 class ObjectService:
     """Serves data-plane frames from one node's ObjectStore.
@@ -40,9 +43,11 @@ class ObjectService:
     ring of the current one.
     """
 
-    def __init__(self, store: ObjectStore, epoch: Callable[[], int]) -> None:
+    def __init__(self, store: ObjectStore, epoch: Callable[[], int],
+                 guard: Guard | None = None) -> None:
         self._store = store
         self._epoch = epoch
+        self._guard = guard
         self._ops: dict[int, Callable[[Frame, ReplySink], None]] = {
             Opcode.WRITE: self._write,
             Opcode.CREATE: self._create,
@@ -53,6 +58,7 @@ class ObjectService:
             Opcode.LIST: self._list,
             Opcode.GET_EPOCH: self._get_epoch,
             Opcode.EXISTS: self._exists,
+            Opcode.LIST_EPOCHS: self._list_epochs,
         }
 
     def handle(self, frame: Frame, conn: ReplySink) -> None:
@@ -62,6 +68,24 @@ class ObjectService:
                 raise UnknownOp(f"unknown opcode {frame.opcode}")
             if frame.opcode in EPOCH_CHECKED:
                 self._check_epoch(frame.epoch)
+                if self._guard is not None and frame.epoch:  # epoch 0: peers' recovery reads
+                    fresh = frame.opcode == Opcode.CREATE and bool(frame.flags & _FRESH)
+                    wait = self._guard(frame.oid, frame.opcode, fresh)
+                    if wait is not None:
+                        wait.add_done_callback(lambda _f: self._run(op, frame, conn))
+                        return
+            op(frame, conn)
+        except SheepError as exc:
+            self._reply(conn, frame, exc.code)
+        except Exception:
+            log.exception("data-plane request %s failed", frame.opcode)
+            self._reply(conn, frame, Result.IO_ERROR)
+
+    def _run(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
+             ) -> None:
+        """Run an operation that had to wait for recovery of its object."""
+        try:
+            self._check_epoch(frame.epoch)  # the epoch may have moved meanwhile
             op(frame, conn)
         except SheepError as exc:
             self._reply(conn, frame, exc.code)
@@ -146,7 +170,7 @@ class ObjectService:
         self._reply(conn, frame)
 
     def _discard(self, frame: Frame, conn: ReplySink) -> None:
-        self._store.discard(frame.oid, frame.offset, frame.length)
+        self._store.discard(frame.oid, frame.offset, frame.length, epoch=self._epoch())
         self._reply(conn, frame)
 
     def _flush(self, frame: Frame, conn: ReplySink) -> None:
@@ -155,6 +179,11 @@ class ObjectService:
     def _list(self, frame: Frame, conn: ReplySink) -> None:
         oids = self._store.list_oids()
         payload = struct.pack(f"<{len(oids)}Q", *oids)
+        self._reply(conn, frame, length=len(payload), payload=payload)
+
+    def _list_epochs(self, frame: Frame, conn: ReplySink) -> None:
+        pairs = self._store.list_versions()
+        payload = struct.pack(f"<{2 * len(pairs)}Q", *(x for pair in pairs for x in pair))
         self._reply(conn, frame, length=len(payload), payload=payload)
 
     def _get_epoch(self, frame: Frame, conn: ReplySink) -> None:

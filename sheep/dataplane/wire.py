@@ -31,6 +31,7 @@ class Opcode(IntEnum):
     GET_EPOCH = 7  # reply `epoch` = node's epoch
     CREATE = 8  # create the object if absent, then write the payload (may be empty)
     EXISTS = 9  # reply `aux` = 1 if the object exists
+    LIST_EPOCHS = 10  # reply payload: little-endian (u64 oid, u64 epoch of its last write)
 
 
 class Flags(IntFlag):
@@ -40,7 +41,7 @@ class Flags(IntFlag):
 
 
 REQUEST_HAS_PAYLOAD = frozenset({Opcode.WRITE, Opcode.CREATE})
-REPLY_HAS_PAYLOAD = frozenset({Opcode.READ, Opcode.LIST})
+REPLY_HAS_PAYLOAD = frozenset({Opcode.READ, Opcode.LIST, Opcode.LIST_EPOCHS})
 EPOCH_CHECKED = frozenset(
     {Opcode.WRITE, Opcode.READ, Opcode.REMOVE, Opcode.DISCARD, Opcode.CREATE, Opcode.EXISTS}
 )

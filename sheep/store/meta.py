@@ -106,6 +106,12 @@ class NodeMeta:
         with _lmdb_errors(), self._env.begin(db=self._objects) as txn:
             return [_OID.unpack(key)[0] for key in txn.cursor().iternext(values=False)]
 
+    def object_epochs(self) -> list[tuple[int, int]]:
+        """(oid, epoch) of every indexed object."""
+        with _lmdb_errors(), self._env.begin(db=self._objects) as txn:
+            return [(_OID.unpack(k)[0], _OBJ_INFO.unpack(v)[0])
+                    for k, v in txn.cursor().iternext()]
+
     def count_objects(self) -> int:
         with _lmdb_errors(), self._env.begin(db=self._objects) as txn:
             return txn.stat(self._objects)["entries"]

@@ -134,6 +134,7 @@ class ObjectStore:
         self._pending_new: dict[int, tuple[int, int]] = {}
         self._pending_drop: set[int] = set()
         self._dir_dirty = False
+        self._written: dict[int, int] = {}  # oid -> epoch of its last write, as known
 
         # group commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sheep-store")
@@ -271,6 +272,8 @@ class ObjectStore:
             self._fds.move_to_end(oid)
         self._dirty.add(oid)
         self._stale.add(oid)
+        if epoch and self._written.get(oid, 0) < epoch:
+            self._note_write(oid, epoch)
         try:
             if fresh:
                 os.ftruncate(fd, 0)
@@ -281,6 +284,33 @@ class ObjectStore:
                     done += os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
             raise _io_error(e, f"write object {oid_str(oid)}") from e
+
+    def _note_write(self, oid: int, epoch: int) -> None:
+        """Record that `oid` changed in `epoch`: recovery compares these epochs to tell a
+        replica that missed writes (its node was away) from an up-to-date one."""
+        known = self._written.get(oid)
+        if known is None:
+            pending = self._pending_new.get(oid)
+            info = pending if pending is not None else self.meta.object_info(oid)
+            known = info[0] if info is not None else 0
+        if epoch > known:
+            self._pending_new[oid] = (epoch, 1)
+            known = epoch
+        self._written[oid] = known
+
+    def list_versions(self) -> list[tuple[int, int]]:
+        """(oid, epoch of its last write) for every object of this node."""
+        epochs = dict(self.meta.object_epochs())
+        job = self._job
+        if job is not None and not job.finished:
+            for oid in job.drop:
+                epochs.pop(oid, None)
+            epochs.update((oid, e) for oid, (e, _v) in job.new.items())
+        for oid in self._pending_drop:
+            epochs.pop(oid, None)
+        epochs.update((oid, e) for oid, (e, _v) in self._pending_new.items())
+        epochs.update((oid, e) for oid, e in self._written.items() if oid in epochs)
+        return sorted(epochs.items())
 
     def _check_read(self, offset: int, length: int) -> None:
         if length < 0:
@@ -374,10 +404,11 @@ class ObjectStore:
         self._used_blocks -= blocks
         self._dirty.discard(oid)
         self._pending_new.pop(oid, None)
+        self._written.pop(oid, None)
         self._pending_drop.add(oid)
         self._dir_dirty = True
 
-    def discard(self, oid: int, offset: int, length: int) -> None:
+    def discard(self, oid: int, offset: int, length: int, *, epoch: int = 0) -> None:
         """Deallocate a range (reads back as zeros); the whole range removes the object.
 
         Discarding from a missing object is a no-op.
@@ -399,6 +430,8 @@ class ObjectStore:
             self._fds.move_to_end(oid)
         self._dirty.add(oid)
         self._stale.add(oid)
+        if epoch and self._written.get(oid, 0) < epoch:
+            self._note_write(oid, epoch)
         try:
             try:
                 _punch_hole(fd, offset, length)

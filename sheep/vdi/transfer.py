@@ -1,42 +1,22 @@
 """Raw image import and export, thin both ways: all-zero ranges of the file are not written
 (the VDI stays thin), and unallocated or all-zero ranges of the VDI become holes in the file.
 
-Zero detection works on CHUNK-sized pieces: fine enough that a sparse image's data lands in
-as few bytes of objects as it has, coarse enough that the comparison is a memcmp.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from sheep.errors import InvalidParams
+from sheep.zeros import nonzero_runs
 
 from .parallel import for_each
 from .volume import Volume
 
-CHUNK = 64 << 10
 _PARALLEL = 4
 
 Progress = Callable[[int, int], None]
-
-
-def nonzero_runs(data: bytes | bytearray | memoryview, chunk: int = CHUNK
-                 ) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the runs of chunks of `data` that hold a non-zero byte."""
-    view = memoryview(data)
-    zero = bytes(chunk)
-    start = None
-    for pos in range(0, len(view), chunk):
-        piece = view[pos : pos + chunk]
-        empty = piece == zero[: len(piece)]
-        if not empty and start is None:
-            start = pos
-        elif empty and start is not None:
-            yield start, pos - start
-            start = None
-    if start is not None:
-        yield start, len(view) - start
 
 
 def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:

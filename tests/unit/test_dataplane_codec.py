@@ -153,8 +153,10 @@ def test_opcode_numbers_are_fixed() -> None:
         "GET_EPOCH": 7,
         "CREATE": 8,
         "EXISTS": 9,
+        "LIST_EPOCHS": 10,
     }
     assert int(Flags.FUA) == 1
+    assert int(Flags.FRESH) == 2
 
 
 def test_max_payload_is_64_mib() -> None:
@@ -699,7 +701,7 @@ def test_service_get_epoch_replies_the_node_epoch_whatever_the_request_epoch(
     ]
 
 
-@pytest.mark.parametrize("opcode", [0, 10, 200, 255])
+@pytest.mark.parametrize("opcode", [0, 11, 200, 255])
 def test_service_unknown_opcode_replies_unknown_op(service: ObjectService, opcode: int) -> None:
     assert call(service, request(opcode, 11, epoch=EPOCH, oid=OID, offset=9, length=4)) == [
         (

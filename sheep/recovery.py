@@ -1,0 +1,296 @@
+"""Recovery: after every epoch change, a node copies in the objects it now owns and lacks.
+
+The plan for an epoch comes from the other members' object lists: every object some member
+holds and the new ring places on this node, but that this node does not hold, is fetched
+from a member that has it. Client I/O goes on meanwhile. An operation that reaches this node
+for an object it should have but does not yet (`guard`) waits for that object's fetch, which
+jumps the queue; writes to an object being fetched wait until the fetched copy is in place
+and are applied on top of it, so a recovered copy never overwrites a newer write.
+
+A node reports each finished epoch in etcd. Once every member of the epoch has finished,
+copies that the ring no longer places on this node are removed: never before, because until
+then they may be the only source of some object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from dataclasses import dataclass
+
+from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.state import EpochRecord, NodeInfo
+from sheep.cluster.view import ClusterView
+from sheep.dataplane.client import PeerPool
+from sheep.dataplane.wire import Opcode
+from sheep.errors import NoObject, SheepError
+from sheep.oid import oid_copies, oid_str
+from sheep.store import ObjectStore
+from sheep.zeros import nonzero_runs
+
+log = logging.getLogger(__name__)
+
+_PEER_TIMEOUT = 10.0
+_GUARDED = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.READ, Opcode.DISCARD})
+
+
+@dataclass
+class RecoveryStatus:
+    epoch: int = 0
+    state: str = "idle"  # idle | listing | recovering | waiting | done
+    done: int = 0
+    total: int = 0
+    bytes: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Objects per second over this epoch's recovery so far."""
+        end = self.finished or time.monotonic()
+        return self.done / (end - self.started) if self.started and end > self.started else 0.0
+
+
+class Recovery:
+    def __init__(
+        self,
+        node_id: str,
+        store: ObjectStore,
+        view: ClusterView,
+        pool: PeerPool,
+        etcd: EtcdCluster,
+        *,
+        parallel: int = 4,
+        throttle: int = 0,
+    ) -> None:
+        self.node_id = node_id
+        self.status = RecoveryStatus()
+        self.throttle = throttle  # bytes/s of recovery reads; 0 = unbounded
+        self._store = store
+        self._view = view
+        self._pool = pool
+        self._etcd = etcd
+        self._parallel = parallel
+        self._task: asyncio.Task | None = None
+        self._active = False
+        self._listed: asyncio.Future[None] | None = None
+        # oid -> (epoch of the newest copy, members holding a copy that new)
+        self._pending: dict[int, tuple[int, list[NodeInfo]]] = {}
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._seen: EpochRecord | None = None  # the last epoch this process saw
+        self._may_be_stale = True  # our copies may have missed writes: wait for the plan
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def on_view(self, view: ClusterView) -> None:
+        """View listener: a new epoch restarts recovery against its ring."""
+        record = view.record
+        if record is None or view.config is None or record.epoch == self.status.epoch:
+            return
+        if self._task is not None:
+            self._task.cancel()
+        prev = self._seen
+        self._seen = record
+        # continuous membership since the last epoch means no write passed this node by
+        self._may_be_stale = (prev is None or record.epoch != prev.epoch + 1
+                              or prev.node(self.node_id) is None)
+        self._active = True
+        self._listed = asyncio.get_running_loop().create_future()
+        self._pending = {}
+        self.status = RecoveryStatus(epoch=record.epoch, state="listing",
+                                     started=time.monotonic())
+        self._task = asyncio.ensure_future(self._run(record.epoch))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    # -- the guard on client I/O --------------------------------------------------------
+
+    def guard(self, oid: int, opcode: int, fresh: bool) -> asyncio.Future[None] | None:
+        """None when an operation on `oid` may run now; else a future to wait for first.
+
+        Cheap when nothing is being recovered: one attribute test."""
+        if not self._active or opcode not in _GUARDED:
+            return None
+        running = self._inflight.get(oid)
+        if running is not None:
+            return running
+        if fresh:  # the write replaces the object: nothing old is worth fetching
+            self._pending.pop(oid, None)
+            return None
+        listed = self._listed
+        if listed is not None and not listed.done():
+            if not self._may_be_stale and self._store.exists(oid):
+                return None
+            return asyncio.ensure_future(self._after_listing(oid))
+        if oid in self._pending:
+            return self._start_fetch(oid)
+        return None
+
+    async def _after_listing(self, oid: int) -> None:
+        assert self._listed is not None
+        await asyncio.shield(self._listed)
+        fut = self.guard(oid, Opcode.READ, False)
+        if fut is not None:
+            await fut
+
+    # -- the epoch's work ---------------------------------------------------------------
+
+    async def _run(self, epoch: int) -> None:
+        try:
+            await self._list(epoch)
+            self.status.state = "recovering"
+            await self._fetch_all()
+            self.status.state = "waiting"
+            self.status.finished = time.monotonic()
+            log.info("epoch %d: recovered %d object(s)", epoch, self.status.done)
+            self._active = False
+            await self._report_done(epoch)
+            if not await self._wait_for_members(epoch):
+                return  # a newer epoch took over; its recovery drops what is unowned
+            removed = self._drop_unowned(epoch)
+            self.status.state = "done"
+            if removed:
+                log.info("epoch %d: dropped %d copy(ies) this node no longer owns",
+                         epoch, removed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recovery of epoch %d failed", epoch)
+            self.status.state = "failed"
+
+    async def _list(self, epoch: int) -> None:
+        record = self._view.record
+        assert record is not None
+        mine = dict(self._store.list_versions())
+        newest: dict[int, tuple[int, list[NodeInfo]]] = {}
+        for node in record.nodes:
+            if node.node_id == self.node_id:
+                continue
+            for oid, written in await self._list_node(node, epoch):
+                best = newest.get(oid)
+                if best is None or written > best[0]:
+                    newest[oid] = (written, [node])
+                elif written == best[0]:
+                    best[1].append(node)
+        ring = self._view.ring
+        copies = self._view.config.copies if self._view.config else 1
+        for oid, (written, nodes) in newest.items():
+            if mine.get(oid, -1) >= written:
+                continue  # ours is as new as any
+            placed = ring.place(oid, oid_copies(oid) or copies)
+            if any(r.node_id == self.node_id for r in placed):
+                self._pending[oid] = (written, nodes)
+        self.status.total = len(self._pending)
+        assert self._listed is not None
+        self._listed.set_result(None)
+        log.info("epoch %d: %d object(s) to recover", epoch, len(self._pending))
+
+    async def _list_node(self, node: NodeInfo, epoch: int) -> list[tuple[int, int]]:
+        """A member's object list; retried while the member is part of this epoch (a dead
+        member leaves the epoch when its lease expires, which restarts recovery)."""
+        while True:
+            try:
+                frame = await self._pool.call(node.data_addr, Opcode.LIST_EPOCHS,
+                                              timeout=_PEER_TIMEOUT)
+                flat = struct.unpack(f"<{len(frame.payload) // 8}Q", frame.payload)
+                return list(zip(flat[::2], flat[1::2], strict=True))
+            except (SheepError, OSError, TimeoutError) as exc:
+                log.info("epoch %d: cannot list %s yet (%s)", epoch, node.node_id[:8], exc)
+                await asyncio.sleep(1.0)
+
+    async def _fetch_all(self) -> None:
+        async def worker() -> None:
+            while self._pending:
+                oid = next(iter(self._pending))
+                await self._start_fetch(oid)
+
+        await asyncio.gather(*(worker() for _ in range(self._parallel)))
+        while self._inflight:  # fetches that client I/O started
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    def _start_fetch(self, oid: int) -> asyncio.Future[None]:
+        running = self._inflight.get(oid)
+        if running is not None:
+            return running
+        written, sources = self._pending.pop(oid, (0, []))
+        fut = asyncio.ensure_future(self._fetch(oid, written, sources))
+        self._inflight[oid] = fut
+        fut.add_done_callback(lambda _f: self._inflight.pop(oid, None))
+        return fut
+
+    async def _fetch(self, oid: int, written: int, sources: list[NodeInfo]) -> None:
+        size = self._store.object_size
+        for node in sources:
+            started = time.monotonic()
+            try:
+                frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid, offset=0,
+                                              length=size, epoch=0, timeout=_PEER_TIMEOUT)
+            except NoObject:
+                continue
+            except (SheepError, OSError, TimeoutError) as exc:
+                log.warning("fetching %s from %s failed: %s", oid_str(oid), node.node_id[:8],
+                            exc)
+                continue
+            self._install(oid, frame.payload, written)
+            self.status.done += 1
+            self.status.bytes += size
+            await self._pace(size, time.monotonic() - started)
+            return
+        log.warning("no member could provide object %s", oid_str(oid))
+
+    def _install(self, oid: int, data: bytes | bytearray | memoryview, written: int) -> None:
+        """Write the fetched copy sparsely (all-zero ranges stay holes), stamped with the
+        epoch of the copy it came from."""
+        self._store.write(oid, 0, b"", epoch=written, fresh=True)
+        view = memoryview(data)
+        for offset, length in nonzero_runs(view):
+            self._store.write(oid, offset, view[offset : offset + length], epoch=written)
+
+    async def _pace(self, nbytes: int, took: float) -> None:
+        if self.throttle > 0:
+            wait = nbytes / self.throttle - took
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    # -- after the epoch ------------------------------------------------------------------
+
+    def _done_key(self, epoch: int, node_id: str) -> bytes:
+        return self._etcd.target.key("recovered", f"{epoch:010d}", node_id)
+
+    async def _report_done(self, epoch: int) -> None:
+        await self._store.flush()
+        await self._etcd.client.put(self._done_key(epoch, self.node_id), b"1")
+
+    async def _wait_for_members(self, epoch: int) -> bool:
+        """True once every member finished `epoch`; False if the epoch moved on."""
+        prefix = self._etcd.target.key("recovered", f"{epoch:010d}") + b"/"
+        while True:
+            record = self._view.record
+            if record is None or record.epoch != epoch:
+                return False
+            kvs = await self._etcd.client.get_prefix(prefix)
+            done = {bytes(kv.key)[len(prefix):].decode() for kv in kvs}
+            if all(n.node_id in done for n in record.nodes):
+                return True
+            await asyncio.sleep(0.5)
+
+    def _drop_unowned(self, epoch: int) -> int:
+        record = self._view.record
+        if record is None or record.epoch != epoch or self._view.config is None:
+            return 0
+        ring = self._view.ring
+        copies = self._view.config.copies
+        removed = 0
+        for oid in self._store.list_oids():
+            placed = ring.place(oid, oid_copies(oid) or copies)
+            if not any(r.node_id == self.node_id for r in placed):
+                self._store.remove(oid)
+                removed += 1
+        return removed
