@@ -28,7 +28,8 @@ from sheep.control import sheep_pb2 as pb
 from sheep.dataplane import server as dataplane
 from sheep.dataplane.client import PeerPool
 from sheep.dataplane.service import ObjectService
-from sheep.errors import SheepError
+from sheep.dataplane.wire import Opcode
+from sheep.errors import Fenced, SheepError
 from sheep.gateway.exports import VolumeCache
 from sheep.gateway.nbd.server import serve_nbd
 from sheep.objclient import ObjectClient
@@ -37,6 +38,8 @@ from sheep.store import NodeMeta, ObjectStore
 from sheep.vdi.registry import VdiRegistry
 
 log = logging.getLogger("sheep.daemon")
+
+_WRITES = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.DISCARD, Opcode.REMOVE})
 
 
 class StartupError(SheepError):
@@ -56,6 +59,7 @@ class NodeOptions:
     weight: float = 1.0
     lease_ttl: int = 10
     recovery_throttle: int = 0  # bytes/s of recovery reads per node; 0 = unbounded
+    min_free: int = 256 << 20  # recovery never fills the disk below this
     nbd_port: int | None = None  # serve VDIs over NBD on this port (0: any free one)
 
 
@@ -109,10 +113,11 @@ class Node:
         self.view.add_listener(self._on_view_change)
         self._pool = PeerPool()
         self.recovery = Recovery(self.meta.get("node_id"), self.store, self.view, self._pool,
-                                 self.etcd, throttle=opts.recovery_throttle)
+                                 self.etcd, throttle=opts.recovery_throttle,
+                                 min_free=opts.min_free)
         self.view.add_listener(self.recovery.on_view)
         service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0,
-                                guard=self.recovery.guard)
+                                guard=self._guard)
         self._data_server = await dataplane.serve(service, opts.bind, opts.data_port)
         data_port = self._data_server.sockets[0].getsockname()[1]
         try:
@@ -157,7 +162,7 @@ class Node:
         its own store, with no network hop."""
         assert self._pool is not None
         client = ObjectClient(self.view, self._pool, etcd=self.etcd,
-                              local=(self.info.node_id, self.store), guard=self.recovery.guard)
+                              local=(self.info.node_id, self.store), guard=self._guard)
         holder = f"sheep {self.info.node_id[:8]} nbd (pid {os.getpid()})"
         self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
         try:
@@ -263,7 +268,30 @@ class Node:
             objects=len(self.store.list_oids()),
             epoch=self.view.epoch,
             reachable=True,
+            recovery=self._recovery_stats(),
         )
+
+    def _guard(self, oid: int, opcode: int, fresh: bool) -> asyncio.Future[None] | None:
+        """Every client operation on this node's store passes here: writes are refused while
+        the node may have lost its lease, and any operation on an object still being
+        recovered waits for it."""
+        if opcode in _WRITES and self._membership is not None and self._membership.fenced:
+            raise Fenced("this node's cluster lease may have expired; it takes no writes")
+        assert self.recovery is not None
+        return self.recovery.guard(oid, opcode, fresh)
+
+    def _recovery_stats(self) -> pb.RecoveryStats:
+        if self.recovery is None:
+            return pb.RecoveryStats(state="idle")
+        s = self.recovery.status
+        return pb.RecoveryStats(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
+                                rate=s.rate, throttle=self.recovery.throttle)
+
+    def set_recovery_throttle(self, bytes_per_second: int) -> None:
+        if self.recovery is not None:
+            self.recovery.throttle = bytes_per_second
+            log.info("recovery throttle: %s", f"{bytes_per_second} B/s" if bytes_per_second
+                     else "unbounded")
 
 
 async def run_node(opts: NodeOptions) -> int:

@@ -30,6 +30,7 @@ class Result(IntEnum):
     VDI_EXISTS = 14
     VDI_LOCKED = 15
     READ_ONLY = 16
+    FENCED = 17
 
 
 class SheepError(Exception):
@@ -113,6 +114,12 @@ class ShuttingDown(SheepError):
     code = Result.SHUTTING_DOWN
 
 
+class Fenced(SheepError):
+    """the node lost its cluster lease; it takes no writes until it is a member again"""
+
+    code = Result.FENCED
+
+
 class ProtocolError(SheepError):
     """the peer broke the wire protocol; the connection cannot continue"""
 
@@ -164,6 +171,7 @@ _BY_CODE: dict[int, type[SheepError]] = {
         TooLarge,
         Busy,
         ShuttingDown,
+        Fenced,
         NoVdi,
         VdiExists,
         VdiLocked,

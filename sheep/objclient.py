@@ -24,6 +24,7 @@ from sheep.dataplane.service import Guard
 from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import (
     ClusterError,
+    Fenced,
     NewEpoch,
     NoObject,
     NotFormatted,
@@ -36,7 +37,7 @@ from sheep.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (OldEpoch, NewEpoch, PeerUnavailable, TimeoutError, NotFormatted)
+_RETRYABLE = (OldEpoch, NewEpoch, PeerUnavailable, TimeoutError, NotFormatted, Fenced)
 
 
 class ObjectClient:
@@ -209,7 +210,13 @@ class ObjectClient:
         """Run one replica's operation on this node's own store: no network, no copy."""
         if self._guard is not None:
             fresh = opcode == Opcode.CREATE and bool(flags & Flags.FRESH)
-            wait = self._guard(oid, opcode, fresh)
+            try:
+                wait = self._guard(oid, opcode, fresh)
+            except SheepError as exc:  # fenced: answer like a remote replica would
+                refused: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+                refused.set_result(Frame(opcode, 0, self._view.epoch, exc.code, 0, oid,
+                                         offset, length, 0))
+                return refused
             if wait is not None:
                 return asyncio.ensure_future(
                     self._local_after(wait, opcode, oid, offset, length, payload, flags))

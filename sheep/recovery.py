@@ -26,7 +26,7 @@ from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
 from sheep.dataplane.wire import Opcode
-from sheep.errors import NoObject, SheepError
+from sheep.errors import NoObject, NoSpace, SheepError
 from sheep.oid import oid_copies, oid_str
 from sheep.store import ObjectStore
 from sheep.zeros import nonzero_runs
@@ -65,10 +65,12 @@ class Recovery:
         *,
         parallel: int = 4,
         throttle: int = 0,
+        min_free: int = 0,
     ) -> None:
         self.node_id = node_id
         self.status = RecoveryStatus()
         self.throttle = throttle  # bytes/s of recovery reads; 0 = unbounded
+        self.min_free = min_free  # free bytes recovery must leave on the node
         self._store = store
         self._view = view
         self._pool = pool
@@ -209,7 +211,12 @@ class Recovery:
         async def worker() -> None:
             while self._pending:
                 oid = next(iter(self._pending))
-                await self._start_fetch(oid)
+                try:
+                    await self._start_fetch(oid)
+                except NoSpace:
+                    self.status.state = "paused (free space below the floor)"
+                    await asyncio.sleep(2.0)
+                    self.status.state = "recovering"
 
         await asyncio.gather(*(worker() for _ in range(self._parallel)))
         while self._inflight:  # fetches that client I/O started
@@ -238,6 +245,12 @@ class Recovery:
                 log.warning("fetching %s from %s failed: %s", oid_str(oid), node.node_id[:8],
                             exc)
                 continue
+            _used, free = self._store.usage()
+            if free - size < self.min_free:
+                self._pending[oid] = (written, sources)  # retried when space comes back
+                log.warning("not recovering %s: %d bytes free, the floor is %d",
+                            oid_str(oid), free, self.min_free)
+                raise NoSpace("recovery would go below the free-space floor")
             self._install(oid, frame.payload, written)
             self.status.done += 1
             self.status.bytes += size
@@ -261,22 +274,17 @@ class Recovery:
 
     # -- after the epoch ------------------------------------------------------------------
 
-    def _done_key(self, epoch: int, node_id: str) -> bytes:
-        return self._etcd.target.key("recovered", f"{epoch:010d}", node_id)
-
     async def _report_done(self, epoch: int) -> None:
         await self._store.flush()
-        await self._etcd.client.put(self._done_key(epoch, self.node_id), b"1")
+        await self._etcd.mark_recovered(epoch, self.node_id)
 
     async def _wait_for_members(self, epoch: int) -> bool:
         """True once every member finished `epoch`; False if the epoch moved on."""
-        prefix = self._etcd.target.key("recovered", f"{epoch:010d}") + b"/"
         while True:
             record = self._view.record
             if record is None or record.epoch != epoch:
                 return False
-            kvs = await self._etcd.client.get_prefix(prefix)
-            done = {bytes(kv.key)[len(prefix):].decode() for kv in kvs}
+            done = await self._etcd.recovered_members(epoch)
             if all(n.node_id in done for n in record.nodes):
                 return True
             await asyncio.sleep(0.5)

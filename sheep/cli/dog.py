@@ -19,7 +19,7 @@ from sheep.errors import SheepError
 from sheep.malloc import keep_freed_memory
 from sheep.units import format_size, parse_size
 
-from .dog_vdi import UsageError, add_vdi_commands
+from .dog_vdi import UsageError, add_cluster_commands, add_vdi_commands
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
 RPC_TIMEOUT = 15.0
@@ -76,6 +76,7 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
         print(f"Created: {_when(reply.created)}")
         print(f"Copies: {reply.copies}")
         print(f"Object size: {format_size(reply.object_size)}")
+        print(f"Health: {reply.health}")
     print(f"Epoch: {reply.epoch}\n")
     rows = [
         [str(e.epoch), _when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
@@ -122,6 +123,43 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
     print(_table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
 
 
+async def node_recovery(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    if args.json:
+        _emit_json(reply)
+        return
+    rows = []
+    for i, s in enumerate(reply.nodes):
+        r = s.recovery
+        if not s.reachable:
+            rows.append([str(i), s.node.id[:12], "?", "unreachable", "", "", ""])
+            continue
+        pct = f"{100 * r.done / r.total:.0f}%" if r.total else "-"
+        throttle = f"{format_size(r.throttle)}/s" if r.throttle else "unbounded"
+        rows.append([str(i), s.node.id[:12], str(r.epoch), r.state, f"{r.done}/{r.total}",
+                     pct, f"{r.rate:.1f}/s", throttle])
+    print(_table(rows, ["Idx", "Id", "Epoch", "State", "Objects", "Done", "Rate",
+                        "Throttle"]))
+
+
+async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    """Set the bound on every node: recovery competes with client I/O on all of them."""
+    try:
+        rate = parse_size(args.rate) if args.rate not in ("0", "off", "none") else 0
+    except ValueError as exc:
+        raise DogError(str(exc)) from None
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    for s in reply.nodes:
+        async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
+            await pb_grpc.ControlStub(channel).SetRecoveryThrottle(
+                pb.ThrottleRequest(bytes_per_second=rate), timeout=RPC_TIMEOUT)
+    what = f"{format_size(rate)}/s" if rate else "unbounded"
+    if args.json:
+        print(json.dumps({"throttle": rate, "nodes": len(reply.nodes)}))
+    else:
+        print(f"recovery throttle set to {what} on {len(reply.nodes)} node(s)")
+
+
 # -- argument parsing ----------------------------------------------------------------------
 
 
@@ -144,11 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.set_defaults(func=cluster_format)
     cluster.add_parser("info", parents=[common], help="status, epochs, copies").set_defaults(
         func=cluster_info)
+    add_cluster_commands(cluster, common)
 
     node = kinds.add_parser("node", help="storage nodes").add_subparsers(dest="cmd", required=True)
     node.add_parser("list", parents=[common], help="list nodes").set_defaults(func=node_list)
     node.add_parser("info", parents=[common], help="space used per node").set_defaults(
         func=node_info)
+    recovery = node.add_parser("recovery", parents=[common],
+                               help="recovery progress per node (set-throttle bounds it)")
+    recovery.set_defaults(func=node_recovery)
+    rec_cmds = recovery.add_subparsers(dest="rec_cmd")
+    throttle = rec_cmds.add_parser("set-throttle", parents=[common],
+                                   help="bound recovery reads per node (BYTES/S, 0 = off)")
+    throttle.add_argument("rate")
+    throttle.set_defaults(func=node_recovery_throttle)
     add_vdi_commands(kinds, common)
     return parser
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.units import format_size, parse_size
-from sheep.vdi.check import check_vdi
+from sheep.vdi.check import check_objects, check_vdi, vdi_objects
 from sheep.vdi.inodes import nblocks
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import RegistryState, VdiRecord
@@ -351,6 +351,25 @@ async def vdi_check(stub, args) -> None:
         rec = (await m.state()).lookup(args.name, args.snapshot)
         report = await check_vdi(m.client, rec, repair=args.repair,
                                  progress=_progress(args.progress, "check"))
+    _print_report(report, args)
+
+
+async def cluster_check(stub, args) -> None:
+    """Every replica of every object any VDI or snapshot references (shared ones once)."""
+    async with _manager(stub, args) as m:
+        state = await m.state()
+        oids: set[int] = set()
+        for rec in state.records.values():
+            oids.update(await vdi_objects(m.client, rec))
+        config = m.client.view.config
+        assert config is not None
+        report = await check_objects(m.client, sorted(oids), config.object_size,
+                                     repair=args.repair,
+                                     progress=_progress(args.progress, "check"))
+    _print_report(report, args)
+
+
+def _print_report(report, args: argparse.Namespace) -> None:
     if args.json:
         _emit(report.as_dict())
     else:
@@ -362,9 +381,18 @@ async def vdi_check(stub, args) -> None:
         print(f"{report.objects} object(s) checked: "
               + ("all replicas present and identical" if report.clean else
                  f"{len(report.findings)} bad replica(s)"))
-    broken = report.unrepairable or any(not f.repaired for f in report.findings)
-    if broken:
+    if report.unrepairable or any(not f.repaired for f in report.findings):
         raise SystemExit(1)
+
+
+def add_cluster_commands(cluster: argparse._SubParsersAction,
+                         common: argparse.ArgumentParser) -> None:
+    p = cluster.add_parser("check", parents=[common],
+                           help="compare every replica of every object; --repair fixes")
+    p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   default=sys.stderr.isatty(), help="show a progress bar on stderr")
+    p.set_defaults(func=cluster_check)
 
 
 async def lock_list(stub, args) -> None:

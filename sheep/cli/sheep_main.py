@@ -39,6 +39,7 @@ def _run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         nbd_port=args.nbd_port,
         recovery_throttle=args.recovery_throttle,
+        min_free=args.min_free,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also serve every VDI over NBD on this port (0: any free port)")
     run.add_argument("--recovery-throttle", type=parse_size, default=0, metavar="BYTES/S",
                      help="bound recovery reads per node (e.g. 50M; default unbounded)")
+    run.add_argument("--min-free", type=parse_size, default=256 << 20, metavar="BYTES",
+                     help="free space recovery leaves on this node (default 256M)")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 

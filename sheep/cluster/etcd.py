@@ -87,6 +87,15 @@ class EtcdCluster:
         kvs = await self._client.get_prefix(self.target.epoch_log_prefix)
         return sorted((load_epoch(kv.value) for kv in kvs), key=lambda r: r.epoch)
 
+    async def recovered_members(self, epoch: int) -> set[str]:
+        """Ids of the nodes that finished recovering `epoch`."""
+        prefix = self.target.recovered_prefix(epoch)
+        kvs = await self._client.get_prefix(prefix)
+        return {bytes(kv.key)[len(prefix):].decode() for kv in kvs}
+
+    async def mark_recovered(self, epoch: int, node_id: str) -> None:
+        await self._client.put(self.target.recovered_key(epoch, node_id), b"1")
+
     # -- writes -----------------------------------------------------------------------
 
     async def format(self, copies: int, object_size: int) -> ClusterConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from .etcd import EtcdCluster
 from .state import NodeInfo, dump
@@ -22,9 +23,17 @@ class Membership:
         self.me = me
         self._ttl = max(2, lease_ttl)
         self._lease = None
+        self._refreshed = 0.0  # monotonic time of the last lease grant or refresh
 
+    @property
+    def fenced(self) -> bool:
+        """True when the lease may have run out: etcd may already have given this node's
+        place in the ring to others, so it must not acknowledge writes. Judged well before
+        the TTL is up (a refresh is due every third of it)."""
+        return time.monotonic() - self._refreshed > self._ttl * 2 / 3
     async def join(self) -> None:
         self._lease = await self._etcd.client.lease(self._ttl)
+        granted = time.monotonic()
         tx = self._etcd.client.transactions
         key = self._etcd.target.node_key(self.me.node_id)
         lease = self._lease
@@ -35,6 +44,7 @@ class Membership:
         await self._etcd.bump_epoch(
             members, extra_success=lambda: [tx.put(key, dump(self.me), lease=lease)]
         )
+        self._refreshed = granted
 
     async def leave(self) -> None:
         tx = self._etcd.client.transactions
@@ -56,10 +66,13 @@ class Membership:
         while True:
             await asyncio.sleep(self._ttl / 3)
             try:
+                asked = time.monotonic()
                 reply = await self._lease.refresh() if self._lease is not None else None
                 if reply is None or reply.TTL <= 0:
                     log.warning("lease lost; rejoining the cluster")
                     await self.join()
+                else:
+                    self._refreshed = asked
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

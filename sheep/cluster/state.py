@@ -132,3 +132,10 @@ class EtcdTarget:
     @property
     def epoch_log_prefix(self) -> bytes:
         return self.key("epochs") + b"/"
+
+    def recovered_key(self, epoch: int, node_id: str) -> bytes:
+        """Present once `node_id` holds every object the ring of `epoch` places on it."""
+        return self.key("recovered", f"{epoch:010d}", node_id)
+
+    def recovered_prefix(self, epoch: int) -> bytes:
+        return self.key("recovered", f"{epoch:010d}") + b"/"

@@ -87,9 +87,19 @@ class ControlService(pb_grpc.ControlServicer):
         reply.created = config.created
         members = len(record.nodes) if record else 0
         reply.status = "running" if members >= config.copies else "degraded"
+        if members < config.copies:
+            reply.health = "degraded"
+        else:
+            done = await etcd.recovered_members(reply.epoch)
+            finished = record is not None and all(n.node_id in done for n in record.nodes)
+            reply.health = "healthy" if finished else "recovering"
         return reply
 
     async def NodeInfo(self, request: pb.Empty, context) -> pb.NodeStats:
+        return self._node.stats()
+
+    async def SetRecoveryThrottle(self, request: pb.ThrottleRequest, context) -> pb.NodeStats:
+        self._node.set_recovery_throttle(request.bytes_per_second)
         return self._node.stats()
 
     async def NodeList(self, request: pb.Empty, context) -> pb.NodeListReply:

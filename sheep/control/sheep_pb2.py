@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bsheep.proto\x12\rsheep.control\"\x07\n\x05\x45mpty\"4\n\rFormatRequest\x12\x0e\n\x06\x63opies\x18\x01 \x01(\r\x12\x13\n\x0bobject_size\x18\x02 \x01(\x04\"y\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x14\n\x0c\x63ontrol_port\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\t\x12\x0e\n\x06vnodes\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\"\x8c\x01\n\tNodeStats\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.sheep.control.Node\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x04\x12\x0f\n\x07objects\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\treachable\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"H\n\x05\x45poch\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.sheep.control.Node\"\xb0\x01\n\x10\x43lusterInfoReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63opies\x18\x03 \x01(\r\x12\x13\n\x0bobject_size\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12%\n\x07history\x18\x06 \x03(\x0b\x32\x14.sheep.control.Epoch\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x0c\n\x04\x65tcd\x18\x08 \x01(\t\"8\n\rNodeListReply\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.sheep.control.NodeStats2\x9b\x02\n\x07\x43ontrol\x12N\n\rFormatCluster\x12\x1c.sheep.control.FormatRequest\x1a\x1f.sheep.control.ClusterInfoReply\x12\x44\n\x0b\x43lusterInfo\x12\x14.sheep.control.Empty\x1a\x1f.sheep.control.ClusterInfoReply\x12>\n\x08NodeList\x12\x14.sheep.control.Empty\x1a\x1c.sheep.control.NodeListReply\x12:\n\x08NodeInfo\x12\x14.sheep.control.Empty\x1a\x18.sheep.control.NodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bsheep.proto\x12\rsheep.control\"\x07\n\x05\x45mpty\"4\n\rFormatRequest\x12\x0e\n\x06\x63opies\x18\x01 \x01(\r\x12\x13\n\x0bobject_size\x18\x02 \x01(\x04\"y\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x14\n\x0c\x63ontrol_port\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\t\x12\x0e\n\x06vnodes\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\"+\n\x0fThrottleRequest\x12\x18\n\x10\x62ytes_per_second\x18\x01 \x01(\x04\"j\n\rRecoveryStats\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x04\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x10\n\x08throttle\x18\x06 \x01(\x04\"\xbc\x01\n\tNodeStats\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.sheep.control.Node\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x04\x12\x0f\n\x07objects\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\treachable\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\x08recovery\x18\x08 \x01(\x0b\x32\x1c.sheep.control.RecoveryStats\"H\n\x05\x45poch\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.sheep.control.Node\"\xc0\x01\n\x10\x43lusterInfoReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63opies\x18\x03 \x01(\r\x12\x13\n\x0bobject_size\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12%\n\x07history\x18\x06 \x03(\x0b\x32\x14.sheep.control.Epoch\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x0c\n\x04\x65tcd\x18\x08 \x01(\t\x12\x0e\n\x06health\x18\t \x01(\t\"8\n\rNodeListReply\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.sheep.control.NodeStats2\xec\x02\n\x07\x43ontrol\x12N\n\rFormatCluster\x12\x1c.sheep.control.FormatRequest\x1a\x1f.sheep.control.ClusterInfoReply\x12\x44\n\x0b\x43lusterInfo\x12\x14.sheep.control.Empty\x1a\x1f.sheep.control.ClusterInfoReply\x12>\n\x08NodeList\x12\x14.sheep.control.Empty\x1a\x1c.sheep.control.NodeListReply\x12:\n\x08NodeInfo\x12\x14.sheep.control.Empty\x1a\x18.sheep.control.NodeStats\x12O\n\x13SetRecoveryThrottle\x12\x1e.sheep.control.ThrottleRequest\x1a\x18.sheep.control.NodeStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORMATREQUEST']._serialized_end=91
   _globals['_NODE']._serialized_start=93
   _globals['_NODE']._serialized_end=214
-  _globals['_NODESTATS']._serialized_start=217
-  _globals['_NODESTATS']._serialized_end=357
-  _globals['_EPOCH']._serialized_start=359
-  _globals['_EPOCH']._serialized_end=431
-  _globals['_CLUSTERINFOREPLY']._serialized_start=434
-  _globals['_CLUSTERINFOREPLY']._serialized_end=610
-  _globals['_NODELISTREPLY']._serialized_start=612
-  _globals['_NODELISTREPLY']._serialized_end=668
-  _globals['_CONTROL']._serialized_start=671
-  _globals['_CONTROL']._serialized_end=954
+  _globals['_THROTTLEREQUEST']._serialized_start=216
+  _globals['_THROTTLEREQUEST']._serialized_end=259
+  _globals['_RECOVERYSTATS']._serialized_start=261
+  _globals['_RECOVERYSTATS']._serialized_end=367
+  _globals['_NODESTATS']._serialized_start=370
+  _globals['_NODESTATS']._serialized_end=558
+  _globals['_EPOCH']._serialized_start=560
+  _globals['_EPOCH']._serialized_end=632
+  _globals['_CLUSTERINFOREPLY']._serialized_start=635
+  _globals['_CLUSTERINFOREPLY']._serialized_end=827
+  _globals['_NODELISTREPLY']._serialized_start=829
+  _globals['_NODELISTREPLY']._serialized_end=885
+  _globals['_CONTROL']._serialized_start=888
+  _globals['_CONTROL']._serialized_end=1252
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,12 @@ class CheckReport:
                 "unrepairable": self.unrepairable, "clean": self.clean}
 
 
+async def vdi_objects(client: ObjectClient, record: VdiRecord) -> list[int]:
+    """The inode and every data object the VDI's table references."""
+    table = await read_table(client, record)
+    return [record.inode_oid] + [block_oid(ref, i) for i, ref in enumerate(table) if ref]
+
+
 async def check_vdi(
     client: ObjectClient,
     record: VdiRecord,
@@ -60,14 +66,24 @@ async def check_vdi(
     repair: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
-    table = await read_table(client, record)
-    oids = [record.inode_oid] + [block_oid(ref, i) for i, ref in enumerate(table) if ref]
+    return await check_objects(client, await vdi_objects(client, record), record.block_size,
+                               repair=repair, progress=progress)
+
+
+async def check_objects(
+    client: ObjectClient,
+    oids: list[int],
+    object_size: int,
+    *,
+    repair: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> CheckReport:
     report = CheckReport(objects=len(oids))
     done = 0
 
     async def one(oid: int) -> None:
         nonlocal done
-        await _check_object(client, oid, record.block_size, repair, report)
+        await _check_object(client, oid, object_size, repair, report)
         done += 1
         if progress is not None:
             progress(done, len(oids))
