@@ -78,9 +78,13 @@ class VolumeCache:
         self.holder = holder
         self._open: dict[str, tuple[Volume, int]] = {}
         self._opening: dict[str, asyncio.Future[Volume]] = {}
+        # closing volumes still hold their lock: a client arriving meanwhile must wait for
+        # the close, not be told the VDI is in use elsewhere
+        self._closing: dict[str, tuple[Volume, asyncio.Future[None]]] = {}
 
     def held_writable(self) -> set[str]:
-        return {v.name for v, _ in self._open.values() if not v.read_only}
+        vols = [v for v, _ in self._open.values()] + [v for v, _ in self._closing.values()]
+        return {v.name for v in vols if not v.read_only}
 
     async def table(self) -> ExportTable:
         return ExportTable(await self.registry.load(), self.held_writable())
@@ -88,6 +92,10 @@ class VolumeCache:
     async def acquire(self, export: Export) -> Volume:
         key = export.name
         while True:
+            closing = self._closing.get(key)
+            if closing is not None:
+                await asyncio.shield(closing[1])
+                continue
             if key in self._open:
                 vol, users = self._open[key]
                 self._open[key] = (vol, users + 1)
@@ -121,10 +129,15 @@ class VolumeCache:
             self._open[export.name] = (vol, users - 1)
             return
         del self._open[export.name]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closing[export.name] = (vol, done)
         try:
             await vol.close()
         except Exception as exc:
             log.warning("closing export %s: %s", export.name, exc)
+        finally:
+            del self._closing[export.name]
+            done.set_result(None)
         log.info("export %s closed", export.name)
 
     async def close(self) -> None:
