@@ -18,8 +18,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# the NBD comparison (sheep vs nbdkit vs qemu-nbd, + dog vdi write/read); options:
+# make bench BENCH_ARGS='--seconds 5 --repeat 1'  (object level: python -m bench.objects)
 bench: setup
-	$(PY) -m bench.objects
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf var build *.egg-info .pytest_cache

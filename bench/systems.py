@@ -1,0 +1,413 @@
+"""The systems the NBD benchmark compares, each one NBD export on 127.0.0.1.
+
+* sheep: a private etcd and three `sheep run` daemons (copies=3), node 0 serving NBD; the
+  export is a thin VDI made with `dog vdi create`, so every write is replicated 3 times.
+* nbdkit: `nbdkit file` over a raw file of the same size in the same directory (one copy,
+  the kernel page cache, no network between gateway and storage): the floor the NBD
+  protocol and loopback leave for a server written in C.
+* qemu-nbd: the same with `qemu-nbd -f raw`, what QEMU users would run.
+
+Writeback defaults everywhere, so the comparison is fair: nbdkit's file plugin uses the
+page cache (cache=default) and fdatasync()s on an NBD flush; qemu-nbd runs with
+--cache=writeback --aio=threads; sheep does whatever its daemons do by default. fio sends
+no flushes; between shapes the bench flushes every export (untimed) so one shape's dirty
+data is not written back inside the next shape's window.
+
+Why a module of its own: every process is started here with bounded waits and stopped here,
+also on Ctrl-C (the servers run in their own sessions so the terminal's SIGINT reaches
+only the bench, which stops them) and if the bench dies (PR_SET_PDEATHSIG / nbdkit's
+--exit-with-parent). Ports are free loopback ports chosen at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sheep.etcd_server import EtcdServer
+
+NODES = 3
+COPIES = 3
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+_PR_SET_PDEATHSIG = 1
+
+
+# -- process helpers -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the bench dies without cleaning up."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A server process in its own session, output to `log`, dying with the bench."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            env=env,
+        )
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_port(port: int, procs: list[subprocess.Popen], what: str, log: Path,
+              timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s:\n"
+                               f"{tail(log)}")
+        time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a whole process (exited threads included), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dog_binary() -> str:
+    beside = Path(sys.executable).parent / "dog"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("dog")
+    if found is None:
+        raise RuntimeError("the `dog` command is not installed (pip install -e .)")
+    return found
+
+
+def dog(address: str, *args: str, timeout: float = 60.0) -> str:
+    cmd = [dog_binary(), *args, "-a", address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def nbd_flush(uri: str, timeout: float = 180.0) -> None:
+    """Send one NBD flush (qemu-io opens the export, flushes and disconnects)."""
+    proc = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "flush", uri],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"flush of {uri} failed ({proc.returncode}): "
+                           f"{(proc.stdout + proc.stderr).strip()}")
+
+
+# -- the systems -----------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    """One NBD export under test. `root` is a directory of its own."""
+
+    root: Path
+    size: int
+    name: str = ""
+    description: str = ""
+    port: int = 0
+    export: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def check_alive(self) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        """The processes whose CPU counts as the server's."""
+        raise NotImplementedError
+
+    def ready(self) -> None:
+        """Before each new client connection: wait until the export can be opened for
+        writing again (untimed)."""
+
+    def settle(self) -> None:
+        """Untimed, between shapes: write back what the last shape dirtied."""
+        self.ready()
+        nbd_flush(self.uri)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "description": self.description, "uri": self.uri}
+
+
+@dataclass
+class SheepSystem(System):
+    """etcd + 3 daemons, copies=3; node 0 is the NBD gateway (nbd=False: no gateway)."""
+
+    vdi: str = "bench"
+    nbd: bool = True
+    etcd: EtcdServer | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    control_ports: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = self.name or "sheep"
+        self.export = self.vdi
+        self.description = (f"{NODES} sheep daemons, copies={COPIES}, node 0 serving NBD; "
+                            f"thin VDI made with `dog vdi create`")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.control_ports[0]}"
+
+    def log_path(self, i: int) -> Path:
+        return self.root / f"node{i}.log"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.etcd = EtcdServer(self.root / "etcd", free_port(), free_port(),
+                               self.root / "etcd.log")
+        self.etcd.start()
+        etcd_url = self.etcd.url + "/bench"
+        if self.nbd:
+            self.port = free_port()
+        for i in range(NODES):
+            port = free_port()
+            self.control_ports.append(port)
+            gateway = ["--nbd-port", str(self.port)] if self.nbd and i == 0 else []
+            self.procs.append(spawn(
+                [sys.executable, "-m", "sheep", "run", "--dir", str(self.root / f"node{i}"),
+                 "--port", str(port), "--etcd", etcd_url, *gateway],
+                self.log_path(i),
+            ))
+        for i, port in enumerate(self.control_ports):
+            wait_port(port, [self.procs[i]], f"sheep node {i}", self.log_path(i))
+        self._wait_members()
+        dog(self.address, "cluster", "format", "--copies", str(COPIES))
+        if self.nbd:
+            wait_port(self.port, [self.procs[0]], "the NBD gateway", self.log_path(0))
+            dog(self.address, "vdi", "create", self.vdi, str(self.size))
+
+    def ready(self, timeout: float = 60.0) -> None:
+        """Wait until no one holds the VDI's write lock. The gateway gives up the lock of a
+        closed connection asynchronously, and a client that connects before that is offered
+        the export read-only (as to a second writer): fio would then fail on writes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            locks = json.loads(dog(self.address, "vdi", "lock", "list", "--json"))
+            if not any(lock.get("name") == self.vdi for lock in locks.get("locks", [])):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"VDI {self.vdi} still locked after {timeout:.0f}s: {locks}")
+            time.sleep(0.05)
+
+    def _wait_members(self) -> None:
+        import grpc
+
+        from sheep.control import sheep_pb2 as pb
+        from sheep.control import sheep_pb2_grpc as pb_grpc
+
+        deadline = time.monotonic() + START_TIMEOUT
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.ControlStub(channel)
+            while True:
+                self.check_alive()
+                try:
+                    reply = stub.NodeList(pb.Empty(), timeout=3)
+                    if len(reply.nodes) == NODES and all(n.reachable for n in reply.nodes):
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{NODES} nodes did not join within "
+                                       f"{START_TIMEOUT:.0f}s; see {self.root}/node*.log")
+                time.sleep(0.2)
+
+    def check_alive(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                raise RuntimeError(f"sheep node {i} exited with {proc.returncode}:\n"
+                                   f"{tail(self.log_path(i))}")
+
+    def pids(self) -> list[int]:
+        etcd = [self.etcd.proc.pid] if self.etcd is not None and self.etcd.proc else []
+        return [p.pid for p in self.procs] + etcd
+
+    def logs(self) -> str:
+        return "\n".join(f"--- node{i}.log (tail) ---\n{tail(self.log_path(i))}"
+                         for i in range(len(self.procs)))
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self.etcd is not None:
+            self.etcd.stop()
+
+
+@dataclass
+class FileServer(System):
+    """A C NBD server over a raw file of `size` bytes (created sparse, filled through NBD)."""
+
+    proc: subprocess.Popen | None = None
+
+    @property
+    def file(self) -> Path:
+        return self.root / f"{self.name}.raw"
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "wb") as f:
+            f.truncate(self.size)
+        self.port = free_port()
+        self.proc = spawn(self.command(), self.log)
+        wait_port(self.port, [self.proc], self.name, self.log)
+
+    def check_alive(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"{self.name} exited with {code}:\n{tail(self.log)}")
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None else []
+
+    def logs(self) -> str:
+        return f"--- {self.log.name} (tail) ---\n{tail(self.log)}"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@dataclass
+class NbdkitSystem(FileServer):
+    def __post_init__(self) -> None:
+        self.name = "nbdkit"
+        self.description = ("nbdkit file plugin over a raw file (cache=default: page cache, "
+                            "fdatasync on flush), default threads")
+
+    def command(self) -> list[str]:
+        return ["nbdkit", "-f", "--exit-with-parent", "-p", str(self.port), "-i", "127.0.0.1",
+                "file", str(self.file)]
+
+
+@dataclass
+class QemuNbdSystem(FileServer):
+    def __post_init__(self) -> None:
+        self.name = "qemu-nbd"
+        self.export = "bench"
+        self.description = ("qemu-nbd -f raw --cache=writeback --aio=threads over a raw file")
+
+    def command(self) -> list[str]:
+        return ["qemu-nbd", "-f", "raw", "-p", str(self.port), "-b", "127.0.0.1",
+                "-x", self.export, "--persistent", "--shared=8", "--cache=writeback",
+                "--aio=threads", str(self.file)]
+
+
+SYSTEMS = {"sheep": SheepSystem, "nbdkit": NbdkitSystem, "qemu-nbd": QemuNbdSystem}
+
+
+def make_system(name: str, root: Path, size: int) -> System:
+    return SYSTEMS[name](root=root / name, size=size)
+
+
+def tool_versions() -> dict[str, str]:
+    """First line of each tool's --version (or why not)."""
+    def first_line(cmd: list[str]) -> str:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"unavailable ({type(exc).__name__})"
+        lines = (proc.stdout or proc.stderr).strip().splitlines()
+        return lines[0].strip() if lines else "?"
+
+    return {
+        "fio": first_line(["fio", "--version"]),
+        "qemu-img": first_line(["qemu-img", "--version"]),
+        "qemu-nbd": first_line(["qemu-nbd", "--version"]),
+        "nbdkit": first_line(["nbdkit", "--version"]),
+        "etcd": first_line(["etcd", "--version"]),
+    }
+
+
+def sheep_commit() -> str:
+    """HEAD of the checkout the bench runs from, with "-dirty" if the work tree differs."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=20).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if dirty else "")
