@@ -172,6 +172,12 @@ class EtcdCluster:
             pump: asyncio.Future | None = None
             try:
                 watch = await self._client.watch_prefix(prefix)
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    # aetcd creates the watch under asyncio.wait_for, which on 3.11 can
+                    # swallow a cancel that lands just then: honour it here
+                    with contextlib.suppress(Exception):
+                        await watch.cancel()
+                    raise asyncio.CancelledError
 
                 async def drain(watch=watch, changed=changed) -> None:
                     async for _event in watch:
