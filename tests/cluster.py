@@ -206,18 +206,23 @@ object_client = open_client
 # -- VDI test helpers ---------------------------------------------------------------------
 
 
-def dog_bytes(*args: str, address: str, input: bytes = b"", check: bool = True
+def dog_bytes(*args: str, address: str, input: bytes | Path = b"", check: bool = True
               ) -> subprocess.CompletedProcess:
-    """`dog` with binary stdin and stdout (vdi read/write)."""
+    """`dog` with binary stdin and stdout (vdi read/write); `input` is piped in, or a
+    file to give as stdin itself."""
     cmd = [str(BIN / "dog"), *args, "-a", address]
-    proc = subprocess.run(cmd, input=input, capture_output=True, timeout=60)
+    if isinstance(input, Path):
+        with open(input, "rb") as stdin:
+            proc = subprocess.run(cmd, stdin=stdin, capture_output=True, timeout=60)
+    else:
+        proc = subprocess.run(cmd, input=input, capture_output=True, timeout=60)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): "
                              f"{proc.stderr.decode(errors='replace')}")
     return proc
 
 
-def dog_error(*args: str, address: str, input: bytes = b"") -> str:
+def dog_error(*args: str, address: str, input: bytes | Path = b"") -> str:
     """Run a dog command that must fail cleanly: non-zero exit, one line on stderr that
     starts with "dog: ", nothing on stdout. Returns that line without the prefix."""
     proc = dog_bytes(*args, address=address, input=input, check=False)
@@ -265,3 +270,15 @@ def objects_on_disk(cluster: Cluster) -> dict[int, set[int]]:
 
 def all_objects_on_disk(cluster: Cluster) -> set[int]:
     return set().union(*objects_on_disk(cluster).values())
+
+
+async def vdi_write(manager, name: str, offset: int, data: bytes) -> None:
+    """Open NAME for writing through `manager` (a VdiManager), write, close."""
+    async with await manager.open(name, writable=True) as vol:
+        await vol.write(offset, data)
+
+
+async def vdi_read(manager, name: str, offset: int, length: int, tag: str | None = None
+                   ) -> bytes:
+    async with await manager.open(name, tag) as vol:
+        return bytes(await vol.read(offset, length))

@@ -105,7 +105,7 @@ async def vdi_create(stub, args) -> None:
     async with _manager(stub, args) as m:
         rec = await m.create(args.name, size, copies=args.copies, prealloc=args.prealloc)
     if args.json:
-        _emit(_record_dict(rec, size if args.prealloc else 0, 0))
+        _emit(_record_dict(rec, nblocks(rec) * rec.block_size if args.prealloc else 0, 0))
     else:
         print(f"VDI {rec.name} created: {format_size(rec.size)}, {rec.copies} copies, "
               f"id {rec.id}")

@@ -194,7 +194,7 @@ class VdiManager:
                     change.delete_record(old)
                 if await change.commit():
                     if old is not None and old_table is not None:
-                        await reclaim(self.client, self.registry, old_table, {old.parent})
+                        await reclaim(self.client, self.registry, old_table)
                         await self.client.remove(old.inode_oid)
                     return record
                 await self._discard_objects(record, None)
@@ -277,8 +277,7 @@ class VdiManager:
                     break
             else:
                 raise ClusterError("the registry kept changing; try again")
-            neighbours = {target.parent} | {c.id for c in children}
-            removed = await reclaim(self.client, self.registry, table, neighbours)
+            removed = await reclaim(self.client, self.registry, table)
             await self.client.remove(target.inode_oid)
             for child in children:
                 with contextlib.suppress(Exception):

@@ -368,6 +368,12 @@ class VdiRegistry:
         while True:
             wake = asyncio.Event()
             watch = await self.etcd.client.watch_prefix(prefix)
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                # aetcd creates the watch under asyncio.wait_for, which on Python 3.11
+                # swallows a cancel that lands just as the watch is created: honour it
+                with contextlib.suppress(Exception):
+                    await watch.cancel()
+                raise asyncio.CancelledError
 
             async def pump(watch=watch, wake=wake) -> None:
                 async for _event in watch:
