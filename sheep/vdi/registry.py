@@ -142,22 +142,6 @@ class RegistryState:
         return sorted((r for r in self.records.values() if r.parent == vdi_id),
                       key=lambda r: r.id)
 
-    def component(self, vdi_ids: set[int]) -> list[VdiRecord]:
-        """Every live VDI connected to `vdi_ids` through parent links: the only VDIs whose
-        tables can share objects with them (tables are only ever copied along those links)."""
-        seen: set[int] = set()
-        todo = [i for i in vdi_ids if i in self.records]
-        while todo:
-            cur = todo.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            rec = self.records[cur]
-            if rec.parent in self.records:
-                todo.append(rec.parent)
-            todo.extend(c.id for c in self.children(cur))
-        return [self.records[i] for i in sorted(seen)]
-
 
 class Change:
     """One registry transaction: every record it writes or deletes is guarded by the mod
