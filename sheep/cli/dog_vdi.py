@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -286,34 +287,48 @@ async def vdi_write(stub, args) -> None:
         size = (await m.state()).lookup(args.name).size
         offset, length = _range(args, size)
         room = size - offset
-        stdin = sys.stdin.buffer
-        info = os.fstat(stdin.fileno())
-        if length is None and stat.S_ISREG(info.st_mode):
-            length = info.st_size - stdin.tell()
-            if length > room:
-                raise UsageError(f"standard input holds {length} bytes; {room} fit from "
-                                 f"offset {offset}; nothing written")
-        end = offset + (length if length is not None else room)
-        async with await m.open(args.name, writable=True) as vol:
-            pending: set[asyncio.Task] = set()
-            for pos, n in _chunks(offset, end, vol.block_size):
-                data = await asyncio.to_thread(stdin.read, n)
-                if data:
-                    pending.add(asyncio.ensure_future(vol.write(pos, data)))
-                if len(pending) >= _WINDOW:
-                    done, pending = await asyncio.wait(pending,
-                                                       return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()
-                if len(data) < n:
-                    break
-            else:
-                if length is None and await asyncio.to_thread(stdin.read, 1):
-                    await asyncio.gather(*pending)
-                    raise UsageError(f"standard input runs past the end of the VDI: wrote "
-                                     f"the {room} bytes that fit from offset {offset}")
-            await asyncio.gather(*pending)
-            await vol.flush()
+        source = sys.stdin.buffer
+        with contextlib.ExitStack() as stack:
+            if length is None:
+                if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                    # a pipe: learn how much comes before writing anything
+                    source = stack.enter_context(await asyncio.to_thread(_spool, source, room))
+                length = os.fstat(source.fileno()).st_size - source.tell()
+                if length > room:
+                    raise UsageError(f"standard input holds more than the {room} bytes that "
+                                     f"fit from offset {offset}; nothing written")
+            await _write_stream(m, args.name, source, offset, offset + length)
+
+
+def _spool(stream, room: int):
+    """Copy at most room+1 bytes of `stream` into an unnamed temporary file."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 - the caller's ExitStack closes it
+    left = room + 1
+    while left > 0:
+        chunk = stream.read(min(left, 4 << 20))
+        if not chunk:
+            break
+        spool.write(chunk)
+        left -= len(chunk)
+    spool.seek(0)
+    return spool
+
+
+async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int) -> None:
+    async with await m.open(name, writable=True) as vol:
+        pending: set[asyncio.Task] = set()
+        for pos, n in _chunks(offset, end, vol.block_size):
+            data = await asyncio.to_thread(source.read, n)
+            if data:
+                pending.add(asyncio.ensure_future(vol.write(pos, data)))
+            if len(pending) >= _WINDOW:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()
+            if len(data) < n:
+                break
+        await asyncio.gather(*pending)
+        await vol.flush()
 
 
 async def vdi_import(stub, args) -> None:
