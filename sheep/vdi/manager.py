@@ -23,6 +23,7 @@ from .inodes import nblocks, read_table, write_header, write_inode
 from .parallel import for_each
 from .reclaim import reclaim
 from .registry import (
+    HolderGone,
     RegistryState,
     VdiRecord,
     VdiRegistry,
@@ -143,18 +144,26 @@ class VdiManager:
         """Snapshot NAME as TAG. If a writer holds NAME open, it takes the snapshot itself
         (between two of its writes); otherwise this process opens NAME for writing to."""
         validate_name(tag, "snapshot tag")
-        state = await self.state()
-        state.lookup(name)
-        if name not in state.locks:
+        for attempt in range(3):
+            state = await self.state()
+            state.lookup(name)
+            if attempt:  # a writer that died may have taken it before it went
+                with contextlib.suppress(NoVdi):
+                    return state.lookup(name, tag)
+            if name not in state.locks:
+                try:
+                    async with await self.open(name, writable=True) as vol:
+                        return await vol.snapshot(tag)
+                except VdiLocked:
+                    pass  # a writer opened it meanwhile: ask that writer
             try:
-                async with await self.open(name, writable=True) as vol:
-                    return await vol.snapshot(tag)
-            except VdiLocked:
-                pass  # a writer opened it meanwhile: ask that writer
-        answer = await self.registry.ask_holder(name, {"op": "snapshot", "tag": tag})
-        if not answer.get("ok"):
-            raise ClusterError(str(answer.get("error", "the writer refused the snapshot")))
-        return (await self.state()).lookup(name, tag)
+                answer = await self.registry.ask_holder(name, {"op": "snapshot", "tag": tag})
+            except HolderGone:
+                continue  # its lock is gone: take the snapshot here
+            if not answer.get("ok"):
+                raise ClusterError(str(answer.get("error", "the writer refused the snapshot")))
+            return (await self.state()).lookup(name, tag)
+        raise ClusterError(f"VDI {name!r}: its writers kept going away; try again")
 
     async def clone(self, name: str, tag: str, new_name: str) -> VdiRecord:
         validate_name(new_name)

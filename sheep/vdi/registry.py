@@ -54,6 +54,10 @@ def validate_copies(copies: int) -> int:
     return copies
 
 
+class HolderGone(ClusterError):
+    """the lock holder a request was sent to let go of the lock without answering"""
+
+
 @dataclass(frozen=True)
 class VdiRecord:
     id: int
@@ -335,7 +339,7 @@ class VdiRegistry:
                 if kv is not None:
                     return json.loads(kv.value)
                 if await self.lock_holder(name) is None:
-                    raise ClusterError(f"the writer of VDI {name!r} went away before answering")
+                    raise HolderGone(f"the writer of VDI {name!r} went away before answering")
                 await asyncio.sleep(0.05)
             raise ClusterError(f"the writer of VDI {name!r} did not answer in {timeout:.0f}s")
         finally:
