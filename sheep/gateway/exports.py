@@ -70,17 +70,22 @@ class ExportTable:
 
 
 class VolumeCache:
-    """Open volumes by export name, with a count of the connections using each."""
+    """Open volumes by export name and mode, with a count of the connections using each.
+
+    The mode is part of the key: a reader that connected while another process held the
+    VDI keeps its read-only volume, and a client that connects after that writer left (and
+    is offered NAME writable) must get a writable volume, not share the reader's.
+    """
 
     def __init__(self, client: ObjectClient, registry: VdiRegistry, holder: str) -> None:
         self.client = client
         self.registry = registry
         self.holder = holder
-        self._open: dict[str, tuple[Volume, int]] = {}
-        self._opening: dict[str, asyncio.Future[Volume]] = {}
+        self._open: dict[tuple[str, bool], tuple[Volume, int]] = {}
+        self._opening: dict[tuple[str, bool], asyncio.Future[Volume]] = {}
         # closing volumes still hold their lock: a client arriving meanwhile must wait for
         # the close, not be told the VDI is in use elsewhere
-        self._closing: dict[str, tuple[Volume, asyncio.Future[None]]] = {}
+        self._closing: dict[tuple[str, bool], tuple[Volume, asyncio.Future[None]]] = {}
 
     def held_writable(self) -> set[str]:
         vols = [v for v, _ in self._open.values()] + [v for v, _ in self._closing.values()]
@@ -89,8 +94,12 @@ class VolumeCache:
     async def table(self) -> ExportTable:
         return ExportTable(await self.registry.load(), self.held_writable())
 
+    @staticmethod
+    def _key(export: Export) -> tuple[str, bool]:
+        return export.name, export.read_only
+
     async def acquire(self, export: Export) -> Volume:
-        key = export.name
+        key = self._key(export)
         while True:
             closing = self._closing.get(key)
             if closing is not None:
@@ -105,8 +114,8 @@ class VolumeCache:
                 break
             with contextlib.suppress(Exception):
                 await asyncio.shield(pending)
-            if key not in self._open:
-                break
+            # look again: if that open failed, another waiter may be opening by now, and
+            # two opens of one key would leave two volumes under one count
         fut: asyncio.Future[Volume] = asyncio.get_running_loop().create_future()
         self._opening[key] = fut
         try:
@@ -120,23 +129,25 @@ class VolumeCache:
             self._opening.pop(key, None)
         fut.set_result(vol)
         self._open[key] = (vol, 1)
-        log.info("export %s opened %s", key, "read-only" if vol.read_only else "for writing")
+        log.info("export %s opened %s", export.name,
+                 "read-only" if vol.read_only else "for writing")
         return vol
 
     async def release(self, export: Export) -> None:
-        vol, users = self._open[export.name]
+        key = self._key(export)
+        vol, users = self._open[key]
         if users > 1:
-            self._open[export.name] = (vol, users - 1)
+            self._open[key] = (vol, users - 1)
             return
-        del self._open[export.name]
+        del self._open[key]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._closing[export.name] = (vol, done)
+        self._closing[key] = (vol, done)
         try:
             await vol.close()
         except Exception as exc:
             log.warning("closing export %s: %s", export.name, exc)
         finally:
-            del self._closing[export.name]
+            del self._closing[key]
             done.set_result(None)
         log.info("export %s closed", export.name)
 

@@ -183,9 +183,11 @@ class Volume:
         """Zeros that stay allocated (NBD's NO_HOLE)."""
         self._check_range(offset, length)
         step = self.block_size
-        for start in range(offset, offset + length, step):
-            n = min(step - start % step, offset + length - start)
+        start, end = offset, offset + length
+        while start < end:
+            n = min(step - start % step, end - start)
             await self.write(start, bytes(n), fua=fua)
+            start += n
 
     async def flush(self) -> None:
         await self.client.flush()

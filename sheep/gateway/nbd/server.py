@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections import deque
 
 from sheep.errors import (
     InvalidParams,
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 _SENDFILE_MIN = 128 << 10  # below this a copy costs less than the extra syscalls
 _MAX_INFLIGHT = 128  # requests in progress per connection before we stop reading
+# Replies waiting to go out, per connection, before we stop taking requests: a client that
+# sends requests but does not read the replies must not make us buffer without bound.
+_WRITE_HIGH = 4 << 20  # the transport's high-water mark (pause_writing above it)
+_OUTBOX_HIGH = 4 << 20  # replies of one loop pass not yet handed to the transport
 _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
@@ -115,12 +120,16 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._structured = False
         self._context: int | None = None
         self._inflight = 0
-        self._paused = False
         self._closing = False
         self._lost = False
         self._tasks: set[asyncio.Future] = set()
         self._sock_fd = -1
         self._outbox: list = []  # replies of this loop pass: one writelines for all of them
+        self._outbox_bytes = 0
+        self._write_paused = False  # the transport's buffer is over _WRITE_HIGH
+        self._backlog: deque[Request] = deque()  # decoded, not dispatched: replies back up
+        self._reading_paused = True  # in transmission: whether we paused the transport
+        self._pumping = False
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -130,6 +139,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock_fd = sock.fileno()
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         transport.pause_reading()
@@ -147,8 +157,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             except NbdProtocolError as exc:
                 self._abort(f"protocol error: {exc}")
                 return
-            for request in self._decoder.requests():
-                self._dispatch(request)
+            self._backlog.extend(self._decoder.requests())
+            self._pump()
             return
         handshake = self._handshake
         assert handshake is not None
@@ -163,7 +173,15 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._transport = None
+        self._backlog.clear()  # nobody is left to answer
         self._maybe_release()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
 
     # -- handshake ------------------------------------------------------------------------
 
@@ -220,10 +238,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             except NbdProtocolError as exc:
                 self._abort(f"protocol error: {exc}")
                 return
-            for request in self._decoder.requests():
-                self._dispatch(request)
-        if self._transport is not None and not self._paused:
-            self._transport.resume_reading()
+            self._backlog.extend(self._decoder.requests())
+        self._reading_paused = True  # since the handshake ended
+        self._pump()
 
     # -- transmission ---------------------------------------------------------------------
 
@@ -251,9 +268,6 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._send(self._read_reply(req, data))
                 return
         self._inflight += 1
-        if self._inflight >= _MAX_INFLIGHT and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
         self._spawn(self._serve(req, vol))
 
     async def _serve(self, req: Request, vol: Volume) -> None:
@@ -265,9 +279,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             reply = error_reply(req.cookie, nbd_errno(exc), self._structured, str(exc)[:200])
         self._send(reply)
         self._inflight -= 1
-        if self._paused and self._inflight < _MAX_INFLIGHT // 2 and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        if self._backlog or self._reading_paused:
+            self._pump()
         if self._inflight == 0:
             if self._closing and self._transport is not None:
                 self._flush_outbox()
@@ -347,11 +360,46 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self._outbox:
             self._loop.call_soon(self._flush_outbox)
         self._outbox.extend(buffers)
+        self._outbox_bytes += sum(map(len, buffers))
 
     def _flush_outbox(self) -> None:
         out, self._outbox = self._outbox, []
+        self._outbox_bytes = 0
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
+            self._transport.writelines(out)  # may call pause_writing
+        if self._backlog or self._reading_paused:
+            self._pump()
+
+    def _blocked(self) -> bool:
+        """Take no more requests now: too many in progress, or too many replies waiting
+        for the client to read them."""
+        return (self._write_paused or self._inflight >= _MAX_INFLIGHT
+                or self._outbox_bytes >= _OUTBOX_HIGH)
+
+    def _pump(self) -> None:
+        """Dispatch decoded requests while replies can go out; read from the client only
+        when none wait. Called whenever one of the reasons to wait may have gone."""
+        if self._pumping or self._decoder is None:
+            return
+        self._pumping = True
+        try:
+            backlog = self._backlog
+            while backlog and not self._blocked():
+                self._dispatch(backlog.popleft())
+            transport = self._transport
+            if transport is None or transport.is_closing() or self._closing:
+                return
+            want = not backlog and not self._blocked()
+            if want and self._reading_paused and self._inflight > _MAX_INFLIGHT // 2:
+                want = False  # some slack first, or every completion toggles reading
+            if want and self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+            elif not want and not self._reading_paused:
+                self._reading_paused = True
+                transport.pause_reading()
+        finally:
+            self._pumping = False
 
     def _abort(self, why: str) -> None:
         log.info("nbd %s: closing: %s", self._peer, why)
