@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.ring import Ring
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
@@ -54,6 +55,22 @@ class RecoveryStatus:
         return self.done / (end - self.started) if self.started and end > self.started else 0.0
 
 
+def _settled(fut: asyncio.Future[None]) -> asyncio.Future[None]:
+    """A future done when `fut` is, however `fut` ends. An operation waits on this, not on
+    a fetch itself: a fetch is cancelled with its epoch's recovery, and that must not
+    cancel the operation (it asks the guard again, or its epoch check refuses it)."""
+    waiter = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future[None]) -> None:
+        if not f.cancelled():
+            f.exception()  # retrieved: a failed fetch is logged where it fails
+        if not waiter.done():
+            waiter.set_result(None)
+
+    fut.add_done_callback(done)
+    return waiter
+
+
 class Recovery:
     def __init__(
         self,
@@ -83,7 +100,13 @@ class Recovery:
         self._pending: dict[int, tuple[int, list[NodeInfo]]] = {}
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._seen: EpochRecord | None = None  # the last epoch this process saw
+        self._seen_ring: Ring | None = None  # and its ring
         self._may_be_stale = True  # our copies may have missed writes: wait for the plan
+        # while listing: the ring of the epoch before, and the objects that epoch had not
+        # brought in yet (a copy is only known current if that ring placed it here and it
+        # was not still waiting to be recovered)
+        self._prev_ring: Ring | None = None
+        self._unsettled: frozenset[int] = frozenset()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -94,17 +117,35 @@ class Recovery:
             return
         if self._task is not None:
             self._task.cancel()
-        prev = self._seen
-        self._seen = record
+        prev, prev_ring = self._seen, self._seen_ring
+        old_listed = self._listed
+        prev_listed = old_listed is None or old_listed.done()
+        self._seen, self._seen_ring = record, view.ring
         # continuous membership since the last epoch means no write passed this node by
+        # for the objects that epoch placed here, once its plan was known
         self._may_be_stale = (prev is None or record.epoch != prev.epoch + 1
-                              or prev.node(self.node_id) is None)
-        self._active = True
-        self._listed = asyncio.get_running_loop().create_future()
-        self._pending = {}
-        self.status = RecoveryStatus(epoch=record.epoch, state="listing",
-                                     started=time.monotonic())
-        self._task = asyncio.ensure_future(self._run(record.epoch))
+                              or prev.node(self.node_id) is None or not prev_listed)
+        self._prev_ring = prev_ring
+        self._unsettled = frozenset(self._pending.keys() | self._inflight.keys())
+        if record.node(self.node_id) is None:
+            # not a member (lease lost while paused or cut off; it rejoins in a later
+            # epoch): no part in this epoch's recovery, and above all no dropping of copies
+            # by this ring, in which this node owns nothing; they may be the only ones left
+            self._active = False
+            self._listed = None
+            self._pending = {}
+            self._task = None
+            self.status = RecoveryStatus(epoch=record.epoch, state="idle")
+        else:
+            self._active = True
+            self._listed = asyncio.get_running_loop().create_future()
+            self._pending = {}
+            self.status = RecoveryStatus(epoch=record.epoch, state="listing",
+                                         started=time.monotonic())
+            self._task = asyncio.ensure_future(self._run(record.epoch))
+        if old_listed is not None and not old_listed.done():
+            # the old epoch's listing will never finish: who waited for it asks again
+            old_listed.set_result(None)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -122,18 +163,29 @@ class Recovery:
             return None
         running = self._inflight.get(oid)
         if running is not None:
-            return running
+            return _settled(running)
         if fresh:  # the write replaces the object: nothing old is worth fetching
             self._pending.pop(oid, None)
             return None
         listed = self._listed
         if listed is not None and not listed.done():
-            if not self._may_be_stale and self._store.exists(oid):
+            if (not self._may_be_stale and oid not in self._unsettled
+                    and self._placed_before(oid) and self._store.exists(oid)):
                 return None
             return asyncio.ensure_future(self._after_listing(oid))
         if oid in self._pending:
-            return self._start_fetch(oid)
+            return _settled(self._start_fetch(oid))
         return None
+
+    def _placed_before(self, oid: int) -> bool:
+        """Whether the previous epoch's ring placed `oid` on this node: a copy it did not
+        place here (left from an earlier epoch, not yet dropped) missed that epoch's
+        writes."""
+        ring, config = self._prev_ring, self._view.config
+        if ring is None or config is None:
+            return False
+        return any(r.node_id == self.node_id
+                   for r in ring.place(oid, oid_copies(oid) or config.copies))
 
     async def _after_listing(self, oid: int) -> None:
         assert self._listed is not None

@@ -282,3 +282,56 @@ async def vdi_read(manager, name: str, offset: int, length: int, tag: str | None
                    ) -> bytes:
     async with await manager.open(name, tag) as vol:
         return bytes(await vol.read(offset, length))
+
+
+# -- recovery and fencing test helpers -----------------------------------------------------
+
+
+def wait_healthy(cluster: Cluster, timeout: float = 60) -> dict:
+    """Until `dog cluster info` says every member of the current epoch finished recovery."""
+    def healthy() -> dict | None:
+        info = cluster.info()
+        return info if info.get("health") == "healthy" else None
+
+    return wait_until(healthy, timeout, "cluster health 'healthy'")
+
+
+def qemu_io(url: str, *commands: str, cwd: Path, timeout: float = 120) -> str:
+    """Run qemu-io commands on an NBD export in one connection (closing it flushes); any
+    failed command or pattern mismatch fails the test."""
+    cmd = ["qemu-io", "-f", "raw"]
+    for command in commands:
+        cmd += ["-c", command]
+    proc = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 or "failed" in out or "error" in out.lower():
+        raise AssertionError(f"qemu-io {commands} on {url} ({proc.returncode}):\n{out[-3000:]}")
+    return proc.stdout
+
+
+class PatternImage:
+    """What an export must read back: a model of the qemu-io `write -P` commands sent."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def write(self, pattern: int, offset: int, length: int) -> str:
+        """Apply to the model; the qemu-io command that does the same to the export."""
+        self.data[offset : offset + length] = bytes([pattern]) * length
+        return f"write -P {pattern:#x} {offset} {length}"
+
+    def verify(self, url: str, cwd: Path, timeout: float = 120) -> None:
+        """Read the whole export with nbdcopy and compare byte for byte."""
+        out = cwd / "readback.img"
+        out.unlink(missing_ok=True)
+        proc = subprocess.run(["nbdcopy", url, str(out)], capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd)
+        assert proc.returncode == 0, f"nbdcopy {url} failed: {proc.stderr[-2000:]}"
+        got = out.read_bytes()
+        out.unlink()
+        assert len(got) == len(self.data), f"read {len(got)} bytes of {len(self.data)}"
+        if got != self.data:
+            first = next(i for i, (a, b) in enumerate(zip(got, self.data, strict=True)) if a != b)
+            bad = sum(1 for a, b in zip(got, self.data, strict=True) if a != b)
+            raise AssertionError(f"{bad} byte(s) differ; the first at {first}: read "
+                                 f"{got[first]:#x}, expected {self.data[first]:#x}")
