@@ -159,11 +159,23 @@ class ObjectClient:
         return bool(frame.aux)
 
     async def flush(self) -> None:
-        """Make every acknowledged write on every node durable."""
-        record = self._view.record
-        if record is None:
-            return
-        await asyncio.gather(*(self._flush_node(n) for n in record.nodes))
+        """Make every acknowledged write on every node durable. A member that cannot be
+        reached (killed a moment ago, still in the epoch until its lease runs out) makes
+        the flush wait for the next ring and flush its members: the acknowledged writes
+        that count are on them."""
+        start = time.monotonic()
+        while True:
+            record = self._view.record
+            if record is None:
+                return
+            results = await asyncio.gather(*(self._flush_node(n) for n in record.nodes),
+                                           return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is None:
+                return
+            if not isinstance(failure, (*_RETRYABLE, OSError)):
+                raise failure
+            await self._await_new_ring(record.epoch, failure, start)
 
     async def list_node(self, node: NodeInfo) -> list[int]:
         frame = await self._pool.call(node.data_addr, Opcode.LIST, timeout=self._timeout)

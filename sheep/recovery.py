@@ -86,7 +86,7 @@ class Recovery:
     ) -> None:
         self.node_id = node_id
         self.status = RecoveryStatus()
-        self.throttle = throttle  # bytes/s of recovery reads; 0 = unbounded
+        self._throttle = throttle  # bytes/s of recovery reads; 0 = unbounded
         self.min_free = min_free  # free bytes recovery must leave on the node
         self._store = store
         self._view = view
@@ -102,11 +102,22 @@ class Recovery:
         self._seen: EpochRecord | None = None  # the last epoch this process saw
         self._seen_ring: Ring | None = None  # and its ring
         self._may_be_stale = True  # our copies may have missed writes: wait for the plan
+        self._paced_until = 0.0  # the throttle's budget, shared by every fetch of the node
         # while listing: the ring of the epoch before, and the objects that epoch had not
         # brought in yet (a copy is only known current if that ring placed it here and it
         # was not still waiting to be recovered)
         self._prev_ring: Ring | None = None
         self._unsettled: frozenset[int] = frozenset()
+
+    @property
+    def throttle(self) -> int:
+        """Bytes per second of recovery reads for the whole node; 0 = unbounded."""
+        return self._throttle
+
+    @throttle.setter
+    def throttle(self, bytes_per_second: int) -> None:
+        self._throttle = bytes_per_second
+        self._paced_until = 0.0  # a new bound starts afresh, not behind the old one's debt
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -127,6 +138,8 @@ class Recovery:
                               or prev.node(self.node_id) is None or not prev_listed)
         self._prev_ring = prev_ring
         self._unsettled = frozenset(self._pending.keys() | self._inflight.keys())
+        for fetch in list(self._inflight.values()):
+            fetch.cancel()  # its sources were the old epoch's: who waits on it asks again
         if record.node(self.node_id) is None:
             # not a member (lease lost while paused or cut off; it rejoins in a later
             # epoch): no part in this epoch's recovery, and above all no dropping of copies
@@ -269,6 +282,7 @@ class Recovery:
                     self.status.state = "paused (free space below the floor)"
                     await asyncio.sleep(2.0)
                     self.status.state = "recovering"
+                await self._pace()
 
         await asyncio.gather(*(worker() for _ in range(self._parallel)))
         while self._inflight:  # fetches that client I/O started
@@ -306,7 +320,7 @@ class Recovery:
             self._install(oid, frame.payload, written)
             self.status.done += 1
             self.status.bytes += size
-            await self._pace(size, time.monotonic() - started)
+            self._charge(size, started)
             return
         log.warning("no member could provide object %s", oid_str(oid))
 
@@ -318,11 +332,20 @@ class Recovery:
         for offset, length in nonzero_runs(view):
             self._store.write(oid, offset, view[offset : offset + length], epoch=written)
 
-    async def _pace(self, nbytes: int, took: float) -> None:
+    def _charge(self, nbytes: int, started: float) -> None:
+        """Count a fetch against the throttle. One budget for all the fetches of the node,
+        the parallel workers' and the ones client I/O asked for: the bound is per node."""
         if self.throttle > 0:
-            wait = nbytes / self.throttle - took
-            if wait > 0:
-                await asyncio.sleep(wait)
+            self._paced_until = max(self._paced_until, started) + nbytes / self.throttle
+
+    async def _pace(self) -> None:
+        """A worker waits here, between fetches, until the budget allows the next one. A
+        fetch that client I/O waits for is never held back: it is only charged."""
+        while self.throttle > 0:
+            wait = self._paced_until - time.monotonic()
+            if wait <= 0:
+                return
+            await asyncio.sleep(min(wait, 0.5))  # a new throttle takes effect soon
 
     # -- after the epoch ------------------------------------------------------------------
 

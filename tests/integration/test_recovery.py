@@ -1,6 +1,7 @@
 """Recovery on real clusters: kill -9 during verified writes through NBD, a restarted node
-catching up (stale copies refreshed), a joining node taking its share, flushed writes
-surviving kill -9 of every daemon, and `dog node recovery`.
+catching up (stale copies refreshed), a joining node taking its share, copies left behind
+by a join never served as current, I/O waiting for recovery across epoch changes, flushed
+writes surviving kill -9 of every daemon, `dog node recovery` and its throttle.
 
 Data is checked byte for byte: fio's crc32c verification, qemu-io pattern reads, nbdcopy
 of the whole export against a model, and object files compared across nodes.
@@ -14,11 +15,16 @@ import json
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sheep.dataplane.client import PeerPool
+from sheep.dataplane.codec import Frame
+from sheep.dataplane.wire import Opcode
+from sheep.errors import NewEpoch, OldEpoch
 from sheep.etcd_server import EtcdServer
 from sheep.oid import data_oid
 
@@ -248,6 +254,9 @@ def test_a_joining_node_takes_a_share_while_reads_go_on_and_old_copies_are_remov
     image.verify(url, tmp_path)
 
 
+# -- while recovery is in progress -----------------------------------------------------------
+
+
 def _node_ids(cluster: Cluster) -> dict[int, str]:
     """Control port -> node id."""
     return {int(n["node"]["control_port"]): n["node"]["id"] for n in cluster.node_list()}
@@ -268,78 +277,140 @@ def test_a_copy_left_behind_by_a_join_is_not_served_when_its_object_comes_back(
     epoch. X is written (A no longer gets the write), then the joiner leaves and X comes
     back to A: A's copy is stale and must not be served as current while A's recovery is
     still listing its peers (held up here by a paused member)."""
-    cluster = make_cluster(2, "--object-size", "1M")
-    dog("vdi", "create", "disk", "16M", address=cluster.address)
+    block_size = 64 << 10  # many small objects: the joiner's recovery takes seconds
+    cluster = make_cluster(2, "--object-size", str(block_size))
+    dog("vdi", "create", "disk", "8M", address=cluster.address)
     url = cluster.nbd_url("disk")
-    image = PatternImage(16 * MiB)
-    qemu_io(url, image.write(0x11, 0, 16 * MiB), cwd=tmp_path)
+    image = PatternImage(8 * MiB)
+    qemu_io(url, image.write(0x11, 0, 8 * MiB), cwd=tmp_path)
     wait_healthy(cluster, 30)
     gateway = cluster.nodes[0]
-    oids = _data_oids(cluster, "disk", *range(16))
+    oids = _data_oids(cluster, "disk", *range(8 * MiB // block_size))
     on_gateway = [i for i, oid in enumerate(oids) if oid in objects_on_disk(cluster)[0]]
 
     # the joiner's recovery is throttled: the epoch stays unfinished, A keeps its copies
-    joiner = cluster.add_node("--recovery-throttle", "256K")
+    joiner = cluster.add_node("--recovery-throttle", "128K")
     cluster.wait_members(4)
     ids = _node_ids(cluster)
     placed = _placement(cluster, oids)
     moved = [i for i in on_gateway if ids[gateway.port] not in placed[oids[i]]]
     assert moved, "the join moved nothing off the gateway"
     block = moved[0]
-    payload = b"\x22" * MiB
-    dog_bytes("vdi", "write", "disk", str(block * MiB), str(MiB), address=cluster.address,
-              input=payload)
-    image.data[block * MiB : (block + 1) * MiB] = payload
+    payload = b"\x22" * block_size
+    dog_bytes("vdi", "write", "disk", str(block * block_size), str(block_size),
+              address=cluster.address, input=payload)
+    image.data[block * block_size : (block + 1) * block_size] = payload
     leftover = gateway.dir / "obj" / f"{oids[block]:016x}"
-    assert leftover.exists() and leftover.read_bytes()[:4096] == b"\x11" * 4096
+    assert leftover.read_bytes()[:4096] == b"\x11" * 4096, "the test came too late"
 
-    # a member that does not answer holds up the gateway's listing in the next epoch
+    # a member that does not answer holds up the gateway's listing in the next epoch,
+    # until its lease runs out and the epoch after that leaves it out
     paused = next(n for n in cluster.nodes[1:3] if ids[n.port] not in placed[oids[block]])
+    addr = _data_addr(cluster, gateway)
     assert paused.proc is not None
     paused.proc.send_signal(signal.SIGSTOP)
     try:
         joiner.stop()  # leaves at once: the block is the gateway's again
-        image.verify(url, tmp_path)
+        info = cluster.info()
+        assert len(info["history"][-1]["nodes"]) == 3, "the paused node is out already"
+        # a client of this epoch reads the block from the gateway: not the stale copy;
+        # once the epoch moves on without the paused node, a refusal for the old epoch
+        reply = asyncio.run(_read_at(addr, oids[block], block_size, int(info["epoch"])))
     finally:
         paused.proc.send_signal(signal.SIGCONT)
+    if reply.result == 0:
+        assert bytes(reply.payload) == payload, "the stale copy was served"
+    else:
+        assert reply.result == OldEpoch.code, reply
     cluster.wait_members(3)
     wait_healthy(cluster, 60)
     image.verify(url, tmp_path)
     _assert_clean(cluster, "disk")
 
 
-def test_a_read_waiting_for_the_recovery_of_its_object_survives_an_epoch_change(
-        make_cluster, tmp_path: Path) -> None:
-    """The gateway reads objects it is still fetching (recovery throttled: seconds per
-    object) when the epoch changes again, cancelling that recovery: the read is answered,
-    with the right bytes, not lost with the cancelled fetch."""
-    cluster = make_cluster(2, "--object-size", "1M")
-    dog("vdi", "create", "disk", "16M", address=cluster.address)
-    url = cluster.nbd_url("disk")
-    image = PatternImage(16 * MiB)
-    qemu_io(url, *(image.write(0x30 + i, i * MiB, MiB) for i in range(16)), cwd=tmp_path)
-    wait_healthy(cluster, 30)
-    dog("node", "recovery", "set-throttle", "128K", address=cluster.address)
-    away = cluster.nodes[2]
-    away.stop()  # the gateway now owns what was on the other two: 8 s per object
-    cluster.wait_members(2)
-    assert cluster.info()["health"] == "recovering"
-    reader = _Reader(image, url, tmp_path)
-    reader.start()
+async def _read_at(addr: tuple[str, int], oid: int, length: int, epoch: int) -> Frame:
+    """READ a whole object at `epoch` from one node, as a client of that epoch would."""
+    pool = PeerPool()
     try:
+        conn = await pool.get(addr)
+        deadline = time.monotonic() + 10
+        while True:
+            reply = await conn.request(Opcode.READ, oid=oid, offset=0, length=length,
+                                       epoch=epoch, timeout=20)
+            if reply.result != NewEpoch.code or time.monotonic() > deadline:
+                return reply
+            await asyncio.sleep(0.05)  # the node has not seen the epoch yet
+    finally:
+        await pool.close()
+
+
+def _data_addr(cluster: Cluster, node: SheepProcess) -> tuple[str, int]:
+    for n in cluster.node_list():
+        if int(n["node"]["control_port"]) == node.port:
+            return n["node"]["host"], int(n["node"]["data_port"])
+    raise AssertionError(f"node on port {node.port} is not listed")
+
+
+def test_a_read_waiting_for_the_recovery_of_its_object_survives_epoch_changes(
+        make_cluster, tmp_path: Path) -> None:
+    """The gateway reads objects it has yet to fetch while their only source is paused;
+    the epoch changes twice meanwhile (a node comes back, the paused one's lease runs
+    out), cancelling those fetches and then the listing of the epoch after them: the read
+    is answered, with the right bytes, once a source is back."""
+    block_size = 64 << 10
+    cluster = make_cluster(2, "--object-size", str(block_size))
+    dog("vdi", "create", "disk", "4M", address=cluster.address)
+    url = cluster.nbd_url("disk")
+    image = PatternImage(4 * MiB)
+    qemu_io(url, *(image.write(0x30 + i, i * block_size, block_size) for i in range(64)),
+            cwd=tmp_path)
+    wait_healthy(cluster, 30)
+    gateway, source, away = cluster.nodes
+    gateway_id = _node_ids(cluster)[gateway.port]
+    # recovery drains at one object a second: most are still to come when the source stops
+    dog("node", "recovery", "set-throttle", "64K", address=cluster.address)
+    away.stop()
+    cluster.wait_members(2)
+
+    def gateway_recovery() -> dict:
+        nodes = dog_json("node", "recovery", address=cluster.address)["nodes"]
+        return next(n["recovery"] for n in nodes if n["node"]["id"] == gateway_id)
+
+    wait_until(lambda: gateway_recovery()["state"] == "recovering", 30, "the gateway to plan")
+    left = gateway_recovery()
+    assert int(left["total"]) - int(left["done"]) >= 4, left
+    assert source.proc is not None
+    source.proc.send_signal(signal.SIGSTOP)
+    reader = _Reader(image, url, tmp_path)
+    try:
+        reader.start()
         away.start().wait_up()  # a new epoch while the read waits for fetches
-        cluster.wait_members(3)
         wait_until(lambda: reader.passes >= 1 or reader.error, 60, "the read to be answered")
     finally:
+        source.proc.send_signal(signal.SIGCONT)
         reader.stop.set()
         reader.join(120)
     assert reader.error is None, reader.error
     assert not reader.is_alive()
+    dog("node", "recovery", "set-throttle", "0", address=cluster.address)
+    cluster.wait_members(3)
     wait_healthy(cluster, 60)
     image.verify(url, tmp_path)
+    _assert_clean(cluster, "disk")
 
 
-# -- 4. flushed writes survive kill -9 of every daemon ---------------------------------------
+# -- 4. flushes and kill -9 ------------------------------------------------------------------
+
+
+def test_a_flush_right_after_kill_9_of_a_replica_waits_for_the_new_epoch(
+        make_cluster, tmp_path: Path) -> None:
+    cluster = make_cluster(3)
+    dog("vdi", "create", "disk", "16M", address=cluster.address)
+    url = cluster.nbd_url("disk")
+    qemu_io(url, "write -P 0x11 0 16M", cwd=tmp_path)
+    cluster.nodes[2].kill(signal.SIGKILL)
+    # what was acknowledged before the kill is on the two others: a flush can succeed
+    qemu_io(url, "read -P 0x11 0 64k", "flush", cwd=tmp_path, timeout=60)
 
 
 def test_flushed_writes_survive_kill_9_of_every_daemon(make_cluster, tmp_path: Path) -> None:
@@ -367,7 +438,7 @@ def test_flushed_writes_survive_kill_9_of_every_daemon(make_cluster, tmp_path: P
     _assert_clean(cluster, "disk")
 
 
-# -- 6. dog node recovery ---------------------------------------------------------------------
+# -- 6. dog node recovery and its throttle ----------------------------------------------------
 
 
 def test_node_recovery_shows_progress_after_a_restart_and_set_throttle_reaches_every_node(
@@ -413,4 +484,26 @@ def test_node_recovery_shows_progress_after_a_restart_and_set_throttle_reaches_e
     assert dog("node", "recovery", address=cluster.address).stdout.count("10 MiB/s") == 3
     dog("node", "recovery", "set-throttle", "0", address=cluster.address)
     assert all(int(s["recovery"]["throttle"]) == 0 for s in states())
+    image.verify(url, tmp_path)
+
+
+def test_set_throttle_bounds_the_recovery_rate_of_each_node(
+        make_cluster, tmp_path: Path) -> None:
+    block_size = 64 << 10
+    cluster = make_cluster(2, "--object-size", str(block_size))
+    dog("vdi", "create", "disk", "4M", address=cluster.address)
+    url = cluster.nbd_url("disk")
+    image = PatternImage(4 * MiB)
+    qemu_io(url, image.write(0x5C, 0, 4 * MiB), cwd=tmp_path)
+    wait_healthy(cluster, 30)
+    dog("node", "recovery", "set-throttle", "256K", address=cluster.address)  # 4 objects/s
+    cluster.nodes[2].stop()  # the two others each copy what they shared with it
+    cluster.wait_members(2)
+    wait_healthy(cluster, 60)
+    for s in dog_json("node", "recovery", address=cluster.address)["nodes"]:
+        r = s["recovery"]
+        assert int(r["done"]) == int(r["total"]) >= 8, r
+        # the bound is the node's, however many fetches run at once (a first burst of
+        # parallel fetches aside): not 4 objects/s per worker
+        assert float(r["rate"]) <= 8, r
     image.verify(url, tmp_path)
