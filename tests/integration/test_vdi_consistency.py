@@ -229,26 +229,36 @@ async def test_snapshot_by_dog_during_concurrent_writes_keeps_acked_writes_and_t
         in_flight = iter(queue)
         stop = asyncio.Event()
         pace = random.Random(8)
+        acks = 0
+
+        async def acked_more(n: int) -> None:
+            """Pace the snapshots by progress, not by the clock: a loaded machine is slow."""
+            target = acks + n
+            async with asyncio.timeout(60):
+                while acks < target:
+                    await asyncio.sleep(0.01)
 
         async def writer() -> None:
+            nonlocal acks
             for rec in in_flight:
                 if stop.is_set():
                     return
                 rec.issued = time.monotonic()
                 await vol.write(rec.offset, rec.data)
                 rec.acked = time.monotonic()
+                acks += 1
                 await asyncio.sleep(pace.uniform(0, 0.06))
 
         writers = asyncio.gather(*(writer() for _ in range(16)))
         snaps: dict[str, tuple[float, float]] = {}
         for tag in ("s1", "s2", "s3"):
-            await asyncio.sleep(0.3)
+            await acked_more(8)
             started = time.monotonic()
             rc, _, err = await dog_async("vdi", "snapshot", "live", "-s", tag,
                                          address=cluster.address)
             snaps[tag] = (started, time.monotonic())
             assert rc == 0, err.decode()
-        await asyncio.sleep(0.3)
+        await acked_more(8)
         stop.set()
         await writers
     finally:
