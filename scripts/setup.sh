@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
-APT_PACKAGES=(etcd-server python3-venv qemu-utils qemu-block-extra libnbd-bin nbdkit fio)
+APT_PACKAGES=(etcd-server python3-venv qemu-utils qemu-block-extra libnbd-bin nbdkit fio libiscsi-bin)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

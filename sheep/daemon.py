@@ -28,18 +28,20 @@ from sheep.control import sheep_pb2 as pb
 from sheep.dataplane import server as dataplane
 from sheep.dataplane.client import PeerPool
 from sheep.dataplane.service import ObjectService
-from sheep.dataplane.wire import Opcode
+from sheep.dataplane.wire import MUTATIONS
 from sheep.errors import Fenced, SheepError
 from sheep.gateway.exports import VolumeCache
+from sheep.gateway.iscsi.login import Chap
+from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
 from sheep.gateway.nbd.server import serve_nbd
 from sheep.objclient import ObjectClient
 from sheep.recovery import Recovery
+from sheep.repair import Repairer
+from sheep.scrub import Scrubber
 from sheep.store import NodeMeta, ObjectStore
 from sheep.vdi.registry import VdiRegistry
 
 log = logging.getLogger("sheep.daemon")
-
-_WRITES = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.DISCARD, Opcode.REMOVE})
 
 
 class StartupError(SheepError):
@@ -60,7 +62,11 @@ class NodeOptions:
     lease_ttl: int = 10
     recovery_throttle: int = 0  # bytes/s of recovery reads per node; 0 = unbounded
     min_free: int = 256 << 20  # recovery never fills the disk below this
+    scrub_interval: float = 7 * 86400  # seconds between scrub passes; 0: on demand only
     nbd_port: int | None = None  # serve VDIs over NBD on this port (0: any free one)
+    iscsi_port: int | None = None  # serve VDIs over iSCSI on this port (0: any free one)
+    iscsi_chap: str = ""  # USER:SECRET initiators must prove (CHAP), for every target
+    iscsi_mutual_chap: str = ""  # USER:SECRET we prove to initiators (mutual CHAP)
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
@@ -74,6 +80,17 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(f"{what} port {host}:{port} is already in use") from None
             raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
+
+
+def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
+    try:
+        chap = Chap.parse(opts.iscsi_chap) if opts.iscsi_chap else None
+        mutual = Chap.parse(opts.iscsi_mutual_chap) if opts.iscsi_mutual_chap else None
+    except ValueError as exc:
+        raise StartupError(f"bad iSCSI CHAP setting: {exc}") from None
+    if mutual is not None and chap is None:
+        raise StartupError("--iscsi-mutual-chap needs --iscsi-chap")
+    return IscsiConfig(chap, mutual)
 
 
 class Node:
@@ -91,9 +108,13 @@ class Node:
         self._control_server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._nbd_server: asyncio.Server | None = None
+        self._iscsi_server: asyncio.Server | None = None
+        self._iscsi: IscsiGateway | None = None
         self._volumes: VolumeCache | None = None
         self._pool: PeerPool | None = None
         self.recovery: Recovery | None = None
+        self.repairer: Repairer | None = None
+        self.scrubber: Scrubber | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -104,6 +125,9 @@ class Node:
         _check_port_free(opts.bind, opts.data_port, "data")
         if opts.nbd_port:
             _check_port_free(opts.bind, opts.nbd_port, "NBD")
+        if opts.iscsi_port:
+            _check_port_free(opts.bind, opts.iscsi_port, "iSCSI")
+        iscsi_config = _iscsi_config(opts)
         await self.etcd.connect()
         config = await self.etcd.config()
         self._adopt_cluster(config.cluster_id if config else None, refuse=True)
@@ -116,8 +140,11 @@ class Node:
                                  self.etcd, throttle=opts.recovery_throttle,
                                  min_free=opts.min_free)
         self.view.add_listener(self.recovery.on_view)
+        self.repairer = Repairer(self.meta.get("node_id"), self.store, self.view, self._pool)
         service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0,
-                                guard=self._guard)
+                                guard=self._guard, repair=self.repairer.repair)
+        self.scrubber = Scrubber(self.store, self.recovery, self.repairer,
+                                 interval=opts.scrub_interval, throttle=opts.recovery_throttle)
         self._data_server = await dataplane.serve(service, opts.bind, opts.data_port)
         data_port = self._data_server.sockets[0].getsockname()[1]
         try:
@@ -143,8 +170,11 @@ class Node:
             asyncio.ensure_future(follow(self.view, self.etcd)),
             asyncio.ensure_future(self._reconcile_loop()),
         ]
+        self.scrubber.start()
         if opts.nbd_port is not None:
             await self._start_gateway(opts.nbd_port)
+        if opts.iscsi_port is not None:
+            await self._start_iscsi(opts.iscsi_port, iscsi_config)
         log.info(
             "node %s up: control %s:%d, data %s:%d, zone %r, vnodes %d, epoch %d",
             self.info.node_id[:8],
@@ -160,24 +190,50 @@ class Node:
     async def _start_gateway(self, port: int) -> None:
         """Serve VDIs over NBD from this node: its own replicas are read and written in
         its own store, with no network hop."""
-        assert self._pool is not None
-        client = ObjectClient(self.view, self._pool, etcd=self.etcd,
-                              local=(self.info.node_id, self.store), guard=self._guard)
-        holder = f"sheep {self.info.node_id[:8]} nbd (pid {os.getpid()})"
-        self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
         try:
-            self._nbd_server = await serve_nbd(self._volumes, self.opts.bind, port)
+            self._nbd_server = await serve_nbd(self._gateway_volumes("nbd"), self.opts.bind,
+                                               port)
         except OSError as exc:
             raise StartupError(f"cannot bind NBD port {self.opts.bind}:{port}: {exc}") from None
         bound = self._nbd_server.sockets[0].getsockname()[1]
         log.info("nbd gateway on nbd://%s:%d/", self.opts.bind, bound)
 
+    def _gateway_volumes(self, what: str) -> VolumeCache:
+        """The volumes every gateway on this node shares: an NBD and an iSCSI client of
+        one VDI write through one Volume (one lock, one owner table)."""
+        if self._volumes is None:
+            assert self._pool is not None
+            client = ObjectClient(self.view, self._pool, etcd=self.etcd,
+                                  local=(self.info.node_id, self.store), guard=self._guard,
+                                  repair=self.repairer.repair)
+            holder = f"sheep {self.info.node_id[:8]} {what} (pid {os.getpid()})"
+            self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
+        return self._volumes
+
+    async def _start_iscsi(self, port: int, config: IscsiConfig) -> None:
+        """Serve every VDI as an iSCSI target from this node, beside NBD."""
+        try:
+            self._iscsi, self._iscsi_server = await serve_iscsi(
+                self._gateway_volumes("iscsi"), self.opts.bind, port, config)
+        except OSError as exc:
+            raise StartupError(f"cannot bind iSCSI port {self.opts.bind}:{port}: {exc}"
+                               ) from None
+        bound = self._iscsi_server.sockets[0].getsockname()[1]
+        log.info("iscsi gateway on %s:%d (%s)", self.opts.bind, bound,
+                 "CHAP" if config.chap else "no authentication")
+
     async def stop(self) -> None:
         log.info("stopping")
         if self._nbd_server is not None:
             self._nbd_server.close()
+        if self._iscsi_server is not None:
+            self._iscsi_server.close()
+        if self._iscsi is not None:
+            self._iscsi.close()
         if self._volumes is not None:
             await self._volumes.close()
+        if self.scrubber is not None:
+            await self.scrubber.close()
         if self.recovery is not None:
             await self.recovery.close()
         if self._pool is not None:
@@ -269,16 +325,17 @@ class Node:
             epoch=self.view.epoch,
             reachable=True,
             recovery=self._recovery_stats(),
+            scrub=self._scrub_stats(),
         )
 
     def _guard(self, oid: int, opcode: int, fresh: bool) -> asyncio.Future[None] | None:
         """Every client operation on this node's store passes here: writes are refused while
         the node may have lost its lease, and any operation on an object still being
         recovered waits for it."""
-        if opcode in _WRITES and self._membership is not None and self._membership.fenced:
+        if opcode in MUTATIONS and self._membership is not None and self._membership.fenced:
             raise Fenced("this node's cluster lease may have expired; it takes no writes")
-        assert self.recovery is not None
-        return self.recovery.guard(oid, opcode, fresh)
+        assert self.recovery is not None and self.repairer is not None
+        return self.repairer.guard(oid) or self.recovery.guard(oid, opcode, fresh)
 
     def _recovery_stats(self) -> pb.RecoveryStats:
         if self.recovery is None:
@@ -287,7 +344,23 @@ class Node:
         return pb.RecoveryStats(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
                                 rate=s.rate, throttle=self.recovery.throttle)
 
+    def _scrub_stats(self) -> pb.ScrubStats:
+        if self.scrubber is None or self.repairer is None:
+            return pb.ScrubStats(state="idle")
+        s, r = self.scrubber.status, self.repairer.stats
+        return pb.ScrubStats(state=s.state, passes=s.passes, done=s.done, total=s.total,
+                             bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
+                             finished=s.finished, interval=self.scrubber.interval,
+                             blocks_repaired=r.repaired, blocks_accepted=r.accepted)
+
+    def start_scrub(self) -> None:
+        if self.scrubber is not None:
+            self.scrubber.request()
+
     def set_recovery_throttle(self, bytes_per_second: int) -> None:
+        """One bound for background reads: recovery's and the scrub's."""
+        if self.scrubber is not None:
+            self.scrubber.throttle = bytes_per_second
         if self.recovery is not None:
             self.recovery.throttle = bytes_per_second
             log.info("recovery throttle: %s", f"{bytes_per_second} B/s" if bytes_per_second

@@ -21,12 +21,13 @@ ETCD_CLIENT_OFFSET = 379
 ETCD_PEER_OFFSET = 380
 DATA_PORT_OFFSET = 100
 DEFAULT_NBD_PORT = 10809  # IANA's NBD port; node 0 is the gateway
+DEFAULT_ISCSI_PORT = 3260  # IANA's iSCSI port; node 0 is the portal
 
 
 class EmbeddedCluster:
     def __init__(
         self, root: Path, *, nodes: int, copies: int, base_port: int, object_size: int,
-        nbd_port: int = DEFAULT_NBD_PORT,
+        nbd_port: int = DEFAULT_NBD_PORT, iscsi_port: int = DEFAULT_ISCSI_PORT,
     ) -> None:
         self.root = root.resolve()
         self.nodes = nodes
@@ -34,6 +35,7 @@ class EmbeddedCluster:
         self.base_port = base_port
         self.object_size = object_size
         self.nbd_port = nbd_port
+        self.iscsi_port = iscsi_port
         self.etcd = EtcdServer(
             self.root / "etcd",
             base_port + ETCD_CLIENT_OFFSET,
@@ -60,6 +62,7 @@ class EmbeddedCluster:
                         "--data-port", str(self.base_port + DATA_PORT_OFFSET + i),
                         "--etcd", self.etcd.url,
                         *(["--nbd-port", str(self.nbd_port)] if i == 0 else []),
+                        *(["--iscsi-port", str(self.iscsi_port)] if i == 0 else []),
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -125,6 +128,10 @@ class EmbeddedCluster:
                 )
             print(f"nbd: nbd://127.0.0.1:{self.nbd_port}/VDI  (every VDI by name; "
                   f"NAME@TAG is a read-only snapshot)", flush=True)
+            print(f"iscsi: portal 127.0.0.1:{self.iscsi_port}, target "
+                  f"iqn.2026-11.io.sheep:VDI per VDI, LUN 0 (iqn.2026-11.io.sheep:VDI:TAG "
+                  f"is a read-only snapshot; iscsi-ls iscsi://127.0.0.1:{self.iscsi_port})",
+                  flush=True)
             print(f"try: dog vdi create disk 10G -a 127.0.0.1:{self.control_port(0)}; "
                   f"qemu-img info nbd://127.0.0.1:{self.nbd_port}/disk   (Ctrl-C stops)",
                   flush=True)

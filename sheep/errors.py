@@ -31,6 +31,7 @@ class Result(IntEnum):
     VDI_LOCKED = 15
     READ_ONLY = 16
     FENCED = 17
+    CORRUPT = 18
 
 
 class SheepError(Exception):
@@ -120,6 +121,16 @@ class Fenced(SheepError):
     code = Result.FENCED
 
 
+class Corrupt(SheepError):
+    """the replica's data does not match its checksums"""
+
+    code = Result.CORRUPT
+
+    def __init__(self, message: str = "", blocks: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.blocks = blocks or []  # the checksum blocks that failed, when known
+
+
 class ProtocolError(SheepError):
     """the peer broke the wire protocol; the connection cannot continue"""
 
@@ -172,6 +183,7 @@ _BY_CODE: dict[int, type[SheepError]] = {
         Busy,
         ShuttingDown,
         Fenced,
+        Corrupt,
         NoVdi,
         VdiExists,
         VdiLocked,

@@ -20,10 +20,11 @@ from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool, PeerUnavailable, check
 from sheep.dataplane.codec import Frame
-from sheep.dataplane.service import Guard
+from sheep.dataplane.service import Guard, Repair
 from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import (
     ClusterError,
+    Corrupt,
     Fenced,
     NewEpoch,
     NoObject,
@@ -51,6 +52,7 @@ class ObjectClient:
         etcd: EtcdCluster | None = None,
         local: tuple[str, ObjectStore] | None = None,
         guard: Guard | None = None,
+        repair: Repair | None = None,
         timeout: float = 5.0,
         deadline: float = 60.0,
     ) -> None:
@@ -59,6 +61,7 @@ class ObjectClient:
         self._etcd = etcd
         self._local_id, self._local_store = local if local else ("", None)
         self._guard = guard  # this node's recovery: local I/O waits like remote I/O does
+        self._repair = repair  # and its repair of bad blocks, as the node's service does
         self._timeout = timeout
         self._deadline = deadline
         self._placed: dict[int, list[NodeInfo]] = {}  # oid -> replicas, for one epoch
@@ -90,20 +93,6 @@ class ObjectClient:
             nodes = [n for r in placed if (n := record.node(r.node_id)) is not None]
             self._placed[oid] = nodes
         return list(nodes)
-
-    def local_fd(self, oid: int) -> int | None:
-        """The fd of this node's own replica of `oid` (see ObjectStore.file_descriptor), or
-        None when this node holds none."""
-        store = self._local_store
-        if store is None or (self._guard is not None
-                             and self._guard(oid, Opcode.READ, False) is not None):
-            return None
-        try:
-            if not any(n.node_id == self._local_id for n in self.replicas(oid)):
-                return None
-            return store.file_descriptor(oid)
-        except SheepError:
-            return None
 
     def read_local(self, oid: int, offset: int, length: int) -> bytes | None:
         """This node's own replica of `oid`, read synchronously, or None when this node
@@ -182,11 +171,14 @@ class ObjectClient:
         payload = frame.payload
         return list(struct.unpack(f"<{len(payload) // 8}Q", payload))
 
-    async def read_replica(self, node: NodeInfo, oid: int, offset: int, length: int) -> bytes:
-        """Read one specific replica (for checks that compare copies)."""
+    async def read_replica(self, node: NodeInfo, oid: int, offset: int, length: int, *,
+                           raw: bool = False) -> bytes:
+        """Read one specific replica (for checks that compare copies); `raw` skips its
+        checksum verification."""
         frame = await self._pool.call(
             node.data_addr,
             Opcode.READ,
+            flags=Flags.RAW if raw else Flags.NONE,
             oid=oid,
             offset=offset,
             length=length,
@@ -219,7 +211,8 @@ class ObjectClient:
         await self._pool.call(node.data_addr, Opcode.FLUSH, timeout=self._timeout * 6)
 
     def _local_op(
-        self, opcode: Opcode, oid: int, offset: int, length: int, payload, flags: int
+        self, opcode: Opcode, oid: int, offset: int, length: int, payload, flags: int,
+        repaired: bool = False,
     ) -> asyncio.Future[Frame]:
         """Run one replica's operation on this node's own store: no network, no copy."""
         if self._guard is not None:
@@ -261,6 +254,13 @@ class ObjectClient:
                 frame.aux = int(store.exists(oid))
             else:
                 raise ValueError(f"no local path for {opcode!r}")
+        except Corrupt as exc:
+            if self._repair is None or repaired:
+                frame.result = exc.code
+            else:  # like the node's service: repair the blocks, then once more
+                wait = self._repair(oid, exc.blocks)
+                return asyncio.ensure_future(self._local_after(
+                    wait, opcode, oid, offset, length, payload, flags, True))
         except SheepError as exc:
             frame.result = exc.code
         fut.set_result(frame)
@@ -371,6 +371,8 @@ class ObjectClient:
                     return check(await fut)
                 except NoObject as exc:
                     missing += 1
+                    failure = exc
+                except Corrupt as exc:  # unrepaired on that replica: another may do
                     failure = exc
                 except _RETRYABLE as exc:
                     failure = exc

@@ -26,8 +26,8 @@ from sheep.cluster.ring import Ring
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.wire import Opcode
-from sheep.errors import NoObject, NoSpace, SheepError
+from sheep.dataplane.wire import Flags, Opcode
+from sheep.errors import Corrupt, NoObject, NoSpace, SheepError
 from sheep.oid import oid_copies, oid_str
 from sheep.store import ObjectStore
 from sheep.zeros import nonzero_runs
@@ -159,6 +159,27 @@ class Recovery:
         if old_listed is not None and not old_listed.done():
             # the old epoch's listing will never finish: who waited for it asks again
             old_listed.set_result(None)
+
+    def rescan(self) -> asyncio.Future[None] | None:
+        """Look again, within the current epoch, for objects this node owns and lacks (a
+        replica lost outside any membership change): the scrub's first step. None when
+        this node is not a member or the epoch's recovery is still running (it does just
+        this)."""
+        record = self._view.record
+        if (record is None or record.node(self.node_id) is None
+                or (self._task is not None and not self._task.done())):
+            return None
+        # nothing missed writes within one epoch: copies this node holds are current
+        self._may_be_stale = False
+        self._prev_ring = self._view.ring
+        self._unsettled = frozenset()
+        self._active = True
+        self._listed = asyncio.get_running_loop().create_future()
+        self._pending = {}
+        self.status = RecoveryStatus(epoch=record.epoch, state="listing",
+                                     started=time.monotonic())
+        self._task = asyncio.ensure_future(self._run(record.epoch))
+        return self._task
 
     async def close(self) -> None:
         if self._task is not None:
@@ -300,12 +321,19 @@ class Recovery:
 
     async def _fetch(self, oid: int, written: int, sources: list[NodeInfo]) -> None:
         size = self._store.object_size
-        for node in sources:
+        # verified copies first; if every source holds bad blocks (see store/checksum.py),
+        # their data as it is, which this node then sums afresh
+        attempts = [(node, False) for node in sources]
+        for node, raw in attempts:
             started = time.monotonic()
             try:
                 frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid, offset=0,
-                                              length=size, epoch=0, timeout=_PEER_TIMEOUT)
+                                              length=size, epoch=0, timeout=_PEER_TIMEOUT,
+                                              flags=Flags.RAW if raw else Flags.NONE)
             except NoObject:
+                continue
+            except Corrupt:
+                attempts.append((node, True))
                 continue
             except (SheepError, OSError, TimeoutError) as exc:
                 log.warning("fetching %s from %s failed: %s", oid_str(oid), node.node_id[:8],

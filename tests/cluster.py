@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -132,9 +133,19 @@ class Cluster:
     nodes: list[SheepProcess] = field(default_factory=list)
     lease_ttl: int = 3
     nbd_port: int = field(default_factory=free_port)
+    iscsi_port: int = field(default_factory=free_port)
 
     def nbd_url(self, export: str = "") -> str:
         return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+
+    def iscsi_url(self, export: str = "", lun: int = 0, auth: str = "") -> str:
+        """iscsi://[USER%SECRET@]127.0.0.1:PORT/IQN/LUN of an export (NAME or NAME@TAG);
+        the portal alone without `export`."""
+        from sheep.gateway.iscsi.names import target_name
+
+        who = f"{auth}@" if auth else ""
+        base = f"iscsi://{who}127.0.0.1:{self.iscsi_port}"
+        return f"{base}/{target_name(export)}/{lun}" if export else base
 
     @property
     def etcd_url(self) -> str:
@@ -184,11 +195,15 @@ class Cluster:
 
 
 def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
-                  lease_ttl: int = 3, nbd: bool = False) -> Cluster:
-    """With `nbd`, node 0 also serves NBD on `cluster.nbd_port`."""
+                  lease_ttl: int = 3, nbd: bool = False, iscsi: bool = False,
+                  iscsi_args: tuple[str, ...] = ()) -> Cluster:
+    """With `nbd`, node 0 also serves NBD on `cluster.nbd_port`; with `iscsi`, iSCSI on
+    `cluster.iscsi_port` (`iscsi_args`: more options for it, e.g. CHAP)."""
     cluster = Cluster(root, etcd_base, lease_ttl=lease_ttl)
     for i in range(nodes):
         extra = ["--nbd-port", str(cluster.nbd_port)] if nbd and i == 0 else []
+        if iscsi and i == 0:
+            extra += ["--iscsi-port", str(cluster.iscsi_port), *iscsi_args]
         cluster.add_node(*extra, wait=False)
     for node in cluster.nodes:
         node.wait_up()
@@ -197,6 +212,66 @@ def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
         cluster.format(copies)
     return cluster
 
+
+
+class TcpProxy:
+    """A loopback TCP relay that a test can cut (every connection dropped, new ones
+    refused) and restore on the same port: a node behind it loses its etcd."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if listener is not None:
+            listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    close = cut
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
 
 # the client tests hold, as a gateway would

@@ -38,6 +38,14 @@ def nbd_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
 
 
 @pytest.fixture
+def iscsi_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
+    """A formatted 3-node cluster, copies=3, whose node 0 is an NBD and iSCSI gateway."""
+    c = start_cluster(tmp_path / "cluster", etcd.url, nodes=3, copies=3, nbd=True, iscsi=True)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
 def empty_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
     """No nodes yet: the test adds and formats what it needs."""
     c = Cluster(tmp_path / "cluster", etcd.url)

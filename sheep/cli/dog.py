@@ -160,6 +160,63 @@ async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Names
         print(f"recovery throttle set to {what} on {len(reply.nodes)} node(s)")
 
 
+async def node_scrub(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    if args.json:
+        _emit_json(reply)
+        return
+    rows = []
+    for i, s in enumerate(reply.nodes):
+        c = s.scrub
+        if not s.reachable:
+            rows.append([str(i), s.node.id[:12], "unreachable", "", "", "", "", ""])
+            continue
+        last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.finished))
+                if c.finished else "never")
+        rows.append([str(i), s.node.id[:12], c.state, f"{c.done}/{c.total}",
+                     str(c.bad_blocks), str(c.repaired), str(c.passes), last])
+    print(_table(rows, ["Idx", "Id", "State", "Objects", "Bad", "Repaired", "Passes",
+                        "Last pass"]))
+
+
+async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    """Start a pass on every node; with --wait, follow it to the end."""
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    before = {s.node.id: s.scrub.passes for s in reply.nodes if s.reachable}
+    for s in reply.nodes:
+        async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
+            await pb_grpc.ControlStub(channel).StartScrub(pb.Empty(), timeout=RPC_TIMEOUT)
+    if not args.wait:
+        if args.json:
+            print(json.dumps({"started": len(reply.nodes)}))
+        else:
+            print(f"scrub started on {len(reply.nodes)} node(s)")
+        return
+    while True:
+        reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+        mine = [s for s in reply.nodes if s.node.id in before]
+        finished = all(s.scrub.passes > before[s.node.id] and s.scrub.state == "idle"
+                       for s in mine)
+        done = sum(s.scrub.done for s in mine)
+        total = sum(s.scrub.total for s in mine)
+        if args.progress:
+            pct = 100 if finished else (100 * done // total if total else 0)
+            sys.stderr.write(f"\rscrub [{'#' * (pct // 4):<25}] {pct:3d}% {done}/{total} objects")
+            sys.stderr.flush()
+        if finished:
+            break
+        await asyncio.sleep(0.5)
+    if args.progress:
+        sys.stderr.write("\n")
+    bad = sum(s.scrub.bad_blocks for s in mine)
+    repaired = sum(s.scrub.repaired for s in mine)
+    if args.json:
+        print(json.dumps({"objects": total, "bad_blocks": bad, "repaired": repaired}))
+    else:
+        print(f"scrubbed {total} object(s) on {len(mine)} node(s): {bad} bad block(s), "
+              f"{repaired} repaired")
+
+
 # -- argument parsing ----------------------------------------------------------------------
 
 
@@ -196,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    help="bound recovery reads per node (BYTES/S, 0 = off)")
     throttle.add_argument("rate")
     throttle.set_defaults(func=node_recovery_throttle)
+    scrub = node.add_parser("scrub", parents=[common],
+                            help="checksum scrub progress per node (start runs a pass now)")
+    scrub.set_defaults(func=node_scrub)
+    start = scrub.add_subparsers(dest="scrub_cmd").add_parser(
+        "start", parents=[common], help="scrub every node now")
+    start.add_argument("--wait", action="store_true", help="follow the pass to its end")
+    start.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       default=sys.stderr.isatty(), help="show a progress bar on stderr")
+    start.set_defaults(func=node_scrub_start)
     add_vdi_commands(kinds, common)
     return parser
 

@@ -38,8 +38,12 @@ def _run(args: argparse.Namespace) -> int:
         weight=args.weight,
         lease_ttl=args.lease_ttl,
         nbd_port=args.nbd_port,
+        iscsi_port=args.iscsi_port,
+        iscsi_chap=args.iscsi_chap,
+        iscsi_mutual_chap=args.iscsi_mutual_chap,
         recovery_throttle=args.recovery_throttle,
         min_free=args.min_free,
+        scrub_interval=args.scrub_interval,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -64,6 +68,7 @@ def _up(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         object_size=object_size,
         nbd_port=args.nbd_port,
+        iscsi_port=args.iscsi_port,
     )
     return cluster.run_foreground()
 
@@ -89,10 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds after which a silent node leaves the cluster")
     run.add_argument("--nbd-port", type=int, default=None,
                      help="also serve every VDI over NBD on this port (0: any free port)")
+    run.add_argument("--iscsi-port", type=int, default=None,
+                     help="also serve every VDI as an iSCSI target on this port "
+                          "(0: any free port; the standard port is 3260)")
+    run.add_argument("--iscsi-chap", default="", metavar="USER:SECRET",
+                     help="iSCSI initiators must log in with this CHAP user and secret "
+                          "(every target and discovery)")
+    run.add_argument("--iscsi-mutual-chap", default="", metavar="USER:SECRET",
+                     help="with --iscsi-chap: also prove ourselves to initiators with this "
+                          "CHAP user and secret (mutual CHAP, then required)")
     run.add_argument("--recovery-throttle", type=parse_size, default=0, metavar="BYTES/S",
                      help="bound recovery reads per node (e.g. 50M; default unbounded)")
     run.add_argument("--min-free", type=parse_size, default=256 << 20, metavar="BYTES",
                      help="free space recovery leaves on this node (default 256M)")
+    run.add_argument("--scrub-interval", type=float, default=7 * 86400, metavar="SECONDS",
+                     help="check every replica's checksums this often (default a week; "
+                          "0: only on `dog node scrub start`); paced by --recovery-throttle")
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 
@@ -104,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="node i listens on control port BASE+i and data port BASE+100+i")
     up.add_argument("--object-size", default="4M")
     up.add_argument("--nbd-port", type=int, default=10809, help="NBD gateway port (node 0)")
+    up.add_argument("--iscsi-port", type=int, default=3260,
+                    help="iSCSI portal port (node 0)")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
     return parser

@@ -102,6 +102,10 @@ class ControlService(pb_grpc.ControlServicer):
         self._node.set_recovery_throttle(request.bytes_per_second)
         return self._node.stats()
 
+    async def StartScrub(self, request: pb.Empty, context) -> pb.NodeStats:
+        self._node.start_scrub()
+        return self._node.stats()
+
     async def NodeList(self, request: pb.Empty, context) -> pb.NodeListReply:
         record, _ = await self._node.etcd.epoch()
         nodes = record.nodes if record else ()

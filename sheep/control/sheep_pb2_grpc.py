@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=sheep__pb2.ThrottleRequest.SerializeToString,
                 response_deserializer=sheep__pb2.NodeStats.FromString,
                 _registered_method=True)
+        self.StartScrub = channel.unary_unary(
+                '/sheep.control.Control/StartScrub',
+                request_serializer=sheep__pb2.Empty.SerializeToString,
+                response_deserializer=sheep__pb2.NodeStats.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -94,6 +99,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartScrub(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +131,11 @@ def add_ControlServicer_to_server(servicer, server):
             'SetRecoveryThrottle': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRecoveryThrottle,
                     request_deserializer=sheep__pb2.ThrottleRequest.FromString,
+                    response_serializer=sheep__pb2.NodeStats.SerializeToString,
+            ),
+            'StartScrub': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartScrub,
+                    request_deserializer=sheep__pb2.Empty.FromString,
                     response_serializer=sheep__pb2.NodeStats.SerializeToString,
             ),
     }
@@ -257,6 +273,33 @@ class Control:
             target,
             '/sheep.control.Control/SetRecoveryThrottle',
             sheep__pb2.ThrottleRequest.SerializeToString,
+            sheep__pb2.NodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartScrub(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.Control/StartScrub',
+            sheep__pb2.Empty.SerializeToString,
             sheep__pb2.NodeStats.FromString,
             options,
             channel_credentials,

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Callable
 
 from sheep.errors import (
+    Corrupt,
     NewEpoch,
     NotFormatted,
     OldEpoch,
@@ -24,15 +25,18 @@ from sheep.store import ObjectStore
 
 from .codec import Frame
 from .server import ReplySink
-from .wire import EPOCH_CHECKED, Flags, Opcode, pack_header
+from .wire import EPOCH_CHECKED, MUTATIONS, Flags, Opcode, pack_header
 
 log = logging.getLogger(__name__)
 
 _FUA = int(Flags.FUA)  # a plain int: IntFlag arithmetic costs µs per request
 _FRESH = int(Flags.FRESH)
+_RAW = int(Flags.RAW)
 
 # (oid, opcode, fresh) -> None to go ahead, or a future to wait for (recovery of the object)
 Guard = Callable[[int, int, bool], "asyncio.Future[None] | None"]
+# (oid, failed checksum blocks) -> a future done when the node tried to repair them
+Repair = Callable[[int, list[int]], "asyncio.Future[None]"]
 
 
 class ObjectService:
@@ -44,10 +48,11 @@ class ObjectService:
     """
 
     def __init__(self, store: ObjectStore, epoch: Callable[[], int],
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, repair: Repair | None = None) -> None:
         self._store = store
         self._epoch = epoch
         self._guard = guard
+        self._repair = repair
         self._ops: dict[int, Callable[[Frame, ReplySink], None]] = {
             Opcode.WRITE: self._write,
             Opcode.CREATE: self._create,
@@ -67,7 +72,7 @@ class ObjectService:
             if op is None:
                 raise UnknownOp(f"unknown opcode {frame.opcode}")
             if frame.opcode in EPOCH_CHECKED:
-                self._check_epoch(frame.epoch)
+                self._check_epoch(frame.epoch, frame.opcode)
                 if self._guard is not None and frame.epoch:  # epoch 0: peers' recovery reads
                     fresh = frame.opcode == Opcode.CREATE and bool(frame.flags & _FRESH)
                     wait = self._guard(frame.oid, frame.opcode, fresh)
@@ -75,17 +80,31 @@ class ObjectService:
                         wait.add_done_callback(lambda _f: self._run(op, frame, conn))
                         return
             op(frame, conn)
+        except Corrupt as exc:
+            self._repair_then_run(op, frame, conn, exc)
         except SheepError as exc:
             self._reply(conn, frame, exc.code)
         except Exception:
             log.exception("data-plane request %s failed", frame.opcode)
             self._reply(conn, frame, Result.IO_ERROR)
 
+    def _repair_then_run(self, op: Callable[[Frame, ReplySink], None], frame: Frame,
+                         conn: ReplySink, exc: Corrupt) -> None:
+        """A client operation met a block that fails its checksum: the node repairs it
+        from another replica, then runs the operation once more (a second failure is
+        answered CORRUPT, and the client reads another replica). Peers' reads (epoch 0)
+        are answered CORRUPT at once: they are other nodes' repairs and recoveries."""
+        if self._repair is None or not frame.epoch:
+            self._reply(conn, frame, exc.code)
+            return
+        self._repair(frame.oid, exc.blocks).add_done_callback(
+            lambda _f: self._run(op, frame, conn))
+
     def _run(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
              ) -> None:
         """Run an operation that had to wait for recovery of its object."""
         try:
-            self._check_epoch(frame.epoch)  # the epoch may have moved meanwhile
+            self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
             op(frame, conn)
         except SheepError as exc:
             self._reply(conn, frame, exc.code)
@@ -93,11 +112,14 @@ class ObjectService:
             log.exception("data-plane request %s failed", frame.opcode)
             self._reply(conn, frame, Result.IO_ERROR)
 
-    def _check_epoch(self, epoch: int) -> None:
+    def _check_epoch(self, epoch: int, opcode: int) -> None:
+        """Epoch 0 is for reads that do not depend on the ring (peers' recovery and
+        repair, checks of one replica); a change of data must name the epoch it was placed
+        by, or a node cut off from the cluster could be made to take it."""
         mine = self._epoch()
         if mine == 0:
             raise NotFormatted()
-        if epoch == 0 or epoch == mine:
+        if epoch == mine or (epoch == 0 and opcode not in MUTATIONS):
             return
         if epoch < mine:
             raise OldEpoch(f"request epoch {epoch} < node epoch {mine}")
@@ -162,7 +184,8 @@ class ObjectService:
                 f"{self._store.object_size}-byte object"
             )
         buf = bytearray(frame.length)
-        self._store.readinto(frame.oid, frame.offset, memoryview(buf))
+        self._store.readinto(frame.oid, frame.offset, memoryview(buf),
+                             verify=not frame.flags & _RAW)
         self._reply(conn, frame, length=frame.length, payload=buf)
 
     def _remove(self, frame: Frame, conn: ReplySink) -> None:

@@ -38,10 +38,12 @@ class Flags(IntFlag):
     NONE = 0
     FUA = 1  # the write is durable before the reply
     FRESH = 2  # CREATE starts from an empty object: no leftover bytes survive around it
+    RAW = 4  # READ skips checksum verification (the last resort when no replica verifies)
 
 
 REQUEST_HAS_PAYLOAD = frozenset({Opcode.WRITE, Opcode.CREATE})
 REPLY_HAS_PAYLOAD = frozenset({Opcode.READ, Opcode.LIST, Opcode.LIST_EPOCHS})
+MUTATIONS = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.REMOVE, Opcode.DISCARD})
 EPOCH_CHECKED = frozenset(
     {Opcode.WRITE, Opcode.READ, Opcode.REMOVE, Opcode.DISCARD, Opcode.CREATE, Opcode.EXISTS}
 )

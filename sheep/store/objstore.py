@@ -11,6 +11,10 @@ State shared with the worker is handed over, never shared: a commit takes a snap
 dirty set and of the pending index batch on the loop thread, and syncs duplicates (os.dup) of
 the cached fds, so the loop may close or evict fds while the worker syncs them.
 
+Every 4 KiB block of an object has an xxh3 sum in the object's sidecar file under
+DIR/sum (see checksum.py for why there and how crashes are handled); reads verify them and
+raise Corrupt, which the node answers by repairing the block from another replica.
+
 Nothing is cached that the page cache caches: no object data is kept in Python.
 """
 
@@ -29,8 +33,25 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sheep.errors import InvalidParams, NoObject, NoSpace, OutOfRange, SheepError, StoreIOError
+from sheep.errors import (
+    Corrupt,
+    InvalidParams,
+    NoObject,
+    NoSpace,
+    OutOfRange,
+    SheepError,
+    StoreIOError,
+)
 from sheep.oid import oid_str
+from sheep.store.checksum import (
+    SUM_BLOCK,
+    SUM_SIZE,
+    bad_blocks,
+    block_span,
+    pack_sums,
+    runs,
+    unpack_sums,
+)
 from sheep.store.meta import NodeMeta
 
 DEFAULT_OBJECT_SIZE = 4 << 20
@@ -40,6 +61,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_REPLACE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_CHECK_CHUNK = 1 << 20  # bytes verified at a time by check_object
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -58,6 +81,33 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
     if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> None:
+    """Fill `view` from `offset`; what lies past the end of the (sparse) file reads as 0."""
+    length = len(view)
+    got = os.preadv(fd, [view], offset)
+    while got < length:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            view[got:] = bytes(length - got)
+            return
+        got += n
+
+
+def _dup(fd: int | None) -> int | None:
+    """A duplicate for the commit worker, or None: the worker then opens it by path."""
+    if fd is None:
+        return None
+    try:
+        return os.dup(fd)
+    except OSError:
+        return None
+
+
+def _unlink_missing_ok(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _merge_batches(
@@ -81,13 +131,13 @@ class _Job:
     def __init__(
         self,
         oids: set[int],
-        fds: list[tuple[int, int | None]],
+        fds: list[tuple[int, int | None, int | None]],
         new: dict[int, tuple[int, int]],
         drop: set[int],
         sync_dir: bool,
     ) -> None:
         self.oids = oids
-        self.fds = fds  # (oid, dup'ed fd or None = open by path)
+        self.fds = fds  # (oid, dup'ed data fd, dup'ed sums fd); None = open by path
         self.new = new
         self.drop = drop
         self.sync_dir = sync_dir
@@ -118,13 +168,17 @@ class ObjectStore:
         self.commits = 0  # completed group commits (for tests and stats)
         self._max_open = max_open_files
         self._objdir = str(self.root / "obj")
+        self._sumdir = str(self.root / "sum")
         os.makedirs(self._objdir, exist_ok=True)
+        os.makedirs(self._sumdir, exist_ok=True)
         self._dirfd = os.open(self._objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._sumdirfd = os.open(self._sumdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.meta = NodeMeta(self.root)
         self._closed = False
 
         # fd cache (LRU, oldest first) and, per cached oid, st_blocks last accounted in usage
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._sum_fds: dict[int, int] = {}  # the same oids' sidecar sum files
         self._blocks: dict[int, int] = {}
         self._stale: set[int] = set()  # cached oids whose st_blocks may have changed
         self._used_blocks = 0
@@ -149,6 +203,7 @@ class ObjectStore:
         except BaseException:
             self.meta.close()
             os.close(self._dirfd)
+            os.close(self._sumdirfd)
             self._executor.shutdown()
             raise
 
@@ -180,6 +235,16 @@ class ObjectStore:
         gone = indexed - on_disk
         if missing or gone:
             self.meta.update_objects({oid: (0, 1) for oid in missing}, gone)
+        # sums whose object is gone (a crash between the two unlinks), half-built ones
+        with os.scandir(self._sumdir) as entries:
+            for entry in entries:
+                name = entry.name
+                try:
+                    orphan = len(name) != 16 or int(name, 16) not in on_disk
+                except ValueError:
+                    orphan = True
+                if orphan:
+                    _unlink_missing_ok(entry.path)
 
     def set_object_size(self, n: int) -> None:
         if n <= 0:
@@ -190,6 +255,9 @@ class ObjectStore:
 
     def _path(self, oid: int) -> str:
         return os.path.join(self._objdir, oid_str(oid))
+
+    def _sum_path(self, oid: int) -> str:
+        return os.path.join(self._sumdir, oid_str(oid))
 
     def _open(self, oid: int, *, create: bool, epoch: int = 0) -> int:
         """Slow path of every access: open (maybe create) the object's file and cache its fd."""
@@ -209,6 +277,7 @@ class ObjectStore:
                 created = True
             try:
                 blocks = 0 if created else os.fstat(fd).st_blocks
+                sfd = self._open_sums(oid, fd, created)
             except OSError:
                 os.close(fd)
                 raise
@@ -219,10 +288,39 @@ class ObjectStore:
             self._pending_new[oid] = (epoch, 1)
             self._dir_dirty = True
         self._fds[oid] = fd
+        self._sum_fds[oid] = sfd
         self._blocks[oid] = blocks
         if len(self._fds) > self._max_open:
             self._evict()
         return fd
+
+    def _open_sums(self, oid: int, fd: int, created: bool) -> int:
+        """The object's sum file. An object without one (a crash between creating the two
+        files, or an object older than checksums) gets sums of the data it holds."""
+        path = self._sum_path(oid)
+        if created:
+            self._dir_dirty = True
+            return os.open(path, _REPLACE_FLAGS, 0o644)
+        try:
+            return os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            pass
+        building = path + ".new"
+        sfd = os.open(building, _REPLACE_FLAGS, 0o644)
+        try:
+            size = min(-(-os.fstat(fd).st_size // SUM_BLOCK) * SUM_BLOCK, self.object_size)
+            buf = bytearray(_CHECK_CHUNK)
+            for start in range(0, size, _CHECK_CHUNK):
+                view = memoryview(buf)[: min(_CHECK_CHUNK, size - start)]
+                _pread_full(fd, view, start)
+                os.pwrite(sfd, pack_sums(view), start // SUM_BLOCK * SUM_SIZE)
+            os.rename(building, path)
+        except OSError:
+            os.close(sfd)
+            raise
+        self._dirty.add(oid)
+        self._dir_dirty = True
+        return sfd
 
     def _evict(self) -> None:
         # A dirty evicted object stays in self._dirty; the commit reopens it by path (the
@@ -235,6 +333,7 @@ class ObjectStore:
                 self._used_blocks += os.fstat(fd).st_blocks - blocks
         finally:
             os.close(fd)
+            os.close(self._sum_fds.pop(oid))
 
     def _account(self) -> None:
         for oid in self._stale:
@@ -277,13 +376,49 @@ class ObjectStore:
         try:
             if fresh:
                 os.ftruncate(fd, 0)
-            done = os.pwrite(fd, data, offset)
-            if done < n:
-                view = memoryview(data).cast("B")
-                while done < n:
-                    done += os.pwrite(fd, view[done:], offset + done)
+                os.ftruncate(self._sum_fds[oid], 0)
+            view = memoryview(data).cast("B")
+            sums = self._sums_after_write(oid, fd, offset, view) if n else b""
+            done = os.pwrite(fd, view, offset)
+            while done < n:
+                done += os.pwrite(fd, view[done:], offset + done)
+            if n:
+                os.pwrite(self._sum_fds[oid], sums, offset // SUM_BLOCK * SUM_SIZE)
         except OSError as e:
             raise _io_error(e, f"write object {oid_str(oid)}") from e
+
+    def _sums_after_write(self, oid: int, fd: int, offset: int, view: memoryview) -> bytes:
+        """The sums the blocks a write touches will have. Blocks the write covers whole
+        are summed from its bytes; a partly written block is read first and verified (a
+        write must not launder rot in the rest of its block into a valid sum: Corrupt
+        refuses it until the block is repaired), then patched and summed."""
+        end = offset + len(view)
+        first, last = offset // SUM_BLOCK, (end - 1) // SUM_BLOCK
+        lo = -(-offset // SUM_BLOCK)  # blocks [lo, hi) lie wholly inside the write
+        hi = last + 1 if end == self.object_size else end // SUM_BLOCK
+        if hi <= lo:
+            return self._patched_sums(oid, fd, first, last - first + 1, offset, view)
+        head = self._patched_sums(oid, fd, first, lo - first, offset, view) if lo > first else b""
+        whole = pack_sums(view[lo * SUM_BLOCK - offset :
+                               min(hi * SUM_BLOCK, self.object_size) - offset])
+        tail = self._patched_sums(oid, fd, hi, last + 1 - hi, offset, view) if last >= hi else b""
+        return head + whole + tail
+
+    def _patched_sums(self, oid: int, fd: int, first: int, count: int, offset: int,
+                      view: memoryview) -> bytes:
+        start = first * SUM_BLOCK
+        old = memoryview(bytearray(min(count * SUM_BLOCK, self.object_size - start)))
+        _pread_full(fd, old, start)
+        self._verify(oid, old, first, count)
+        lo, hi = max(offset, start), min(offset + len(view), start + len(old))
+        old[lo - start : hi - start] = view[lo - offset : hi - offset]
+        return pack_sums(old)
+
+    def _sums_from_file(self, fd: int, first: int, count: int) -> bytes:
+        start = first * SUM_BLOCK
+        buf = bytearray(min(count * SUM_BLOCK, self.object_size - start))
+        _pread_full(fd, memoryview(buf), start)
+        return pack_sums(memoryview(buf))
 
     def _note_write(self, oid: int, epoch: int) -> None:
         """Record that `oid` changed in `epoch`: recovery compares these epochs to tell a
@@ -320,60 +455,79 @@ class ObjectStore:
                 f"read [{offset}, {offset + length}) of a {self.object_size}-byte object"
             )
 
-    def read(self, oid: int, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``; never-written ranges read as zeros."""
+    def read(self, oid: int, offset: int, length: int, *, verify: bool = True) -> bytes:
+        """Exactly ``length`` bytes at ``offset``; never-written ranges read as zeros.
+        Raises Corrupt when a block fails its checksum (unless ``verify`` is off)."""
         self._check_read(offset, length)
-        fd = self._fds.get(oid)
-        if fd is None:
-            fd = self._open(oid, create=False)
-        else:
-            self._fds.move_to_end(oid)
-        try:
-            data = os.pread(fd, length, offset)
-            if len(data) < length:
-                parts = [data]
-                got = len(data)
-                while got < length:
-                    chunk = os.pread(fd, length - got, offset + got)
-                    if not chunk:  # past EOF of the sparse file
-                        parts.append(bytes(length - got))
-                        break
-                    parts.append(chunk)
-                    got += len(chunk)
-                data = b"".join(parts)
-        except OSError as e:
-            raise _io_error(e, f"read object {oid_str(oid)}") from e
-        return data
+        buf = bytearray(length)
+        self.readinto(oid, offset, memoryview(buf), verify=verify)
+        return bytes(buf)
 
-    def readinto(self, oid: int, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from ``offset`` of the object (no intermediate copy)."""
+    def readinto(self, oid: int, offset: int, buf: memoryview, *, verify: bool = True) -> None:
+        """Fill ``buf`` from ``offset`` of the object (no intermediate copy when the range
+        is whole checksum blocks; otherwise the blocks around it are read to verify)."""
         view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
         length = len(view)
         self._check_read(offset, length)
-        fd = self._fds.get(oid)
-        if fd is None:
-            fd = self._open(oid, create=False)
-        else:
-            self._fds.move_to_end(oid)
+        fd = self._fd(oid)
         try:
-            got = os.preadv(fd, [view], offset)
-            while got < length:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if n == 0:  # past EOF of the sparse file
-                    view[got:] = bytes(length - got)
-                    break
-                got += n
+            if not verify or length == 0:
+                _pread_full(fd, view, offset)
+                return
+            first, count, start, end = block_span(offset, length, self.object_size)
+            if start == offset and end == offset + length:
+                _pread_full(fd, view, offset)
+                self._verify(oid, view, first, count)
+                return
+            around = memoryview(bytearray(end - start))
+            _pread_full(fd, around, start)
+            self._verify(oid, around, first, count)
+            view[:] = around[offset - start : offset - start + length]
         except OSError as e:
             raise _io_error(e, f"read object {oid_str(oid)}") from e
 
-    def file_descriptor(self, oid: int) -> int:
-        """The object's open fd, for a caller that reads it right now and in this thread
-        (sendfile): it may be closed by any later store call."""
+    def _fd(self, oid: int) -> int:
         fd = self._fds.get(oid)
         if fd is None:
             return self._open(oid, create=False)
         self._fds.move_to_end(oid)
         return fd
+
+    def _verify(self, oid: int, view: memoryview, first: int, count: int) -> None:
+        stored = unpack_sums(os.pread(self._sum_fds[oid], count * SUM_SIZE, first * SUM_SIZE),
+                             count)
+        bad = bad_blocks(view, first, stored)
+        if bad:
+            raise Corrupt(f"object {oid_str(oid)}: block(s) {bad} fail their checksums", bad)
+
+    def check_object(self, oid: int) -> list[int]:
+        """Every block of the object that fails its checksum (scrub)."""
+        fd = self._fd(oid)
+        bad: list[int] = []
+        buf = memoryview(bytearray(min(_CHECK_CHUNK, self.object_size)))
+        try:
+            for start in range(0, self.object_size, _CHECK_CHUNK):
+                view = buf[: min(_CHECK_CHUNK, self.object_size - start)]
+                _pread_full(fd, view, start)
+                first, count, _s, _e = block_span(start, len(view), self.object_size)
+                stored = unpack_sums(
+                    os.pread(self._sum_fds[oid], count * SUM_SIZE, first * SUM_SIZE), count)
+                bad += bad_blocks(view, first, stored)
+        except OSError as e:
+            raise _io_error(e, f"check object {oid_str(oid)}") from e
+        return bad
+
+    def restamp(self, oid: int, blocks: list[int]) -> None:
+        """Accept the data of `blocks` as it is: store the sums of what they hold now (when
+        no replica has a block that verifies, see checksum.py)."""
+        fd = self._fd(oid)
+        try:
+            for first, count in runs(sorted(blocks)):
+                os.pwrite(self._sum_fds[oid], self._sums_from_file(fd, first, count),
+                          first * SUM_SIZE)
+        except OSError as e:
+            raise _io_error(e, f"restamp object {oid_str(oid)}") from e
+        self._dirty.add(oid)
 
     def exists(self, oid: int) -> bool:
         return oid in self._fds or (0 <= oid <= MAX_OID and os.path.exists(self._path(oid)))
@@ -391,11 +545,14 @@ class ObjectStore:
                 blocks = self._blocks.pop(oid)  # what usage has accounted for it so far
                 self._stale.discard(oid)
                 os.close(fd)
+                os.close(self._sum_fds.pop(oid))
             else:
                 try:
                     blocks = os.stat(path).st_blocks
                 except FileNotFoundError:
                     raise NoObject(f"no object {oid_str(oid)}") from None
+            # sums first: a crash in between leaves data without sums, which get rebuilt
+            _unlink_missing_ok(self._sum_path(oid))
             os.unlink(path)
         except FileNotFoundError:
             raise NoObject(f"no object {oid_str(oid)}") from None
@@ -420,33 +577,44 @@ class ObjectStore:
             return
         if length == 0:
             return
-        fd = self._fds.get(oid)
-        if fd is None:
-            try:
-                fd = self._open(oid, create=False)
-            except NoObject:
-                return
-        else:
-            self._fds.move_to_end(oid)
+        try:
+            fd = self._fd(oid)
+        except NoObject:
+            return
         self._dirty.add(oid)
         self._stale.add(oid)
         if epoch and self._written.get(oid, 0) < epoch:
             self._note_write(oid, epoch)
         try:
-            try:
-                _punch_hole(fd, offset, length)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                # no hole punching here: write zeros over the part of the range in the file
-                end = min(offset + length, os.fstat(fd).st_size)
-                if end > offset:
-                    zeros = bytes(end - offset)
-                    done = 0
-                    while done < len(zeros):
-                        done += os.pwrite(fd, memoryview(zeros)[done:], offset + done)
+            self._discard_range(oid, fd, offset, length)
         except OSError as e:
             raise _io_error(e, f"discard object {oid_str(oid)}") from e
+
+    def _discard_range(self, oid: int, fd: int, offset: int, length: int) -> None:
+        """Punch the range, then re-sum its blocks: wholly discarded ones are "never
+        written" (0), partly discarded ones are summed from the file."""
+        try:
+            _punch_hole(fd, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # no hole punching here: write zeros over the part of the range in the file
+            end = min(offset + length, os.fstat(fd).st_size)
+            if end > offset:
+                zeros = bytes(end - offset)
+                done = 0
+                while done < len(zeros):
+                    done += os.pwrite(fd, memoryview(zeros)[done:], offset + done)
+        end = offset + length
+        first, last = offset // SUM_BLOCK, (end - 1) // SUM_BLOCK
+        lo = -(-offset // SUM_BLOCK)
+        hi = last + 1 if end == self.object_size else end // SUM_BLOCK
+        sums = bytearray((last - first + 1) * SUM_SIZE)
+        for block in range(first, last + 1):
+            if not lo <= block < hi:
+                at = (block - first) * SUM_SIZE
+                sums[at : at + SUM_SIZE] = self._sums_from_file(fd, block, 1)
+        os.pwrite(self._sum_fds[oid], sums, first * SUM_SIZE)
 
     def list_oids(self) -> list[int]:
         """Every object of this node, ascending (index + pending creations - removals)."""
@@ -504,15 +672,9 @@ class ObjectStore:
         else:
             take = oids & self._dirty
             self._dirty -= take
-        fds: list[tuple[int, int | None]] = []
+        fds: list[tuple[int, int | None, int | None]] = []
         for oid in take:
-            fd = self._fds.get(oid)
-            if fd is not None:
-                try:
-                    fd = os.dup(fd)
-                except OSError:
-                    fd = None  # the worker opens it by path
-            fds.append((oid, fd))
+            fds.append((oid, _dup(self._fds.get(oid)), _dup(self._sum_fds.get(oid))))
         job = _Job(take, fds, self._pending_new, self._pending_drop, self._dir_dirty)
         self._pending_new = {}
         self._pending_drop = set()
@@ -570,23 +732,25 @@ class ObjectStore:
     def _commit(self, job: _Job) -> None:
         """Sync data, then obj/, then write the index batch (worker thread, or close)."""
         first_error: OSError | None = None
-        for oid, fd in job.fds:
-            try:
-                if fd is None:
-                    try:
-                        fd = os.open(self._path(oid), os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:  # removed since
-                        continue
-                os.fdatasync(fd)
-            except OSError as e:
-                first_error = first_error or e
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        for oid, fd, sfd in job.fds:
+            for path, dup in ((self._path(oid), fd), (self._sum_path(oid), sfd)):
+                try:
+                    if dup is None:
+                        try:
+                            dup = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                        except FileNotFoundError:  # removed since
+                            continue
+                    os.fdatasync(dup)
+                except OSError as e:
+                    first_error = first_error or e
+                finally:
+                    if dup is not None:
+                        os.close(dup)
         if first_error is not None:
             raise first_error
         if job.sync_dir:
             os.fsync(self._dirfd)
+            os.fsync(self._sumdirfd)
         if job.new or job.drop:
             self.meta.update_objects(job.new, job.drop)
         self.commits += 1
@@ -614,11 +778,13 @@ class ObjectStore:
                     waiters.set_exception(job.error)
             except RuntimeError:  # its loop is closed: nobody is waiting any more
                 pass
-        for fd in self._fds.values():
+        for fd in (*self._fds.values(), *self._sum_fds.values()):
             os.close(fd)
         self._fds.clear()
+        self._sum_fds.clear()
         self._blocks.clear()
         os.close(self._dirfd)
+        os.close(self._sumdirfd)
         self.meta.close()
         if job.error is not None:
             raise job.error

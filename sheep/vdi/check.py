@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from sheep.errors import NoObject
+from sheep.cluster.state import NodeInfo
+from sheep.errors import Corrupt, NoObject
 from sheep.objclient import ObjectClient
 from sheep.oid import oid_str
 
@@ -30,7 +31,7 @@ _PARALLEL = 8
 class Finding:
     oid: str
     node: str
-    problem: str  # "missing" | "differs" | "unreadable"
+    problem: str  # "missing" | "corrupt" (fails its checksums) | "differs" | "unreadable"
     repaired: bool = False
 
     def as_dict(self) -> dict:
@@ -98,15 +99,22 @@ async def _check_object(
     copies: dict[str, bytes | None] = {}
     problems: dict[str, str] = {}
     nodes = client.replicas(oid)
+    corrupt: dict[str, bytes | None] = {}
     for node in nodes:
         try:
             copies[node.node_id] = await client.read_replica(node, oid, 0, size)
         except NoObject:
             copies[node.node_id] = None
             problems[node.node_id] = "missing"
+        except Corrupt:
+            copies[node.node_id] = None
+            problems[node.node_id] = "corrupt"
+            corrupt[node.node_id] = await _read_raw(client, node, oid, size)
         except Exception:
             copies[node.node_id] = None
             problems[node.node_id] = "unreadable"
+    if corrupt and all(data is None for data in copies.values()):
+        copies.update(corrupt)  # no replica verifies: vote on the data as it is
     digests = {nid: xxhash.xxh3_64_intdigest(data) for nid, data in copies.items()
                if data is not None}
     votes = Counter(digests.values())
@@ -130,3 +138,10 @@ async def _check_object(
             await client.write_replica(by_id[nid], oid, good)
             finding.repaired = True
         report.findings.append(finding)
+
+
+async def _read_raw(client: ObjectClient, node: NodeInfo, oid: int, size: int) -> bytes | None:
+    try:
+        return await client.read_replica(node, oid, 0, size, raw=True)
+    except Exception:
+        return None

@@ -104,17 +104,6 @@ class Volume:
 
     # -- I/O ------------------------------------------------------------------------------
 
-    def local_extent(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, offset in it) when the whole range lies in one allocated block whose object
-        this node holds: the gateway can then sendfile it."""
-        self._check_range(offset, length)
-        index, inner = divmod(offset, self.block_size)
-        ref = self.table[index]
-        if not ref or inner + length > self.block_size:
-            return None
-        fd = self.client.local_fd(block_oid(ref, index))
-        return (fd, inner) if fd is not None else None
-
     def read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         """The range, if it can be had without waiting (unallocated, or in this node's own
         store); None means use `read`. Lets a gateway answer most reads with no task."""

@@ -272,7 +272,7 @@ def test_peer_gone_before_its_durable_write_is_acknowledged(target: Target) -> N
     conn = target.connect()
     oid = next(target.oids)
     conn.send(
-        pack_header(Opcode.CREATE, 1, flags=Flags.FUA, oid=oid, length=4096)
+        pack_header(Opcode.CREATE, 1, flags=Flags.FUA, epoch=target.epoch, oid=oid, length=4096)
         + bytes(4096)
         + pack_header(Opcode.FLUSH, 2)
     )
@@ -383,7 +383,8 @@ def test_fuzzed_headers_get_replies_or_a_close_and_never_hurt_the_node(target: T
     # objects for the base frames to find
     setup = target.connect()
     for oid in (data_oid(FUZZ_VDI, 1), data_oid(FUZZ_VDI, 2)):
-        assert setup.call(Opcode.CREATE, 1, b"f" * 8192, oid=oid).result == Result.OK
+        assert setup.call(Opcode.CREATE, 1, b"f" * 8192, epoch=target.epoch,
+                          oid=oid).result == Result.OK
     setup.close()
 
     bases = _base_frames(target.epoch)

@@ -23,8 +23,10 @@ from ..cluster import (
     Cluster,
     PatternImage,
     SheepProcess,
+    TcpProxy,
     dog,
     dog_json,
+    free_port,
     objects_on_disk,
     qemu_io,
     start_cluster,
@@ -183,6 +185,57 @@ async def test_a_node_woken_past_its_lease_refuses_writes_of_its_old_epoch(
     await asyncio.to_thread(wait_healthy, cluster, 60)
     await asyncio.to_thread(_assert_clean, cluster, "disk")
     await asyncio.to_thread(image.verify, url, tmp_path)
+
+
+async def test_a_node_cut_off_from_etcd_acknowledges_no_write_and_catches_up_after(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    """The node keeps running and serving its data port; only etcd is out of its reach."""
+    cluster = Cluster(tmp_path / "cluster", etcd.url, lease_ttl=LEASE_TTL)
+    host, port = etcd.url.removeprefix("http://").split(":")
+    proxy = TcpProxy((host, int(port)))
+    try:
+        cluster.add_node("--nbd-port", str(cluster.nbd_port))
+        cluster.add_node()
+        cut = SheepProcess(tmp_path / "cluster" / "node2", free_port(),
+                           f"http://127.0.0.1:{proxy.port}{cluster.prefix}",
+                           ["--lease-ttl", str(LEASE_TTL)])
+        cluster.nodes.append(cut.start())
+        cut.wait_up()
+        await asyncio.to_thread(cluster.wait_members, 3)
+        cluster.format(3)
+        dog("vdi", "create", "disk", "16M", address=cluster.address)
+        url = cluster.nbd_url("disk")
+        image = PatternImage(16 * MiB)
+        await asyncio.to_thread(qemu_io, url, image.write(0x11, 0, 16 * MiB), cwd=tmp_path)
+        rec = dog_json("vdi", "list", "disk", address=cluster.address)["vdis"][0]
+        oid = data_oid(int(rec["id"]), 2, int(rec["copies"]))
+        addr = _data_addr(cluster, cut)
+        epoch = int(cluster.info()["epoch"])
+
+        proxy.cut()
+        await asyncio.to_thread(cluster.wait_members, 2, 30)
+        new_epoch = int(cluster.info()["epoch"])
+        # writes go on through the gateway without it
+        await asyncio.to_thread(qemu_io, url, image.write(0x22, 0, 8 * MiB), cwd=tmp_path)
+        pool = PeerPool()
+        try:
+            conn = await pool.get(addr)
+            for attempt in (epoch, new_epoch, 0):
+                reply = await conn.request(Opcode.WRITE, oid=oid, offset=0,
+                                           payload=b"\xee" * 4096, epoch=attempt, timeout=10)
+                assert reply.result != 0, f"cut-off node acknowledged a write of epoch {attempt}"
+        finally:
+            await pool.close()
+        assert "lease" in cut.log()[cut.log_start :]
+
+        proxy.restore()
+        await asyncio.to_thread(cluster.wait_members, 3, 60)
+        await asyncio.to_thread(wait_healthy, cluster, 60)
+        await asyncio.to_thread(_assert_clean, cluster, "disk")
+        await asyncio.to_thread(image.verify, url, tmp_path)
+    finally:
+        cluster.stop()
+        proxy.close()
 
 
 def test_nodes_woken_past_their_lease_keep_copies_that_exist_nowhere_else(

@@ -59,7 +59,8 @@ class Up:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [str(BIN / "sheep"), "up", "--nodes", "3", "--copies", "3", "--dir", str(root),
-             "--base-port", str(base), "--nbd-port", str(free_port())],
+             "--base-port", str(base), "--nbd-port", str(free_port()),
+             "--iscsi-port", str(free_port())],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         self._buf = b""

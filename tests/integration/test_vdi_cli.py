@@ -458,7 +458,7 @@ async def test_check_finds_and_repairs_corrupt_and_missing_replicas(
     block0, block1 = sorted(_data_objects(cluster, await _id(m, "chk")), key=oid_index)
     good0 = object_path(cluster.nodes[0], block0).read_bytes()
 
-    # flip bytes in place in node 0's replica (the node keeps the file open: same file)
+    # flip bytes in place in node 0's replica: its checksums no longer match
     with open(object_path(cluster.nodes[0], block0), "r+b") as f:
         f.seek(50_000)
         f.write(b"\xff\xfe\xfd")
@@ -477,14 +477,14 @@ async def test_check_finds_and_repairs_corrupt_and_missing_replicas(
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     found = {(f["oid"], f["problem"], f["repaired"]) for f in report["findings"]}
-    assert found == {(oid_str(block0), "differs", False), (oid_str(block1), "missing", False)}
+    assert found == {(oid_str(block0), "corrupt", False), (oid_str(block1), "missing", False)}
     assert not report["clean"] and report["unrepairable"] == []
     text = dog("vdi", "check", "chk", address=a, check=False)
-    assert text.returncode == 1 and "differs" in text.stdout and "missing" in text.stdout
+    assert text.returncode == 1 and "corrupt" in text.stdout and "missing" in text.stdout
 
     proc = dog("vdi", "check", "chk", "--repair", "--json", address=a)
     found = {(f["oid"], f["problem"], f["repaired"]) for f in json.loads(proc.stdout)["findings"]}
-    assert found == {(oid_str(block0), "differs", True), (oid_str(block1), "missing", True)}
+    assert found == {(oid_str(block0), "corrupt", True), (oid_str(block1), "missing", True)}
     assert dog_json("vdi", "check", "chk", address=a)["clean"] is True
     repaired = object_path(cluster.nodes[0], block0).read_bytes()
     assert repaired[: len(good0)] == good0 and not any(repaired[len(good0) :])

@@ -585,7 +585,9 @@ def request(
     payload: bytes = b"",
     **fields: int,
 ) -> Frame:
-    """A request frame as the server's decoder would produce it from the wire."""
+    """A request frame as the server's decoder would produce it from the wire (of the
+    service's epoch unless told otherwise)."""
+    fields.setdefault("epoch", EPOCH)
     if opcode in REQUEST_HAS_PAYLOAD:
         fields["length"] = len(payload)
     dec = FrameDecoder(replies=False)
@@ -680,13 +682,22 @@ def test_service_epoch_mismatch_replies_old_or_new_epoch_with_the_node_epoch(
     assert store.list_oids() == []  # nothing was done
 
 
-def test_service_epoch_zero_in_the_request_skips_the_check(service: ObjectService) -> None:
-    assert call(service, request(Opcode.CREATE, 1, epoch=0, oid=OID, payload=b"z")) == [
-        (pack_header(Opcode.CREATE, 1, epoch=EPOCH, oid=OID), b"")
-    ]
+def test_service_read_of_epoch_zero_skips_the_check(service: ObjectService) -> None:
+    call(service, request(Opcode.CREATE, 1, oid=OID, payload=b"z"))
     assert call(service, request(Opcode.READ, 2, epoch=0, oid=OID, length=1)) == [
         (pack_header(Opcode.READ, 2, epoch=EPOCH, oid=OID, length=1), b"z")
     ]
+
+
+@pytest.mark.parametrize("opcode", [Opcode.WRITE, Opcode.CREATE, Opcode.REMOVE, Opcode.DISCARD])
+def test_service_refuses_a_change_of_data_without_an_epoch(
+    service: ObjectService, store: ObjectStore, opcode: Opcode
+) -> None:
+    payload = b"z" if opcode in REQUEST_HAS_PAYLOAD else b""
+    replies = call(service, request(opcode, 1, epoch=0, oid=OID, length=1, payload=payload))
+    assert replies == [(pack_header(opcode, 1, epoch=EPOCH, result=Result.OLD_EPOCH, oid=OID),
+                        b"")]
+    assert store.list_oids() == []
 
 
 def test_service_get_epoch_replies_the_node_epoch_whatever_the_request_epoch(

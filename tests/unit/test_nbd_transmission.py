@@ -25,7 +25,7 @@ from sheep.gateway.nbd import (
     structured_offset_hole,
     validate,
 )
-from sheep.gateway.nbd.transmission import _BUFFER_SIZE, _DIRECT_THRESHOLD, read_reply_header
+from sheep.gateway.nbd.transmission import _BUFFER_SIZE, _DIRECT_THRESHOLD
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -339,16 +339,3 @@ def test_error_reply_matches_the_negotiated_reply_style() -> None:
     assert error_reply(COOKIE, 1, structured=True, message="ro") == structured_error(
         COOKIE, 1, "ro"
     )
-
-
-def test_read_reply_header_is_what_precedes_the_data_in_a_structured_read() -> None:
-    data = b"\x07" * (_DIRECT_THRESHOLD + 5)
-    whole = b"".join(bytes(b) for b in structured_offset_data(9, 4096, data))
-    head = read_reply_header(9, 4096, len(data), structured=True)
-    assert head + data == whole
-
-
-def test_read_reply_header_is_what_precedes_the_data_in_a_simple_read() -> None:
-    data = b"\x07" * (_DIRECT_THRESHOLD + 5)
-    whole = b"".join(bytes(b) for b in simple_reply(9, 0, data))
-    assert read_reply_header(9, 4096, len(data), structured=False) + data == whole

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections import deque
 
@@ -33,7 +32,6 @@ from .transmission import (
     Request,
     RequestDecoder,
     error_reply,
-    read_reply_header,
     simple_reply,
     structured_block_status,
     structured_none,
@@ -44,7 +42,6 @@ from .wire import Cmd, CmdFlag, Errno, NbdProtocolError, StateFlag
 
 log = logging.getLogger(__name__)
 
-_SENDFILE_MIN = 128 << 10  # below this a copy costs less than the extra syscalls
 _MAX_INFLIGHT = 128  # requests in progress per connection before we stop reading
 # Replies waiting to go out, per connection, before we stop taking requests: a client that
 # sends requests but does not read the replies must not make us buffer without bound.
@@ -54,20 +51,6 @@ _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
-
-
-def _write_some(sock: int, data: bytes) -> int:
-    try:
-        return os.write(sock, data)
-    except BlockingIOError:
-        return 0
-
-
-def _sendfile_some(sock: int, fd: int, offset: int, count: int) -> int:
-    try:
-        return os.sendfile(sock, fd, offset, count)
-    except BlockingIOError:
-        return 0
 
 
 def nbd_errno(exc: BaseException) -> int:
@@ -123,7 +106,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._lost = False
         self._tasks: set[asyncio.Future] = set()
-        self._sock_fd = -1
         self._outbox: list = []  # replies of this loop pass: one writelines for all of them
         self._outbox_bytes = 0
         self._write_paused = False  # the transport's buffer is over _WRITE_HIGH
@@ -138,7 +120,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock_fd = sock.fileno()
         transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -261,8 +242,6 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._send(error_reply(req.cookie, err, self._structured))
             return
         if req.command == Cmd.READ:
-            if req.length >= _SENDFILE_MIN and self._sendfile(req, vol):
-                return
             data = vol.read_now(req.offset, req.length)
             if data is not None:
                 self._send(self._read_reply(req, data))
@@ -313,36 +292,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:  # validate() lets nothing else through
             return error_reply(req.cookie, Errno.EINVAL, self._structured)
         return structured_none(req.cookie) if self._structured else simple_reply(req.cookie, 0)
-
-    def _sendfile(self, req: Request, vol: Volume) -> bool:
-        """Answer a large READ of a local object straight from its file: the kernel copies
-        page cache to socket, Python never touches the bytes. Only when nothing else waits
-        to be written, so the reply cannot overtake or split another one."""
-        transport = self._transport
-        if (transport is None or self._outbox or self._sock_fd < 0
-                or transport.get_write_buffer_size()):
-            return False
-        where = vol.local_extent(req.offset, req.length)
-        if where is None:
-            return False
-        fd, pos = where
-        head = read_reply_header(req.cookie, req.offset, req.length, self._structured)
-        try:
-            sent = _write_some(self._sock_fd, head)
-            done = 0
-            if sent == len(head):
-                while done < req.length:
-                    n = _sendfile_some(self._sock_fd, fd, pos + done, req.length - done)
-                    if n == 0:
-                        break
-                    done += n
-            if sent < len(head) or done < req.length:  # the socket is full: queue the rest
-                rest = os.pread(fd, req.length - done, pos + done)
-                rest += bytes(req.length - done - len(rest))  # past EOF of a sparse file
-                transport.writelines([head[sent:], rest])
-        except OSError as exc:
-            self._abort(f"send failed: {exc}")
-        return True
 
     def _read_reply(self, req: Request, data: bytes | bytearray) -> list:
         if self._structured:

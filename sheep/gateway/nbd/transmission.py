@@ -265,15 +265,6 @@ def structured_offset_data(
     return _frame(head + OFFSET.pack(offset), payload)
 
 
-def read_reply_header(cookie: int, offset: int, length: int, structured: bool) -> bytes:
-    """What precedes `length` bytes of READ data, for a sender that puts the data on the
-    wire itself (sendfile from the object's file)."""
-    if structured:
-        head = _chunk_header(cookie, ReplyType.OFFSET_DATA, OFFSET.size + length, True)
-        return head + OFFSET.pack(offset)
-    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-
-
 def structured_offset_hole(
     cookie: int, offset: int, length: int, done: bool = True
 ) -> list[Buffer]:

@@ -1,0 +1,315 @@
+"""The iSCSI portal: the asyncio adapter around the sans-I/O connection core.
+
+One Protocol per TCP connection. Received bytes go to connection.Connection; its events
+are acted on here: at login the export's volume is opened through the shared VolumeCache
+(so NBD and iSCSI clients of one VDI on this gateway share one Volume, one lock and one
+owner table), each SCSI command runs as its own coroutine on the shared Lun, and whatever
+the core wants sent goes out in one writelines per loop pass.
+
+Flow control: the CmdSN window already bounds the commands an initiator may have with us;
+on top of that, reading stops while the transport's write buffer is over its high-water
+mark (an initiator that does not read its Data-In cannot make us buffer without bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from sheep.gateway.exports import Export, ExportTable, VolumeCache
+
+from .connection import Closed, Connection, Execute, LoginReady, Notice
+from .login import AuthPolicy, Chap, LoginInfo
+from .names import export_name, target_name
+from .session import SessionTable
+from .text import Limits
+from .wire import LoginStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 3260
+_WRITE_HIGH = 8 << 20
+_TARGET_ERROR = 0x02  # CHECK CONDITION, used when the SCSI layer itself fails
+_HARDWARE_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0, 0, 0, 0, 0])
+
+
+@dataclass(frozen=True)
+class IscsiConfig:
+    """CHAP for every target and for discovery: `chap` is what initiators must know,
+    `mutual` what we answer with when they challenge us (then required)."""
+
+    chap: Chap | None = None
+    mutual: Chap | None = None
+
+    def policy(self) -> AuthPolicy:
+        return AuthPolicy(self.chap, self.mutual if self.chap else None)
+
+
+class _Portal:
+    """The connection core's synchronous view of the targets: the registry as of the
+    moment the initiator connected."""
+
+    def __init__(self, table: ExportTable, config: IscsiConfig) -> None:
+        self._table = table
+        self._config = config
+
+    def has_target(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def find(self, name: str) -> Export | None:
+        export = export_name(name)
+        return None if export is None else self._table.find(export)
+
+    def targets(self) -> list[str]:
+        return [target_name(name) for name in self._table.names()]
+
+    def auth(self, target: str | None) -> AuthPolicy:
+        return self._config.policy()
+
+    def random(self, n: int) -> bytes:
+        return os.urandom(n)
+
+
+class _SharedLun:
+    def __init__(self, lun: object) -> None:
+        self.lun = lun
+        self.users = 0
+
+
+class IscsiGateway:
+    """Everything the connections of one portal share."""
+
+    def __init__(self, volumes: VolumeCache, config: IscsiConfig | None = None,
+                 limits: Limits | None = None) -> None:
+        self.volumes = volumes
+        self.config = config or IscsiConfig()
+        self.limits = limits or Limits()
+        self.sessions = SessionTable()
+        self._luns: dict[tuple[str, bool], _SharedLun] = {}
+        self.connections: set[IscsiConnection] = set()
+
+    async def open_lun(self, export: Export) -> object:
+        """The export's volume (opened or shared) and the one Lun over it: one Lun per
+        volume, so COMPARE AND WRITE from two sessions is atomic against both."""
+        from sheep.gateway.scsi import Lun, LunIdentity
+
+        volume = await self.volumes.acquire(export)
+        key = (export.name, export.read_only)
+        shared = self._luns.get(key)
+        if shared is None or getattr(shared.lun, "backend", volume) is not volume:
+            identity = LunIdentity(name=export.name, vdi_id=volume.record.id,
+                                   read_only=volume.read_only)
+            shared = self._luns[key] = _SharedLun(Lun(volume, identity, block_size=512,
+                                                      object_size=volume.block_size))
+        shared.users += 1
+        return shared.lun
+
+    async def close_lun(self, export: Export) -> None:
+        key = (export.name, export.read_only)
+        shared = self._luns.get(key)
+        if shared is not None:
+            shared.users -= 1
+            if shared.users <= 0:
+                del self._luns[key]
+        await self.volumes.release(export)
+
+    async def serve(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: IscsiConnection(self), host, port,
+                                        reuse_address=True)
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.abort("gateway stopping")
+
+
+class IscsiConnection(asyncio.Protocol):
+    def __init__(self, gateway: IscsiGateway) -> None:
+        self._gw = gateway
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._peer = "?"
+        self._core: Connection | None = None
+        self._early = bytearray()  # bytes that came before the registry was read
+        self._export: Export | None = None
+        self._lun: object | None = None
+        self._running = 0
+        self._tasks: set[asyncio.Future] = set()
+        self._lost = False
+        self._closing = False
+        self._flush_scheduled = False
+        self._write_paused = False
+
+    # -- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._gw.connections.add(self)
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self._spawn(self._start(transport.get_extra_info("sockname")))
+
+    def data_received(self, data: bytes) -> None:
+        if self._core is None:
+            self._early += data
+            return
+        self._core.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._transport = None
+        self._gw.connections.discard(self)
+        if self._core is not None:
+            self._core.connection_lost()
+        self._maybe_release()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
+
+    # -- phases --------------------------------------------------------------------------
+
+    async def _start(self, sockname: tuple | None) -> None:
+        try:
+            table = await self._gw.volumes.table()
+        except Exception as exc:
+            log.warning("iscsi %s: cannot read the VDI registry: %s", self._peer, exc)
+            self.abort("registry unavailable")
+            return
+        if self._transport is None:
+            return
+        host, port = (sockname[0], sockname[1]) if sockname else ("127.0.0.1", DEFAULT_PORT)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._portal = _Portal(table, self._gw.config)
+        self._core = Connection(self._portal, self._gw.sessions, limits=self._gw.limits,
+                                address=address)
+        self._core.wake = self._pump
+        self._transport.resume_reading()  # type: ignore[attr-defined]
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            self._core.receive_data(early)
+            self._pump()
+
+    async def _login(self, info: LoginInfo) -> None:
+        core = self._core
+        assert core is not None
+        if info.target_name is None:  # discovery
+            core.accept_login()
+            self._pump()
+            return
+        export = self._portal.find(info.target_name)
+        if export is None:
+            core.refuse_login(LoginStatus.TARGET_REMOVED)
+            self._pump()
+            return
+        try:
+            lun = await self._gw.open_lun(export)
+        except Exception as exc:
+            log.warning("iscsi %s: cannot open %s: %s", self._peer, export.name, exc)
+            core.refuse_login(LoginStatus.SERVICE_UNAVAILABLE)
+            self._pump()
+            return
+        self._export, self._lun = export, lun
+        if self._lost or core.closed:
+            self._maybe_release()
+            return
+        if core.accept_login(getattr(lun, "data_out_length", None)):
+            log.info("iscsi %s: %s logged in to %s (tsih %d)", self._peer,
+                     info.initiator_name, export.name, core.session.tsih if core.session else 0)
+        else:
+            self._maybe_release()
+        self._pump()
+
+    async def _execute(self, event: Execute) -> None:
+        core = self._core
+        assert core is not None and self._lun is not None
+        try:
+            result = await self._lun.execute(  # type: ignore[attr-defined]
+                event.cdb, event.data_out, expected_length=event.expected_length)
+            status, data, sense = int(result.status), result.data, result.sense
+        except Exception:
+            log.exception("iscsi %s: command %#x failed", self._peer,
+                          event.cdb[0] if event.cdb else -1)
+            status, data, sense = _TARGET_ERROR, b"", _HARDWARE_ERROR_SENSE
+        finally:
+            self._running -= 1
+        core.complete(event.itt, status, data, sense)
+        self._pump()
+        self._maybe_release()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Act on the core's events and schedule its output."""
+        core = self._core
+        if core is None:
+            return
+        for event in core.events():
+            if isinstance(event, Execute):
+                self._running += 1
+                self._spawn(self._execute(event))
+            elif isinstance(event, LoginReady):
+                self._spawn(self._login(event.info))
+            elif isinstance(event, Closed):
+                log.info("iscsi %s: closing: %s", self._peer, event.reason)
+                self._closing = True
+                self._maybe_release()
+            elif isinstance(event, Notice):
+                log.info("iscsi %s: %s", self._peer, event.text)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        core, transport = self._core, self._transport
+        if core is None or transport is None:
+            return
+        out = core.data_to_send()
+        if out and not transport.is_closing():
+            transport.writelines(out)
+        if self._closing and not transport.is_closing():
+            transport.close()
+
+    def abort(self, why: str) -> None:
+        log.info("iscsi %s: closing: %s", self._peer, why)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _maybe_release(self) -> None:
+        """Give the volume back once the connection is gone and its commands are done: a
+        write in progress still completes on a volume that is open."""
+        if (self._lost or (self._core is not None and self._core.closed)) \
+                and self._running == 0 and self._export is not None:
+            export, self._export = self._export, None
+            self._lun = None
+            self._spawn(self._gw.close_lun(export))
+
+
+async def serve_iscsi(volumes: VolumeCache, host: str, port: int,
+                      config: IscsiConfig | None = None) -> tuple[IscsiGateway, asyncio.Server]:
+    gateway = IscsiGateway(volumes, config)
+    return gateway, await gateway.serve(host, port)

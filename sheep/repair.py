@@ -1,0 +1,134 @@
+"""Repair of blocks that fail their checksums, from the other replicas of the object.
+
+A read or a partial write that meets a bad block on this node asks for a repair, and so
+does the scrub. For each run of bad blocks the other owners are asked for the same range
+(their reads verify, so a copy that arrives is good) and it is written over the bad one.
+While an object is being repaired, client operations on it wait (`guard`), so no write can
+fall between the fetch and the install; a block that a whole-block write healed meanwhile
+is left alone.
+
+If every other replica answers that its block is bad too, no good copy exists: this is the
+signature of a crash between data and sum writes on every replica (see
+store/checksum.py), and the data is accepted as it is rather than made unreadable. If some
+replica could not be asked at all, nothing is accepted: the operation fails and is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from sheep.cluster.view import ClusterView
+from sheep.dataplane.client import PeerPool
+from sheep.dataplane.wire import Opcode
+from sheep.errors import Corrupt, NoObject, SheepError, StoreIOError
+from sheep.oid import oid_copies, oid_str
+from sheep.store import ObjectStore
+from sheep.store.checksum import SUM_BLOCK, runs
+
+log = logging.getLogger(__name__)
+
+_PEER_TIMEOUT = 10.0
+
+
+@dataclass
+class RepairStats:
+    repaired: int = 0  # blocks rewritten from another replica
+    accepted: int = 0  # blocks no replica had good: their data was kept and re-summed
+    failed: int = 0  # repairs that could not ask every replica
+
+
+class Repairer:
+    def __init__(self, node_id: str, store: ObjectStore, view: ClusterView,
+                 pool: PeerPool) -> None:
+        self.node_id = node_id
+        self.stats = RepairStats()
+        self._store = store
+        self._view = view
+        self._pool = pool
+        self._running: dict[int, asyncio.Future[None]] = {}
+
+    def guard(self, oid: int) -> asyncio.Future[None] | None:
+        running = self._running.get(oid)
+        if running is None:
+            return None
+        waiter = asyncio.get_running_loop().create_future()
+        running.add_done_callback(lambda _f: waiter.done() or waiter.set_result(None))
+        return waiter
+
+    def repair(self, oid: int, blocks: list[int]) -> asyncio.Future[None]:
+        """Start (or join) the repair of `blocks` of `oid`; the future never fails (a
+        failed repair is logged and counted; the operation that asked then fails)."""
+        running = self._running.get(oid)
+        if running is not None:
+            return self.guard(oid)  # type: ignore[return-value]
+        fut = asyncio.ensure_future(self._repair(oid, sorted(set(blocks))))
+        self._running[oid] = fut
+        fut.add_done_callback(lambda _f: self._running.pop(oid, None))
+        return self.guard(oid)  # type: ignore[return-value]
+
+    async def _repair(self, oid: int, blocks: list[int]) -> None:
+        try:
+            for first, count in runs(blocks):
+                await self._repair_run(oid, first, count)
+            await self._store.flush([oid])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.stats.failed += 1
+            log.warning("repair of %s failed: %s", oid_str(oid), exc)
+
+    async def _repair_run(self, oid: int, first: int, count: int) -> None:
+        start = first * SUM_BLOCK
+        length = min(count * SUM_BLOCK, self._store.object_size - start)
+        unreachable = 0
+        for node in self._peers(oid):
+            try:
+                frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid,
+                                              offset=start, length=length, epoch=0,
+                                              timeout=_PEER_TIMEOUT)
+            except (Corrupt, NoObject):
+                continue
+            except (SheepError, OSError, TimeoutError) as exc:
+                log.info("repair of %s: %s did not answer (%s)", oid_str(oid),
+                         node.node_id[:8], exc)
+                unreachable += 1
+                continue
+            self._install(oid, first, frame.payload)
+            return
+        if unreachable:
+            raise StoreIOError(f"{unreachable} replica(s) of {oid_str(oid)} could not be asked")
+        still_bad = self._still_bad(oid, first, count)
+        if still_bad:
+            log.warning("object %s: block(s) %s bad on every replica (a crash mid-write?); "
+                        "keeping this copy's data", oid_str(oid), still_bad)
+            self._store.restamp(oid, still_bad)
+            self.stats.accepted += len(still_bad)
+
+    def _install(self, oid: int, first: int, good: bytes | bytearray | memoryview) -> None:
+        """Write the good copy over the blocks that are still bad (synchronously: no
+        client operation runs in between)."""
+        view = memoryview(good)
+        for block in self._still_bad(oid, first, -(-len(view) // SUM_BLOCK)):
+            at = (block - first) * SUM_BLOCK
+            self._store.write(oid, block * SUM_BLOCK, view[at : at + SUM_BLOCK], create=False)
+            self.stats.repaired += 1
+        log.info("object %s: repaired from another replica", oid_str(oid))
+
+    def _still_bad(self, oid: int, first: int, count: int) -> list[int]:
+        start = first * SUM_BLOCK
+        length = min(count * SUM_BLOCK, self._store.object_size - start)
+        try:
+            self._store.read(oid, start, length)
+        except Corrupt as exc:
+            return exc.blocks
+        return []
+
+    def _peers(self, oid: int) -> list:
+        record, config = self._view.record, self._view.config
+        if record is None or config is None:
+            return []
+        placed = self._view.ring.place(oid, oid_copies(oid) or config.copies)
+        return [n for r in placed if r.node_id != self.node_id
+                and (n := record.node(r.node_id)) is not None]
