@@ -52,11 +52,13 @@ def unpack_sums(raw: bytes, count: int) -> tuple[int, ...]:
 
 def bad_blocks(view: memoryview, first: int, stored: tuple[int, ...]) -> list[int]:
     """Indexes of the blocks of `view` (block `first` onwards) that do not match `stored`."""
+    got = tuple([_hash(view[i : i + SUM_BLOCK]) or 1 for i in range(0, len(view), SUM_BLOCK)])
+    if got == stored:  # the common case, in one comparison
+        return []
     bad = []
-    for i, want in enumerate(stored):
-        piece = view[i * SUM_BLOCK : (i + 1) * SUM_BLOCK]
-        got = _hash(piece) or 1
-        if got != want and not (want == 0 and got == _zero_sum(len(piece))):
+    for i, (have, want) in enumerate(zip(got, stored, strict=True)):
+        if have != want and not (want == 0 and have == _zero_sum(len(view[i * SUM_BLOCK :
+                                                                        (i + 1) * SUM_BLOCK]))):
             bad.append(first + i)
     return bad
 

@@ -459,9 +459,22 @@ class ObjectStore:
         """Exactly ``length`` bytes at ``offset``; never-written ranges read as zeros.
         Raises Corrupt when a block fails its checksum (unless ``verify`` is off)."""
         self._check_read(offset, length)
-        buf = bytearray(length)
-        self.readinto(oid, offset, memoryview(buf), verify=verify)
-        return bytes(buf)
+        fd = self._fd(oid)
+        if verify and length:
+            first, count, start, end = block_span(offset, length, self.object_size)
+        else:
+            start, end = offset, offset + length
+        try:
+            data = os.pread(fd, end - start, start)  # short only at the end of the file
+        except OSError as e:
+            raise _io_error(e, f"read object {oid_str(oid)}") from e
+        if len(data) < end - start:
+            data += bytes(end - start - len(data))
+        if verify and length:
+            self._verify(oid, memoryview(data), first, count)
+        if start != offset or end != offset + length:
+            return data[offset - start : offset - start + length]
+        return data
 
     def readinto(self, oid: int, offset: int, buf: memoryview, *, verify: bool = True) -> None:
         """Fill ``buf`` from ``offset`` of the object (no intermediate copy when the range
