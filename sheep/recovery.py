@@ -150,12 +150,7 @@ class Recovery:
             self._task = None
             self.status = RecoveryStatus(epoch=record.epoch, state="idle")
         else:
-            self._active = True
-            self._listed = asyncio.get_running_loop().create_future()
-            self._pending = {}
-            self.status = RecoveryStatus(epoch=record.epoch, state="listing",
-                                         started=time.monotonic())
-            self._task = asyncio.ensure_future(self._run(record.epoch))
+            self._begin(record.epoch)
         if old_listed is not None and not old_listed.done():
             # the old epoch's listing will never finish: who waited for it asks again
             old_listed.set_result(None)
@@ -173,12 +168,14 @@ class Recovery:
         self._may_be_stale = False
         self._prev_ring = self._view.ring
         self._unsettled = frozenset()
+        return self._begin(record.epoch)
+
+    def _begin(self, epoch: int) -> asyncio.Task:
         self._active = True
         self._listed = asyncio.get_running_loop().create_future()
         self._pending = {}
-        self.status = RecoveryStatus(epoch=record.epoch, state="listing",
-                                     started=time.monotonic())
-        self._task = asyncio.ensure_future(self._run(record.epoch))
+        self.status = RecoveryStatus(epoch=epoch, state="listing", started=time.monotonic())
+        self._task = asyncio.ensure_future(self._run(epoch))
         return self._task
 
     async def close(self) -> None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 from sheep.gateway.exports import Export, ExportTable, VolumeCache
+from sheep.gateway.tcp import accept_transport
 
 from .connection import Closed, Connection, Execute, LoginReady, Notice
 from .login import AuthPolicy, Chap, LoginInfo
@@ -147,12 +147,7 @@ class IscsiConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
-        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._peer = accept_transport(transport, _WRITE_HIGH)
         self._gw.connections.add(self)
         transport.pause_reading()  # type: ignore[attr-defined]
         self._spawn(self._start(transport.get_extra_info("sockname")))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections import deque
 
 from sheep.errors import (
@@ -25,6 +24,7 @@ from sheep.errors import (
     VdiLocked,
 )
 from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
+from sheep.gateway.tcp import accept_transport
 from sheep.vdi.volume import Volume
 
 from .handshake import Closed, ExportInfo, HandshakeDone, ServerHandshake
@@ -117,12 +117,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername")
-        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._peer = accept_transport(transport, _WRITE_HIGH)
         transport.pause_reading()
         self._spawn(self._greet())
 

@@ -1,0 +1,17 @@
+"""What every gateway does with a new TCP connection before speaking its protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+
+def accept_transport(transport: asyncio.BaseTransport, write_high: int) -> str:
+    """Small replies go out at once (no Nagle delay on request/reply protocols), the
+    write buffer pauses the protocol at `write_high`; returns the peer as "host:port"."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport.set_write_buffer_limits(high=write_high)  # type: ignore[attr-defined]
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
