@@ -59,7 +59,7 @@ class NodeOptions:
     zone: str = ""
     vnodes: int = 0
     weight: float = 1.0
-    lease_ttl: int = 10
+    lease_ttl: int = 4  # a dead node stops writes for about this long (+ 0.5 s)
     recovery_throttle: int = 0  # bytes/s of recovery reads per node; 0 = unbounded
     min_free: int = 256 << 20  # recovery never fills the disk below this
     scrub_interval: float = 7 * 86400  # seconds between scrub passes; 0: on demand only

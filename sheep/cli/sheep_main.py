@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vnodes", type=int, default=0, help="ring vnodes (default: from weight)")
     run.add_argument("--weight", type=float, default=1.0,
                      help="share of data relative to other nodes (scale with capacity)")
-    run.add_argument("--lease-ttl", type=int, default=10,
+    run.add_argument("--lease-ttl", type=int, default=4,
                      help="seconds after which a silent node leaves the cluster")
     run.add_argument("--nbd-port", type=int, default=None,
                      help="also serve every VDI over NBD on this port (0: any free port)")

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class Membership:
-    def __init__(self, etcd: EtcdCluster, me: NodeInfo, *, lease_ttl: int = 10) -> None:
+    def __init__(self, etcd: EtcdCluster, me: NodeInfo, *, lease_ttl: int = 4) -> None:
         self._etcd = etcd
         self.me = me
         self._ttl = max(2, lease_ttl)
