@@ -305,10 +305,24 @@ async def test_write_fua_reaches_backend():
     assert backend.calls[-1] == ("write", 0, BS, True)
 
 
-async def test_write_and_verify_writes_through():
+async def test_write_and_verify_writes_through_then_reads_back():
     lun, backend = make()
     assert (await lun.execute(rw10(0x2E, 3, 1, flags=0x02), pattern(BS))).status == Status.GOOD
-    assert backend.calls[-1] == ("write", 3 * BS, BS, True)
+    assert backend.calls[-2:] == [("write", 3 * BS, BS, True), ("read", 3 * BS, BS)]
+
+
+class ForgetfulBackend(MemoryBackend):
+    """A medium that acknowledges writes it does not keep."""
+
+    async def write(self, offset: int, data, *, fua: bool = False) -> None:
+        self.calls.append(("write", offset, len(data), fua))
+
+
+async def test_write_and_verify_reports_a_miscompare_when_the_medium_lost_the_data():
+    backend = ForgetfulBackend(SIZE)
+    lun = Lun(backend, LunIdentity("disk", 42, False))
+    result = await lun.execute(rw10(0x2E, 3, 1, flags=0x02), pattern(BS))
+    assert sense_of(result)[0] == SenseKey.MISCOMPARE
 
 
 async def test_read_zero_blocks_is_good_without_io():
@@ -386,11 +400,17 @@ async def test_verify_miscompare_reports_offset_of_first_difference():
     assert result.sense[0] & 0x80 and result.sense[3:7] == struct.pack(">I", 700)
 
 
-async def test_verify_without_bytchk_only_checks_range():
+async def test_verify_without_bytchk_reads_the_range():
     lun, backend = make()
     assert (await lun.execute(rw16(0x8F, 0, 4))).status == Status.GOOD
-    assert not backend.calls
+    assert backend.calls == [("read", 0, 4 * BS)]
     assert sense_of(await lun.execute(rw16(0x8F, BLOCKS, 1))) == LBA_OOB
+
+
+async def test_verify_without_bytchk_of_an_unreadable_range_is_a_medium_error():
+    lun, backend = make()
+    backend.fail = OSError("gone")
+    assert sense_of(await lun.execute(rw16(0x8F, 0, 4))) == (SenseKey.MEDIUM_ERROR, 0x11, 0)
 
 
 async def test_verify_bytchk_one_block_compares_each_block():

@@ -306,12 +306,18 @@ class Lun:
         usable = min(len(out.data), count * bs) // bs * bs
         if not usable:
             return GOOD
+        verify = cdb[0] in c.WRITE_VERIFIES
         # WRITE AND VERIFY: what is verified is what reached the medium, so it is FUA
-        fua = cdb[0] in c.WRITE_VERIFIES or (cdb[0] != Op.WRITE_6 and bool(cdb[1] & 0x08))
+        fua = verify or (cdb[0] != Op.WRITE_6 and bool(cdb[1] & 0x08))
         offset = lba * bs
         async with self._writes.hold(offset, offset + usable):
             await self._io(self.backend.write(offset, out.data[:usable], fua=fua),
                            reading=False)
+            if verify:  # read back: the store checks every block against its checksum
+                medium = await self._io(self.backend.read(offset, usable), reading=True)
+                diff = first_difference(medium, out.data[:usable])
+                if diff is not None:
+                    raise miscompare(diff)
         return GOOD
 
     async def _verify(self, cdb: Buffer, out: _DataOut) -> ScsiResult:
@@ -319,10 +325,14 @@ class Lun:
         check = c.bytchk(cdb)
         if check not in (c.BYTCHK_NONE, c.BYTCHK_COMPARE, c.BYTCHK_ONE_BLOCK):
             raise invalid_field(1, 2, f"BYTCHK {check} is reserved")
-        if not count or check == c.BYTCHK_NONE:
-            return GOOD  # the medium is a replicated store: there is nothing to scan for
+        if not count:
+            return GOOD
         bs = self.block_size
+        # reading is verifying the medium: the store checks every block's checksum (and
+        # repairs a bad one from another replica); only an unreadable range fails
         medium = await self._io(self.backend.read(lba * bs, count * bs), reading=True)
+        if check == c.BYTCHK_NONE:
+            return GOOD
         if check == c.BYTCHK_ONE_BLOCK:
             expected = bytes(out.data[:bs]) * count if len(out.data) >= bs else b""
         else:
