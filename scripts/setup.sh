@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
-APT_PACKAGES=(etcd-server python3-venv qemu-utils qemu-block-extra libnbd-bin nbdkit fio libiscsi-bin)
+APT_PACKAGES=(etcd-server python3-venv qemu-utils qemu-block-extra libnbd-bin nbdkit fio libiscsi-bin
+              qemu-system-x86 cpio)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -36,3 +37,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/pip" install -q -e '.[test]'
     touch "$stamp"
 fi
+
+# The guest that demos and tests boot (qemu_driver/guest.py), built from Debian packages now
+# so that booting it never needs the network; a stamp check when already built.
+bash scripts/build-guest.sh
