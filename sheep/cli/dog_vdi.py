@@ -18,8 +18,20 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.gateway.loopback import loopback_nbd
 from sheep.units import format_size, parse_size
 from sheep.vdi.check import check_objects, check_vdi, vdi_objects
+from sheep.vdi.images import (
+    FORMATS,
+    ImageInfo,
+    check_format,
+    convert,
+    format_for_path,
+    local,
+    probe,
+    qemu_img_available,
+    round_up,
+)
 from sheep.vdi.inodes import nblocks
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import RegistryState, VdiRecord
@@ -332,8 +344,15 @@ async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int)
 
 
 async def vdi_import(stub, args) -> None:
+    fmt = check_format(args.format) if args.format else None
     if not os.path.isfile(args.file):
         raise UsageError(f"{args.file}: no such file")
+    # without qemu-img, an image of unknown format is taken to be raw, as before formats
+    if (fmt is None and qemu_img_available()) or fmt not in (None, "raw"):
+        info = await probe(args.file, fmt)
+        if info.format != "raw":
+            await _import_image(stub, args, info)
+            return
     size = os.path.getsize(args.file)
     async with _manager(stub, args) as m:
         state = await m.state()
@@ -344,21 +363,91 @@ async def vdi_import(stub, args) -> None:
         async with await m.open(args.name, writable=True) as vol:
             written = await import_file(vol, args.file, _progress(args.progress, "import"))
     if args.json:
-        _emit({"name": args.name, "size": size, "written": written})
+        _emit({"name": args.name, "format": "raw", "size": size, "written": written})
     else:
         print(f"imported {format_size(size)} into {args.name} "
               f"({format_size(written)} of data)")
 
 
-async def vdi_export(stub, args) -> None:
-    async with _manager(stub, args) as m, await m.open(args.name, args.snapshot) as vol:
-        written = await export_file(vol, args.file, _progress(args.progress, "export"))
-        size = vol.size
+async def _import_image(stub, args, info: ImageInfo) -> None:
+    """Through qemu-img into a loopback NBD export of the VDI. A VDI with no data yet is
+    declared zero to qemu-img, which then writes only the image's data: the VDI stays thin."""
+    size = info.virtual_size
+    async with _manager(stub, args) as m:
+        created = args.name not in (await m.state()).working
+        if created:
+            await m.create(args.name, round_up(size), copies=args.copies)
+        try:
+            async with loopback_nbd(m.client, m.registry, m.holder, args.name,
+                                    writable=True) as gateway:
+                vol = gateway.volume
+                if vol.size < size:
+                    raise UsageError(f"{args.file} is a {size}-byte disk, more than VDI "
+                                     f"{args.name!r} ({vol.size} bytes); nothing written")
+                await convert(local(args.file), info.format, gateway.url, "raw",
+                              target_exists=True, target_is_zero=not any(vol.table),
+                              size=size, progress=_progress(args.progress, "import"))
+        except BaseException:
+            if created:  # leave no half-imported VDI behind
+                with contextlib.suppress(Exception):
+                    await m.delete(args.name)
+            raise
+        used = (await m.usage((await m.state()).lookup(args.name))).used
     if args.json:
-        _emit({"name": args.name, "size": size, "written": written})
+        _emit({"name": args.name, "format": info.format, "size": size, "used": used})
     else:
-        print(f"exported {args.name} to {args.file}: {format_size(size)} "
-              f"({format_size(written)} of data)")
+        print(f"imported {format_size(size)} {info.format} image into {args.name} "
+              f"({format_size(used)} allocated)")
+
+
+async def vdi_export(stub, args) -> None:
+    name, tag = _split_at(args.name)
+    if tag is not None and args.snapshot is not None and tag != args.snapshot:
+        raise UsageError(f"two snapshots named: {args.name} and -s {args.snapshot}")
+    tag = tag if tag is not None else args.snapshot
+    fmt = check_format(args.format) if args.format else format_for_path(args.file)
+    label = f"{name}@{tag}" if tag else name
+    async with _manager(stub, args) as m:
+        if fmt == "raw":
+            async with await m.open(name, tag) as vol:
+                written = await export_file(vol, args.file, _progress(args.progress, "export"))
+            if args.json:
+                _emit({"name": label, "format": fmt, "size": vol.size, "written": written})
+            else:
+                print(f"exported {label} to {args.file}: {format_size(vol.size)} "
+                      f"({format_size(written)} of data)")
+            return
+        size = await _export_image(m, name, tag, args.file, fmt, args.progress)
+    on_disk = os.stat(args.file).st_blocks * 512
+    if args.json:
+        _emit({"name": label, "format": fmt, "size": size, "file_size": on_disk})
+    else:
+        print(f"exported {label} to {args.file} ({fmt}): {format_size(size)} "
+              f"({format_size(on_disk)} on disk)")
+
+
+async def _export_image(m: VdiManager, name: str, tag: str | None, path: str, fmt: str,
+                        progress: bool) -> int:
+    """Through qemu-img from a read-only loopback NBD export: qemu-img asks the gateway
+    for block status and skips unallocated ranges, so a thin VDI makes a small image."""
+    # vpc would round the disk up to a whole CHS geometry; force_size keeps it exact
+    options = ("force_size=on",) if fmt == "vpc" else ()
+    async with loopback_nbd(m.client, m.registry, m.holder, name, tag) as gateway:
+        existed = os.path.lexists(path)
+        try:
+            await convert(gateway.url, "raw", local(path), fmt, options=options,
+                          size=gateway.volume.size, progress=_progress(progress, "export"))
+            fd = os.open(path, os.O_RDONLY)  # durable on return, as a raw export is
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            if not existed:  # a half-written image is worse than none
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        return gateway.volume.size
 
 
 async def vdi_check(stub, args) -> None:
@@ -491,14 +580,20 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
         p.add_argument("length", nargs="?")
         if name == "read":
             snap_opt(p)
-    p = cmd("import", vdi_import, "copy a raw image into a VDI (created if missing)")
+    formats = ", ".join(FORMATS)
+    p = cmd("import", vdi_import, "copy a disk image into a VDI (created if missing), thin")
     p.add_argument("name")
     p.add_argument("file")
+    p.add_argument("-f", "--format", metavar="FMT",
+                   help=f"the image's format: {formats} (default: what qemu-img detects)")
     p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
     progress_opt(p)
-    p = cmd("export", vdi_export, "copy a VDI into a raw image file (sparse)")
-    p.add_argument("name")
+    p = cmd("export", vdi_export, "copy a VDI or snapshot into a disk image file, thin")
+    p.add_argument("name", metavar="NAME[@TAG]")
     p.add_argument("file")
+    p.add_argument("-f", "--format", metavar="FMT",
+                   help=f"{formats} (default: from FILE's extension .qcow2 .vmdk .vdi .vhdx "
+                        f".vhd, else raw)")
     snap_opt(p)
     progress_opt(p)
     p = cmd("check", vdi_check, "compare every replica of every object; --repair fixes")

@@ -8,9 +8,10 @@ import socket
 
 def accept_transport(transport: asyncio.BaseTransport, write_high: int) -> str:
     """Small replies go out at once (no Nagle delay on request/reply protocols), the
-    write buffer pauses the protocol at `write_high`; returns the peer as "host:port"."""
+    write buffer pauses the protocol at `write_high`; returns the peer as "host:port".
+    A unix socket (dog's private gateway) has no Nagle to turn off."""
     sock = transport.get_extra_info("socket")
-    if sock is not None:
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     transport.set_write_buffer_limits(high=write_high)  # type: ignore[attr-defined]
     peer = transport.get_extra_info("peername")
