@@ -1,4 +1,4 @@
-# Quick start: `make run` (a local 3-node cluster) and `make test` (the whole suite).
+# Quick start: `make run` (a local 3-node cluster and a demo VM on it) and `make test`.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(VENV)/bin/sheep up --nodes 3 --copies 3 --dir ./var
+	$(VENV)/bin/sheep up --nodes 3 --copies 3 --dir ./var --vm
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -80,6 +80,10 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(f"{what} port {host}:{port} is already in use") from None
             raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
+
+
+def _bound_port(server: asyncio.Server | None) -> int | None:
+    return server.sockets[0].getsockname()[1] if server is not None else None
 
 
 def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
@@ -175,6 +179,11 @@ class Node:
             await self._start_gateway(opts.nbd_port)
         if opts.iscsi_port is not None:
             await self._start_iscsi(opts.iscsi_port, iscsi_config)
+        if self._nbd_server is not None or self._iscsi_server is not None:
+            # clients (dog vm) find gateways in the node records: say which ones are up
+            self.info = replace(self.info, nbd_port=_bound_port(self._nbd_server),
+                                iscsi_port=_bound_port(self._iscsi_server))
+            await self._membership.publish(self.info)
         log.info(
             "node %s up: control %s:%d, data %s:%d, zone %r, vnodes %d, epoch %d",
             self.info.node_id[:8],

@@ -28,6 +28,7 @@ class EmbeddedCluster:
     def __init__(
         self, root: Path, *, nodes: int, copies: int, base_port: int, object_size: int,
         nbd_port: int = DEFAULT_NBD_PORT, iscsi_port: int = DEFAULT_ISCSI_PORT,
+        vm: bool = False,
     ) -> None:
         self.root = root.resolve()
         self.nodes = nodes
@@ -36,6 +37,7 @@ class EmbeddedCluster:
         self.object_size = object_size
         self.nbd_port = nbd_port
         self.iscsi_port = iscsi_port
+        self.vm = vm  # boot the demo VM (qemu_driver.demo) once the cluster is up
         self.etcd = EtcdServer(
             self.root / "etcd",
             base_port + ETCD_CLIENT_OFFSET,
@@ -135,8 +137,17 @@ class EmbeddedCluster:
             print(f"try: dog vdi create disk 10G -a 127.0.0.1:{self.control_port(0)}; "
                   f"qemu-img info nbd://127.0.0.1:{self.nbd_port}/disk   (Ctrl-C stops)",
                   flush=True)
+            demo = None
+            if self.vm:
+                from qemu_driver.demo import run_demo
+
+                demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm"))
             last = ""
             while not self._stop:
+                if demo is not None and demo.done():
+                    if not demo.cancelled() and demo.exception() is not None:
+                        print(f"vm: {demo.exception()}", flush=True)
+                    demo = None
                 self._check_children()
                 try:
                     info = await stub.ClusterInfo(pb.Empty(), timeout=5)
@@ -170,6 +181,10 @@ class EmbeddedCluster:
         finally:
             print("stopping...", flush=True)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if self.vm:
+                from qemu_driver.demo import stop_demo
+
+                asyncio.run(stop_demo(self.etcd.url))
             self.stop()
             print("stopped", flush=True)
         return code

@@ -20,6 +20,7 @@ from sheep.malloc import keep_freed_memory
 from sheep.units import format_size, parse_size
 
 from .dog_vdi import UsageError, add_cluster_commands, add_vdi_commands
+from .dog_vm import add_vm_commands
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
 RPC_TIMEOUT = 15.0
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = argparse.ArgumentParser(prog="dog", description="sheep cluster administration")
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node,vdi}")
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node,vdi,vm}")
 
     cluster = kinds.add_parser("cluster", help="cluster-wide operations").add_subparsers(
         dest="cmd", required=True)
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default=sys.stderr.isatty(), help="show a progress bar on stderr")
     start.set_defaults(func=node_scrub_start)
     add_vdi_commands(kinds, common)
+    add_vm_commands(kinds, common)
     return parser
 
 

@@ -69,6 +69,7 @@ def _up(args: argparse.Namespace) -> int:
         object_size=object_size,
         nbd_port=args.nbd_port,
         iscsi_port=args.iscsi_port,
+        vm=args.vm,
     )
     return cluster.run_foreground()
 
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nbd-port", type=int, default=10809, help="NBD gateway port (node 0)")
     up.add_argument("--iscsi-port", type=int, default=3260,
                     help="iSCSI portal port (node 0)")
+    up.add_argument("--vm", action="store_true",
+                    help="also boot the demo VM (the small guest on VDI demo-disk) and show "
+                         "its console")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
     return parser

@@ -46,6 +46,15 @@ class Membership:
         )
         self._refreshed = granted
 
+    async def publish(self, me: NodeInfo) -> None:
+        """Re-publish this node's record (e.g. with the gateway ports it now serves) on its
+        lease, without an epoch bump: only fields outside NodeInfo's equality may change."""
+        assert me == self.me, "publish() cannot change what the ring knows of a node"
+        self.me = me
+        if self._lease is not None:
+            await self._etcd.client.put(self._etcd.target.node_key(me.node_id), dump(me),
+                                        lease=self._lease)
+
     async def leave(self) -> None:
         tx = self._etcd.client.transactions
         key = self._etcd.target.node_key(self.me.node_id)

@@ -7,7 +7,7 @@ the same `EpochRecord`, so placement agrees wherever it is computed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from urllib.parse import urlsplit
 
@@ -25,6 +25,10 @@ class NodeInfo:
     zone: str = ""
     vnodes: int = 0
     capacity: int = 0
+    # Gateways this node serves (None: not served). Outside equality and hashing: they are
+    # published after the node joined, and must not make its epoch membership look changed.
+    nbd_port: int | None = field(default=None, compare=False)
+    iscsi_port: int | None = field(default=None, compare=False)
 
     @property
     def data_addr(self) -> tuple[str, int]:
@@ -70,8 +74,17 @@ def dump(record: NodeInfo | ClusterConfig | EpochRecord) -> bytes:
     return json.dumps(asdict(record), sort_keys=True).encode()
 
 
+_NODE_FIELDS = frozenset(f.name for f in fields(NodeInfo))
+
+
+def _node(data: dict) -> NodeInfo:
+    """Fields this version does not know are dropped, so records written by a newer node
+    still load; fields it added since have defaults, so older records load too."""
+    return NodeInfo(**{k: v for k, v in data.items() if k in _NODE_FIELDS})
+
+
 def load_node(raw: bytes) -> NodeInfo:
-    return NodeInfo(**json.loads(raw))
+    return _node(json.loads(raw))
 
 
 def load_config(raw: bytes) -> ClusterConfig:
@@ -80,7 +93,7 @@ def load_config(raw: bytes) -> ClusterConfig:
 
 def load_epoch(raw: bytes) -> EpochRecord:
     data = json.loads(raw)
-    nodes = tuple(sorted((NodeInfo(**n) for n in data["nodes"]), key=lambda n: n.node_id))
+    nodes = tuple(sorted((_node(n) for n in data["nodes"]), key=lambda n: n.node_id))
     return EpochRecord(epoch=data["epoch"], time=data["time"], nodes=nodes)
 
 

@@ -187,6 +187,8 @@ class VdiManager:
         alone held is reclaimed."""
         validate_name(tag, "snapshot tag")
         (await self.state()).lookup(name, tag)
+        if users := await self.registry.users(name):
+            raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before a rollback")
         lock = await self.registry.acquire_lock(name, f"{self.holder} (rollback)")
         try:
             for _ in range(_RETRIES):

@@ -10,6 +10,7 @@ the loser re-reads and retries or gets a clear error. Layout under the cluster p
     vdi/locks/<name>       the writer's lock, attached to its lease
     vdi/requests/<name>/*  requests to the lock holder (a snapshot of a VDI in use)
     vdi/replies/<id>       the holder's answers
+    vdi/users/<name>/<who> who uses the VDI beyond a lock (a running VM), on the user's lease
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ class VdiRegistry:
     def lock_key(self, name: str) -> bytes:
         return self._key("locks", name)
 
+    def user_key(self, name: str, user: str) -> bytes:
+        return self._key("users", name, user)
+
     # -- reads ----------------------------------------------------------------------------
 
     async def load(self) -> RegistryState:
@@ -277,6 +281,12 @@ class VdiRegistry:
 
     async def is_live(self, vdi_id: int) -> bool:
         return await self.etcd.client.get(self.record_key(vdi_id)) is not None
+
+    async def users(self, name: str) -> list[str]:
+        """What uses `name` beyond a write lock, one description each: a VM keeps using its
+        disk across gateway restarts, when no lock may be held for a while."""
+        kvs = await self.etcd.client.get_prefix(self._key("users", name, ""))
+        return sorted(bytes(kv.value).decode() for kv in kvs)
 
     def change(self, state: RegistryState) -> Change:
         return Change(state, self)

@@ -1,0 +1,120 @@
+"""QEMU command lines and block-device definitions, as pure functions of a VM's spec, its
+gateway and its run directory (no processes here, so they are unit-tested as data).
+
+Disks go through QEMU's own NBD or iSCSI client straight to a sheep gateway: no qemu-nbd,
+no kernel NBD device. The same `blockdev()` dict serves the command line and QMP
+`blockdev-add`, so a hot-plugged disk is configured exactly like a boot-time one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sheep.gateway.iscsi.names import target_name
+
+from .accel import CPU, QEMU
+from .spec import Gateway, VmSpec, disk_id
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+DEFAULT_RECONNECT_DELAY = 60  # s QEMU holds guest I/O while its gateway is away
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """A VM's files on the host that runs it."""
+
+    dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def agent(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+
+def blockdev(vdi: str, gateway: Gateway, *, reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
+             initiator: str = "") -> dict:
+    """The `-blockdev`/`blockdev-add` arguments of one VDI's disk."""
+    node = disk_id(vdi)
+    if gateway.transport == "nbd":
+        return {"driver": "nbd", "node-name": node, "export": vdi,
+                "server": {"type": "inet", "host": gateway.host, "port": str(gateway.port)},
+                "reconnect-delay": reconnect_delay, "discard": "unmap"}
+    if gateway.transport == "iscsi":
+        spec = {"driver": "iscsi", "node-name": node, "transport": "tcp",
+                "portal": f"{gateway.host}:{gateway.port}", "target": target_name(vdi),
+                "lun": 0, "discard": "unmap"}
+        if initiator:
+            spec["initiator-name"] = initiator
+        return spec
+    raise ValueError(f"unknown transport {gateway.transport!r}")
+
+
+def disk_device(vdi: str, *, bootindex: int | None = None) -> dict:
+    """The `-device`/`device_add` arguments of one VDI's virtio-blk disk."""
+    node = disk_id(vdi)
+    dev: dict = {"driver": "virtio-blk-pci", "id": node, "drive": node}
+    if bootindex is not None:
+        dev["bootindex"] = bootindex
+    return dev
+
+
+def _device_arg(dev: dict) -> str:
+    return json.dumps(dev, separators=(",", ":"))
+
+
+def initiator_name(vm: str) -> str:
+    return f"iqn.2026-11.io.sheep.vm:{vm}"
+
+
+def qemu_argv(spec: VmSpec, gateway: Gateway, paths: RunPaths, accel: str, *,
+              reconnect_delay: int = DEFAULT_RECONNECT_DELAY, qemu: str = QEMU) -> list[str]:
+    """The whole command line. The console is a unix socket (`dog vm console` attaches to
+    it) that QEMU also logs to a file, so the output is kept with nobody attached; QMP and
+    the guest agent's channel are unix sockets in the run directory too. `-no-reboot`: a
+    guest that reboots (or panics with panic=-1) stops instead of looping."""
+    argv = [
+        qemu, "-name", spec.name, "-accel", accel, "-cpu", CPU[accel],
+        "-m", str(spec.memory), "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-chardev", f"socket,id=console,path={paths.console},server=on,wait=off,"
+                    f"logfile={paths.console_log},logappend=on",
+        "-serial", "chardev:console",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_CHANNEL}",
+    ]
+    if spec.kernel:
+        argv += ["-kernel", spec.kernel]
+        if spec.initrd:
+            argv += ["-initrd", spec.initrd]
+        if spec.append:
+            argv += ["-append", spec.append]
+    initiator = initiator_name(spec.name)
+    for i, vdi in enumerate(spec.disks):
+        argv += ["-blockdev", _device_arg(blockdev(vdi, gateway, reconnect_delay=reconnect_delay,
+                                                   initiator=initiator))]
+        boot = 0 if i == 0 and not spec.kernel else None
+        argv += ["-device", _device_arg(disk_device(vdi, bootindex=boot))]
+    return argv

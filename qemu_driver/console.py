@@ -1,0 +1,88 @@
+"""A VM's serial console: its log file (kept whether or not anyone is attached) and the
+interactive socket. Ctrl-] detaches, as with virsh and telnet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import termios
+import tty
+from pathlib import Path
+
+from .errors import QemuFailed
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def read_log(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+async def send(socket_path: str | Path, text: str) -> None:
+    """Type `text` on the console (e.g. a line for a job that reads the console)."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(socket_path))
+    except OSError as exc:
+        raise QemuFailed(f"cannot reach the console at {socket_path}: {exc}") from None
+    writer.write(text.encode())
+    await writer.drain()
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def attach(socket_path: str | Path, *, stdin_fd: int = 0, stdout=None,
+                 keep_signals: bool = False) -> None:
+    """Relay this terminal to the console until Ctrl-] (or end of input, or QEMU exits).
+    With `keep_signals`, Ctrl-C still signals this process instead of going to the guest
+    (`sheep up` stops everything on it)."""
+    out = stdout or sys.stdout.buffer
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+    except OSError as exc:
+        raise QemuFailed(f"cannot reach the console at {socket_path}: {exc}") from None
+    loop = asyncio.get_running_loop()
+    is_tty = os.isatty(stdin_fd)
+    saved = termios.tcgetattr(stdin_fd) if is_tty else None
+    done = asyncio.Event()
+
+    def on_input() -> None:
+        data = os.read(stdin_fd, 4096)
+        if is_tty and DETACH in data:
+            data = data.split(DETACH)[0]
+            done.set()
+        elif not data:  # end of input: stop typing; the output goes on for `sheep up`
+            loop.remove_reader(stdin_fd)
+            if not keep_signals:
+                done.set()
+        if data:
+            writer.write(data.replace(b"\n", b"\r") if is_tty else data)
+
+    async def pump() -> None:
+        while chunk := await reader.read(4096):
+            out.write(chunk)
+            out.flush()
+        done.set()
+
+    if is_tty:
+        tty.setraw(stdin_fd)
+        if keep_signals:
+            mode = termios.tcgetattr(stdin_fd)
+            mode[3] |= termios.ISIG
+            termios.tcsetattr(stdin_fd, termios.TCSANOW, mode)
+    with contextlib.suppress(OSError, ValueError):  # /dev/null, a file: output only
+        loop.add_reader(stdin_fd, on_input)
+    task = asyncio.ensure_future(pump())
+    try:
+        await done.wait()
+    finally:
+        loop.remove_reader(stdin_fd)
+        task.cancel()
+        if saved is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        writer.close()

@@ -1,0 +1,286 @@
+"""VM operations as dog (and `sheep up`) run them: define, start, stop, hot-plug, pause,
+snapshot, inspect. Definitions come from the cluster; a running VM is driven through its
+QMP socket, so operations on a VM's QEMU run on the host that runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sheep.vdi.manager import VdiManager
+from sheep.vdi.registry import VdiRecord
+
+from .accel import choose_accel
+from .agent import guest_agent
+from .cmdline import DEFAULT_RECONNECT_DELAY, RunPaths, initiator_name, qemu_argv
+from .errors import BadSpec, ElsewhereError, QemuFailed, VmError, VmNotRunning
+from .gateways import choose_gateway
+from .qmp import monitor
+from .registry import VmRegistry
+from .spec import Gateway, VmRuntime, VmSpec
+from .supervisor import START_TIMEOUT, user_keys, user_label
+
+STOP_TIMEOUT = 30.0
+
+
+def default_run_root() -> Path:
+    """/run/sheep/vm for root, $XDG_RUNTIME_DIR/sheep/vm otherwise ($SHEEP_VM_RUN_DIR wins)."""
+    if override := os.environ.get("SHEEP_VM_RUN_DIR"):
+        return Path(override)
+    if os.geteuid() == 0 and Path("/run").is_dir():
+        return Path("/run/sheep/vm")
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(xdg) / "sheep" / "vm"
+    return Path(f"/tmp/sheep-{os.getuid()}/vm")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    spec: VmSpec
+    runtime: VmRuntime | None
+    state: str  # "stopped", or QEMU's run state ("running", "paused"...)
+    block: list[dict]  # query-block: the guest's devices and what backs them
+    nodes: list[dict] = field(default_factory=list)  # query-named-block-nodes
+
+
+class VmControl:
+    def __init__(self, manager: VdiManager) -> None:
+        self.manager = manager
+        self.etcd = manager.client.etcd
+        self.vms = VmRegistry(self.etcd)
+
+    # -- definitions ----------------------------------------------------------------------
+
+    async def _check_vdis(self, disks: tuple[str, ...] | list[str]) -> None:
+        state = await self.manager.state()
+        for vdi in disks:
+            state.lookup(vdi)
+
+    async def create(self, spec: VmSpec) -> VmSpec:
+        await self._check_vdis(spec.disks)
+        for path in (spec.kernel, spec.initrd):
+            if path and not Path(path).is_file():
+                raise BadSpec(f"{path}: no such file")
+        spec = replace(spec, created=time.time())
+        await self.vms.create(spec)
+        return spec
+
+    async def delete(self, name: str) -> None:
+        await self.vms.delete(name)
+
+    # -- runtime lookups ------------------------------------------------------------------
+
+    async def running(self, name: str) -> VmRuntime:
+        """The runtime of a VM running on this host (its sockets are only reachable here)."""
+        await self.vms.get(name)
+        rt = await self.vms.runtime(name)
+        if rt is None or rt.pid == 0:
+            raise VmNotRunning(f"VM {name!r} is not running")
+        if rt.host != socket.gethostname():
+            raise ElsewhereError(f"VM {name!r} runs on host {rt.host}: run this there")
+        return rt
+
+    async def status(self, name: str) -> VmStatus:
+        spec, _ = await self.vms.get(name)
+        rt = await self.vms.runtime(name)
+        if rt is None:
+            return VmStatus(spec, None, "stopped", [])
+        if rt.host != socket.gethostname() or rt.pid == 0:
+            return VmStatus(spec, rt, "running" if rt.pid else "starting", [])
+        try:
+            async with monitor(rt.qmp, timeout=5) as mon:
+                return VmStatus(spec, rt, await mon.status(), await mon.block_devices(),
+                                await mon.named_nodes())
+        except QemuFailed:
+            return VmStatus(spec, rt, "unresponsive", [])
+
+    async def list(self) -> list[tuple[VmSpec, VmRuntime | None]]:
+        runtimes = await self.vms.runtimes()
+        return [(spec, runtimes.get(spec.name)) for spec in await self.vms.list()]
+
+    # -- start / stop ---------------------------------------------------------------------
+
+    async def gateway(self, transport: str) -> Gateway:
+        return choose_gateway(await self.etcd.live_nodes(), transport)
+
+    async def start(self, name: str, *, run_root: Path | None = None,
+                    reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
+                    timeout: float = START_TIMEOUT) -> VmRuntime:
+        spec, _ = await self.vms.get(name)
+        if await self.vms.runtime(name) is not None:
+            raise VmError(f"VM {name!r} is already running")
+        await self._check_vdis(spec.disks)
+        gateway = await self.gateway(spec.transport)
+        accel = await asyncio.to_thread(choose_accel)
+        paths = RunPaths((run_root or default_run_root()) / name)
+        paths.dir.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.qmp, paths.console, paths.agent, paths.dir / "exit-status"):
+            stale.unlink(missing_ok=True)
+        if len(str(paths.console)) > 100:
+            raise BadSpec(f"run directory {paths.dir} is too long for unix sockets")
+        runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
+                            run_dir=str(paths.dir), qmp=str(paths.qmp),
+                            console=str(paths.console), console_log=str(paths.console_log),
+                            agent=str(paths.agent), accel=accel, gateway=gateway,
+                            disks=spec.disks)
+        argv = qemu_argv(spec, gateway, paths, accel, reconnect_delay=reconnect_delay)
+        plan = paths.dir / "plan.json"
+        target = self.etcd.target
+        plan.write_text(json.dumps({
+            "etcd": f"http://{target.host}:{target.port}{target.prefix}",
+            "runtime": json.loads(runtime.dump()), "argv": argv}, indent=1))
+        # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and
+        # this process), and asyncio's child watcher would complain about it later.
+        with open(paths.dir / "supervisor.err", "ab") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "qemu_driver.supervisor", str(plan)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                start_new_session=True)
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(timeout + 15):
+                line = (await asyncio.to_thread(proc.stdout.readline)).decode().strip()
+        except TimeoutError:
+            proc.kill()  # its QEMU, if any, dies with its monitor socket unanswered
+            line = f"error: the VM did not start within {timeout + 15:.0f}s"
+        finally:
+            proc.stdout.close()
+        if line != "ok":
+            raise QemuFailed(line.removeprefix("error: ") or
+                             f"the VM's supervisor died; see {paths.dir}/supervisor.err")
+        rt = await self.vms.runtime(name)
+        assert rt is not None
+        return rt
+
+    async def stop(self, name: str, *, timeout: float = STOP_TIMEOUT) -> str:
+        """ACPI power button, then (after `timeout`) QMP quit, then SIGKILL. How it ended."""
+        rt = await self.running(name)
+        how = "powered off"
+        with contextlib.suppress(QemuFailed):
+            async with monitor(rt.qmp, timeout=5) as mon:
+                await mon.powerdown()
+        if not await _wait_gone(rt.pid, timeout):
+            how = "stopped (the guest ignored the power button)"
+            with contextlib.suppress(QemuFailed):
+                async with monitor(rt.qmp, timeout=5) as mon:
+                    await mon.quit()
+            if not await _wait_gone(rt.pid, 10):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rt.pid, signal.SIGKILL)
+                await _wait_gone(rt.pid, 10)
+                how = "killed"
+        await self.wait_stopped(name, 15)
+        return how
+
+    async def wait_stopped(self, name: str, timeout: float) -> bool:
+        """Until the runtime record is gone (the supervisor saw QEMU exit); a supervisor
+        that died with it leaves the record to us."""
+        deadline = time.monotonic() + timeout
+        while (rt := await self.vms.runtime(name)) is not None:
+            if rt.host == socket.gethostname() and not _alive(rt.supervisor):
+                await self.vms.forget_runtime(name)
+                break
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+    # -- running VMs ----------------------------------------------------------------------
+
+    async def pause(self, name: str) -> None:
+        async with monitor((await self.running(name)).qmp) as mon:
+            await mon.pause()
+
+    async def resume(self, name: str) -> None:
+        async with monitor((await self.running(name)).qmp) as mon:
+            await mon.resume()
+
+    async def attach(self, name: str, vdi: str) -> None:
+        """Hot-plug VDI into the running VM and keep it in the VM's definition."""
+        rt = await self.running(name)
+        spec, rev = await self.vms.get(name)
+        if vdi in rt.disks:
+            raise BadSpec(f"VDI {vdi!r} is already attached to VM {name!r}")
+        await self._check_vdis([vdi])
+        async with monitor(rt.qmp) as mon:
+            await mon.hotplug(vdi, rt.gateway, initiator_name(name))
+        disks = (*rt.disks, vdi)
+        await self.vms.set_disks(name, disks)
+        for key in user_keys(self.manager.registry, name, (vdi,)):
+            await self.etcd.client.put(key, user_label(name).encode(), lease=rt.lease)
+        if vdi not in spec.disks:
+            await self.vms.update(replace(spec, disks=(*spec.disks, vdi)), rev)
+
+    async def detach(self, name: str, vdi: str, *, timeout: float = 30.0) -> None:
+        rt = await self.running(name)
+        spec, rev = await self.vms.get(name)
+        if vdi not in rt.disks:
+            raise BadSpec(f"VDI {vdi!r} is not attached to VM {name!r}")
+        async with monitor(rt.qmp, timeout=timeout + 5) as mon:
+            await mon.unplug(vdi, timeout)
+        await self.vms.set_disks(name, tuple(d for d in rt.disks if d != vdi))
+        for key in user_keys(self.manager.registry, name, (vdi,)):
+            await self.etcd.client.delete(key)
+        if vdi in spec.disks and len(spec.disks) > 1:
+            await self.vms.update(replace(spec, disks=tuple(d for d in spec.disks if d != vdi)),
+                                  rev)
+
+    async def snapshot(self, name: str, tag: str) -> tuple[str, list[VdiRecord]]:
+        """One consistent snapshot of every disk, all with `tag`: the guest's filesystems
+        frozen by its agent when it runs one, else the whole VM paused (QEMU drains its
+        I/O first); each VDI's gateway flushes and commits as the snapshot is taken."""
+        rt = await self.running(name)
+        state = await self.manager.state()
+        for vdi in rt.disks:
+            if any(r.snapshot and r.tag == tag for r in state.family(vdi)):
+                raise BadSpec(f"VDI {vdi!r} already has a snapshot tagged {tag!r}")
+        taken: list[VdiRecord] = []
+        async with monitor(rt.qmp) as mon, guest_agent(rt.agent) as agent:
+            if agent is not None:
+                how = "guest filesystems frozen"
+                await agent.freeze()
+            else:
+                how = "VM paused"
+                was_running = await mon.status() == "running"
+                if was_running:
+                    await mon.pause()
+            try:
+                for vdi in rt.disks:
+                    taken.append(await self.manager.snapshot(vdi, tag))
+            finally:
+                if agent is not None:
+                    await agent.thaw()
+                elif was_running:
+                    await mon.resume()
+        return how, taken
+
+
+async def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True

@@ -1,0 +1,273 @@
+"""`dog vm ...`: VMs whose disks are VDIs, run by QEMU on the host dog runs on. Definitions
+live in the cluster (any node lists them); a running VM is driven through its QMP socket,
+so commands on a running VM run on the host that started it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from qemu_driver import console
+from qemu_driver.control import STOP_TIMEOUT, VmControl
+from qemu_driver.spec import TRANSPORTS, VmRuntime, VmSpec
+from sheep.control import sheep_pb2 as pb
+from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.units import parse_size
+from sheep.vdi.manager import open_manager
+
+from .dog_vdi import UsageError
+
+RPC_TIMEOUT = 15.0
+
+
+@contextlib.asynccontextmanager
+async def _control(stub: pb_grpc.ControlStub, args: argparse.Namespace
+                   ) -> AsyncIterator[VmControl]:
+    info = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
+    if not info.cluster_id:
+        raise UsageError("the cluster is not formatted (dog cluster format)")
+    async with open_manager(info.etcd, holder=f"dog vm {args.cmd} (pid {os.getpid()})") as m:
+        yield VmControl(m)
+
+
+def _emit(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _runtime_dict(rt: VmRuntime | None) -> dict | None:
+    return json.loads(rt.dump()) if rt is not None else None
+
+
+def _memory(text: str) -> int:
+    """MiB: a bare number is MiB (QEMU's -m), or a size with a unit (512M, 1G)."""
+    try:
+        return int(text) if text.isdigit() else parse_size(text) >> 20
+    except ValueError as exc:
+        raise UsageError(f"memory: {exc}") from None
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def vm_create(stub, args) -> None:
+    disks = tuple(d for d in args.vdi.split(",") if d)
+    kernel = str(Path(args.kernel).resolve()) if args.kernel else ""
+    initrd = str(Path(args.initrd).resolve()) if args.initrd else ""
+    spec = VmSpec(args.name, disks, memory=_memory(args.memory), cpus=args.cpus,
+                  transport=args.transport, kernel=kernel, initrd=initrd, append=args.append)
+    async with _control(stub, args) as ctl:
+        spec = await ctl.create(spec)
+    if args.json:
+        _emit(json.loads(spec.dump()))
+    else:
+        print(f"VM {spec.name} created: {spec.memory} MiB, {spec.cpus} CPU(s), disks "
+              f"{', '.join(spec.disks)} over {spec.transport}")
+
+
+async def vm_delete(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        await ctl.delete(args.name)
+    if args.json:
+        _emit({"deleted": args.name})
+    else:
+        print(f"VM {args.name} deleted (its VDIs are kept)")
+
+
+async def vm_start(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        rt = await ctl.start(args.name, run_root=Path(args.run_dir) if args.run_dir else None,
+                             reconnect_delay=args.reconnect_delay)
+    if args.json:
+        _emit(_runtime_dict(rt))
+    else:
+        gw = rt.gateway
+        print(f"VM {rt.name} started: pid {rt.pid}, {rt.accel}, disks over {gw.transport} "
+              f"via {gw.host}:{gw.port}; console: dog vm console {rt.name}")
+
+
+async def vm_stop(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        how = await ctl.stop(args.name, timeout=args.timeout)
+    if args.json:
+        _emit({"stopped": args.name, "how": how})
+    else:
+        print(f"VM {args.name} {how}")
+
+
+async def vm_wait(stub, args) -> None:
+    """Until the VM is stopped (its guest powered off, or someone stopped it)."""
+    async with _control(stub, args) as ctl:
+        await ctl.vms.get(args.name)
+        if not await ctl.wait_stopped(args.name, args.timeout):
+            raise UsageError(f"VM {args.name!r} still runs after {args.timeout:.0f}s")
+    if args.json:
+        _emit({"stopped": args.name})
+    else:
+        print(f"VM {args.name} is stopped")
+
+
+async def vm_list(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        vms = await ctl.list()
+    if args.json:
+        _emit({"vms": [{**json.loads(s.dump()), "state": "running" if rt else "stopped",
+                        "runtime": _runtime_dict(rt)} for s, rt in vms]})
+        return
+    rows = [[s.name, "running" if rt else "stopped", rt.host if rt else "-",
+             str(rt.pid) if rt else "-", rt.accel if rt else "-", f"{s.memory}M",
+             str(s.cpus), s.transport, ",".join(rt.disks if rt else s.disks)] for s, rt in vms]
+    header = ["Name", "State", "Host", "Pid", "Accel", "Memory", "CPUs", "Transport", "Disks"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def vm_info(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        st = await ctl.status(args.name)
+    blocks = [{"device": b.get("qdev") or b.get("device"),
+               "node": (b.get("inserted") or {}).get("node-name"),
+               "file": (b.get("inserted") or {}).get("file"),
+               "read_only": (b.get("inserted") or {}).get("ro")} for b in st.block]
+    if args.json:
+        nodes = [{"node": n.get("node-name"), "driver": n.get("drv"), "file": n.get("file"),
+                  "read_only": n.get("ro"), "bytes": (n.get("image") or {}).get("virtual-size")}
+                 for n in st.nodes]
+        _emit({**json.loads(st.spec.dump()), "state": st.state,
+               "runtime": _runtime_dict(st.runtime), "block": blocks, "nodes": nodes})
+        return
+    s, rt = st.spec, st.runtime
+    print(f"Name: {s.name}\nState: {st.state}\nMemory: {s.memory} MiB\nCPUs: {s.cpus}\n"
+          f"Transport: {s.transport}\nDisks: {', '.join(s.disks)}\n"
+          f"Boot: {('kernel ' + s.kernel) if s.kernel else 'first disk'}")
+    if s.append:
+        print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
+    if rt is not None:
+        print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {rt.accel}\n"
+              f"Gateway: {rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}\n"
+              f"Started: {_when(rt.started)}\nRun dir: {rt.run_dir}\n"
+              f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
+    for b in blocks:
+        print(f"Block: {b['device']} -> {b['file']}{' (read-only)' if b['read_only'] else ''}")
+
+
+async def vm_console(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        st = await ctl.status(args.name)
+    rt = st.runtime
+    if args.log or rt is None:
+        if rt is None and not args.log:
+            raise UsageError(f"VM {args.name!r} is not running (--log shows its last output "
+                             "on the host that ran it)")
+        log = console.read_log(Path(args.run_dir or _default_root()) / args.name / "console.log"
+                               if rt is None else rt.console_log)
+        sys.stdout.write(log)
+        return
+    sys.stdout.write(console.read_log(rt.console_log)[-4096:])
+    sys.stdout.flush()
+    if os.isatty(0):
+        print("\r\n[dog: attached to the console; Ctrl-] detaches]\r", file=sys.stderr)
+    await console.attach(rt.console)
+
+
+def _default_root() -> Path:
+    from qemu_driver.control import default_run_root
+
+    return default_run_root()
+
+
+async def vm_attach(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        await ctl.attach(args.name, args.vdi)
+    if args.json:
+        _emit({"vm": args.name, "attached": args.vdi})
+    else:
+        print(f"VDI {args.vdi} attached to VM {args.name}")
+
+
+async def vm_detach(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        await ctl.detach(args.name, args.vdi, timeout=args.timeout)
+    if args.json:
+        _emit({"vm": args.name, "detached": args.vdi})
+    else:
+        print(f"VDI {args.vdi} detached from VM {args.name}")
+
+
+async def vm_pause(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        await (ctl.pause if args.cmd == "pause" else ctl.resume)(args.name)
+    if args.json:
+        _emit({"vm": args.name, "state": "paused" if args.cmd == "pause" else "running"})
+    else:
+        print(f"VM {args.name} {'paused' if args.cmd == 'pause' else 'resumed'}")
+
+
+async def vm_snapshot(stub, args) -> None:
+    async with _control(stub, args) as ctl:
+        how, records = await ctl.snapshot(args.name, args.snapshot)
+    if args.json:
+        _emit({"vm": args.name, "tag": args.snapshot, "method": how,
+               "snapshots": [{"name": r.name, "tag": r.tag, "id": r.id} for r in records]})
+    else:
+        print(f"VM {args.name}: {', '.join(r.label for r in records)} taken ({how})")
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    vm = kinds.add_parser("vm", help="QEMU virtual machines on VDIs").add_subparsers(
+        dest="cmd", required=True)
+
+    def cmd(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = vm.add_parser(name, parents=[common], help=help)
+        p.add_argument("name", help="the VM's name")
+        p.set_defaults(func=func)
+        return p
+
+    p = cmd("create", vm_create, "define a VM (kept in the cluster)")
+    p.add_argument("--vdi", required=True, help="VDI[,VDI...]: its disks, /dev/vda first")
+    p.add_argument("--memory", default="256", help="MiB, or a size (512M, 1G)")
+    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--kernel", help="boot this kernel (default: boot from the first disk)")
+    p.add_argument("--initrd")
+    p.add_argument("--append", default="", help="the kernel command line")
+    p.add_argument("--transport", choices=TRANSPORTS, default="nbd",
+                   help="how QEMU reaches the disks (default %(default)s)")
+    cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
+    p = cmd("start", vm_start, "start QEMU for the VM on this host")
+    p.add_argument("--run-dir", help="where sockets and logs go (default /run/sheep/vm or "
+                                     "$XDG_RUNTIME_DIR/sheep/vm)")
+    p.add_argument("--reconnect-delay", type=int, default=60,
+                   help="seconds QEMU holds guest I/O while its NBD gateway is away")
+    p = cmd("stop", vm_stop, "ACPI power-off, killed after --timeout")
+    p.add_argument("--timeout", type=float, default=STOP_TIMEOUT)
+    p = cmd("wait", vm_wait, "wait until the VM is stopped")
+    p.add_argument("--timeout", type=float, default=300.0)
+    vm.add_parser("list", parents=[common], help="every VM of the cluster").set_defaults(
+        func=vm_list, name=None)
+    cmd("info", vm_info, "definition, state, accelerator, block devices")
+    p = cmd("console", vm_console, "attach to the serial console (Ctrl-] detaches)")
+    p.add_argument("--log", action="store_true", help="print the console's output and exit")
+    p.add_argument("--run-dir", help="the run directory of a stopped VM (with --log)")
+    for name, func, help in (("attach", vm_attach, "hot-plug a VDI into a running VM"),
+                             ("detach", vm_detach, "hot-unplug a VDI from a running VM")):
+        p = cmd(name, func, help)
+        p.add_argument("vdi")
+        if name == "detach":
+            p.add_argument("--timeout", type=float, default=30.0)
+    cmd("pause", vm_pause, "pause a running VM")
+    cmd("resume", vm_pause, "resume a paused VM")
+    p = cmd("snapshot", vm_snapshot, "snapshot every disk of a VM consistently")
+    p.add_argument("-s", "--snapshot", metavar="TAG", required=True)

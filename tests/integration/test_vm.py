@@ -1,0 +1,342 @@
+"""VMs on VDIs end to end: `dog vm` boots the small guest (qemu_driver/guest.py) under TCG
+with its disks on a real 3-node cluster (copies=3) through QEMU's own NBD or iSCSI client,
+and the guest's jobs check what it sees. Node 0 is the gateway (NBD and iSCSI).
+
+One cluster serves the module; every test uses VMs and VDIs of its own. Faults run last:
+a storage node is killed (and brought back), then the gateway itself. Every wait is
+bounded; a boot takes about 5 s under TCG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qemu_driver.accel import kvm_works
+from qemu_driver.console import send
+from qemu_driver.guest import (
+    READY_MARKER,
+    GuestImage,
+    guest_artifacts,
+    job_append,
+    job_exit_status,
+)
+from sheep.etcd_server import EtcdServer
+
+from ..cluster import Cluster, dog, dog_error, dog_json, start_cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+BOOT_TIMEOUT = 50  # s for a whole job, boot included, on a loaded 2-core machine
+SIZE = "64M"
+GUEST_ERRORS = ("I/O error", "EXT4-fs error", "Buffer I/O", "blk_update_request",
+                "Read-only file system")
+
+# The jobs, in busybox sh. The guest prints "sheep-test: NAME" at the points a test waits
+# for, and reads a line from the console where the test must act first.
+MAKE_FILES = """set -e
+mke2fs -q /dev/vda
+mount -t ext4 /dev/vda /mnt
+echo "written by {vm}" >/mnt/hello.txt
+dd if=/dev/urandom of=/mnt/big bs=1M count=6 2>/dev/null
+md5sum /mnt/big >/mnt/big.md5
+sync
+umount /mnt
+"""
+CHECK_FILES = """set -e
+mount -t ext4 /dev/vda /mnt
+echo "read: $(cat /mnt/hello.txt)"
+md5sum -c /mnt/big.md5
+"""
+WRITE_LOOP = """set -e
+mke2fs -q /dev/vda
+mount -t ext4 /dev/vda /mnt
+i=0
+while [ $i -lt {count} ]; do
+  i=$((i+1))
+  dd if=/dev/urandom of=/mnt/f$i bs=256K count=2 2>/dev/null
+  md5sum /mnt/f$i >>/mnt/sums
+  sync
+  echo "sheep-test: wrote $i"
+  sleep 0.3
+done
+echo 3 >/proc/sys/vm/drop_caches
+md5sum -c /mnt/sums >/dev/null
+echo "sheep-test: verified $i"
+umount /mnt
+"""
+CHECK_SUMS = """set -e
+mount -t ext4 /dev/vda /mnt
+md5sum -c /mnt/sums >/dev/null
+echo "sheep-test: intact $(wc -l </mnt/sums)"
+"""
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    return guest_artifacts()
+
+
+@pytest.fixture(scope="module")
+def vmc(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[Cluster]:
+    """A 3-node cluster, copies=3; node 0 serves NBD and iSCSI."""
+    c = start_cluster(tmp_path_factory.mktemp("vm") / "cluster", etcd.url, nodes=3,
+                      copies=3, nbd=True, iscsi=True)
+    yield c
+    for spec in dog_json("vm", "list", address=c.address).get("vms", []):
+        if spec["state"] == "running":
+            dog("vm", "stop", spec["name"], "--timeout", "1", address=c.address, check=False)
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vms")
+
+
+class Vm:
+    """One VM of a test: `dog vm` commands and its console log."""
+
+    def __init__(self, cluster: Cluster, run_root: Path, name: str) -> None:
+        self.cluster, self.name, self.dir = cluster, name, run_root / name
+
+    def dog(self, *args: str, check: bool = True):
+        return dog("vm", *args, address=self.cluster.address, check=check)
+
+    def create(self, guest: GuestImage, vdis: list[str], job: str, transport: str = "nbd"
+               ) -> Vm:
+        self.dog("create", self.name, "--vdi", ",".join(vdis), "--kernel", str(guest.kernel),
+                 "--initrd", str(guest.initrd), "--append", job_append(job),
+                 "--transport", transport)
+        return self
+
+    def start(self) -> Vm:
+        self.dog("start", self.name, "--run-dir", str(self.dir.parent))
+        return self
+
+    def console(self) -> str:
+        path = self.dir / "console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_console(self, text: str, timeout: float = BOOT_TIMEOUT) -> None:
+        def seen() -> bool:
+            out = self.console()
+            if job_exit_status(out) is not None and text not in out:
+                raise AssertionError(f"the job ended before {text!r}:\n{out[-3000:]}")
+            return text in out
+
+        wait_until(seen, timeout, f"{text!r} on {self.name}'s console")
+
+    def type(self, line: str) -> None:
+        """A line on the console, once the guest is up: the UART drops what comes earlier
+        (the job reads it from /dev/console, where the tty keeps it until read)."""
+        self.wait_console(READY_MARKER)
+        asyncio.run(send(self.dir / "console.sock", line + "\n"))
+
+    def finish(self, timeout: float = BOOT_TIMEOUT) -> str:
+        """Wait for the guest to power off; its console, after checking the job passed."""
+        self.dog("wait", self.name, "--timeout", str(timeout))
+        out = self.console()
+        assert job_exit_status(out) == 0, f"{self.name}'s job failed:\n{out[-3000:]}"
+        for error in GUEST_ERRORS:
+            assert error not in out, f"{self.name}'s guest saw {error!r}:\n{out[-3000:]}"
+        return out
+
+
+def vdi(cluster: Cluster, name: str) -> str:
+    dog("vdi", "create", name, SIZE, address=cluster.address)
+    return name
+
+
+def run(cluster: Cluster, run_root: Path, guest: GuestImage, name: str, vdis: list[str],
+        job: str, transport: str = "nbd") -> str:
+    return Vm(cluster, run_root, name).create(guest, vdis, job, transport).start().finish()
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["nbd", "iscsi"])
+def test_files_a_guest_writes_are_read_back_by_the_next_vm_on_the_same_vdi(
+        vmc: Cluster, run_root: Path, guest: GuestImage, transport: str) -> None:
+    disk = vdi(vmc, f"files-{transport}")
+    run(vmc, run_root, guest, f"writer-{transport}", [disk],
+        MAKE_FILES.format(vm=f"writer-{transport}"), transport)
+    out = run(vmc, run_root, guest, f"reader-{transport}", [disk], CHECK_FILES, transport)
+    assert f"read: written by writer-{transport}" in out
+    assert "/mnt/big: OK" in out
+
+
+def test_info_says_which_accelerator_and_gateway_a_running_vm_uses(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "shown").create(guest, [vdi(vmc, "shown")],
+                                           "read -r go </dev/console\n").start()
+    info = dog_json("vm", "info", "shown", address=vmc.address)
+    assert info["state"] == "running"
+    # the probe boots a sector with the guest's -cpu: here KVM fails that, so TCG
+    assert info["runtime"]["accel"] == ("kvm" if kvm_works() else "tcg")
+    assert info["runtime"]["gateway"]["port"] == vmc.nbd_port
+    assert [b["file"] for b in info["block"]] == [vmc.nbd_url("shown")]
+    assert {n["driver"] for n in info["nodes"]} == {"nbd"}
+    listed = {v["name"]: v for v in dog_json("vm", "list", address=vmc.address)["vms"]}
+    assert listed["shown"]["state"] == "running"
+    vm.type("go")
+    vm.finish()
+    assert dog_json("vm", "info", "shown", address=vmc.address)["state"] == "stopped"
+
+
+def test_a_vm_cannot_start_twice_nor_be_deleted_while_it_runs(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "once").create(guest, [vdi(vmc, "once")],
+                                          "read -r go </dev/console\n").start()
+    assert "already running" in dog_error("vm", "start", "once", "--run-dir",
+                                          str(run_root), address=vmc.address)
+    assert "stop it first" in dog_error("vm", "delete", "once", address=vmc.address)
+    vm.type("go")
+    vm.finish()
+    vm.dog("delete", "once")
+    assert "no VM named 'once'" in dog_error("vm", "info", "once", address=vmc.address)
+
+
+def test_a_paused_vm_says_so_and_resumes(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "pauser").create(guest, [vdi(vmc, "pauser")],
+                                            "read -r go </dev/console\n").start()
+    vm.wait_console(READY_MARKER)
+    vm.dog("pause", "pauser")
+    assert dog_json("vm", "info", "pauser", address=vmc.address)["state"] == "paused"
+    vm.dog("resume", "pauser")
+    assert dog_json("vm", "info", "pauser", address=vmc.address)["state"] == "running"
+    vm.type("go")
+    vm.finish()
+
+
+def test_bad_vm_commands_are_one_line_errors(vmc: Cluster, guest: GuestImage) -> None:
+    a = vmc.address
+    assert "no VDI named 'absent'" in dog_error("vm", "create", "x", "--vdi", "absent",
+                                                address=a)
+    assert "VM name" in dog_error("vm", "create", "bad name", "--vdi", "absent", address=a)
+    assert "no VM named 'ghost'" in dog_error("vm", "start", "ghost", address=a)
+    assert "no VM named 'ghost'" in dog_error("vm", "attach", "ghost", "absent", address=a)
+    disk = vdi(vmc, "errs")
+    dog("vm", "create", "errs", "--vdi", disk, address=a)
+    assert "already exists" in dog_error("vm", "create", "errs", "--vdi", disk, address=a)
+    assert "is not running" in dog_error("vm", "stop", "errs", address=a)
+    assert "is not running" in dog_error("vm", "snapshot", "errs", "-s", "t", address=a)
+    dog("vm", "delete", "errs", address=a)
+
+
+def test_a_snapshot_of_a_running_vm_is_what_a_rollback_boots_and_a_clone_boots_beside_it(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    disk = vdi(vmc, "snap")
+    job = """set -e
+mke2fs -q /dev/vda
+mount -t ext4 /dev/vda /mnt
+echo before >/mnt/state
+sync
+echo "sheep-test: first state"
+read -r go </dev/console
+echo after >/mnt/state
+echo extra >/mnt/extra
+sync
+echo "sheep-test: second state"
+read -r go </dev/console
+"""
+    vm = Vm(vmc, run_root, "snapper").create(guest, [disk], job).start()
+    vm.wait_console("sheep-test: first state")
+    taken = dog_json("vm", "snapshot", "snapper", "-s", "t1", address=vmc.address)
+    assert taken["method"] == "VM paused"  # the small guest runs no guest agent
+    assert [s["name"] for s in taken["snapshots"]] == ["snap"]
+    vm.type("go")
+    vm.wait_console("sheep-test: second state")
+    assert dog_json("vm", "info", "snapper", address=vmc.address)["state"] == "running"
+
+    refusal = dog_error("vdi", "rollback", "snap", "-s", "t1", address=vmc.address)
+    assert "in use by VM snapper" in refusal
+
+    vm.dog("stop", "snapper", "--timeout", "2")
+    dog("vdi", "rollback", "snap", "-s", "t1", address=vmc.address)
+    dog("vdi", "clone", "snap@t1", "snap-clone", address=vmc.address)
+    check = """set -e
+mount -t ext4 /dev/vda /mnt
+echo "state: $(cat /mnt/state)"
+[ ! -e /mnt/extra ] && echo "no extra"
+echo "{who}" >/mnt/who
+sync
+"""
+    rolled = Vm(vmc, run_root, "rolled").create(guest, [disk], check.format(who="rolled"))
+    clone = Vm(vmc, run_root, "cloned").create(guest, ["snap-clone"], check.format(who="clone"))
+    rolled.start()
+    clone.start()  # both at once, sharing the snapshot's blocks
+    for out in (rolled.finish(), clone.finish()):
+        assert "state: before" in out and "no extra" in out
+
+
+def test_a_vdi_hot_plugged_into_a_running_guest_appears_and_takes_writes(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    job = """set -e
+n=0
+while [ ! -b /dev/vdb ]; do n=$((n+1)); [ $n -lt 600 ]; sleep 0.1; done
+echo "vdb sectors $(cat /sys/block/vdb/size)"
+mke2fs -q /dev/vdb
+mount -t ext4 /dev/vdb /mnt
+echo hot >/mnt/plugged
+sync
+umount /mnt
+echo "sheep-test: wrote vdb"
+n=0
+while [ -b /dev/vdb ]; do n=$((n+1)); [ $n -lt 600 ]; sleep 0.1; done
+echo "sheep-test: vdb gone"
+read -r go </dev/console
+"""
+    vm = Vm(vmc, run_root, "plug").create(guest, [vdi(vmc, "plug-root")], job).start()
+    vm.wait_console("sheep-guest: ready")
+    vm.dog("attach", "plug", vdi(vmc, "plug-extra"))
+    vm.wait_console("sheep-test: wrote vdb")
+    assert f"vdb sectors {(64 << 20) // 512}" in vm.console()
+    info = dog_json("vm", "info", "plug", address=vmc.address)
+    assert vmc.nbd_url("plug-extra") in [b["file"] for b in info["block"]]
+    vm.dog("detach", "plug", "plug-extra")
+    vm.wait_console("sheep-test: vdb gone")
+    assert vmc.nbd_url("plug-extra") not in [
+        b["file"] for b in dog_json("vm", "info", "plug", address=vmc.address)["block"]]
+    vm.type("go")
+    vm.finish()
+    out = run(vmc, run_root, guest, "plug-check", ["plug-extra"],
+              "mount -t ext4 /dev/vda /mnt && echo \"found: $(cat /mnt/plugged)\"\n")
+    assert "found: hot" in out
+
+
+def test_a_guest_writing_while_a_storage_node_is_killed_sees_no_io_error(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "survivor").create(guest, [vdi(vmc, "survivor")],
+                                              WRITE_LOOP.format(count=16)).start()
+    vm.wait_console("sheep-test: wrote 3")
+    victim = vmc.nodes[2]  # not the gateway
+    victim.kill(signal.SIGKILL)
+    out = vm.finish()
+    assert "sheep-test: verified 16" in out
+    victim.start()
+    victim.wait_up()
+    vmc.wait_members(3)
+
+
+def test_the_guest_carries_on_when_its_gateway_is_killed_and_restarted(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "reconnect").create(guest, [vdi(vmc, "reconnect")],
+                                               WRITE_LOOP.format(count=12)).start()
+    vm.wait_console("sheep-test: wrote 3")
+    gateway = vmc.nodes[0]
+    gateway.kill(signal.SIGKILL)
+    time.sleep(1)  # QEMU notices and starts its reconnect-delay
+    gateway.start()
+    gateway.wait_up()
+    out = vm.finish()
+    assert "sheep-test: verified 12" in out
+    out = run(vmc, run_root, guest, "reconnect-check", ["reconnect"], CHECK_SUMS)
+    assert "sheep-test: intact 12" in out

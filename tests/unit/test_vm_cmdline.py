@@ -1,0 +1,91 @@
+"""QEMU command lines and block-device definitions of a VM, as data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qemu_driver.cmdline import (
+    AGENT_CHANNEL,
+    RunPaths,
+    blockdev,
+    disk_device,
+    qemu_argv,
+)
+from qemu_driver.spec import Gateway, VmSpec, disk_id
+
+NBD = Gateway("nbd", "127.0.0.1", 10809)
+ISCSI = Gateway("iscsi", "127.0.0.1", 3260)
+PATHS = RunPaths(Path("/run/sheep/vm/web"))
+
+
+def _values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == option]
+
+
+def test_an_nbd_disk_goes_through_qemus_own_client_with_a_reconnect_delay() -> None:
+    dev = blockdev("disk", NBD, reconnect_delay=45)
+    assert dev["driver"] == "nbd" and dev["export"] == "disk"
+    assert dev["server"] == {"type": "inet", "host": "127.0.0.1", "port": "10809"}
+    assert dev["reconnect-delay"] == 45
+
+
+def test_an_iscsi_disk_is_lun_0_of_the_vdis_target() -> None:
+    dev = blockdev("disk", ISCSI, initiator="iqn.x:y")
+    assert dev["driver"] == "iscsi" and dev["transport"] == "tcp"
+    assert dev["portal"] == "127.0.0.1:3260"
+    assert dev["target"] == "iqn.2026-11.io.sheep:disk" and dev["lun"] == 0
+    assert dev["initiator-name"] == "iqn.x:y"
+
+
+def test_a_disks_node_and_device_share_one_id_that_qemu_accepts() -> None:
+    node = blockdev("a.b_c-d", NBD)["node-name"]
+    dev = disk_device("a.b_c-d")
+    assert node == dev["id"] == dev["drive"] == disk_id("a.b_c-d")
+    assert node[0].isalpha() and node.isalnum()
+    assert disk_id("one") != disk_id("two")
+
+
+def test_disks_are_virtio_blk_in_the_order_given() -> None:
+    spec = VmSpec("web", ("root", "data"), kernel="/k")
+    argv = qemu_argv(spec, NBD, PATHS, "tcg")
+    exports = [json.loads(b)["export"] for b in _values(argv, "-blockdev")]
+    devices = [json.loads(d) for d in _values(argv, "-device") if d.startswith("{")]
+    assert exports == ["root", "data"]
+    assert [d["drive"] for d in devices] == [disk_id("root"), disk_id("data")]
+    assert all(d["driver"] == "virtio-blk-pci" for d in devices)
+
+
+def test_without_a_kernel_the_vm_boots_from_its_first_disk() -> None:
+    argv = qemu_argv(VmSpec("web", ("root", "data")), NBD, PATHS, "tcg")
+    devices = [json.loads(d) for d in _values(argv, "-device") if d.startswith("{")]
+    assert [d.get("bootindex") for d in devices] == [0, None]
+    assert "-kernel" not in argv
+
+
+def test_a_kernel_boot_passes_kernel_initrd_and_command_line() -> None:
+    spec = VmSpec("web", ("root",), kernel="/k", initrd="/i", append="console=ttyS0")
+    argv = qemu_argv(spec, NBD, PATHS, "tcg")
+    assert _values(argv, "-kernel") == ["/k"]
+    assert _values(argv, "-initrd") == ["/i"]
+    assert _values(argv, "-append") == ["console=ttyS0"]
+
+
+@pytest.mark.parametrize(("accel", "cpu"), [("kvm", "host"), ("tcg", "max")])
+def test_the_accelerator_chooses_the_cpu_model(accel: str, cpu: str) -> None:
+    argv = qemu_argv(VmSpec("web", ("root",)), NBD, PATHS, accel)
+    assert _values(argv, "-accel") == [accel]
+    assert _values(argv, "-cpu") == [cpu]
+
+
+def test_qmp_console_and_agent_are_unix_sockets_in_the_run_dir() -> None:
+    argv = qemu_argv(VmSpec("web", ("root",), memory=512, cpus=2), NBD, PATHS, "tcg")
+    assert _values(argv, "-qmp") == [f"unix:{PATHS.qmp},server=on,wait=off"]
+    chardevs = _values(argv, "-chardev")
+    assert any(f"path={PATHS.console}" in c and f"logfile={PATHS.console_log}" in c
+               for c in chardevs)
+    assert any(f"path={PATHS.agent}" in c for c in chardevs)
+    assert f"virtserialport,chardev=agent,name={AGENT_CHANNEL}" in _values(argv, "-device")
+    assert _values(argv, "-m") == ["512"] and _values(argv, "-smp") == ["2"]

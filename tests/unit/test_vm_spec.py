@@ -1,0 +1,78 @@
+"""VM definitions and runtime records: validation, and JSON that round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qemu_driver.errors import NoGateway
+from qemu_driver.gateways import choose_gateway
+from qemu_driver.spec import Gateway, VmRuntime, VmSpec
+from sheep.cluster.state import NodeInfo, dump, load_node
+from sheep.errors import InvalidParams
+
+
+def test_a_spec_round_trips_through_json() -> None:
+    spec = VmSpec("web", ("root", "data"), memory=512, cpus=2, transport="iscsi",
+                  kernel="/k", initrd="/i", append="quiet", created=1.5)
+    assert VmSpec.load(spec.dump()) == spec
+
+
+def test_a_spec_from_a_newer_version_still_loads() -> None:
+    data = json.loads(VmSpec("web", ("root",)).dump())
+    data["future_field"] = 1
+    assert VmSpec.load(json.dumps(data).encode()).name == "web"
+
+
+def test_a_runtime_round_trips_with_its_gateway() -> None:
+    rt = VmRuntime("web", "h", 10, 9, "/r", "/r/q", "/r/c", "/r/c.log", "/r/a", "tcg",
+                   Gateway("nbd", "127.0.0.1", 10809), ("root",), 3.0, 77)
+    assert VmRuntime.load(rt.dump()) == rt
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "bad name"}, "VM name"),
+    ({"name": "-x"}, "VM name"),
+    ({"disks": ()}, "at least one disk"),
+    ({"disks": ("a", "a")}, "only once"),
+    ({"disks": ("a@b",)}, "VDI name"),
+    ({"transport": "fc"}, "transport"),
+    ({"memory": 8}, "too small"),
+    ({"cpus": 0}, "cpus"),
+    ({"initrd": "/i"}, "need --kernel"),
+])
+def test_an_invalid_spec_is_refused_with_the_reason(kwargs: dict, message: str) -> None:
+    args = {"name": "web", "disks": ("root",), **kwargs}
+    with pytest.raises(InvalidParams, match=message):  # BadSpec, or the VDI layer's own
+        VmSpec(**args)
+
+
+def _node(node_id: str, host: str, nbd: int | None = None, iscsi: int | None = None
+          ) -> NodeInfo:
+    return NodeInfo(node_id, host, 7100, 7000, nbd_port=nbd, iscsi_port=iscsi)
+
+
+def test_gateway_ports_do_not_change_a_nodes_identity_in_the_ring() -> None:
+    plain = _node("a", "10.0.0.1")
+    serving = _node("a", "10.0.0.1", nbd=10809)
+    assert plain == serving and hash(plain) == hash(serving)
+    assert load_node(dump(serving)).nbd_port == 10809
+
+
+def test_a_node_record_without_gateway_ports_still_loads() -> None:
+    old = b'{"node_id": "a", "host": "h", "data_port": 1, "control_port": 2}'
+    assert load_node(old).nbd_port is None and load_node(old).iscsi_port is None
+
+
+def test_the_gateway_is_a_node_serving_the_transport_on_this_host_first() -> None:
+    nodes = [_node("a", "10.0.0.1", nbd=1, iscsi=2), _node("b", "10.0.0.2", nbd=3),
+             _node("c", "10.0.0.3")]
+    assert choose_gateway(nodes, "nbd", local={"10.0.0.2"}) == Gateway("nbd", "10.0.0.2", 3)
+    assert choose_gateway(nodes, "nbd", local=set()) == Gateway("nbd", "10.0.0.1", 1)
+    assert choose_gateway(nodes, "iscsi", local={"10.0.0.2"}) == Gateway("iscsi", "10.0.0.1", 2)
+
+
+def test_no_node_serving_the_transport_is_a_clear_error() -> None:
+    with pytest.raises(NoGateway, match="no node serves iscsi"):
+        choose_gateway([_node("a", "h", nbd=1)], "iscsi", local=set())
