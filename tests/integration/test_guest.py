@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 import string
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +43,6 @@ def boot(
     image: GuestImage,
     append: str,
     disks: Sequence[Path] = (),
-    console_input: str = "",
 ) -> str:
     """Boot the guest until it powers off; its console output."""
     argv = [
@@ -52,7 +53,7 @@ def boot(
     for disk in disks:
         argv += ["-drive", f"file={disk},format=raw,if=virtio"]
     proc = subprocess.run(
-        argv, input=console_input, capture_output=True, text=True, errors="replace",
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
         timeout=BOOT_TIMEOUT,
     )
     assert proc.returncode == 0, f"qemu failed: {proc.stderr}\n{proc.stdout}"
@@ -131,9 +132,43 @@ def test_the_largest_job_the_command_line_takes_arrives_intact(image: GuestImage
     assert "big job ran" in console
 
 
+def _interactive(image: GuestImage, lines: Sequence[str]) -> str:
+    """Boot without a job, type `lines` once the shell's prompt is up (typed ahead of it,
+    the first characters can be lost while the serial port is set up), until power off."""
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256", "-nodefaults",
+            "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio",
+            *image.boot_args(kernel_append())]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    output = bytearray()
+
+    def read() -> None:
+        while chunk := proc.stdout.read1(4096):  # type: ignore[union-attr]
+            output.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while b"/ # " not in output:
+            assert time.monotonic() < deadline, f"no shell prompt: {output.decode()!r}"
+            time.sleep(0.05)
+        for line in lines:
+            proc.stdin.write(line.encode() + b"\n")
+            proc.stdin.flush()
+            time.sleep(0.2)
+        proc.wait(BOOT_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    return output.decode(errors="replace")
+
+
 def test_without_a_job_the_console_gets_a_shell(image: GuestImage) -> None:
-    # Typed ahead: the console's line discipline holds it until the shell reads it.
-    console = boot(image, kernel_append(), console_input="echo shell-$((6*7))\nexit\n")
+    console = _interactive(image, ["echo shell-$((6*7))", "exit"])
     assert "shell-42" in console
     assert job_exit_status(console) is None
     assert POWER_OFF_MARKER in console
