@@ -214,6 +214,18 @@ def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
 
 
 
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from a raw protocol client's socket (tests that speak NBD or
+    iSCSI by hand)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
 class TcpProxy:
     """A loopback TCP relay that a test can cut (every connection dropped, new ones
     refused) and restore on the same port: a node behind it loses its etcd."""

@@ -124,23 +124,29 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
     print(_table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
 
 
-async def node_recovery(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+async def _per_node_table(stub: pb_grpc.ControlStub, args: argparse.Namespace,
+                          header: list[str], row: Callable[[pb.NodeStats], list[str]]) -> None:
+    """One row per node of the cluster (`Idx`, `Id`, then `row`'s columns)."""
     reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
     if args.json:
         _emit_json(reply)
         return
     rows = []
     for i, s in enumerate(reply.nodes):
+        cells = row(s) if s.reachable else ["unreachable"]
+        rows.append([str(i), s.node.id[:12], *cells, *[""] * (len(header) - 2 - len(cells))])
+    print(_table(rows, header))
+
+
+async def node_recovery(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    def row(s: pb.NodeStats) -> list[str]:
         r = s.recovery
-        if not s.reachable:
-            rows.append([str(i), s.node.id[:12], "?", "unreachable", "", "", ""])
-            continue
         pct = f"{100 * r.done / r.total:.0f}%" if r.total else "-"
         throttle = f"{format_size(r.throttle)}/s" if r.throttle else "unbounded"
-        rows.append([str(i), s.node.id[:12], str(r.epoch), r.state, f"{r.done}/{r.total}",
-                     pct, f"{r.rate:.1f}/s", throttle])
-    print(_table(rows, ["Idx", "Id", "Epoch", "State", "Objects", "Done", "Rate",
-                        "Throttle"]))
+        return [str(r.epoch), r.state, f"{r.done}/{r.total}", pct, f"{r.rate:.1f}/s", throttle]
+
+    await _per_node_table(stub, args, ["Idx", "Id", "Epoch", "State", "Objects", "Done",
+                                       "Rate", "Throttle"], row)
 
 
 async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -162,22 +168,15 @@ async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Names
 
 
 async def node_scrub(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
-    if args.json:
-        _emit_json(reply)
-        return
-    rows = []
-    for i, s in enumerate(reply.nodes):
+    def row(s: pb.NodeStats) -> list[str]:
         c = s.scrub
-        if not s.reachable:
-            rows.append([str(i), s.node.id[:12], "unreachable", "", "", "", "", ""])
-            continue
         last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.finished))
                 if c.finished else "never")
-        rows.append([str(i), s.node.id[:12], c.state, f"{c.done}/{c.total}",
-                     str(c.bad_blocks), str(c.repaired), str(c.passes), last])
-    print(_table(rows, ["Idx", "Id", "State", "Objects", "Bad", "Repaired", "Passes",
-                        "Last pass"]))
+        return [c.state, f"{c.done}/{c.total}", str(c.bad_blocks), str(c.repaired),
+                str(c.passes), last]
+
+    await _per_node_table(stub, args, ["Idx", "Id", "State", "Objects", "Bad", "Repaired",
+                                       "Passes", "Last pass"], row)
 
 
 async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ import pytest
 from sheep.etcd_server import EtcdServer
 from sheep.gateway.iscsi.names import target_name
 
-from ..cluster import Cluster, dog, start_cluster
+from ..cluster import Cluster, dog, recv_exact, start_cluster
 
 MiB = 1 << 20
 OBJ = 4 * MiB
@@ -252,16 +252,6 @@ def test_writes_to_a_snapshot_target_are_refused(portal: Cluster, tmp_path: Path
 
 
 # -- a raw client: what the CLI tools cannot send ----------------------------------------------
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 class RawSession:

@@ -28,7 +28,16 @@ import pytest
 from sheep.etcd_server import EtcdServer
 from sheep.vdi.manager import open_manager
 
-from ..cluster import Cluster, dog, dog_bytes, dog_error, dog_json, start_cluster, wait_until
+from ..cluster import (
+    Cluster,
+    dog,
+    dog_bytes,
+    dog_error,
+    dog_json,
+    recv_exact,
+    start_cluster,
+    wait_until,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 OBJ = 4 * MiB  # the cluster's object (block) size
@@ -75,16 +84,6 @@ class NbdError(Exception):
     def __init__(self, errno: int) -> None:
         super().__init__(f"NBD error {errno}")
         self.errno = errno
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def greet(port: int, *, timeout: float = 10) -> socket.socket:
