@@ -4,6 +4,7 @@ foreground, formatted on first start, reused on the next (`sheep up`, `make run`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -87,9 +88,12 @@ class EmbeddedCluster:
                 proc.wait()
         self.etcd.stop()
 
-    async def _wait_and_format(self, stub: pb_grpc.ControlStub) -> pb.ClusterInfoReply:
+    async def _wait_and_format(self, stub: pb_grpc.ControlStub) -> pb.ClusterInfoReply | None:
+        """The formatted cluster's info; None when asked to stop first."""
         deadline = time.monotonic() + 30
         while True:
+            if self._stop:
+                return None
             self._check_children()
             try:
                 nodes = await stub.NodeList(pb.Empty(), timeout=3)
@@ -117,9 +121,22 @@ class EmbeddedCluster:
                 )
 
     async def _watch(self) -> None:
+        # Ctrl-C and SIGTERM set a flag the loops below poll, rather than cancel the task as
+        # asyncio.run would: grpc turns a cancelled call into an AioRpcError (CANCELLED), so
+        # a cancel landing in a call was taken for an unreachable cluster and lost.
+        wake = asyncio.Event()
+
+        def request_stop() -> None:
+            self._stop = True
+            wake.set()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, request_stop)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.control_port(0)}") as channel:
             stub = pb_grpc.ControlStub(channel)
-            info = await self._wait_and_format(stub)
+            if await self._wait_and_format(stub) is None:
+                return
             print(f"etcd: {self.etcd.url}", flush=True)
             for i in range(self.nodes):
                 print(
@@ -162,7 +179,9 @@ class EmbeddedCluster:
                 if state != last:
                     print(time.strftime("%H:%M:%S"), state, flush=True)
                     last = state
-                await asyncio.sleep(1)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1):
+                        await wake.wait()
 
     def run_foreground(self) -> int:
         def request_stop(*_args: object) -> None:

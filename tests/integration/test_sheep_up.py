@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import select
@@ -83,9 +84,19 @@ class Up:
         self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # its stacks, to see where it is stuck
+            time.sleep(1)
+            with contextlib.suppress(AssertionError):
+                self.wait_for("\x00never", timeout=1)
+            raise AssertionError("sheep up did not stop within 40 s of Ctrl-C; its output:\n"
+                                 + self._buf.decode(errors="replace")) from None
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                for pid in _processes_using(self.root):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 def test_sheep_up_runs_three_nodes_and_sigint_stops_every_child(tmp_path: Path) -> None:
