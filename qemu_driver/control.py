@@ -63,6 +63,7 @@ class VmStatus:
     state: str  # "stopped", or QEMU's run state ("running", "paused"...)
     block: list[dict]  # query-block: the guest's devices and what backs them
     nodes: list[dict] = field(default_factory=list)  # query-named-block-nodes
+    agent: bool | None = None  # a guest agent answered; None: not asked (not running here)
 
 
 class VmControl:
@@ -111,10 +112,12 @@ class VmControl:
             return VmStatus(spec, rt, "running" if rt.pid else "starting", [])
         try:
             async with monitor(rt.qmp, timeout=5) as mon:
-                return VmStatus(spec, rt, await mon.status(), await mon.block_devices(),
-                                await mon.named_nodes())
+                state, block, nodes = (await mon.status(), await mon.block_devices(),
+                                       await mon.named_nodes())
         except QemuFailed:
             return VmStatus(spec, rt, "unresponsive", [])
+        async with guest_agent(rt.agent) as agent:
+            return VmStatus(spec, rt, state, block, nodes, agent=agent is not None)
 
     async def list(self) -> list[tuple[VmSpec, VmRuntime | None]]:
         runtimes = await self.vms.runtimes()

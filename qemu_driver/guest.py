@@ -2,10 +2,13 @@
 
 scripts/build-guest.sh builds it at set-up time (`make setup`) from Debian packages into
 `.cache/guest/` (or `$SHEEP_GUEST_DIR`), so booting it never needs the network. Its /init
-(qemu_driver/guest_init.sh) loads the virtio modules, prints READY_MARKER on the serial
-console, then either runs the job carried on the kernel command line and prints its exit
-status (JOB_EXIT_MARKER), or, without a job, gives the console an interactive shell; either
-way it syncs and powers off, so QEMU started with `-no-reboot` exits when the guest is done.
+(qemu_driver/guest_init.sh) loads the kernel modules it needs, starts qemu-guest-agent on
+its virtio-serial port (unless `sheep.agent=off`) and a watcher of the ACPI power button,
+prints READY_MARKER on the serial console, then either runs the job carried on the kernel
+command line and prints its exit status (JOB_EXIT_MARKER), or, without a job, gives the
+console an interactive shell; either way it unmounts, syncs and powers off, so QEMU started
+with `-no-reboot` exits when the guest is done. The power button (`dog vm stop`) ends the
+job or shell early (POWER_BUTTON_MARKER), and the same shutdown follows.
 
 Disks attached as virtio-blk appear as /dev/vda, /dev/vdb, ... in the order given to QEMU;
 busybox's mke2fs makes ext2 and the kernel's ext4 driver mounts it (`mount -t ext4`).
@@ -28,6 +31,7 @@ from pathlib import Path
 READY_MARKER = "sheep-guest: ready"
 JOB_EXIT_MARKER = "sheep-guest: job exit "
 POWER_OFF_MARKER = "sheep-guest: power off"
+POWER_BUTTON_MARKER = "sheep-guest: power button"
 
 # Linux on x86 keeps 2048 bytes of command line, its terminating NUL included; QEMU refuses
 # a longer -append rather than let the kernel cut the job short.
@@ -96,15 +100,17 @@ def encode_job(script: str) -> str:
     return base64.b64encode(packed).decode("ascii")
 
 
-def job_append(script: str, *, quiet: bool = True) -> str:
+def job_append(script: str, *, quiet: bool = True, agent: bool = True) -> str:
     """The command line of a guest that runs `script` with busybox sh, then powers off.
 
     The script runs as root in /, stdin from /dev/null, its output on the console. Its exit
     status comes back as JOB_EXIT_MARKER + N (read it with job_exit_status); 125 means the
     job did not decode. JobTooLarge when the whole line exceeds MAX_COMMAND_LINE: about
-    1.5 KB of gzipped script; pass anything bigger on a disk.
+    1.5 KB of gzipped script; pass anything bigger on a disk. `agent=False` boots a guest
+    that runs no guest agent.
     """
-    append = f"{kernel_append(quiet=quiet)} {_JOB_PARAM}{encode_job(script)}"
+    append = f"{kernel_append(quiet=quiet)}{'' if agent else ' sheep.agent=off'} " \
+             f"{_JOB_PARAM}{encode_job(script)}"
     if len(append) > MAX_COMMAND_LINE:
         raise JobTooLarge(
             f"job makes a {len(append)}-byte kernel command line, over Linux's "

@@ -7,7 +7,6 @@
 # stable. PID 1 must never exit (the kernel would panic), hence the poweroff at every end.
 
 export PATH=/bin HOME=/root
-set -f  # /proc/cmdline is split on blanks below: never glob its words
 
 mount -t devtmpfs devtmpfs /dev
 # The initramfs has no /dev/console when built without root: take the console explicitly.
@@ -22,12 +21,44 @@ while read -r module; do
     modprobe "$module" || echo "sheep-guest: cannot load module $module"
 done </etc/sheep-modules
 
-echo "sheep-guest: ready"
-
 job=""
+agent=on
+set -f  # /proc/cmdline is split on blanks: never glob its words
 for word in $(cat /proc/cmdline); do
-    case "$word" in sheep.job=*) job="${word#sheep.job=}" ;; esac
+    case "$word" in
+        sheep.job=*) job="${word#sheep.job=}" ;;
+        sheep.agent=*) agent="${word#sheep.agent=}" ;;
+    esac
 done
+set +f
+
+# The ACPI power button (QEMU's system_powerdown, which `dog vm stop` sends) ends whatever
+# runs; this script then shuts down as after any job: unmount, sync, power off. One evdev
+# event is one press; kill -1 spares PID 1 and the watcher itself.
+for event in /sys/class/input/event*; do
+    [ "$(cat "$event/device/name" 2>/dev/null)" = "Power Button" ] || continue
+    (
+        dd if="/dev/input/${event##*/}" of=/dev/null bs=24 count=1 2>/dev/null || exit
+        echo "sheep-guest: power button"
+        kill -TERM -1
+        sleep 2
+        kill -KILL -1
+    ) &
+done
+
+# qemu-guest-agent on its virtio-serial port, which QEMU names org.qemu.guest_agent.0 (the
+# name udev would link in /dev/virtio-ports/; there is no udev here). `sheep.agent=off`
+# leaves it out, for a guest without an agent.
+if [ "$agent" != off ]; then
+    for port in /sys/class/virtio-ports/*; do
+        [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+        qemu-ga --method=virtio-serial --path="/dev/${port##*/}" --statedir=/run \
+            --logfile=/run/qemu-ga.log &
+        echo "sheep-guest: guest agent on ${port##*/}"
+    done
+fi
+
+echo "sheep-guest: ready"
 
 if [ -n "$job" ]; then
     # The job is gzip then base64 (see qemu_driver/guest.py): the kernel command line is

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the small guest that demos and tests boot under QEMU (qemu_driver/guest.py): Debian's
-# cloud kernel and an initramfs of busybox-static, the virtio modules and our /init. Both come
-# from Debian packages fetched with `apt-get download` at set-up time and unpacked with
-# `dpkg-deb -x` (never installed on the host), so nothing is downloaded at run time.
+# cloud kernel and an initramfs of busybox-static, the kernel modules it needs, qemu-guest-agent
+# with its libraries, and our /init. All come from Debian packages fetched with
+# `apt-get download` at set-up time and unpacked with `dpkg-deb -x` (never installed on the
+# host), so nothing is downloaded at run time.
 #
 # Output (gitignored): $SHEEP_GUEST_DIR (default .cache/guest/) with vmlinuz, initrd.img and
 # a stamp. Idempotent: when the stamp matches this script and the /init template, a run only
@@ -14,9 +15,18 @@ cd "$(dirname "$self")/.."
 out="${SHEEP_GUEST_DIR:-.cache/guest}"
 init_template=qemu_driver/guest_init.sh
 # What the guest needs from the kernel's modules (their dependencies come along by
-# modules.dep): virtio-pci transport and virtio-blk disks. ext4 (which also mounts ext2, all
-# busybox's mke2fs makes) and crc32c are built into the cloud kernel.
-modules=(virtio_pci virtio_blk)
+# modules.dep): virtio-pci transport, virtio-blk disks, virtio-console (the guest agent's
+# channel), and the ACPI power button with evdev to read it (a graceful `dog vm stop`).
+# ext4 (which also mounts ext2, all busybox's mke2fs makes) and crc32c are built in.
+modules=(virtio_pci virtio_blk virtio_console button evdev)
+# The guest agent (qemu-ga, for `dog vm snapshot`'s filesystem freeze) is a dynamic binary:
+# its package and every package of its library closure; only the libraries it loads are
+# copied in. The closure is computed by apt, so it follows Debian's dependencies.
+agent_packages() {
+    apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+        --no-replaces --no-enhances --no-pre-depends qemu-guest-agent |
+        grep -v '^[ <]' | sort -u
+}
 
 fingerprint="$(cat "$self" "$init_template" | sha256sum | cut -d' ' -f1)"
 if [ "${1:-}" != --force ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] &&
@@ -41,12 +51,16 @@ fi
 echo "build-guest: building the guest from $kpkg and busybox-static into $out"
 
 mkdir -p "$out"
-work="$(mktemp -d "$out/build.XXXXXX")"
+work="$(realpath "$(mktemp -d "$out/build.XXXXXX")")"
 trap 'rm -rf "$work"' EXIT
 # Sandbox user root: as root, apt would warn that _apt cannot write into our cache dir.
+mapfile -t agent_debs < <(agent_packages)
+mkdir -p "$work/agent-debs"
 (cd "$work" && apt-get download -qq -o APT::Sandbox::User=root "$kpkg" busybox-static)
+(cd "$work/agent-debs" && apt-get download -qq -o APT::Sandbox::User=root "${agent_debs[@]}")
 dpkg-deb -x "$work"/linux-image-*.deb "$work/kernel"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
+for deb in "$work"/agent-debs/*.deb; do dpkg-deb -x "$deb" "$work/agent"; done
 kver="$(ls "$work/kernel/lib/modules")"
 busybox="$work/busybox/bin/busybox"
 moddir="$work/kernel/lib/modules/$kver"
@@ -54,7 +68,8 @@ moddir="$work/kernel/lib/modules/$kver"
 "$busybox" depmod -b "$work/kernel" "$kver"
 
 root="$work/root"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,mnt,root,etc} "$root/lib/modules/$kver"
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,mnt,root,etc,run,var} "$root/lib/modules/$kver"
+ln -s /run "$root/var/run"
 install -m755 "$busybox" "$root/bin/busybox"
 for applet in $("$busybox" --list); do
     [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
@@ -69,6 +84,22 @@ for module in "${modules[@]}"; do
     done
 done
 cp "$moddir/modules.builtin" "$moddir/modules.order" "$root/lib/modules/$kver/"
+
+# qemu-ga and the libraries it loads, as the packaged dynamic loader resolves them.
+staged="$work/agent"
+install -D -m755 "$staged/usr/sbin/qemu-ga" "$root/bin/qemu-ga"
+install -D -m755 "$staged/lib64/ld-linux-x86-64.so.2" "$root/lib64/ld-linux-x86-64.so.2"
+libs="$("$staged/lib64/ld-linux-x86-64.so.2" \
+    --library-path "$staged/lib/x86_64-linux-gnu:$staged/usr/lib/x86_64-linux-gnu" \
+    --list "$staged/usr/sbin/qemu-ga")"
+if grep -q 'not found' <<<"$libs"; then
+    echo "build-guest: qemu-ga needs libraries outside its dependencies:" >&2
+    echo "$libs" >&2
+    exit 1
+fi
+for lib in $(awk '$2 == "=>" && $3 ~ /^\// && $1 !~ /^\/lib64\// { print $1 "=" $3 }' <<<"$libs"); do
+    install -D -m644 "$(realpath "${lib#*=}")" "$root/lib/x86_64-linux-gnu/${lib%%=*}"
+done
 "$busybox" depmod -b "$root" "$kver"
 printf '%s\n' "${modules[@]}" >"$root/etc/sheep-modules"
 install -m755 "$init_template" "$root/init"
@@ -86,6 +117,7 @@ install -m644 "$work/initrd.img" "$out/initrd.img.new"
 mv "$out/vmlinuz.new" "$out/vmlinuz"
 mv "$out/initrd.img.new" "$out/initrd.img"
 busybox_version="$(dpkg-deb -f "$work"/busybox-static_*.deb Version)"
-printf '%s\nkernel %s\nbusybox-static %s\n' "$fingerprint" "$kver" "$busybox_version" \
-    >"$out/stamp"
+agent_version="$(dpkg-deb -f "$work"/agent-debs/qemu-guest-agent_*.deb Version)"
+printf '%s\nkernel %s\nbusybox-static %s\nqemu-guest-agent %s\n' "$fingerprint" "$kver" \
+    "$busybox_version" "$agent_version" >"$out/stamp"
 echo "build-guest: kernel $kver ($(du -h "$out/vmlinuz" | cut -f1)), initrd $(du -h "$out/initrd.img" | cut -f1)"

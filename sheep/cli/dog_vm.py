@@ -144,7 +144,8 @@ async def vm_info(stub, args) -> None:
                   "read_only": n.get("ro"), "bytes": (n.get("image") or {}).get("virtual-size")}
                  for n in st.nodes]
         _emit({**json.loads(st.spec.dump()), "state": st.state,
-               "runtime": _runtime_dict(st.runtime), "block": blocks, "nodes": nodes})
+               "runtime": _runtime_dict(st.runtime), "guest_agent": st.agent,
+               "block": blocks, "nodes": nodes})
         return
     s, rt = st.spec, st.runtime
     print(f"Name: {s.name}\nState: {st.state}\nMemory: {s.memory} MiB\nCPUs: {s.cpus}\n"
@@ -157,6 +158,8 @@ async def vm_info(stub, args) -> None:
               f"Gateway: {rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}\n"
               f"Started: {_when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
+    if st.agent is not None:
+        print(f"Guest agent: {'running' if st.agent else 'none'}")
     for b in blocks:
         print(f"Block: {b['device']} -> {b['file']}{' (read-only)' if b['read_only'] else ''}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ import pytest
 from qemu_driver.accel import kvm_works
 from qemu_driver.console import send
 from qemu_driver.guest import (
+    POWER_BUTTON_MARKER,
+    POWER_OFF_MARKER,
     READY_MARKER,
     GuestImage,
     guest_artifacts,
@@ -108,10 +111,10 @@ class Vm:
     def dog(self, *args: str, check: bool = True):
         return dog("vm", *args, address=self.cluster.address, check=check)
 
-    def create(self, guest: GuestImage, vdis: list[str], job: str, transport: str = "nbd"
-               ) -> Vm:
+    def create(self, guest: GuestImage, vdis: list[str], job: str, transport: str = "nbd",
+               *, agent: bool = True) -> Vm:
         self.dog("create", self.name, "--vdi", ",".join(vdis), "--kernel", str(guest.kernel),
-                 "--initrd", str(guest.initrd), "--append", job_append(job),
+                 "--initrd", str(guest.initrd), "--append", job_append(job, agent=agent),
                  "--transport", transport)
         return self
 
@@ -231,14 +234,28 @@ def test_bad_vm_commands_are_one_line_errors(vmc: Cluster, guest: GuestImage) ->
     dog("vm", "delete", "errs", address=a)
 
 
+def ext2_file(cluster: Cluster, tmp: Path, vdi: str, path: str, tag: str = "") -> str:
+    """A file of the ext2 filesystem on VDI (or its snapshot), read on the host by debugfs
+    after e2fsck -fn finds the filesystem consistent."""
+    image = tmp / f"{vdi}-{tag or 'working'}.raw"
+    dog("vdi", "export", vdi, str(image), *(["-s", tag] if tag else []),
+        address=cluster.address)
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
+                          timeout=60)
+    assert fsck.returncode == 0, f"{vdi}@{tag or 'working'} is inconsistent:\n{fsck.stdout}"
+    cat = subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return cat.stdout
+
+
 def test_a_snapshot_of_a_running_vm_is_what_a_rollback_boots_and_a_clone_boots_beside_it(
         vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
     disk = vdi(vmc, "snap")
+    # no sync: the guest agent's freeze flushes what the guest still caches
     job = """set -e
 mke2fs -q /dev/vda
 mount -t ext4 /dev/vda /mnt
 echo before >/mnt/state
-sync
 echo "sheep-test: first state"
 read -r go </dev/console
 echo after >/mnt/state
@@ -250,7 +267,7 @@ read -r go </dev/console
     vm = Vm(vmc, run_root, "snapper").create(guest, [disk], job).start()
     vm.wait_console("sheep-test: first state")
     taken = dog_json("vm", "snapshot", "snapper", "-s", "t1", address=vmc.address)
-    assert taken["method"] == "VM paused"  # the small guest runs no guest agent
+    assert taken["method"] == "guest filesystems frozen"
     assert [s["name"] for s in taken["snapshots"]] == ["snap"]
     vm.type("go")
     vm.wait_console("sheep-test: second state")
@@ -275,6 +292,50 @@ sync
     clone.start()  # both at once, sharing the snapshot's blocks
     for out in (rolled.finish(), clone.finish()):
         assert "state: before" in out and "no extra" in out
+
+
+def test_a_guest_without_an_agent_is_paused_for_its_snapshot_and_runs_on(
+        vmc: Cluster, run_root: Path, guest: GuestImage, tmp_path: Path) -> None:
+    job = """set -e
+mke2fs -q /dev/vda
+mount -t ext4 /dev/vda /mnt
+echo synced >/mnt/state
+sync
+echo "sheep-test: synced"
+read -r go </dev/console
+echo later >/mnt/state
+umount /mnt
+"""
+    vm = Vm(vmc, run_root, "no-agent").create(guest, [vdi(vmc, "no-agent")], job, agent=False)
+    vm.start().wait_console("sheep-test: synced")
+    assert dog_json("vm", "info", "no-agent", address=vmc.address)["guest_agent"] is False
+    taken = dog_json("vm", "snapshot", "no-agent", "-s", "paused", address=vmc.address)
+    assert taken["method"] == "VM paused"
+    assert dog_json("vm", "info", "no-agent", address=vmc.address)["state"] == "running"
+    vm.type("go")
+    vm.finish()
+    assert ext2_file(vmc, tmp_path, "no-agent", "/state", "paused") == "synced\n"
+    assert ext2_file(vmc, tmp_path, "no-agent", "/state") == "later\n"
+
+
+def test_stop_presses_the_power_button_and_the_guest_shuts_down_cleanly(
+        vmc: Cluster, run_root: Path, guest: GuestImage, tmp_path: Path) -> None:
+    job = """set -e
+mke2fs -q /dev/vda
+mount -t ext4 /dev/vda /mnt
+echo cached >/mnt/state
+echo "sheep-test: running"
+while true; do sleep 1; done
+"""
+    vm = Vm(vmc, run_root, "stoppable").create(guest, [vdi(vmc, "stoppable")], job).start()
+    vm.wait_console("sheep-test: running")
+    assert dog_json("vm", "info", "stoppable", address=vmc.address)["guest_agent"] is True
+    stopped = dog_json("vm", "stop", "stoppable", "--timeout", "30", address=vmc.address)
+    assert stopped["how"] == "powered off"
+    out = vm.console()
+    assert POWER_BUTTON_MARKER in out and POWER_OFF_MARKER in out, out[-3000:]
+    # the job was ended, its filesystem unmounted (clean, nothing to fsck) with the data in it
+    assert ext2_file(vmc, tmp_path, "stoppable", "/state") == "cached\n"
 
 
 def test_a_vdi_hot_plugged_into_a_running_guest_appears_and_takes_writes(

@@ -47,6 +47,13 @@ def test_the_command_line_puts_the_console_on_the_serial_port_and_powers_off_on_
     assert "quiet" not in kernel_append(quiet=False).split()
 
 
+def test_a_guest_runs_its_agent_unless_told_not_to() -> None:
+    assert "sheep.agent=" not in job_append("true\n")
+    without = job_append("true\n", agent=False)
+    assert "sheep.agent=off" in without.split()
+    assert job_of(without) == "true\n"
+
+
 def test_equal_jobs_make_equal_command_lines() -> None:
     assert job_append("echo same\n") == job_append("echo same\n")
 
