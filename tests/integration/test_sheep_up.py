@@ -55,18 +55,25 @@ def _processes_using(path: Path) -> list[int]:
 
 
 class Up:
-    def __init__(self, root: Path, base: int) -> None:
+    def __init__(self, root: Path, base: int, *extra: str) -> None:
         self.root = root
+        self.address = f"127.0.0.1:{base}"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [str(BIN / "sheep"), "up", "--nodes", "3", "--copies", "3", "--dir", str(root),
              "--base-port", str(base), "--nbd-port", str(free_port()),
-             "--iscsi-port", str(free_port())],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+             "--iscsi-port", str(free_port()), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
         )
         self._buf = b""
 
-    def wait_for(self, text: str, timeout: float = 60) -> None:
+    def type(self, line: str) -> None:
+        """A line on sheep up's input, which it relays to the demo VM's console."""
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def _read(self, until: str | None, timeout: float) -> bool:
+        """Collect output until `until` shows (or, for None, until it ends); whether it did."""
         deadline = time.monotonic() + timeout
         fd = self.proc.stdout.fileno()
         while time.monotonic() < deadline:
@@ -74,23 +81,26 @@ class Up:
             chunk = os.read(fd, 65536) if ready else b""
             self._buf += chunk
             self.lines = self._buf.decode(errors="replace").splitlines()
-            if text.encode() in self._buf:
-                return
+            if until is not None and until.encode() in self._buf:
+                return True
             if ready and not chunk:
-                break  # EOF: sheep up exited
-        raise AssertionError(f"no {text!r} from sheep up; output:\n{self._buf.decode()}")
+                return until is None  # EOF: sheep up exited
+        return False
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        if not self._read(text, timeout):
+            raise AssertionError(f"no {text!r} from sheep up; output:\n{self._buf.decode()}")
 
     def interrupt(self) -> int:
+        """Ctrl-C; its exit code once it has stopped, all its output read."""
         self.proc.send_signal(signal.SIGINT)
         try:
-            return self.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGUSR1)  # its stacks, to see where it is stuck
-            time.sleep(1)
-            with contextlib.suppress(AssertionError):
-                self.wait_for("\x00never", timeout=1)
-            raise AssertionError("sheep up did not stop within 40 s of Ctrl-C; its output:\n"
-                                 + self._buf.decode(errors="replace")) from None
+            if not self._read(None, 40):
+                self.proc.send_signal(signal.SIGUSR1)  # its stacks, to see where it is stuck
+                self._read(None, 1)
+                raise AssertionError("sheep up did not stop within 40 s of Ctrl-C; its output:\n"
+                                     + self._buf.decode(errors="replace"))
+            return self.proc.wait(10)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
@@ -133,3 +143,20 @@ def test_sheep_up_again_reuses_the_data(tmp_path: Path) -> None:
         assert info["cluster_id"] == cluster_id
     finally:
         assert second.interrupt() == 0
+
+
+def test_sheep_up_with_a_vm_shows_the_demo_guests_console_and_ctrl_c_powers_it_off(
+        tmp_path: Path) -> None:
+    root = tmp_path / "var"
+    up = Up(root, _free_base_port(), "--vm")
+    try:
+        up.wait_for("/ # ", timeout=90)  # the guest's shell prompt: typing earlier is lost
+        vm = dog_json("vm", "info", "demo", address=up.address)
+        assert vm["state"] == "running" and vm["disks"] == ["demo-disk"]
+        up.type("echo $((6 * 7))")
+        up.wait_for("42", timeout=30)  # typed on its console, answered on sheep up's output
+    finally:
+        code = up.interrupt()
+    assert code == 0
+    assert "vm: demo powered off" in up.lines
+    assert _processes_using(root) == []  # QEMU and its supervisor too
