@@ -266,6 +266,27 @@ class ObjectClient:
         fut.set_result(frame)
         return fut
 
+    def _local_later(self, *args) -> asyncio.Future[Frame]:
+        """This node's replica, run after the requests to the other replicas have gone out
+        (their sends are queued for the same loop pass, before this): the local write then
+        overlaps the remote ones instead of delaying them."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Frame] = loop.create_future()
+
+        def run() -> None:
+            try:
+                local = self._local_op(*args)
+            except Exception as exc:  # handed to the awaiting request
+                fut.set_exception(exc)
+                return
+            if local.done():
+                _settle(fut, local)
+            else:
+                local.add_done_callback(lambda done: _settle(fut, done))
+
+        loop.call_soon(run)
+        return fut
+
     async def _local_after(self, wait: asyncio.Future[None], *args) -> Frame:
         await wait
         return await self._local_op(*args)
@@ -323,14 +344,20 @@ class ObjectClient:
             if not nodes:
                 raise ClusterError("no storage nodes in the cluster")
             futs = []
+            here = False
             try:
                 for node in nodes:
+                    if node.node_id == self._local_id and self._local_store is not None:
+                        here = True
+                        continue
                     fut = self._send(node, opcode, oid, offset, length, payload, flags)
                     if fut is None:
                         fut = await self._connected_send(
                             node, opcode, oid, offset, length, payload, flags
                         )
                     futs.append(fut)
+                if here:
+                    futs.append(self._local_later(opcode, oid, offset, length, payload, flags))
                 # the replicas work in parallel already; awaiting each in turn costs less
                 # than gather's bookkeeping, and a finished one (the local replica) is free
                 results: list = []
@@ -396,6 +423,17 @@ class ObjectClient:
         changed = await self._view.wait_for_change(epoch, min(1.0, remaining))
         if not changed and self._etcd is not None:
             await self._view.refresh(self._etcd)
+
+
+def _settle(fut: asyncio.Future[Frame], done: asyncio.Future[Frame]) -> None:
+    if fut.cancelled():
+        return
+    if done.cancelled():
+        fut.cancel()
+    elif (exc := done.exception()) is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(done.result())
 
 
 @contextlib.asynccontextmanager
