@@ -19,8 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.gateway.loopback import loopback_nbd
+from sheep.oid import oid_str
 from sheep.units import format_size, parse_size
 from sheep.vdi.check import check_objects, check_vdi, vdi_objects
+from sheep.vdi.gc import collect_garbage
 from sheep.vdi.images import (
     FORMATS,
     ImageInfo,
@@ -489,8 +491,44 @@ def _print_report(report, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+async def cluster_gc(stub, args) -> None:
+    """Remove what deleted VDIs left on nodes that were down when they were deleted."""
+    async with _manager(stub, args) as m:
+        report = await collect_garbage(m.client, m.registry, dry_run=args.dry_run,
+                                       progress=_count_progress(args.progress, "gc"))
+    if args.json:
+        _emit({"scanned": report.scanned, "garbage": [oid_str(o) for o in report.garbage],
+               "removed": report.removed, "dry_run": args.dry_run})
+        return
+    for oid in report.garbage:
+        print(f"object {oid_str(oid)}: of a deleted VDI, unreferenced"
+              + ("" if args.dry_run else " (removed)"))
+    print(f"{report.scanned} object(s) scanned: {len(report.garbage)} garbage, "
+          f"{report.removed} removed")
+
+
+def _count_progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+
+    def show(done: int, total: int) -> None:
+        pct = 100 * done // total if total else 100
+        sys.stderr.write(f"\r{what} [{'#' * (pct // 4):<25}] {pct:3d}% {done}/{total} objects")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
 def add_cluster_commands(cluster: argparse._SubParsersAction,
                          common: argparse.ArgumentParser) -> None:
+    p = cluster.add_parser("gc", parents=[common],
+                           help="remove objects of deleted VDIs left on nodes that were down")
+    p.add_argument("--dry-run", action="store_true", help="list the garbage, remove nothing")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   default=sys.stderr.isatty(), help="show a progress bar on stderr")
+    p.set_defaults(func=cluster_gc)
     p = cluster.add_parser("check", parents=[common],
                            help="compare every replica of every object; --repair fixes")
     p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")

@@ -11,6 +11,7 @@ the loser re-reads and retries or gets a clear error. Layout under the cluster p
     vdi/requests/<name>/*  requests to the lock holder (a snapshot of a VDI in use)
     vdi/replies/<id>       the holder's answers
     vdi/users/<name>/<who> who uses the VDI beyond a lock (a running VM), on the user's lease
+    vdi/retired/<id>       a deleted VDI's id (when): its leftover objects are garbage (gc.py)
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ class Change:
     def delete_record(self, record: VdiRecord) -> Change:
         self.require(record)
         self._ops.append(self._reg.tx.delete(self._reg.record_key(record.id)))
+        self._ops.append(self._reg.tx.put(self._reg.retired_key(record.id),
+                                          str(time.time()).encode()))
         return self
 
     def put_family(self, name: str, working: int) -> Change:
@@ -250,6 +253,9 @@ class VdiRegistry:
     def record_key(self, vdi_id: int) -> bytes:
         return self._key("ids", f"{vdi_id:08x}")
 
+    def retired_key(self, vdi_id: int) -> bytes:
+        return self._key("retired", f"{vdi_id:08x}")
+
     def family_key(self, name: str) -> bytes:
         return self._key("names", name)
 
@@ -278,6 +284,12 @@ class VdiRegistry:
                 name = key[len(locks):].decode()
                 state.locks[name] = LockInfo.load(name, kv.value)
         return state
+
+    async def retired(self) -> set[int]:
+        """The ids of every VDI deleted since the cluster was formatted."""
+        prefix = self._key("retired", "")
+        return {int(bytes(kv.key)[len(prefix):], 16)
+                for kv in await self.etcd.client.get_prefix(prefix)}
 
     async def is_live(self, vdi_id: int) -> bool:
         return await self.etcd.client.get(self.record_key(vdi_id)) is not None
