@@ -121,9 +121,9 @@ class EmbeddedCluster:
                 )
 
     async def _watch(self) -> None:
-        # Ctrl-C and SIGTERM set a flag the loops below poll, rather than cancel the task as
-        # asyncio.run would: grpc turns a cancelled call into an AioRpcError (CANCELLED), so
-        # a cancel landing in a call was taken for an unreachable cluster and lost.
+        # Our own handlers for Ctrl-C and SIGTERM, setting a flag the loops below poll: a
+        # script's `sheep up &` starts with SIGINT ignored, which Python (and so asyncio.run's
+        # KeyboardInterrupt) leaves alone, and `kill -INT` then did nothing at all.
         wake = asyncio.Event()
 
         def request_stop() -> None:

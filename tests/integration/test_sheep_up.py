@@ -55,7 +55,8 @@ def _processes_using(path: Path) -> list[int]:
 
 
 class Up:
-    def __init__(self, root: Path, base: int, *extra: str) -> None:
+    def __init__(self, root: Path, base: int, *extra: str, sigint_ignored: bool = False
+                 ) -> None:
         self.root = root
         self.address = f"127.0.0.1:{base}"
         self.lines: list[str] = []
@@ -64,6 +65,8 @@ class Up:
              "--base-port", str(base), "--nbd-port", str(free_port()),
              "--iscsi-port", str(free_port()), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            if sigint_ignored else None,
         )
         self._buf = b""
 
@@ -94,6 +97,9 @@ class Up:
     def interrupt(self) -> int:
         """Ctrl-C; its exit code once it has stopped, all its output read."""
         self.proc.send_signal(signal.SIGINT)
+        return self.wait_stopped()
+
+    def wait_stopped(self) -> int:
         try:
             if not self._read(None, 40):
                 self.proc.send_signal(signal.SIGUSR1)  # its stacks, to see where it is stuck
@@ -123,6 +129,17 @@ def test_sheep_up_runs_three_nodes_and_sigint_stops_every_child(tmp_path: Path) 
     finally:
         code = up.interrupt()
     assert code == 0
+    assert _processes_using(root) == []
+
+
+def test_sigint_stops_sheep_up_started_as_a_background_job_of_a_script(
+        tmp_path: Path) -> None:
+    """A non-interactive shell starts `cmd &` with SIGINT ignored, and Python keeps it
+    ignored: a plain KeyboardInterrupt never came, and `kill -INT` did nothing."""
+    root = tmp_path / "var"
+    up = Up(root, _free_base_port(), sigint_ignored=True)
+    up.wait_for("Ctrl-C stops")
+    assert up.interrupt() == 0
     assert _processes_using(root) == []
 
 
