@@ -138,8 +138,11 @@ def test_sigint_stops_sheep_up_started_as_a_background_job_of_a_script(
     ignored: a plain KeyboardInterrupt never came, and `kill -INT` did nothing."""
     root = tmp_path / "var"
     up = Up(root, _free_base_port(), sigint_ignored=True)
-    up.wait_for("Ctrl-C stops")
-    assert up.interrupt() == 0
+    try:
+        up.wait_for("Ctrl-C stops")
+    finally:
+        code = up.interrupt()
+    assert code == 0
     assert _processes_using(root) == []
 
 
