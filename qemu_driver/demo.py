@@ -48,7 +48,9 @@ async def run_demo(etcd_url: str, run_root: Path) -> None:
     print("\r\nvm: console closed (the cluster keeps running; Ctrl-C stops it)", flush=True)
 
 
-async def stop_demo(etcd_url: str, timeout: float = 5.0) -> None:
+async def stop_demo(etcd_url: str, timeout: float = 15.0) -> None:
+    """The power button, as `dog vm stop` presses it; QEMU quits if the guest (slow under
+    TCG on a busy machine) has not powered off within `timeout`."""
     with contextlib.suppress(VmError, OSError):
         async with open_manager(etcd_url, holder="sheep up (demo VM)") as manager:
             ctl = VmControl(manager)
