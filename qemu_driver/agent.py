@@ -1,6 +1,8 @@
 """The guest agent (qemu-ga) on its virtio-serial channel, through `qemu.qmp` in its
-agent mode (no greeting, no negotiation). Guests without an agent are normal: a ping that
-gets no answer within a short timeout says so, and callers fall back to pausing the VM."""
+agent mode (no greeting, no negotiation). Guests without an agent are normal: callers ask
+QEMU first whether the guest holds the port open (Monitor.agent_port_open), and only then
+ping it, with time for a slow guest to answer; no answer means no usable agent, and
+callers fall back to pausing the VM."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from .errors import QemuFailed
 
-PING_TIMEOUT = 1.0
+PING_TIMEOUT = 10.0  # s; asked only when the guest holds the port open
 FREEZE_TIMEOUT = 30.0
 
 

@@ -18,6 +18,7 @@ from .accel import CPU, QEMU
 from .spec import Gateway, VmSpec, disk_id
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+AGENT_CHARDEV = "agent"  # the host end of that channel, as QMP's query-chardev names it
 DEFAULT_RECONNECT_DELAY = 60  # s QEMU holds guest I/O while its gateway is away
 
 
@@ -102,8 +103,8 @@ def qemu_argv(spec: VmSpec, gateway: Gateway, paths: RunPaths, accel: str, *,
                     f"logfile={paths.console_log},logappend=on",
         "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={AGENT_CHANNEL}",
+        "-chardev", f"socket,id={AGENT_CHARDEV},path={paths.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev={AGENT_CHARDEV},name={AGENT_CHANNEL}",
     ]
     if spec.kernel:
         argv += ["-kernel", spec.kernel]

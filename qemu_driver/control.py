@@ -21,7 +21,7 @@ from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import VdiRecord
 
 from .accel import choose_accel
-from .agent import guest_agent
+from .agent import GuestAgent, guest_agent
 from .cmdline import DEFAULT_RECONNECT_DELAY, RunPaths, initiator_name, qemu_argv
 from .errors import BadSpec, ElsewhereError, QemuFailed, VmError, VmNotRunning
 from .gateways import choose_gateway
@@ -114,9 +114,10 @@ class VmControl:
             async with monitor(rt.qmp, timeout=5) as mon:
                 state, block, nodes = (await mon.status(), await mon.block_devices(),
                                        await mon.named_nodes())
+                port_open = await mon.agent_port_open()
         except QemuFailed:
             return VmStatus(spec, rt, "unresponsive", [])
-        async with guest_agent(rt.agent) as agent:
+        async with _agent_if(port_open, rt) as agent:
             return VmStatus(spec, rt, state, block, nodes, agent=agent is not None)
 
     async def list(self) -> list[tuple[VmSpec, VmRuntime | None]]:
@@ -260,7 +261,7 @@ class VmControl:
             if any(r.snapshot and r.tag == tag for r in state.family(vdi)):
                 raise BadSpec(f"VDI {vdi!r} already has a snapshot tagged {tag!r}")
         taken: list[VdiRecord] = []
-        async with monitor(rt.qmp) as mon, guest_agent(rt.agent) as agent:
+        async with monitor(rt.qmp) as mon, _agent_if(await mon.agent_port_open(), rt) as agent:
             if agent is not None:
                 how = "guest filesystems frozen"
                 await agent.freeze()
@@ -278,6 +279,12 @@ class VmControl:
                 elif was_running:
                     await mon.resume()
         return how, taken
+
+
+def _agent_if(port_open: bool, rt: VmRuntime
+              ) -> contextlib.AbstractAsyncContextManager[GuestAgent | None]:
+    """The guest agent when the guest holds its port open, else None at once."""
+    return guest_agent(rt.agent) if port_open else contextlib.nullcontext(None)
 
 
 async def _wait_gone(pid: int, timeout: float) -> bool:

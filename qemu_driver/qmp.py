@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from .cmdline import blockdev, disk_device
+from .cmdline import AGENT_CHARDEV, blockdev, disk_device
 from .errors import QemuFailed
 from .spec import Gateway, disk_id
 
@@ -51,6 +51,13 @@ class Monitor:
         reply = await self.execute("query-named-block-nodes", {"flat": True})
         assert isinstance(reply, list)
         return reply
+
+    async def agent_port_open(self) -> bool:
+        """Whether something in the guest holds the agent's virtio-serial port open (an
+        agent runs): then it is worth waiting for its answers; else there is none."""
+        reply = await self.execute("query-chardev")
+        assert isinstance(reply, list)
+        return any(c.get("label") == AGENT_CHARDEV and c.get("frontend-open") for c in reply)
 
     async def pause(self) -> None:
         await self.execute("stop")
