@@ -171,6 +171,14 @@ class ObjectClient:
         payload = frame.payload
         return list(struct.unpack(f"<{len(payload) // 8}Q", payload))
 
+    async def stored_objects(self) -> set[int]:
+        """Every object some node of the current epoch holds."""
+        record = self._view.record
+        found: set[int] = set()
+        for node in record.nodes if record is not None else ():
+            found.update(await self.list_node(node))
+        return found
+
     async def read_replica(self, node: NodeInfo, oid: int, offset: int, length: int, *,
                            raw: bool = False) -> bytes:
         """Read one specific replica (for checks that compare copies); `raw` skips its

@@ -19,7 +19,13 @@ from sheep.errors import SheepError
 from sheep.malloc import keep_freed_memory
 from sheep.units import format_size, parse_size
 
-from .dog_vdi import UsageError, add_cluster_commands, add_vdi_commands
+from .dog_vdi import (
+    UsageError,
+    add_cluster_commands,
+    add_vdi_commands,
+    progress_bar,
+    progress_option,
+)
 from .dog_vm import add_vm_commands
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
@@ -192,6 +198,7 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
         else:
             print(f"scrub started on {len(reply.nodes)} node(s)")
         return
+    show = progress_bar(args.progress, "scrub", objects=True)
     while True:
         reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
         mine = [s for s in reply.nodes if s.node.id in before]
@@ -199,15 +206,11 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
                        for s in mine)
         done = sum(s.scrub.done for s in mine)
         total = sum(s.scrub.total for s in mine)
-        if args.progress:
-            pct = 100 if finished else (100 * done // total if total else 0)
-            sys.stderr.write(f"\rscrub [{'#' * (pct // 4):<25}] {pct:3d}% {done}/{total} objects")
-            sys.stderr.flush()
+        if show is not None and (total or finished):  # a pass lists its objects first
+            show(total if finished else done, total)
         if finished:
             break
         await asyncio.sleep(0.5)
-    if args.progress:
-        sys.stderr.write("\n")
     bad = sum(s.scrub.bad_blocks for s in mine)
     repaired = sum(s.scrub.repaired for s in mine)
     if args.json:
@@ -259,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = scrub.add_subparsers(dest="scrub_cmd").add_parser(
         "start", parents=[common], help="scrub every node now")
     start.add_argument("--wait", action="store_true", help="follow the pass to its end")
-    start.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                       default=sys.stderr.isatty(), help="show a progress bar on stderr")
+    progress_option(start)
     start.set_defaults(func=node_scrub_start)
     add_vdi_commands(kinds, common)
     add_vm_commands(kinds, common)

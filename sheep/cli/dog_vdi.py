@@ -75,8 +75,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
                      for row in [header, *rows])
 
 
-def _progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
-    """A progress bar on stderr: on a terminal by default, or when --progress asks."""
+def progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                   default=sys.stderr.isatty(), help="show a progress bar on stderr")
+
+
+def progress_bar(enabled: bool, what: str, *, objects: bool = False
+              ) -> Callable[[int, int], None] | None:
+    """A progress bar on stderr: on a terminal by default, or when --progress asks. It
+    counts bytes, or with `objects`, objects."""
     if not enabled:
         return None
     last = [-1]
@@ -87,8 +94,9 @@ def _progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
             return
         last[0] = pct
         bar = "#" * (pct // 4)
-        sys.stderr.write(f"\r{what} [{bar:<25}] {pct:3d}% {format_size(done)}"
-                         f" / {format_size(total)}")
+        amount = (f"{done}/{total} objects" if objects
+                  else f"{format_size(done)} / {format_size(total)}")
+        sys.stderr.write(f"\r{what} [{bar:<25}] {pct:3d}% {amount}")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -234,7 +242,7 @@ async def vdi_rollback(stub, args) -> None:
 
 async def vdi_flatten(stub, args) -> None:
     async with _manager(stub, args) as m:
-        rec = await m.flatten(args.name, _progress(args.progress, "flatten"))
+        rec = await m.flatten(args.name, progress_bar(args.progress, "flatten"))
     if args.json:
         _emit(_record_dict(rec, 0, 0))
     else:
@@ -363,7 +371,7 @@ async def vdi_import(stub, args) -> None:
                 raise UsageError(f"{args.file} is empty")
             await m.create(args.name, size, copies=args.copies)
         async with await m.open(args.name, writable=True) as vol:
-            written = await import_file(vol, args.file, _progress(args.progress, "import"))
+            written = await import_file(vol, args.file, progress_bar(args.progress, "import"))
     if args.json:
         _emit({"name": args.name, "format": "raw", "size": size, "written": written})
     else:
@@ -388,7 +396,7 @@ async def _import_image(stub, args, info: ImageInfo) -> None:
                                      f"{args.name!r} ({vol.size} bytes); nothing written")
                 await convert(local(args.file), info.format, gateway.url, "raw",
                               target_exists=True, target_is_zero=not any(vol.table),
-                              size=size, progress=_progress(args.progress, "import"))
+                              size=size, progress=progress_bar(args.progress, "import"))
         except BaseException:
             if created:  # leave no half-imported VDI behind
                 with contextlib.suppress(Exception):
@@ -412,7 +420,7 @@ async def vdi_export(stub, args) -> None:
     async with _manager(stub, args) as m:
         if fmt == "raw":
             async with await m.open(name, tag) as vol:
-                written = await export_file(vol, args.file, _progress(args.progress, "export"))
+                written = await export_file(vol, args.file, progress_bar(args.progress, "export"))
             if args.json:
                 _emit({"name": label, "format": fmt, "size": vol.size, "written": written})
             else:
@@ -438,7 +446,7 @@ async def _export_image(m: VdiManager, name: str, tag: str | None, path: str, fm
         existed = os.path.lexists(path)
         try:
             await convert(gateway.url, "raw", local(path), fmt, options=options,
-                          size=gateway.volume.size, progress=_progress(progress, "export"))
+                          size=gateway.volume.size, progress=progress_bar(progress, "export"))
             fd = os.open(path, os.O_RDONLY)  # durable on return, as a raw export is
             try:
                 os.fsync(fd)
@@ -456,7 +464,7 @@ async def vdi_check(stub, args) -> None:
     async with _manager(stub, args) as m:
         rec = (await m.state()).lookup(args.name, args.snapshot)
         report = await check_vdi(m.client, rec, repair=args.repair,
-                                 progress=_progress(args.progress, "check"))
+                                 progress=progress_bar(args.progress, "check", objects=True))
     _print_report(report, args)
 
 
@@ -471,7 +479,7 @@ async def cluster_check(stub, args) -> None:
         assert config is not None
         report = await check_objects(m.client, sorted(oids), config.object_size,
                                      repair=args.repair,
-                                     progress=_progress(args.progress, "check"))
+                                     progress=progress_bar(args.progress, "check", objects=True))
     _print_report(report, args)
 
 
@@ -495,7 +503,7 @@ async def cluster_gc(stub, args) -> None:
     """Remove what deleted VDIs left on nodes that were down when they were deleted."""
     async with _manager(stub, args) as m:
         report = await collect_garbage(m.client, m.registry, dry_run=args.dry_run,
-                                       progress=_count_progress(args.progress, "gc"))
+                                       progress=progress_bar(args.progress, "gc", objects=True))
     if args.json:
         _emit({"scanned": report.scanned, "garbage": [oid_str(o) for o in report.garbage],
                "removed": report.removed, "dry_run": args.dry_run})
@@ -507,33 +515,17 @@ async def cluster_gc(stub, args) -> None:
           f"{report.removed} removed")
 
 
-def _count_progress(enabled: bool, what: str) -> Callable[[int, int], None] | None:
-    if not enabled:
-        return None
-
-    def show(done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        sys.stderr.write(f"\r{what} [{'#' * (pct // 4):<25}] {pct:3d}% {done}/{total} objects")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
 def add_cluster_commands(cluster: argparse._SubParsersAction,
                          common: argparse.ArgumentParser) -> None:
     p = cluster.add_parser("gc", parents=[common],
                            help="remove objects of deleted VDIs left on nodes that were down")
     p.add_argument("--dry-run", action="store_true", help="list the garbage, remove nothing")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   default=sys.stderr.isatty(), help="show a progress bar on stderr")
+    progress_option(p)
     p.set_defaults(func=cluster_gc)
     p = cluster.add_parser("check", parents=[common],
                            help="compare every replica of every object; --repair fixes")
     p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   default=sys.stderr.isatty(), help="show a progress bar on stderr")
+    progress_option(p)
     p.set_defaults(func=cluster_check)
 
 
@@ -576,10 +568,6 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
         p.add_argument("-s", "--snapshot", metavar="TAG", required=required,
                        help="the snapshot's tag")
 
-    def progress_opt(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                       default=sys.stderr.isatty(), help="show a progress bar on stderr")
-
     p = cmd("create", vdi_create, "create a thin VDI")
     p.add_argument("name")
     p.add_argument("size")
@@ -603,7 +591,7 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     snap_opt(p, required=True)
     p = cmd("flatten", vdi_flatten, "copy a clone's shared blocks so it stands alone")
     p.add_argument("name")
-    progress_opt(p)
+    progress_option(p)
     p = cmd("delete", vdi_delete, "delete a VDI or one snapshot, reclaiming its objects")
     p.add_argument("name")
     snap_opt(p)
@@ -625,7 +613,7 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"the image's format: {formats} (default: what qemu-img detects)")
     p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
-    progress_opt(p)
+    progress_option(p)
     p = cmd("export", vdi_export, "copy a VDI or snapshot into a disk image file, thin")
     p.add_argument("name", metavar="NAME[@TAG]")
     p.add_argument("file")
@@ -633,12 +621,12 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
                    help=f"{formats} (default: from FILE's extension .qcow2 .vmdk .vdi .vhdx "
                         f".vhd, else raw)")
     snap_opt(p)
-    progress_opt(p)
+    progress_option(p)
     p = cmd("check", vdi_check, "compare every replica of every object; --repair fixes")
     p.add_argument("name")
     snap_opt(p)
     p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
-    progress_opt(p)
+    progress_option(p)
     lock = vdi.add_parser("lock", help="write locks").add_subparsers(dest="lock_cmd",
                                                                      required=True)
     p = lock.add_parser("list", parents=[common], help="who holds which VDI open for writing")

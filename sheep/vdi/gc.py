@@ -38,16 +38,6 @@ class GcReport:
     removed: int = 0
 
 
-async def _stored_objects(client: ObjectClient) -> set[int]:
-    record = client.view.record
-    if record is None:
-        return set()
-    found: set[int] = set()
-    for node in record.nodes:
-        found.update(await client.list_node(node))
-    return found
-
-
 async def _referenced(client: ObjectClient, state: RegistryState, candidates: set[int],
                       tables: dict[int, array]) -> set[int]:
     """The candidate data objects some live VDI of `state` references; `tables` caches the
@@ -71,7 +61,7 @@ async def collect_garbage(client: ObjectClient, registry: VdiRegistry, *, dry_ru
                           progress: Callable[[int, int], None] | None = None) -> GcReport:
     """Find (and unless `dry_run`, remove) every object of a retired VDI that no live VDI
     references."""
-    stored = await _stored_objects(client)
+    stored = await client.stored_objects()
     report = GcReport(scanned=len(stored))
     state = await registry.load()
     retired = await registry.retired()

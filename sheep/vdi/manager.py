@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiExists, VdiLocked
 from sheep.objclient import ObjectClient, open_client
-from sheep.oid import ObjType, oid_type
 
 from .inode import block_oid, max_vdi_size
 from .inodes import nblocks, read_table, write_header, write_inode
@@ -302,17 +301,6 @@ class VdiManager:
 
     async def usage(self, record: VdiRecord) -> Usage:
         return usage_of(record, await self.table(record))
-
-    async def stored_objects(self) -> set[int]:
-        """Data objects that exist on any node (for accounting and leak checks)."""
-        record = self.client.view.record
-        if record is None:
-            return set()
-        found: set[int] = set()
-        for node in record.nodes:
-            found.update(oid for oid in await self.client.list_node(node)
-                         if oid_type(oid) == ObjType.DATA)
-        return found
 
 
 @contextlib.asynccontextmanager
