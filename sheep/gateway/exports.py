@@ -88,11 +88,17 @@ class VolumeCache:
         self._closing: dict[tuple[str, bool], tuple[Volume, asyncio.Future[None]]] = {}
 
     def held_writable(self) -> set[str]:
+        """VDIs this gateway holds the write lock of, or is taking or giving it up."""
         vols = [v for v, _ in self._open.values()] + [v for v, _ in self._closing.values()]
-        return {v.name for v in vols if not v.read_only}
+        opening = {name for name, read_only in self._opening if not read_only}
+        return {v.name for v in vols if not v.read_only} | opening
 
     async def table(self) -> ExportTable:
-        return ExportTable(await self.registry.load(), self.held_writable())
+        # Ours before or after the registry read: a close that ends during the read leaves
+        # our own lock in what it returns, which must not make the VDI read-only.
+        held = self.held_writable()
+        state = await self.registry.load()
+        return ExportTable(state, held | self.held_writable())
 
     @staticmethod
     def _key(export: Export) -> tuple[str, bool]:
