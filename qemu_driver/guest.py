@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .accel import CPU, choose_accel
+
 READY_MARKER = "sheep-guest: ready"
 JOB_EXIT_MARKER = "sheep-guest: job exit "
 POWER_OFF_MARKER = "sheep-guest: power off"
@@ -132,7 +134,8 @@ def job_exit_status(console_text: str) -> int | None:
 def _demo(disks: list[str]) -> int:
     """Boot the guest with an interactive shell on this terminal; disks become /dev/vd*."""
     image = guest_artifacts()
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256",
+    accel = choose_accel(image.kernel).accel
+    argv = ["qemu-system-x86_64", "-accel", accel, "-cpu", CPU[accel], "-m", "256",
             "-nodefaults", "-no-reboot", "-nographic", "-serial", "mon:stdio",
             *image.boot_args(kernel_append())]
     for disk in disks:

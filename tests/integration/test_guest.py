@@ -1,6 +1,8 @@
-"""The demo/test guest boots under QEMU (TCG) and does what its console protocol promises.
+"""The demo/test guest boots under QEMU and does what its console protocol promises.
 
-Each test boots the real guest (`make setup` builds it) with qemu-system-x86_64 under TCG,
+Each test boots the real guest (`make setup` builds it) with qemu-system-x86_64 under the
+accelerator the runtime's probe chooses for it (never forced: a host where KVM misleads the
+probe fails here),
 raw files as virtio-blk disks and no network, and reads the serial console QEMU writes to
 its stdout. Every boot is bounded by a timeout; one takes about 3 s.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_driver.accel import CPU, choose_accel
 from qemu_driver.guest import (
     MAX_COMMAND_LINE,
     POWER_OFF_MARKER,
@@ -39,6 +42,11 @@ def image() -> GuestImage:
     return guest_artifacts()
 
 
+def accel_args(image: GuestImage) -> list[str]:
+    accel = choose_accel(image.kernel).accel
+    return ["-accel", accel, "-cpu", CPU[accel]]
+
+
 def boot(
     image: GuestImage,
     append: str,
@@ -46,7 +54,7 @@ def boot(
 ) -> str:
     """Boot the guest until it powers off; its console output."""
     argv = [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256",
+        "qemu-system-x86_64", *accel_args(image), "-m", "256",
         "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
         "-serial", "stdio", *image.boot_args(append),
     ]
@@ -135,7 +143,7 @@ def test_the_largest_job_the_command_line_takes_arrives_intact(image: GuestImage
 def _interactive(image: GuestImage, lines: Sequence[str]) -> str:
     """Boot without a job, type `lines` once the shell's prompt is up (typed ahead of it,
     the first characters can be lost while the serial port is set up), until power off."""
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "256", "-nodefaults",
+    argv = ["qemu-system-x86_64", *accel_args(image), "-m", "256", "-nodefaults",
             "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio",
             *image.boot_args(kernel_append())]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
