@@ -33,6 +33,17 @@ class RunPaths:
         return self.dir / "qmp.sock"
 
     @property
+    def events(self) -> Path:
+        """A second QMP monitor, the supervisor's own (dog keeps the first)."""
+        return self.dir / "events.sock"
+
+    @property
+    def stop_requested(self) -> Path:
+        """Written by `dog vm stop` before it stops QEMU: however QEMU then ends (even
+        killed), that is a stop, not a crash."""
+        return self.dir / "stop-requested"
+
+    @property
     def console(self) -> Path:
         return self.dir / "console.sock"
 
@@ -93,12 +104,19 @@ def qemu_argv(spec: VmSpec, gateway: Gateway, paths: RunPaths, accel: str, *,
     """The whole command line. The console is a unix socket (`dog vm console` attaches to
     it) that QEMU also logs to a file, so the output is kept with nobody attached; QMP and
     the guest agent's channel are unix sockets in the run directory too. `-no-reboot`: a
-    guest that reboots (or panics with panic=-1) stops instead of looping."""
+    guest that reboots (or panics with panic=-1) stops instead of looping.
+
+    QEMU starts paused (`-S`): its supervisor connects to the second monitor first and then
+    lets the guest run, so no event of the guest's life is missed. A guest kernel that
+    panics tells QEMU through the pvpanic device, and QEMU then holds it in the
+    guest-panicked state for the supervisor to see (`-action panic=pause`)."""
     argv = [
         qemu, "-name", spec.name, "-accel", accel, "-cpu", CPU[accel],
         "-m", str(spec.memory), "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-S", "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        "-qmp", f"unix:{paths.events},server=on,wait=off",
+        "-device", "pvpanic-pci", "-action", "panic=pause",
         "-chardev", f"socket,id=console,path={paths.console},server=on,wait=off,"
                     f"logfile={paths.console_log},logappend=on",
         "-serial", "chardev:console",

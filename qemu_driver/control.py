@@ -23,11 +23,12 @@ from sheep.vdi.registry import VdiRecord
 from .accel import choose_accel
 from .agent import GuestAgent, guest_agent
 from .cmdline import DEFAULT_RECONNECT_DELAY, RunPaths, initiator_name, qemu_argv
-from .errors import BadSpec, ElsewhereError, QemuFailed, VmError, VmNotRunning
+from .errors import BadSpec, ElsewhereError, QemuFailed, VmCrashed, VmError, VmNotRunning
 from .gateways import choose_gateway
+from .guest import GuestNotBuilt, guest_artifacts
 from .qmp import monitor
 from .registry import VmRegistry
-from .spec import Gateway, VmRuntime, VmSpec
+from .spec import Gateway, VmExit, VmRuntime, VmSpec
 from .supervisor import START_TIMEOUT, user_keys, user_label
 
 STOP_TIMEOUT = 30.0
@@ -60,10 +61,29 @@ def _alive(pid: int) -> bool:
 class VmStatus:
     spec: VmSpec
     runtime: VmRuntime | None
-    state: str  # "stopped", or QEMU's run state ("running", "paused"...)
+    state: str  # "stopped", "crashed", or QEMU's run state ("running", "paused"...)
     block: list[dict]  # query-block: the guest's devices and what backs them
     nodes: list[dict] = field(default_factory=list)  # query-named-block-nodes
     agent: bool | None = None  # a guest agent answered; None: not asked (not running here)
+    last_exit: VmExit | None = None  # how the last run ended (when none runs now)
+
+
+def listed_state(rt: VmRuntime | None, ended: VmExit | None) -> str:
+    """A VM's state as the cluster's records tell it: the supervisor's last word on a
+    running VM, else how its last run ended."""
+    if rt is not None:
+        return rt.state
+    return ended.state if ended is not None else "stopped"
+
+
+def probe_kernel(spec: VmSpec) -> Path | None:
+    """The kernel the accelerator probe boots: the VM's own, else the demo guest's."""
+    if spec.kernel:
+        return Path(spec.kernel)
+    try:
+        return guest_artifacts().kernel
+    except GuestNotBuilt:
+        return None
 
 
 class VmControl:
@@ -107,9 +127,10 @@ class VmControl:
         spec, _ = await self.vms.get(name)
         rt = await self.vms.runtime(name)
         if rt is None:
-            return VmStatus(spec, None, "stopped", [])
+            ended = await self.vms.last_exit(name)
+            return VmStatus(spec, None, listed_state(None, ended), [], last_exit=ended)
         if rt.host != socket.gethostname() or rt.pid == 0:
-            return VmStatus(spec, rt, "running" if rt.pid else "starting", [])
+            return VmStatus(spec, rt, rt.state, [])
         try:
             async with monitor(rt.qmp, timeout=5) as mon:
                 state, block, nodes = (await mon.status(), await mon.block_devices(),
@@ -120,9 +141,10 @@ class VmControl:
         async with _agent_if(port_open, rt) as agent:
             return VmStatus(spec, rt, state, block, nodes, agent=agent is not None)
 
-    async def list(self) -> list[tuple[VmSpec, VmRuntime | None]]:
-        runtimes = await self.vms.runtimes()
-        return [(spec, runtimes.get(spec.name)) for spec in await self.vms.list()]
+    async def list(self) -> list[tuple[VmSpec, VmRuntime | None, VmExit | None]]:
+        runtimes, exits = await self.vms.runtimes(), await self.vms.exits()
+        return [(spec, runtimes.get(spec.name), exits.get(spec.name))
+                for spec in await self.vms.list()]
 
     # -- start / stop ---------------------------------------------------------------------
 
@@ -137,24 +159,29 @@ class VmControl:
             raise VmError(f"VM {name!r} is already running")
         await self._check_vdis(spec.disks)
         gateway = await self.gateway(spec.transport)
-        accel = await asyncio.to_thread(choose_accel)
+        accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
         paths = RunPaths((run_root or default_run_root()) / name)
         paths.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (paths.qmp, paths.console, paths.agent, paths.dir / "exit-status"):
+        for stale in (paths.qmp, paths.events, paths.console, paths.agent,
+                      paths.stop_requested):
             stale.unlink(missing_ok=True)
         if len(str(paths.console)) > 100:
             raise BadSpec(f"run directory {paths.dir} is too long for unix sockets")
         runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
                             run_dir=str(paths.dir), qmp=str(paths.qmp),
                             console=str(paths.console), console_log=str(paths.console_log),
-                            agent=str(paths.agent), accel=accel, gateway=gateway,
-                            disks=spec.disks)
-        argv = qemu_argv(spec, gateway, paths, accel, reconnect_delay=reconnect_delay)
+                            agent=str(paths.agent), accel=accel.accel, gateway=gateway,
+                            disks=spec.disks, accel_reason=accel.reason)
+
+        def argv(accel: str) -> list[str]:
+            return qemu_argv(spec, gateway, paths, accel, reconnect_delay=reconnect_delay)
+
         plan = paths.dir / "plan.json"
         target = self.etcd.target
         plan.write_text(json.dumps({
             "etcd": f"http://{target.host}:{target.port}{target.prefix}",
-            "runtime": json.loads(runtime.dump()), "argv": argv}, indent=1))
+            "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
+            "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, indent=1))
         # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and
         # this process), and asyncio's child watcher would complain about it later.
         with open(paths.dir / "supervisor.err", "ab") as err:
@@ -182,6 +209,7 @@ class VmControl:
         """ACPI power button, then (after `timeout`) QMP quit, then SIGKILL. How it ended."""
         rt = await self.running(name)
         how = "powered off"
+        RunPaths(Path(rt.run_dir)).stop_requested.touch()
         with contextlib.suppress(QemuFailed):
             async with monitor(rt.qmp, timeout=5) as mon:
                 await mon.powerdown()
@@ -210,6 +238,16 @@ class VmControl:
                 return False
             await asyncio.sleep(0.1)
         return True
+
+    async def wait(self, name: str, timeout: float) -> VmExit | None:
+        """Until the VM is stopped; how it ended. VmCrashed when it crashed."""
+        await self.vms.get(name)
+        if not await self.wait_stopped(name, timeout):
+            raise VmError(f"VM {name!r} still runs after {timeout:.0f}s")
+        ended = await self.vms.last_exit(name)
+        if ended is not None and ended.crashed:
+            raise VmCrashed(f"VM {name!r} crashed: {ended.reason}")
+        return ended
 
     # -- running VMs ----------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ async def run_demo(etcd_url: str, run_root: Path) -> None:
             rt = await ctl.start(VM, run_root=run_root)
         print(f"vm: {VM} ({rt.accel}, pid {rt.pid}) with VDI {VDI} as /dev/vda over "
               f"{rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}; its console "
-              "follows (mkfs.ext2 /dev/vda, mount -t ext4 /dev/vda /mnt ...; `exit` powers "
+              "follows (mke2fs /dev/vda, mount -t ext4 /dev/vda /mnt ...; `exit` powers "
               "it off, Ctrl-] detaches, Ctrl-C stops everything)", flush=True)
     await console.attach(rt.console, keep_signals=True)
     print("\r\nvm: console closed (the cluster keeps running; Ctrl-C stops it)", flush=True)

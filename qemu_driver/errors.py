@@ -39,3 +39,7 @@ class QemuFailed(VmError):
 
 class BadSpec(InvalidParams):
     """the VM definition is invalid"""
+
+
+class VmCrashed(VmError):
+    """the VM's QEMU or guest crashed (the reason is QEMU's own)"""

@@ -2,6 +2,7 @@
 
     vm/defs/<name>     one VmSpec, JSON
     vm/run/<name>      the VmRuntime of a running VM, on its supervisor's lease
+    vm/exit/<name>     how its last run ended (VmExit): crashed or stopped, and why
 
 Definitions change in transactions guarded by their mod revision (two creators of one name
 cannot both win; an edit racing a delete fails rather than resurrecting it). A runtime
@@ -15,7 +16,7 @@ from dataclasses import replace
 from sheep.cluster.etcd import EtcdCluster
 
 from .errors import NoVm, VmError, VmExists, VmRunning
-from .spec import VmRuntime, VmSpec
+from .spec import VmExit, VmRuntime, VmSpec
 
 
 class VmRegistry:
@@ -24,12 +25,16 @@ class VmRegistry:
         self.tx = etcd.client.transactions
         self._defs = etcd.target.key("vm", "defs") + b"/"
         self._run = etcd.target.key("vm", "run") + b"/"
+        self._exit = etcd.target.key("vm", "exit") + b"/"
 
     def def_key(self, name: str) -> bytes:
         return self._defs + name.encode()
 
     def run_key(self, name: str) -> bytes:
         return self._run + name.encode()
+
+    def exit_key(self, name: str) -> bytes:
+        return self._exit + name.encode()
 
     # -- definitions ----------------------------------------------------------------------
 
@@ -66,7 +71,7 @@ class VmRegistry:
         await self.get(name)
         ok, _ = await self.etcd.client.transaction(
             compare=[self.tx.version(run) == 0, self.tx.version(key) > 0],
-            success=[self.tx.delete(key)], failure=[])
+            success=[self.tx.delete(key), self.tx.delete(self.exit_key(name))], failure=[])
         if not ok:
             if await self.runtime(name) is not None:
                 raise VmRunning(f"VM {name!r} is running; stop it first (dog vm stop {name})")
@@ -83,27 +88,50 @@ class VmRegistry:
         return {rt.name: rt for rt in (VmRuntime.load(kv.value) for kv in kvs)}
 
     async def claim(self, runtime: VmRuntime, lease, extra_ops: list) -> None:
-        """Publish `runtime` on `lease` if the VM is defined and not running yet."""
+        """Publish `runtime` on `lease` if the VM is defined and not running yet; the last
+        run's exit record goes in the same transaction."""
         key, spec = self.run_key(runtime.name), self.def_key(runtime.name)
         ok, _ = await self.etcd.client.transaction(
             compare=[self.tx.version(key) == 0, self.tx.version(spec) > 0],
-            success=[self.tx.put(key, runtime.dump(), lease=lease), *extra_ops], failure=[])
+            success=[self.tx.put(key, runtime.dump(), lease=lease),
+                     self.tx.delete(self.exit_key(runtime.name)), *extra_ops], failure=[])
         if not ok:
             if await self.runtime(runtime.name) is not None:
                 raise VmRunning(f"VM {runtime.name!r} is already running")
             raise NoVm(f"no VM named {runtime.name!r}")
 
+    async def update_runtime(self, name: str, lease=None, **changes) -> VmRuntime | None:
+        """Change some fields of a running VM's record, keeping the others (its supervisor
+        publishes run states while dog records hot-plugged disks); None when it is gone."""
+        key = self.run_key(name)
+        for _ in range(20):
+            kv = await self.etcd.client.get(key)
+            if kv is None:
+                return None
+            rt = replace(VmRuntime.load(kv.value), **changes)
+            ok, _ = await self.etcd.client.transaction(
+                compare=[self.tx.mod(key) == kv.mod_revision],
+                success=[self.tx.put(key, rt.dump(), lease=lease or kv.lease)], failure=[])
+            if ok:
+                return rt
+        raise VmError(f"VM {name!r}: its runtime record kept changing; try again")
+
     async def set_disks(self, name: str, disks: tuple[str, ...]) -> None:
         """Record the disks a running VM has now (after a hot-plug), on the same lease."""
-        kv = await self.etcd.client.get(self.run_key(name))
-        if kv is None:
-            return
-        rt = VmRuntime.load(kv.value)
-        await self.etcd.client.transaction(
-            compare=[self.tx.mod(self.run_key(name)) == kv.mod_revision],
-            success=[self.tx.put(self.run_key(name), replace(rt, disks=disks).dump(),
-                                 lease=kv.lease)],
-            failure=[])
+        await self.update_runtime(name, disks=disks)
 
     async def forget_runtime(self, name: str) -> None:
         await self.etcd.client.delete(self.run_key(name))
+
+    # -- how the last run ended -----------------------------------------------------------
+
+    async def record_exit(self, name: str, ended: VmExit) -> None:
+        await self.etcd.client.put(self.exit_key(name), ended.dump())
+
+    async def last_exit(self, name: str) -> VmExit | None:
+        kv = await self.etcd.client.get(self.exit_key(name))
+        return VmExit.load(kv.value) if kv is not None else None
+
+    async def exits(self) -> dict[str, VmExit]:
+        kvs = await self.etcd.client.get_prefix(self._exit)
+        return {bytes(kv.key)[len(self._exit):].decode(): VmExit.load(kv.value) for kv in kvs}

@@ -107,6 +107,9 @@ class VmRuntime:
     disks: tuple[str, ...] = ()
     started: float = 0.0
     lease: int = 0  # the supervisor's etcd lease id (hot-plugged disks' user keys use it)
+    state: str = "starting"  # QEMU's run state as the supervisor last saw it
+    accel_reason: str = ""  # why this accelerator (the probe's verdict, or the override)
+    fallback: str = ""  # why KVM was given up at start, when the VM was restarted under TCG
     extra: dict = field(default_factory=dict)
 
     def dump(self) -> bytes:
@@ -118,3 +121,28 @@ class VmRuntime:
         gw = rt.gateway if isinstance(rt.gateway, Gateway) else Gateway(**rt.gateway)
         return VmRuntime(**{**{f.name: getattr(rt, f.name) for f in fields(cls)},
                             "gateway": gw})
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """How a VM's last run ended, kept in the cluster after its runtime record is gone: a
+    crash stays visible (`dog vm info`, `list`, `wait`) until the VM is started again."""
+
+    state: str  # "stopped" or "crashed"
+    reason: str
+    status: int | None = None  # QEMU's exit status; negative: the signal that ended it
+    at: float = 0.0
+    host: str = ""
+    accel: str = ""
+    fallback: str = ""
+
+    @property
+    def crashed(self) -> bool:
+        return self.state == "crashed"
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, raw: bytes) -> VmExit:
+        return _load(cls, raw)

@@ -3,8 +3,16 @@
 It claims the VM in etcd on a lease of its own (so two starts cannot both launch QEMU, and
 a host that dies takes its VMs' runtime records with it), launches QEMU as its child, says
 "ok" (or the error) on its stdout to dog, which then exits, and keeps the lease alive until
-QEMU exits, however it exits (powered off by the guest, `dog vm stop`, killed). Then the
-runtime record and the VDI-user keys go with the lease: nobody has to clean up after it.
+QEMU exits, however it exits (powered off by the guest, `dog vm stop`, killed).
+
+It follows QEMU's run state through a monitor of its own (QEMU starts paused and runs only
+once the supervisor listens): the state is published in the runtime record, and a QEMU that
+stops in `internal-error` (KVM gave up on the guest) or `guest-panicked` (the guest's pvpanic
+device) is a crash, never "running": the supervisor ends it and records why. A crash under
+KVM within KVM_GRACE of the start is blamed on KVM: the VM runs once more under TCG, and its
+runtime record says so. When QEMU is gone, how it ended is written to the VM's exit record
+(`vm/exit/<name>`, kept until the next start), and the runtime record and the VDI-user keys
+go with the lease: nobody has to clean up after it.
 """
 
 from __future__ import annotations
@@ -14,13 +22,16 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import EtcdTarget
@@ -28,12 +39,25 @@ from sheep.vdi.registry import VdiRegistry
 
 from .cmdline import RunPaths
 from .registry import VmRegistry
-from .spec import VmRuntime
+from .spec import VmExit, VmRuntime
 
 log = logging.getLogger("sheep.vm.supervisor")
 
 LEASE_TTL = 10
 START_TIMEOUT = 30.0
+KVM_GRACE = 15.0  # s after the start in which a crash under KVM means: try TCG instead
+TICK = LEASE_TTL / 3  # s between run-state checks when QEMU says nothing
+QMP_TIMEOUT = 10.0
+EVENTS = ("STOP", "RESUME", "GUEST_PANICKED", "SHUTDOWN")
+CRASH_STATES = ("internal-error", "guest-panicked")
+# signals that end QEMU from outside: a crash, but not one to blame on the accelerator
+EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PANIC_LINE = re.compile(r"Kernel panic - not syncing:[^\r\n]*")
+_SHUTDOWNS = {"guest-shutdown": "the guest powered off",
+              "host-qmp-quit": "QEMU was told to quit",
+              "host-signal": "QEMU was stopped by a signal",
+              "host-qmp-system-reset": "QEMU was reset",
+              "guest-reset": "the guest rebooted (a VM ends when its guest reboots)"}
 
 
 def user_label(vm: str) -> str:
@@ -66,75 +90,259 @@ async def _wait_socket(path: Path, proc: asyncio.subprocess.Process, timeout: fl
         await asyncio.sleep(0.05)
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def _read(path: Path) -> str:
     with contextlib.suppress(OSError):
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+        return path.read_text(errors="replace")
     return ""
 
 
-async def supervise(plan: dict, report) -> int:
-    etcd = EtcdCluster(EtcdTarget.parse(plan["etcd"]))
-    await etcd.connect()
-    vms, vdis = VmRegistry(etcd), VdiRegistry(etcd)
-    runtime = VmRuntime.load(json.dumps(plan["runtime"]).encode())
-    paths = RunPaths(Path(runtime.run_dir))
-    lease = await etcd.client.lease(LEASE_TTL)
-    runtime = replace(runtime, supervisor=os.getpid(), lease=lease.id)
-    label = user_label(runtime.name).encode()
-    try:
-        await vms.claim(runtime, lease, [etcd.client.transactions.put(k, label, lease=lease)
-                                         for k in user_keys(vdis, runtime.name, runtime.disks)])
-    except Exception as exc:
-        report(f"error: {exc}")
-        await etcd.close()
-        return 1
-    proc = None
-    try:
-        with open(paths.qemu_log, "ab") as qlog:
-            proc = await asyncio.create_subprocess_exec(
-                *_die_with_parent(plan["argv"]), stdin=asyncio.subprocess.DEVNULL,
+def _tail(path: Path, lines: int = 3) -> str:
+    return " | ".join(_read(path).strip().splitlines()[-lines:])
+
+
+def _panic_line(console_log: Path) -> str:
+    found = _PANIC_LINE.findall(_read(console_log)[-65536:])
+    return found[-1].strip() if found else ""
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How one QEMU process ended."""
+
+    crashed: bool
+    reason: str
+    status: int | None
+    external: bool = False  # ended from outside (a stop, a kill): not the accelerator's fault
+
+
+class QemuRun:
+    """One QEMU process: launched paused, let run once its events are followed, ended by a
+    crash state, and judged by how it exited."""
+
+    def __init__(self, argv: list[str], paths: RunPaths) -> None:
+        self.argv, self.paths = argv, paths
+        self.proc: asyncio.subprocess.Process | None = None
+        self.client = QMPClient("sheep-supervisor")
+        self.listener = EventListener(EVENTS)
+        self.launched = 0.0
+        self.crash = ""  # why it crashed, once a crash state was seen
+        self.shutdown = ""  # the reason of QEMU's SHUTDOWN event
+
+    async def launch(self, timeout: float) -> None:
+        with open(self.paths.qemu_log, "ab") as qlog:
+            self.proc = await asyncio.create_subprocess_exec(
+                *_die_with_parent(self.argv), stdin=asyncio.subprocess.DEVNULL,
                 stdout=qlog, stderr=qlog)
-        await _wait_socket(paths.qmp, proc, START_TIMEOUT)
-        runtime = replace(runtime, pid=proc.pid, started=time.time())
-        await etcd.client.put(vms.run_key(runtime.name), runtime.dump(), lease=lease)
-        paths.pidfile.write_text(f"{proc.pid}\n")
-    except Exception as exc:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        with contextlib.suppress(Exception):
-            await lease.revoke()
-        report(f"error: {exc}: {_tail(paths.qemu_log)}")
-        await etcd.close()
-        return 1
-    report("ok")
-    log.info("VM %s: QEMU pid %d", runtime.name, proc.pid)
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, proc.terminate)
-    waiter = asyncio.ensure_future(proc.wait())
-    while not waiter.done():
-        await asyncio.wait([waiter], timeout=LEASE_TTL / 3)
+        await _wait_socket(self.paths.events, self.proc, timeout)
+        async with asyncio.timeout(QMP_TIMEOUT):
+            await self.client.connect(str(self.paths.events))
+        self.client.register_listener(self.listener)
+        await self._execute("cont")
+        self.launched = time.monotonic()
+
+    async def _execute(self, command: str) -> object:
+        async with asyncio.timeout(QMP_TIMEOUT):
+            return await self.client.execute(command)
+
+    async def _state(self) -> str:
+        """QEMU's run state; "unresponsive" when its monitor does not answer in time."""
         try:
-            reply = await lease.refresh()
-            if reply.TTL <= 0:  # etcd was away too long: publish again on a new lease
-                lease = await etcd.client.lease(LEASE_TTL)
-                runtime = replace(runtime, lease=lease.id)
-                await etcd.client.put(vms.run_key(runtime.name), runtime.dump(), lease=lease)
-                for key in user_keys(vdis, runtime.name, runtime.disks):
-                    await etcd.client.put(key, label, lease=lease)
+            reply = await self._execute("query-status")
+        except (QMPError, TimeoutError, OSError):
+            return "unresponsive"
+        assert isinstance(reply, dict)
+        return str(reply["status"])
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+
+    async def end(self) -> None:
+        """Quit QEMU, killed if it does not go within QMP_TIMEOUT; idempotent."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(QMPError, TimeoutError, OSError):
+                await self._execute("quit")
+            try:
+                async with asyncio.timeout(QMP_TIMEOUT):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+
+    async def follow(self, on_state) -> Ending:
+        """Until QEMU exits: each event, and every TICK, checks its run state and passes a
+        change to `on_state`; a crash state ends QEMU."""
+        assert self.proc is not None
+        exited = asyncio.ensure_future(self.proc.wait())
+        last = ""
+        while not exited.done():
+            event = asyncio.ensure_future(self.listener.get())
+            await asyncio.wait([exited, event], timeout=TICK,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if event.done():
+                if (got := event.result())["event"] == "SHUTDOWN":
+                    self.shutdown = str(got.get("data", {}).get("reason", ""))
+            else:
+                event.cancel()
+            if exited.done():
+                break
+            state = await self._state()
+            if state != last and self.proc.returncode is None:
+                last = state
+                await on_state(state)
+            if state in CRASH_STATES and not self.crash:
+                self.crash = self._crash_reason(state)
+                log.warning("QEMU crashed: %s", self.crash)
+                await self.end()
+        await self.end()
+        return self._ending(self.proc.returncode)
+
+    def _crash_reason(self, state: str) -> str:
+        if state == "guest-panicked":
+            panic = _panic_line(self.paths.console_log)
+            return f"the guest kernel panicked{': ' + panic if panic else ''} (pvpanic)"
+        return f"QEMU stopped the guest in state {state}: {_tail(self.paths.qemu_log, 2)}"
+
+    def _ending(self, status: int | None) -> Ending:
+        if self.crash:
+            return Ending(True, self.crash, status)
+        if self.paths.stop_requested.exists():
+            return Ending(False, "stopped by dog vm stop", status, external=True)
+        if status is not None and status < 0:
+            sig = signal.Signals(-status)
+            external = sig in EXTERNAL_SIGNALS
+            detail = "" if external else f": {_tail(self.paths.qemu_log, 2)}"
+            return Ending(True, f"QEMU was killed by {sig.name}{detail}", status, external)
+        if status:
+            return Ending(True, f"QEMU exited with status {status}: "
+                                f"{_tail(self.paths.qemu_log, 2)}", status)
+        if self.shutdown == "guest-reset" and (panic := _panic_line(self.paths.console_log)):
+            return Ending(True, f"the guest kernel panicked: {panic}", status)
+        how = self.shutdown or "status 0"
+        return Ending(False, _SHUTDOWNS.get(self.shutdown, f"QEMU exited ({how})"), status)
+
+
+class Supervisor:
+    def __init__(self, plan: dict, report) -> None:
+        self.plan, self.report = plan, report
+        self.etcd = EtcdCluster(EtcdTarget.parse(plan["etcd"]))
+        self.runtime = VmRuntime.load(json.dumps(plan["runtime"]).encode())
+        self.paths = RunPaths(Path(self.runtime.run_dir))
+        self.label = user_label(self.runtime.name).encode()
+        self.vms = self.vdis = None
+        self.lease = None
+        self.qemu: QemuRun | None = None
+        self.reported = False
+
+    async def run(self) -> int:
+        await self.etcd.connect()
+        self.vms, self.vdis = VmRegistry(self.etcd), VdiRegistry(self.etcd)
+        self.lease = await self.etcd.client.lease(LEASE_TTL)
+        self.runtime = replace(self.runtime, supervisor=os.getpid(), lease=self.lease.id)
+        try:
+            await self.vms.claim(self.runtime, self.lease, [
+                self.etcd.client.transactions.put(k, self.label, lease=self.lease)
+                for k in user_keys(self.vdis, self.runtime.name, self.runtime.disks)])
         except Exception as exc:
-            log.warning("lease refresh failed: %s", exc)
-    log.info("VM %s: QEMU exited with status %s", runtime.name, proc.returncode)
-    (paths.dir / "exit-status").write_text(f"{proc.returncode}\n")
-    with contextlib.suppress(Exception):
-        # the user keys of hot-plugged disks are on the lease too
-        current = await vms.runtime(runtime.name)
-        await lease.revoke()
-        if current is not None:
-            for key in user_keys(vdis, runtime.name, current.disks):
-                await etcd.client.delete(key)
-    await etcd.close()
-    return 0
+            self._report(f"error: {exc}")
+            await self.etcd.close()
+            return 1
+        self.paths.stop_requested.unlink(missing_ok=True)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate)
+        keepalive = asyncio.ensure_future(self._keepalive())
+        try:
+            ending = await self._run_qemu()
+        finally:
+            keepalive.cancel()
+        log.info("VM %s: %s", self.runtime.name, ending.reason)
+        with contextlib.suppress(Exception):
+            await self.vms.record_exit(self.runtime.name, VmExit(
+                "crashed" if ending.crashed else "stopped", ending.reason, ending.status,
+                time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback))
+        with contextlib.suppress(Exception):
+            # the user keys of hot-plugged disks are on the lease too
+            current = await self.vms.runtime(self.runtime.name)
+            await self.lease.revoke()
+            if current is not None:
+                for key in user_keys(self.vdis, self.runtime.name, current.disks):
+                    await self.etcd.client.delete(key)
+        await self.etcd.close()
+        return 0 if self.reported else 1
+
+    def _report(self, line: str) -> None:
+        if not self.reported:
+            self.reported = line == "ok"
+            self.report(line)
+
+    def _terminate(self) -> None:
+        if self.qemu is not None:
+            self.qemu.terminate()
+
+    async def _publish(self, **changes) -> None:
+        self.runtime = replace(self.runtime, **changes)
+        with contextlib.suppress(Exception):
+            current = await self.vms.update_runtime(self.runtime.name, self.lease, **changes)
+            if current is not None:
+                self.runtime = current
+
+    async def _on_state(self, state: str) -> None:
+        log.info("VM %s: %s", self.runtime.name, state)
+        await self._publish(state=state)
+
+    async def _run_qemu(self) -> Ending:
+        """QEMU under the chosen accelerator; under TCG once more when KVM fails early."""
+        attempts = [(self.runtime.accel, self.plan["argv"])]
+        if self.plan.get("fallback_argv"):
+            attempts.append(("tcg", self.plan["fallback_argv"]))
+        for i, (accel, argv) in enumerate(attempts):
+            last = i == len(attempts) - 1
+            self.qemu = qemu = QemuRun(argv, self.paths)
+            try:
+                await qemu.launch(START_TIMEOUT)
+            except Exception as exc:
+                await qemu.end()
+                reason = f"{exc}: {_tail(self.paths.qemu_log)}"
+                if not last and not self.paths.stop_requested.exists():
+                    await self._fall_back(reason)
+                    continue
+                self._report(f"error: {reason}")
+                return Ending(True, reason, qemu.proc.returncode if qemu.proc else None)
+            await self._publish(pid=qemu.proc.pid, started=time.time(), state="running",
+                                accel=accel)
+            self.paths.pidfile.write_text(f"{qemu.proc.pid}\n")
+            self._report("ok")
+            log.info("VM %s: QEMU pid %d under %s", self.runtime.name, qemu.proc.pid, accel)
+            ending = await qemu.follow(self._on_state)
+            early = time.monotonic() - qemu.launched < KVM_GRACE
+            if ending.crashed and early and not ending.external and not last:
+                await self._fall_back(ending.reason)
+                continue
+            return ending
+        raise AssertionError("not reached: the last attempt returns")
+
+    async def _fall_back(self, reason: str) -> None:
+        log.warning("VM %s: KVM failed at start (%s); starting it under TCG",
+                    self.runtime.name, reason)
+        await self._publish(fallback=reason, state="starting", accel="tcg", pid=0)
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            try:
+                reply = await self.lease.refresh()
+                if reply.TTL <= 0:  # etcd was away too long: publish again on a new lease
+                    self.lease = await self.etcd.client.lease(LEASE_TTL)
+                    self.runtime = replace(self.runtime, lease=self.lease.id)
+                    await self.etcd.client.put(self.vms.run_key(self.runtime.name),
+                                               self.runtime.dump(), lease=self.lease)
+                    for key in user_keys(self.vdis, self.runtime.name, self.runtime.disks):
+                        await self.etcd.client.put(key, self.label, lease=self.lease)
+            except Exception as exc:
+                log.warning("lease refresh failed: %s", exc)
 
 
 def main() -> int:
@@ -156,7 +364,7 @@ def main() -> int:
         os.dup2(devnull, 1)
         os.close(devnull)
 
-    return asyncio.run(supervise(plan, report))
+    return asyncio.run(Supervisor(plan, report).run())
 
 
 if __name__ == "__main__":

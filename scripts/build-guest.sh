@@ -16,9 +16,10 @@ out="${SHEEP_GUEST_DIR:-.cache/guest}"
 init_template=qemu_driver/guest_init.sh
 # What the guest needs from the kernel's modules (their dependencies come along by
 # modules.dep): virtio-pci transport, virtio-blk disks, virtio-console (the guest agent's
-# channel), and the ACPI power button with evdev to read it (a graceful `dog vm stop`).
+# channel), the ACPI power button with evdev to read it (a graceful `dog vm stop`), and the
+# pvpanic device's driver (a kernel panic reaches QEMU, so `dog vm info` says "crashed").
 # ext4 (which also mounts ext2, all busybox's mke2fs makes) and crc32c are built in.
-modules=(virtio_pci virtio_blk virtio_console button evdev)
+modules=(virtio_pci virtio_blk virtio_console button evdev pvpanic-pci)
 # The guest agent (qemu-ga, for `dog vm snapshot`'s filesystem freeze) is a dynamic binary:
 # its package and every package of its library closure; only the libraries it loads are
 # copied in. The closure is computed by apt, so it follows Debian's dependencies.

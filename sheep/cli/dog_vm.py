@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from qemu_driver import console
-from qemu_driver.control import STOP_TIMEOUT, VmControl
-from qemu_driver.spec import TRANSPORTS, VmRuntime, VmSpec
+from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
+from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.units import parse_size
@@ -46,6 +46,17 @@ def _when(ts: float) -> str:
 
 def _runtime_dict(rt: VmRuntime | None) -> dict | None:
     return json.loads(rt.dump()) if rt is not None else None
+
+
+def _exit_dict(ended: VmExit | None) -> dict | None:
+    return json.loads(ended.dump()) if ended is not None else None
+
+
+def _accel(rt: VmRuntime) -> str:
+    """The accelerator and why: the probe's word, and the fallback when KVM failed."""
+    if rt.fallback:
+        return f"{rt.accel} (KVM failed at start: {rt.fallback}; restarted under TCG)"
+    return f"{rt.accel} ({rt.accel_reason})" if rt.accel_reason else rt.accel
 
 
 def _memory(text: str) -> int:
@@ -91,7 +102,7 @@ async def vm_start(stub, args) -> None:
         _emit(_runtime_dict(rt))
     else:
         gw = rt.gateway
-        print(f"VM {rt.name} started: pid {rt.pid}, {rt.accel}, disks over {gw.transport} "
+        print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport} "
               f"via {gw.host}:{gw.port}; console: dog vm console {rt.name}")
 
 
@@ -105,27 +116,29 @@ async def vm_stop(stub, args) -> None:
 
 
 async def vm_wait(stub, args) -> None:
-    """Until the VM is stopped (its guest powered off, or someone stopped it)."""
+    """Until the VM is stopped (its guest powered off, or someone stopped it); an error
+    (non-zero exit) when it crashed."""
     async with _control(stub, args) as ctl:
-        await ctl.vms.get(args.name)
-        if not await ctl.wait_stopped(args.name, args.timeout):
-            raise UsageError(f"VM {args.name!r} still runs after {args.timeout:.0f}s")
+        ended = await ctl.wait(args.name, args.timeout)
+    reason = ended.reason if ended is not None else ""
     if args.json:
-        _emit({"stopped": args.name})
+        _emit({"stopped": args.name, "reason": reason})
     else:
-        print(f"VM {args.name} is stopped")
+        print(f"VM {args.name} is stopped{': ' + reason if reason else ''}")
 
 
 async def vm_list(stub, args) -> None:
     async with _control(stub, args) as ctl:
         vms = await ctl.list()
     if args.json:
-        _emit({"vms": [{**json.loads(s.dump()), "state": "running" if rt else "stopped",
-                        "runtime": _runtime_dict(rt)} for s, rt in vms]})
+        _emit({"vms": [{**json.loads(s.dump()), "state": listed_state(rt, ended),
+                        "runtime": _runtime_dict(rt), "last_exit": _exit_dict(ended)}
+                       for s, rt, ended in vms]})
         return
-    rows = [[s.name, "running" if rt else "stopped", rt.host if rt else "-",
+    rows = [[s.name, listed_state(rt, ended), rt.host if rt else "-",
              str(rt.pid) if rt else "-", rt.accel if rt else "-", f"{s.memory}M",
-             str(s.cpus), s.transport, ",".join(rt.disks if rt else s.disks)] for s, rt in vms]
+             str(s.cpus), s.transport, ",".join(rt.disks if rt else s.disks)]
+            for s, rt, ended in vms]
     header = ["Name", "State", "Host", "Pid", "Accel", "Memory", "CPUs", "Transport", "Disks"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -144,20 +157,24 @@ async def vm_info(stub, args) -> None:
                   "read_only": n.get("ro"), "bytes": (n.get("image") or {}).get("virtual-size")}
                  for n in st.nodes]
         _emit({**json.loads(st.spec.dump()), "state": st.state,
-               "runtime": _runtime_dict(st.runtime), "guest_agent": st.agent,
-               "block": blocks, "nodes": nodes})
+               "runtime": _runtime_dict(st.runtime), "last_exit": _exit_dict(st.last_exit),
+               "guest_agent": st.agent, "block": blocks, "nodes": nodes})
         return
-    s, rt = st.spec, st.runtime
-    print(f"Name: {s.name}\nState: {st.state}\nMemory: {s.memory} MiB\nCPUs: {s.cpus}\n"
+    s, rt, ended = st.spec, st.runtime, st.last_exit
+    state = f"{st.state} ({ended.reason})" if ended is not None else st.state
+    print(f"Name: {s.name}\nState: {state}\nMemory: {s.memory} MiB\nCPUs: {s.cpus}\n"
           f"Transport: {s.transport}\nDisks: {', '.join(s.disks)}\n"
           f"Boot: {('kernel ' + s.kernel) if s.kernel else 'first disk'}")
     if s.append:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
-        print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {rt.accel}\n"
+        print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
               f"Gateway: {rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}\n"
               f"Started: {_when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
+    elif ended is not None:
+        print(f"Last run: ended {_when(ended.at)} on {ended.host} under {ended.accel}"
+              f"{f' (after KVM failed: {ended.fallback})' if ended.fallback else ''}")
     if st.agent is not None:
         print(f"Guest agent: {'running' if st.agent else 'none'}")
     for b in blocks:

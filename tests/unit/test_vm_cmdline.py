@@ -82,10 +82,23 @@ def test_the_accelerator_chooses_the_cpu_model(accel: str, cpu: str) -> None:
 
 def test_qmp_console_and_agent_are_unix_sockets_in_the_run_dir() -> None:
     argv = qemu_argv(VmSpec("web", ("root",), memory=512, cpus=2), NBD, PATHS, "tcg")
-    assert _values(argv, "-qmp") == [f"unix:{PATHS.qmp},server=on,wait=off"]
+    assert _values(argv, "-qmp") == [f"unix:{PATHS.qmp},server=on,wait=off",
+                                     f"unix:{PATHS.events},server=on,wait=off"]
     chardevs = _values(argv, "-chardev")
     assert any(f"path={PATHS.console}" in c and f"logfile={PATHS.console_log}" in c
                for c in chardevs)
     assert any(f"path={PATHS.agent}" in c for c in chardevs)
     assert f"virtserialport,chardev=agent,name={AGENT_CHANNEL}" in _values(argv, "-device")
     assert _values(argv, "-m") == ["512"] and _values(argv, "-smp") == ["2"]
+
+
+def test_qemu_starts_paused_so_its_supervisor_sees_every_event() -> None:
+    argv = qemu_argv(VmSpec("web", ("root",)), NBD, PATHS, "kvm")
+    assert "-S" in argv
+
+
+def test_a_guest_panic_reaches_qemu_through_pvpanic_and_holds_the_vm_for_the_supervisor(
+) -> None:
+    argv = qemu_argv(VmSpec("web", ("root",)), NBD, PATHS, "tcg")
+    assert "pvpanic-pci" in _values(argv, "-device")
+    assert _values(argv, "-action") == ["panic=pause"]
