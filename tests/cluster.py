@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -42,11 +43,14 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
         time.sleep(0.1)
 
 
-def dog(*args: str, address: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def dog(*args: str, address: str | None = None, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`env`: variables added to this dog's environment."""
     cmd = [str(BIN / "dog"), *args]
     if address is not None:
         cmd += ["-a", address]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env} if env else None)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
     return proc
@@ -54,6 +58,33 @@ def dog(*args: str, address: str | None = None, check: bool = True) -> subproces
 
 def dog_json(*args: str, address: str) -> dict:
     return json.loads(dog(*args, "--json", address=address).stdout)
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """Live processes whose command line contains `text` (a test's run directory): what a
+    test must not leave behind. pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            if text in cmdline:
+                found[int(entry.name)] = cmdline.strip()
+    return found
+
+
+def reap_leftovers(text: str, grace: float = 15.0) -> dict[int, str]:
+    """Processes mentioning `text` still alive after `grace` seconds (a supervisor may take
+    a moment to leave after its VM stopped): each is killed, and all are returned."""
+    deadline = time.monotonic() + grace
+    while (left := processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
 
 
 @dataclass

@@ -10,6 +10,7 @@ bounded; a boot takes about 5 s under TCG.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu_driver.accel import kvm_works
+from qemu_driver.accel import OVERRIDE, choose_accel
 from qemu_driver.console import send
 from qemu_driver.guest import (
     POWER_BUTTON_MARKER,
@@ -31,7 +32,15 @@ from qemu_driver.guest import (
 )
 from sheep.etcd_server import EtcdServer
 
-from ..cluster import Cluster, dog, dog_error, dog_json, start_cluster, wait_until
+from ..cluster import (
+    Cluster,
+    dog,
+    dog_error,
+    dog_json,
+    reap_leftovers,
+    start_cluster,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,14 +111,28 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vms")
 
 
+@pytest.fixture(autouse=True)
+def no_vm_outlives_its_test(vmc: Cluster, run_root: Path) -> Iterator[None]:
+    """Every test ends with no VM of its own running and no QEMU or supervisor left (all
+    of them name a path under run_root); what is left is stopped, killed and reported."""
+    yield
+    running = [v["name"] for v in dog_json("vm", "list", address=vmc.address)["vms"]
+               if v["runtime"] is not None]
+    for name in running:
+        dog("vm", "stop", name, "--timeout", "1", address=vmc.address, check=False)
+    left = reap_leftovers(str(run_root))
+    assert not running, f"VMs still running when the test ended: {running}"
+    assert not left, f"processes outlived the test: {left}"
+
+
 class Vm:
     """One VM of a test: `dog vm` commands and its console log."""
 
     def __init__(self, cluster: Cluster, run_root: Path, name: str) -> None:
         self.cluster, self.name, self.dir = cluster, name, run_root / name
 
-    def dog(self, *args: str, check: bool = True):
-        return dog("vm", *args, address=self.cluster.address, check=check)
+    def dog(self, *args: str, check: bool = True, env: dict[str, str] | None = None):
+        return dog("vm", *args, address=self.cluster.address, check=check, env=env)
 
     def create(self, guest: GuestImage, vdis: list[str], job: str, transport: str = "nbd",
                *, agent: bool = True) -> Vm:
@@ -118,9 +141,12 @@ class Vm:
                  "--transport", transport)
         return self
 
-    def start(self) -> Vm:
-        self.dog("start", self.name, "--run-dir", str(self.dir.parent))
+    def start(self, env: dict[str, str] | None = None) -> Vm:
+        self.dog("start", self.name, "--run-dir", str(self.dir.parent), env=env)
         return self
+
+    def info(self) -> dict:
+        return dog_json("vm", "info", self.name, address=self.cluster.address)
 
     def console(self) -> str:
         path = self.dir / "console.log"
@@ -181,8 +207,11 @@ def test_info_says_which_accelerator_and_gateway_a_running_vm_uses(
                                            "read -r go </dev/console\n").start()
     info = dog_json("vm", "info", "shown", address=vmc.address)
     assert info["state"] == "running"
-    # the probe boots a sector with the guest's -cpu: here KVM fails that, so TCG
-    assert info["runtime"]["accel"] == ("kvm" if kvm_works() else "tcg")
+    # the probe's verdict for this kernel on this host, and it was right: a VM that had to
+    # fall back from KVM means the probe misjudged the host
+    assert info["runtime"]["accel"] == choose_accel(guest.kernel).accel
+    assert info["runtime"]["accel_reason"]
+    assert info["runtime"]["fallback"] == ""
     assert info["runtime"]["gateway"]["port"] == vmc.nbd_port
     assert [b["file"] for b in info["block"]] == [vmc.nbd_url("shown")]
     assert {n["driver"] for n in info["nodes"]} == {"nbd"}
@@ -401,3 +430,93 @@ def test_the_guest_carries_on_when_its_gateway_is_killed_and_restarted(
     assert "sheep-test: verified 12" in out
     out = run(vmc, run_root, guest, "reconnect-check", ["reconnect"], CHECK_SUMS)
     assert "sheep-test: intact 12" in out
+
+
+# -- crashes ------------------------------------------------------------------------------
+
+PANIC = """echo "sheep-test: panicking"
+echo c >/proc/sysrq-trigger
+"""
+
+
+def test_a_guest_kernel_panic_shows_the_vm_as_crashed_and_wait_fails(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "panicky").create(guest, [vdi(vmc, "panicky")], PANIC).start()
+    waited = vm.dog("wait", "panicky", "--timeout", str(BOOT_TIMEOUT), check=False)
+    assert waited.returncode != 0
+    assert "crashed" in waited.stderr and "panicked" in waited.stderr, waited.stderr
+    info = vm.info()
+    assert info["state"] == "crashed"
+    assert "sysrq triggered crash" in info["last_exit"]["reason"]
+    assert "(pvpanic)" in info["last_exit"]["reason"]
+    listed = {v["name"]: v for v in dog_json("vm", "list", address=vmc.address)["vms"]}
+    assert listed["panicky"]["state"] == "crashed"
+    text = vm.dog("info", "panicky").stdout
+    assert "State: crashed (the guest kernel panicked" in text
+
+
+def test_a_qemu_killed_under_its_guest_shows_the_vm_as_crashed(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "killed").create(guest, [vdi(vmc, "killed")],
+                                            "read -r go </dev/console\n").start()
+    vm.wait_console(READY_MARKER)
+    os.kill(vm.info()["runtime"]["pid"], signal.SIGKILL)
+    waited = vm.dog("wait", "killed", "--timeout", "30", check=False)
+    assert waited.returncode != 0 and "killed by SIGKILL" in waited.stderr, waited.stderr
+    info = vm.info()
+    assert info["state"] == "crashed" and info["last_exit"]["status"] == -9
+    # a new start clears the crash
+    (vm.dir / "console.log").unlink()  # so that its ready marker is the new boot's
+    vm.start()
+    assert vm.info()["state"] == "running" and vm.info()["last_exit"] is None
+    vm.type("go")
+    vm.finish()
+
+
+TCG_ONLY = """if ! grep -q "QEMU TCG" /proc/cpuinfo; then
+  echo "sheep-test: not under TCG: panic"
+  echo c >/proc/sysrq-trigger
+fi
+echo "sheep-test: under TCG"
+read -r go </dev/console
+"""
+
+
+def test_a_vm_forced_onto_kvm_that_fails_there_runs_again_under_tcg(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    """The one VM test that forces an accelerator: it tests the override and the fallback.
+    Under KVM this guest panics (or KVM fails it first); either way it must end up running
+    under TCG, saying why."""
+    vm = Vm(vmc, run_root, "fallback").create(guest, [vdi(vmc, "fallback")], TCG_ONLY)
+    vm.start(env={OVERRIDE: "kvm"})
+    vm.wait_console("sheep-test: under TCG")
+    rt = vm.info()["runtime"]
+    assert rt["accel"] == "tcg" and rt["fallback"], rt
+    assert OVERRIDE in rt["accel_reason"]
+    text = vm.dog("info", "fallback").stdout
+    assert "KVM failed at start" in text and "restarted under TCG" in text
+    vm.type("go")
+    vm.finish()
+    ended = vm.info()["last_exit"]
+    assert ended["state"] == "stopped" and ended["accel"] == "tcg" and ended["fallback"]
+
+
+def test_a_qemu_that_stops_answering_is_listed_as_unresponsive_until_it_answers_again(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "frozen").create(guest, [vdi(vmc, "frozen")],
+                                            "read -r go </dev/console\n").start()
+    vm.wait_console(READY_MARKER)
+    pid = vm.info()["runtime"]["pid"]
+
+    def listed() -> str:
+        vms = dog_json("vm", "list", address=vmc.address)["vms"]
+        return next(v["state"] for v in vms if v["name"] == "frozen")
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: listed() == "unresponsive", 60, "frozen listed as unresponsive")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: listed() == "running", 60, "frozen listed as running again")
+    vm.type("go")
+    vm.finish()
