@@ -101,7 +101,7 @@ def vmc(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterator[
                       copies=3, nbd=True, iscsi=True)
     yield c
     for spec in dog_json("vm", "list", address=c.address).get("vms", []):
-        if spec["state"] == "running":
+        if spec["runtime"] is not None:
             dog("vm", "stop", spec["name"], "--timeout", "1", address=c.address, check=False)
     c.stop()
 
