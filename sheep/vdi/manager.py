@@ -106,8 +106,8 @@ class VdiManager:
         state = await self.state()
         if name in state.working:
             raise VdiExists(f"VDI {name!r} already exists")
-        record = VdiRecord(await self.registry.allocate_id(), name, size, copies, block_size,
-                           time.time())
+        vdi_id = await self.registry.allocate_id()
+        record = VdiRecord(vdi_id, name, size, copies, block_size, time.time(), serial=vdi_id)
         table = array("I", [record.ref] * nblocks(record)) if prealloc else None
         try:
             if table is not None:
@@ -172,8 +172,9 @@ class VdiManager:
             if new_name in state.working:
                 raise VdiExists(f"VDI {new_name!r} already exists")
             table = await self.table(source)
-            record = VdiRecord(await self.registry.allocate_id(), new_name, source.size,
-                               source.copies, source.block_size, time.time(), parent=source.id)
+            vdi_id = await self.registry.allocate_id()
+            record = VdiRecord(vdi_id, new_name, source.size, source.copies, source.block_size,
+                               time.time(), parent=source.id, serial=vdi_id)
             await write_inode(self.client, record, table)
             change = self.registry.change(state).require(source).put_record(record)
             if await change.put_family(new_name, record.id).commit():
@@ -195,8 +196,11 @@ class VdiManager:
                 snap = state.lookup(name, tag)
                 old = state.records.get(state.working.get(name, 0))
                 old_table = await self.table(old) if old is not None else None
+                # the rolled-back disk stays the same disk to its initiators
+                serial = (old or snap).disk_serial
                 record = replace(snap, id=await self.registry.allocate_id(), parent=snap.id,
-                                 created=time.time(), snapshot=False, tag="", snap_time=0.0)
+                                 created=time.time(), snapshot=False, tag="", snap_time=0.0,
+                                 serial=serial)
                 await write_inode(self.client, record, await self.table(snap))
                 change = self.registry.change(state).require(snap).put_record(record)
                 change.put_family(name, record.id)

@@ -72,6 +72,14 @@ class VdiRecord:
     tag: str = ""
     snapshot: bool = False
     snap_time: float = 0.0
+    serial: int = 0  # the id the disk was created with; 0 in records older than the field
+
+    @property
+    def disk_serial(self) -> int:
+        """The disk's identity for life (its SCSI serial and NAA id): the id it was created
+        with, kept by every snapshot and rollback, while each snapshot is known by its own
+        id. A record from before `serial` existed uses its id."""
+        return self.serial or self.id
 
     @property
     def ref(self) -> int:

@@ -214,7 +214,8 @@ class Volume:
     async def _commit_snapshot(self, tag: str) -> tuple[VdiRecord, VdiRecord]:
         new_id = await self.registry.allocate_id()
         now = time.time()
-        working = replace(self.record, id=new_id, parent=self.record.id, created=now)
+        working = replace(self.record, id=new_id, parent=self.record.id, created=now,
+                          serial=self.record.disk_serial)
         await write_inode(self.client, working, self.table)
         try:
             for _ in range(50):
@@ -225,7 +226,8 @@ class Volume:
                 if any(r.snapshot and r.tag == tag for r in state.family(self.name)):
                     raise VdiExists(f"VDI {self.name!r} already has a snapshot tagged {tag!r}")
                 frozen = replace(current, snapshot=True, tag=tag, snap_time=now)
-                working = replace(current, id=new_id, parent=current.id, created=now)
+                working = replace(current, id=new_id, parent=current.id, created=now,
+                                  serial=current.disk_serial)
                 change = self.registry.change(state).put_record(frozen).put_record(working)
                 if await change.put_family(self.name, new_id).commit():
                     return frozen, working

@@ -87,6 +87,12 @@ def test_identifiers_differ_per_vdi_and_per_cluster():
     assert len({page(0x80), page(0x80, other_vdi), page(0x80, other_cluster)}) == 3
 
 
+def test_a_snapshot_never_shares_the_identity_of_the_disk_with_the_same_number():
+    snapshot = LunIdentity("disk@t", IDENTITY.vdi_id, True, snapshot=True)
+    assert page(0x83, snapshot) != page(0x83) and page(0x80, snapshot) != page(0x80)
+    assert page(0x80, snapshot)[4:] == b"s00abcd"
+
+
 def test_block_limits_layout():
     data = page(0xB0)
     assert len(data) == 64 and struct.unpack(">H", data[2:4])[0] == 0x3C

@@ -62,15 +62,16 @@ def _page(code: int, payload: bytes) -> bytes:
 
 
 def unit_serial(identity: LunIdentity) -> str:
-    if identity.cluster_id:
-        return f"{identity.cluster_id:x}-{identity.vdi_id:06x}"
-    return f"{identity.vdi_id:06x}"
+    """ASCII: [cluster-]serial for a disk, [cluster-]s<id> for a snapshot."""
+    number = f"{'s' if identity.snapshot else ''}{identity.vdi_id:06x}"
+    return f"{identity.cluster_id:x}-{number}" if identity.cluster_id else number
 
 
 def naa(identity: LunIdentity) -> bytes:
-    """NAA 6 (IEEE registered extended): company id, the VDI id as the vendor specific
-    identifier, the cluster id as the extension."""
-    value = ((0x6 << 124) | (COMPANY_ID << 100) | ((identity.vdi_id & (2**36 - 1)) << 64)
+    """NAA 6 (IEEE registered extended): company id; as the 36-bit vendor specific
+    identifier, a snapshot bit above the 24-bit VDI id; the cluster id as the extension."""
+    vendor = (int(identity.snapshot) << 35) | (identity.vdi_id & (2**35 - 1))
+    value = ((0x6 << 124) | (COMPANY_ID << 100) | (vendor << 64)
              | (identity.cluster_id & (2**64 - 1)))
     return value.to_bytes(16, "big")
 

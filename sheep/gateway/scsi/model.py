@@ -14,16 +14,20 @@ MiB = 1 << 20
 
 @dataclass(frozen=True)
 class LunIdentity:
-    """Who the logical unit is. The VPD 0x80/0x83 identifiers are derived from `vdi_id`
-    (and `cluster_id`) only, so they are stable across gateway restarts and differ per
-    VDI and per snapshot; the name is informational. `cluster_id` keeps two clusters'
-    VDI 7 apart for initiators that see both (multipath would merge equal NAA ids); it may
-    stay 0 where only one cluster is ever exported."""
+    """Who the logical unit is. The VPD 0x80/0x83 identifiers are derived from `vdi_id`,
+    `snapshot` (and `cluster_id`) only, so they are stable across gateway restarts; the
+    name is informational. For a disk, `vdi_id` is its serial (the id it was created with,
+    kept through snapshots and rollbacks: multipath and udev keep knowing it); for a
+    snapshot, its own id, in a namespace of its own, so a snapshot never takes over the
+    identity its disk had. `cluster_id` keeps two clusters' VDI 7 apart for initiators that
+    see both (multipath would merge equal NAA ids); it may stay 0 where only one cluster is
+    ever exported."""
 
     name: str
     vdi_id: int
     read_only: bool
     cluster_id: int = 0
+    snapshot: bool = False
 
 
 @dataclass(frozen=True)
