@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.gateway.iscsi.names import lun_identity, target_name
 from sheep.gateway.loopback import loopback_nbd
+from sheep.gateway.scsi.inquiry import unit_serial
 from sheep.oid import oid_str
 from sheep.units import format_size, parse_size
 from sheep.vdi.check import check_objects, check_vdi, vdi_objects
@@ -196,6 +198,8 @@ async def vdi_info(stub, args) -> None:
     info["snapshots"] = [r.tag for r in state.family(args.name) if r.snapshot]
     info["objects"] = nblocks(rec)
     info["locked_by"] = lock.holder if lock is not None and not rec.snapshot else ""
+    info["iscsi_target"] = target_name(rec.label)
+    info["scsi_serial"] = unit_serial(lun_identity(rec, rec.snapshot))
     if args.json:
         _emit(info)
         return
@@ -206,7 +210,8 @@ async def vdi_info(stub, args) -> None:
           f"Created: {_when(rec.created)}\n"
           + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
           + f"Snapshots: {', '.join(info['snapshots']) or '-'}\n"
-          f"Locked by: {info['locked_by'] or '-'}")
+          f"Locked by: {info['locked_by'] or '-'}\n"
+          f"iSCSI target: {info['iscsi_target']} (SCSI serial {info['scsi_serial']})")
 
 
 async def vdi_snapshot(stub, args) -> None:

@@ -168,6 +168,48 @@ def test_an_unknown_target_is_refused(portal: Cluster, tmp_path: Path) -> None:
     assert proc.returncode != 0
 
 
+def iqn_url(cluster: Cluster, iqn: str) -> str:
+    return f"iscsi://127.0.0.1:{cluster.iscsi_port}/{iqn}/0"
+
+
+def test_a_name_spelt_in_another_case_never_reaches_the_wrong_disk(
+        portal: Cluster, tmp_path: Path) -> None:
+    lower, upper = "casedisk", "CaseDisk"
+    for name, pattern in ((lower, "0x55"), (upper, "0xaa")):
+        dog("vdi", "create", name, "16M", address=portal.address)
+        qemu_io(portal.nbd_url(name), f"write -P {pattern} 0 64k", cwd=tmp_path)
+    # CaseDisk's own target is its documented hex spelling, and serves its bytes
+    assert target_name(upper) == "iqn.2026-11.io.sheep:.436173654469736b"
+    qemu_io(iqn_url(portal, target_name(upper)), "read -P 0xaa 0 64k", cwd=tmp_path)
+    # ...:CaseDisk would name casedisk (iSCSI names ignore case) while spelling CaseDisk,
+    # which exists: refused rather than served the other disk
+    proc = run(["qemu-io", "-f", "raw", "-c", "read -P 0x55 0 64k",
+                iqn_url(portal, "iqn.2026-11.io.sheep:CaseDisk")], tmp_path, ok=False)
+    assert proc.returncode != 0 or "fail" in (proc.stdout + proc.stderr).lower()
+    # a case that spells no other VDI still names casedisk, as the standard wants
+    qemu_io(iqn_url(portal, "iqn.2026-11.io.sheep:CASEDISK"), "read -P 0x55 0 64k",
+            cwd=tmp_path)
+
+
+def serial_number(cluster: Cluster, export: str, cwd: Path) -> str:
+    out = run(["iscsi-inq", "-e", "1", "-c", "128", cluster.iscsi_url(export)], cwd).stdout
+    found = re.search(r"Unit Serial Number:\s*(\S+)", out)
+    assert found, out
+    return found.group(1)
+
+
+def test_a_disk_keeps_its_scsi_identity_through_snapshots_and_each_snapshot_has_its_own(
+        portal: Cluster, vdi: str, tmp_path: Path) -> None:
+    before = serial_number(portal, vdi, tmp_path)
+    dog("vdi", "snapshot", "-s", "one", vdi, address=portal.address)
+    dog("vdi", "snapshot", "-s", "two", vdi, address=portal.address)
+    serials = [serial_number(portal, e, tmp_path) for e in (vdi, f"{vdi}@one", f"{vdi}@two")]
+    assert serials[0] == before
+    assert len(set(serials)) == 3
+    dog("vdi", "rollback", "-s", "one", vdi, address=portal.address)
+    assert serial_number(portal, vdi, tmp_path) == before
+
+
 # -- the conformance suite ---------------------------------------------------------------------
 
 

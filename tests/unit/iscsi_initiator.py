@@ -109,8 +109,8 @@ class FakePortal:
         self.names = targets if targets is not None else [TARGET, target_name("other")]
         self.policy = policy or AuthPolicy()
 
-    def has_target(self, name: str) -> bool:
-        return name in self.names
+    def canonical_target(self, name: str) -> str | None:
+        return name.lower() if name.lower() in self.names else None
 
     def targets(self) -> list[str]:
         return list(self.names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sheep.gateway.iscsi.names import export_name, target_name
+from sheep.gateway.iscsi.names import export_name, spelled_export, target_name
 from sheep.gateway.iscsi.text import Limits, Params, TextError, encode, negotiate_key, parse
 
 
@@ -89,3 +89,15 @@ def test_exports_have_valid_iqns_that_map_back(export: str, iqn: str) -> None:
                                  "iqn.2026-11.io.sheep:.zz", "iqn.2026-11.io.sheep:Bad_Name"])
 def test_names_that_are_not_ours_map_to_nothing(iqn: str) -> None:
     assert export_name(iqn) is None
+
+
+@pytest.mark.parametrize(("iqn", "literal"), [
+    ("iqn.2026-11.io.sheep:Disk", "Disk"),
+    ("IQN.2026-11.IO.SHEEP:Disk:Tag", "Disk@Tag"),
+    ("iqn.2026-11.io.sheep:disk", None),  # spelled as it names
+    ("iqn.2026-11.io.sheep:.4469736B", None),  # hex: no other reading
+    ("iqn.2000-01.com.other:Disk", None),
+])
+def test_a_name_sent_in_another_case_is_known_by_what_it_spells(iqn: str,
+                                                                 literal: str | None) -> None:
+    assert spelled_export(iqn) == literal

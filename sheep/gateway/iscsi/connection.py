@@ -738,7 +738,8 @@ class Connection:
         elif value in ("All", "") and not session.discovery:
             names = [session.target_name] if session.target_name else []
         else:
-            names = [value.lower()] if self.portal.has_target(value.lower()) else []
+            target = self.portal.canonical_target(value)
+            names = [target] if target is not None else []
         out = []
         for name in names:
             out += [("TargetName", name), ("TargetAddress",

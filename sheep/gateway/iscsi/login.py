@@ -71,7 +71,10 @@ class AuthPolicy:
 class Portal(Protocol):
     """What login needs to know about the targets behind this portal."""
 
-    def has_target(self, name: str) -> bool: ...
+    def canonical_target(self, name: str) -> str | None:
+        """The target a name sent by an initiator designates, in its one spelling; None
+        for no target (or one it cannot designate safely)."""
+        ...
 
     def auth(self, target: str | None) -> AuthPolicy: ...
 
@@ -251,11 +254,12 @@ class Login:
         if info.session_type not in (NORMAL, DISCOVERY):
             raise LoginFailed(LoginStatus.SESSION_TYPE_UNSUPPORTED, "unknown SessionType")
         if info.session_type == NORMAL:
-            target = keys.get("TargetName", "").lower()
-            if not target:
+            sent = keys.get("TargetName", "")
+            if not sent:
                 raise LoginFailed(LoginStatus.MISSING_PARAMETER, "no TargetName")
-            if not self.portal.has_target(target):
-                raise LoginFailed(LoginStatus.NOT_FOUND, f"no target {target}")
+            target = self.portal.canonical_target(sent)
+            if target is None:
+                raise LoginFailed(LoginStatus.NOT_FOUND, f"no target {sent}")
             info.target_name = target
             out.append(("TargetPortalGroupTag", "1"))
         self._policy = self.portal.auth(info.target_name)

@@ -23,7 +23,7 @@ from sheep.gateway.tcp import accept_transport
 
 from .connection import Closed, Connection, Execute, LoginReady, Notice
 from .login import AuthPolicy, Chap, LoginInfo
-from .names import export_name, target_name
+from .names import export_name, lun_identity, spelled_export, target_name
 from .session import SessionTable
 from .text import Limits
 from .wire import LoginStatus
@@ -56,12 +56,20 @@ class _Portal:
         self._table = table
         self._config = config
 
-    def has_target(self, name: str) -> bool:
-        return self.find(name) is not None
+    def canonical_target(self, name: str) -> str | None:
+        export = self.find(name)
+        return None if export is None else target_name(export.name)
 
     def find(self, name: str) -> Export | None:
         export = export_name(name)
-        return None if export is None else self._table.find(export)
+        if export is None:
+            return None
+        literal = spelled_export(name)
+        if literal is not None and self._table.find(literal) is not None:
+            log.warning("iSCSI: %s names %s but spells %s, which exists too: refused",
+                        name, export, literal)
+            return None
+        return self._table.find(export)
 
     def targets(self) -> list[str]:
         return [target_name(name) for name in self._table.names()]
@@ -94,14 +102,13 @@ class IscsiGateway:
     async def open_lun(self, export: Export) -> object:
         """The export's volume (opened or shared) and the one Lun over it: one Lun per
         volume, so COMPARE AND WRITE from two sessions is atomic against both."""
-        from sheep.gateway.scsi import Lun, LunIdentity
+        from sheep.gateway.scsi import Lun
 
         volume = await self.volumes.acquire(export)
         key = (export.name, export.read_only)
         shared = self._luns.get(key)
         if shared is None or getattr(shared.lun, "backend", volume) is not volume:
-            identity = LunIdentity(name=export.name, vdi_id=volume.record.id,
-                                   read_only=volume.read_only)
+            identity = lun_identity(volume.record, volume.read_only)
             shared = self._luns[key] = _SharedLun(Lun(volume, identity, block_size=512,
                                                       object_size=volume.block_size))
         shared.users += 1
