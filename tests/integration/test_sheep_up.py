@@ -316,3 +316,16 @@ def test_a_start_up_failure_shows_this_runs_log_lines_not_older_ones(root: Path)
     assert "STALE" not in "\n".join(up.lines)
     assert _processes_using(root) == []
 
+
+def test_make_run_passes_its_port_variables_to_sheep_up(root: Path) -> None:
+    """`make run BASE_PORT=...`: the only way to move make run off ports in use."""
+    base = _free_base_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base))
+        squatter.listen()
+        run = subprocess.run(
+            ["make", "-s", "run", f"BASE_PORT={base}", f"NBD_PORT={free_port()}",
+             f"ISCSI_PORT={free_port()}", f"UP_ARGS=--dir {root}"],
+            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"sheep: port {base} (node 0's control port" in run.stderr
