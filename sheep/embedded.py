@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,9 +15,11 @@ from pathlib import Path
 
 import grpc
 
+from sheep.children import Child, die_with_parent
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
-from sheep.etcd_server import EtcdServer
+from sheep.etcd_server import EtcdNotInstalled, EtcdServer
+from sheep.output import unbreakable_output
 from sheep.units import format_size
 
 ETCD_CLIENT_OFFSET = 379
@@ -29,7 +33,7 @@ class EmbeddedCluster:
     def __init__(
         self, root: Path, *, nodes: int, copies: int, base_port: int, object_size: int,
         nbd_port: int = DEFAULT_NBD_PORT, iscsi_port: int = DEFAULT_ISCSI_PORT,
-        vm: bool = False,
+        vm: bool = False, restart: bool = True,
     ) -> None:
         self.root = root.resolve()
         self.nodes = nodes
@@ -39,48 +43,94 @@ class EmbeddedCluster:
         self.nbd_port = nbd_port
         self.iscsi_port = iscsi_port
         self.vm = vm  # boot the demo VM (qemu_driver.demo) once the cluster is up
+        self.restart = restart  # start a dead node (or etcd) again, after a backoff
         self.etcd = EtcdServer(
             self.root / "etcd",
             base_port + ETCD_CLIENT_OFFSET,
             base_port + ETCD_PEER_OFFSET,
             self.root / "etcd.log",
         )
-        self.procs: list[subprocess.Popen] = []
+        self.etcd_child = Child("etcd", self.etcd.log_path, self._launch_etcd)
+        self.node_children = [
+            Child(f"node {i}", self.root / f"node{i}.log", lambda i=i: self._launch_node(i))
+            for i in range(nodes)
+        ]
         self._stop = False
+        self._demo_started = False
 
     def control_port(self, i: int) -> int:
         return self.base_port + i
 
+    def data_port(self, i: int) -> int:
+        return self.base_port + DATA_PORT_OFFSET + i
+
+    def _ports(self) -> dict[int, str]:
+        """Every port this cluster listens on, and how to choose another."""
+        ports = {
+            self.etcd.client_port: "etcd's client port; choose others with --base-port",
+            self.etcd.peer_port: "etcd's peer port; choose others with --base-port",
+            self.nbd_port: "the NBD gateway's port; choose another with --nbd-port",
+            self.iscsi_port: "the iSCSI portal's port; choose another with --iscsi-port",
+        }
+        for i in range(self.nodes):
+            ports[self.control_port(i)] = f"node {i}'s control port; choose others with --base-port"
+            ports[self.data_port(i)] = f"node {i}'s data port; choose others with --base-port"
+        return ports
+
+    def check_ports(self) -> None:
+        """Refuse, before starting anything, a port something else listens on: found later,
+        it would leave etcd and the other nodes to clean up, and look like a crash."""
+        for port, what in self._ports().items():
+            with socket.socket() as sock:
+                # as the servers bind: a port left in TIME_WAIT by our last run is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    raise RuntimeError(f"port {port} ({what}) is in use") from None
+
+    def _launch_etcd(self) -> subprocess.Popen:
+        try:
+            self.etcd.start()
+        except EtcdNotInstalled:
+            raise
+        except RuntimeError:
+            pass  # it died, or hung and was stopped: reported as a death, with its log
+        assert self.etcd.proc is not None
+        return self.etcd.proc
+
+    def _launch_node(self, i: int) -> subprocess.Popen:
+        with open(self.root / f"node{i}.log", "ab") as log:
+            return subprocess.Popen(
+                die_with_parent([
+                    sys.executable, "-m", "sheep", "run",
+                    "--dir", str(self.root / f"node{i}"),
+                    "--port", str(self.control_port(i)),
+                    "--data-port", str(self.data_port(i)),
+                    "--etcd", self.etcd.url,
+                    *(["--nbd-port", str(self.nbd_port)] if i == 0 else []),
+                    *(["--iscsi-port", str(self.iscsi_port)] if i == 0 else []),
+                ]),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches sheep up only, which stops them
+            )
+
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.etcd.start()
-        for i in range(self.nodes):
-            log = open(self.root / f"node{i}.log", "ab")  # noqa: SIM115 - owned by the child
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable, "-m", "sheep", "run",
-                        "--dir", str(self.root / f"node{i}"),
-                        "--port", str(self.control_port(i)),
-                        "--data-port", str(self.base_port + DATA_PORT_OFFSET + i),
-                        "--etcd", self.etcd.url,
-                        *(["--nbd-port", str(self.nbd_port)] if i == 0 else []),
-                        *(["--iscsi-port", str(self.iscsi_port)] if i == 0 else []),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            )
-            log.close()
+        self.etcd_child.start()
+        self._check_children()
+        for child in self.node_children:
+            child.start()
 
     def stop(self) -> None:
-        for proc in self.procs:
+        procs = [c.proc for c in self.node_children if c.proc is not None]
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 15
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -113,12 +163,29 @@ class EmbeddedCluster:
         return info
 
     def _check_children(self) -> None:
-        for i, proc in enumerate(self.procs):
-            if proc.poll() is not None:
-                tail = (self.root / f"node{i}.log").read_text(errors="replace").splitlines()[-3:]
-                raise RuntimeError(
-                    f"node {i} exited with {proc.returncode}: " + " | ".join(tail)
-                )
+        """While starting: a dead child is this run's failure, with what it said."""
+        for child in (self.etcd_child, *self.node_children):
+            if child.dead():
+                raise RuntimeError(child.death())
+
+    def _supervise(self) -> None:
+        """Once up: a dead child leaves the cluster running degraded, and is started again
+        after a backoff unless --no-restart."""
+        for child in (self.etcd_child, *self.node_children):
+            if not child.dead():
+                continue
+            if child.restart_at is None:
+                if self.restart:
+                    delay = child.backoff.delay(child.uptime())
+                    print(f"{child.death()}; restarting it in {delay:.0f}s", flush=True)
+                    child.restart_at = time.monotonic() + delay
+                else:
+                    print(f"{child.death()}; not restarting it (--no-restart)", flush=True)
+                    child.restart_at = math.inf
+            elif time.monotonic() >= child.restart_at:
+                child.start()
+                if not child.dead():
+                    print(f"{child.name} restarted (pid {child.proc.pid})", flush=True)
 
     async def _watch(self) -> None:
         # Our own handlers for Ctrl-C and SIGTERM, setting a flag the loops below poll: a
@@ -131,18 +198,18 @@ class EmbeddedCluster:
             wake.set()
 
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: terminal closed
             loop.add_signal_handler(sig, request_stop)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.control_port(0)}") as channel:
             stub = pb_grpc.ControlStub(channel)
             if await self._wait_and_format(stub) is None:
                 return
-            print(f"etcd: {self.etcd.url}", flush=True)
-            for i in range(self.nodes):
+            etcd = self.etcd_child
+            print(f"etcd: pid {etcd.proc.pid}  {self.etcd.url}  log {etcd.log}", flush=True)
+            for i, child in enumerate(self.node_children):
                 print(
-                    f"node {i}: control 127.0.0.1:{self.control_port(i)}  "
-                    f"data 127.0.0.1:{self.base_port + DATA_PORT_OFFSET + i}  "
-                    f"log {self.root}/node{i}.log",
+                    f"node {i}: pid {child.proc.pid}  control 127.0.0.1:{self.control_port(i)}  "
+                    f"data 127.0.0.1:{self.data_port(i)}  log {child.log}",
                     flush=True,
                 )
             print(f"nbd: nbd://127.0.0.1:{self.nbd_port}/VDI  (every VDI by name; "
@@ -159,13 +226,14 @@ class EmbeddedCluster:
                 from qemu_driver.demo import run_demo
 
                 demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm"))
+                self._demo_started = True
             last = ""
             while not self._stop:
                 if demo is not None and demo.done():
                     if not demo.cancelled() and demo.exception() is not None:
                         print(f"vm: {demo.exception()}", flush=True)
                     demo = None
-                self._check_children()
+                self._supervise()
                 try:
                     info = await stub.ClusterInfo(pb.Empty(), timeout=5)
                     nodes = await stub.NodeList(pb.Empty(), timeout=5)
@@ -187,7 +255,13 @@ class EmbeddedCluster:
         def request_stop(*_args: object) -> None:
             self._stop = True
 
+        unbreakable_output()  # a print must never skip the stop path below
         signal.signal(signal.SIGTERM, request_stop)
+        try:
+            self.check_ports()
+        except RuntimeError as exc:
+            print(f"sheep: {exc}", file=sys.stderr, flush=True)
+            return 1
         code = 0
         try:
             self.start()
@@ -200,7 +274,7 @@ class EmbeddedCluster:
         finally:
             print("stopping...", flush=True)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            if self.vm:
+            if self._demo_started:
                 from qemu_driver.demo import stop_demo
 
                 asyncio.run(stop_demo(self.etcd.url))

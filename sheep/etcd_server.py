@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from sheep.children import die_with_parent
+
 
 class EtcdNotInstalled(RuntimeError):
     pass
@@ -40,7 +42,7 @@ class EtcdServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
-            [
+            die_with_parent([
                 binary,
                 "--name", "sheep",
                 "--data-dir", str(self.data_dir),
@@ -51,7 +53,7 @@ class EtcdServer:
                 "--initial-cluster", f"sheep={peer}",
                 "--log-level", "warn",
                 "--logger", "zap",
-            ],
+            ]),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -72,6 +72,7 @@ def _up(args: argparse.Namespace) -> int:
         nbd_port=args.nbd_port,
         iscsi_port=args.iscsi_port,
         vm=args.vm,
+        restart=not args.no_restart,
     )
     return cluster.run_foreground()
 
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--vm", action="store_true",
                     help="also boot the demo VM (the small guest on VDI demo-disk) and show "
                          "its console")
+    up.add_argument("--no-restart", action="store_true",
+                    help="leave a node (or etcd) that dies down; by default it is started "
+                         "again after 1 s, doubling up to 30 s while it keeps dying")
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=_up)
     return parser

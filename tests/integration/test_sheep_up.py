@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import random
+import re
 import select
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ..cluster import BIN, dog_json, free_port
+from ..cluster import BIN, dog, dog_json, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +97,10 @@ class Up:
     def wait_for(self, text: str, timeout: float = 60) -> None:
         if not self._read(text, timeout):
             raise AssertionError(f"no {text!r} from sheep up; output:\n{self._buf.decode()}")
+
+    def pid_of(self, name: str) -> int:
+        """The pid sheep up printed for `name` ('etcd', 'node 1') when it came up."""
+        return int(re.search(rf"^{name}: pid (\d+)", self._buf.decode(), re.M).group(1))
 
     def interrupt(self) -> int:
         """Ctrl-C; its exit code once it has stopped, all its output read."""
@@ -180,3 +188,144 @@ def test_sheep_up_with_a_vm_shows_the_demo_guests_console_and_ctrl_c_powers_it_o
     assert code == 0
     assert "vm: demo powered off" in up.lines
     assert _processes_using(root) == []  # QEMU and its supervisor too
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    """sheep up's --dir; whatever still runs from it after the test (a failure) is killed,
+    so one failed test cannot leave a cluster holding ports for the next."""
+    yield tmp_path / "var"
+    for pid in _processes_using(tmp_path / "var"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _node_count(address: str) -> int:
+    """How many nodes `dog node list` shows; 0 while it cannot answer (etcd coming back)."""
+    listing = dog("node", "list", "--json", address=address, check=False)
+    return len(json.loads(listing.stdout)["nodes"]) if listing.returncode == 0 else 0
+
+
+def test_a_killed_node_is_restarted_and_the_data_written_before_reads_back(root: Path) -> None:
+    """A node crash must not take the embedded cluster down: it runs degraded, says so,
+    and brings the node back, so self-healing can be watched with the README's set-up."""
+    up = Up(root, _free_base_port())
+    try:
+        up.wait_for("Ctrl-C stops")
+        data = os.urandom(1 << 20)
+        dog("vdi", "create", "disk", "8M", address=up.address)
+        subprocess.run([str(BIN / "dog"), "vdi", "write", "disk", "-a", up.address],
+                       input=data, check=True, timeout=60)
+        os.kill(up.pid_of("node 1"), signal.SIGKILL)
+        up.wait_for("node 1 died (killed by SIGKILL); restarting it in 1s")
+        up.wait_for("node 1 restarted", timeout=30)
+        wait_until(lambda: _node_count(up.address) == 3, 30, "node 1 back in the node list")
+        read = subprocess.run([str(BIN / "dog"), "vdi", "read", "disk", "0", str(len(data)),
+                               "-a", up.address], capture_output=True, check=True, timeout=60)
+        assert read.stdout == data
+    finally:
+        code = up.interrupt()
+    assert code == 0
+    assert _processes_using(root) == []
+
+
+def test_with_no_restart_a_killed_node_stays_down_and_the_cluster_runs_on(root: Path) -> None:
+    """--no-restart leaves the dead node down (to watch the cluster without it), and
+    sheep up keeps running instead of stopping every other process."""
+    up = Up(root, _free_base_port(), "--no-restart")
+    try:
+        up.wait_for("Ctrl-C stops")
+        os.kill(up.pid_of("node 2"), signal.SIGKILL)
+        up.wait_for("node 2 died (killed by SIGKILL); not restarting it (--no-restart)")
+        up.wait_for("2 node(s)", timeout=30)  # its lease expired: the epoch without it
+        assert up.proc.poll() is None
+    finally:
+        code = up.interrupt()
+    assert code == 0
+    assert not any("node 2 restarted" in line for line in up.lines)
+    assert _processes_using(root) == []
+
+
+def test_a_killed_etcd_is_restarted_and_the_nodes_carry_on(root: Path) -> None:
+    """Without etcd no node can serve; sheep up notices its death like a node's."""
+    up = Up(root, _free_base_port())
+    try:
+        up.wait_for("Ctrl-C stops")
+        os.kill(up.pid_of("etcd"), signal.SIGKILL)
+        up.wait_for("etcd died (killed by SIGKILL); restarting it in 1s")
+        up.wait_for("etcd restarted", timeout=30)
+        wait_until(lambda: _node_count(up.address) == 3, 30, "the nodes through the new etcd")
+    finally:
+        code = up.interrupt()
+    assert code == 0
+    assert _processes_using(root) == []
+
+
+def test_nothing_outlives_a_sigkilled_sheep_up(root: Path) -> None:
+    """SIGKILL runs no stop path: the children must die with their parent on their own,
+    or etcd and the nodes keep every port with PPID 1."""
+    up = Up(root, _free_base_port())
+    try:
+        up.wait_for("Ctrl-C stops")
+        up.proc.kill()
+        up.proc.wait(10)
+        wait_until(lambda: _processes_using(root) == [], 30, "etcd and the nodes to exit")
+    finally:
+        up.wait_stopped()
+
+
+def test_a_closed_output_pipe_does_not_skip_the_stop_path(root: Path) -> None:
+    """`sheep up 2>&1 | tee log`: Ctrl-C kills tee first, and the print of 'stopping...'
+    then met a broken pipe and raised out before anything was stopped."""
+    up = Up(root, _free_base_port())
+    try:
+        up.wait_for("Ctrl-C stops")
+        up.proc.stdout.close()  # the reader is gone: sheep up's next write is an EPIPE
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(40) == 0
+        assert _processes_using(root) == []
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+
+
+def test_a_busy_port_is_one_line_naming_it_and_starts_nothing(root: Path) -> None:
+    """Found late, a busy port left etcd and two nodes running and ended in a traceback
+    from the demo VM's teardown of a cluster that never formatted."""
+    base = _free_base_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base + 1))
+        squatter.listen()
+        up = Up(root, base, "--vm")
+        assert up.wait_stopped() == 1
+    assert up.lines == [f"sheep: port {base + 1} (node 1's control port; choose others "
+                        f"with --base-port) is in use"]
+    assert _processes_using(root) == []
+
+
+def test_a_start_up_failure_shows_this_runs_log_lines_not_older_ones(root: Path) -> None:
+    """Logs are appended across runs: the reason given must be what this run wrote."""
+    (root / "node1").mkdir(parents=True)
+    (root / "node1.log").write_text("STALE: an older run's complaint\n" * 3)
+    with open(root / "node1" / "sheep.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a daemon still running on this dir would
+        up = Up(root, _free_base_port())
+        assert up.wait_stopped() == 1
+    reason = next(line for line in up.lines if line.startswith("sheep: node 1 died"))
+    assert "is in use by another sheep daemon" in reason
+    assert "STALE" not in "\n".join(up.lines)
+    assert _processes_using(root) == []
+
+
+def test_make_run_passes_its_port_variables_to_sheep_up(root: Path) -> None:
+    """`make run BASE_PORT=...`: the only way to move make run off ports in use."""
+    base = _free_base_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", base))
+        squatter.listen()
+        run = subprocess.run(
+            ["make", "-s", "run", f"BASE_PORT={base}", f"NBD_PORT={free_port()}",
+             f"ISCSI_PORT={free_port()}", f"UP_ARGS=--dir {root}"],
+            cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"sheep: port {base} (node 0's control port" in run.stderr
