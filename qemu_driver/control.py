@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sheep.children import die_with_parent
 from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import VdiRecord
 
@@ -153,7 +154,10 @@ class VmControl:
 
     async def start(self, name: str, *, run_root: Path | None = None,
                     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
-                    timeout: float = START_TIMEOUT) -> VmRuntime:
+                    timeout: float = START_TIMEOUT, tied: bool = False) -> VmRuntime:
+        """Start the VM under a supervisor of its own, which outlives this process (dog
+        exits once the VM runs); `tied`: the VM is stopped when this process dies, even of
+        SIGKILL (the demo VM of `sheep up`)."""
         spec, _ = await self.vms.get(name)
         if await self.vms.runtime(name) is not None:
             raise VmError(f"VM {name!r} is already running")
@@ -184,9 +188,10 @@ class VmControl:
             "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, indent=1))
         # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and
         # this process), and asyncio's child watcher would complain about it later.
+        command = [sys.executable, "-m", "qemu_driver.supervisor", str(plan)]
         with open(paths.dir / "supervisor.err", "ab") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "qemu_driver.supervisor", str(plan)],
+                die_with_parent(command) if tied else command,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                 start_new_session=True)
         assert proc.stdout is not None

@@ -39,7 +39,7 @@ async def run_demo(etcd_url: str, run_root: Path) -> None:
                                     initrd=str(image.initrd), append=kernel_append()))
         rt = await ctl.vms.runtime(VM)
         if rt is None:
-            rt = await ctl.start(VM, run_root=run_root)
+            rt = await ctl.start(VM, run_root=run_root, tied=True)
         print(f"vm: {VM} ({rt.accel}, pid {rt.pid}) with VDI {VDI} as /dev/vda over "
               f"{rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}; its console "
               "follows (mke2fs /dev/vda, mount -t ext4 /dev/vda /mnt ...; `exit` powers "

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
+from sheep.children import die_with_parent
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import EtcdTarget
 from sheep.vdi.registry import VdiRegistry
@@ -48,6 +48,8 @@ START_TIMEOUT = 30.0
 KVM_GRACE = 15.0  # s after the start in which a crash under KVM means: try TCG instead
 TICK = LEASE_TTL / 3  # s between run-state checks when QEMU says nothing
 QMP_TIMEOUT = 10.0
+FINAL_TIMEOUT = 10.0  # s for each last word to etcd once QEMU is gone
+TERM_GRACE = 10.0  # s QEMU has to stop after SIGTERM before it is killed
 EVENTS = ("STOP", "RESUME", "GUEST_PANICKED", "SHUTDOWN")
 CRASH_STATES = ("internal-error", "guest-panicked")
 # signals that end QEMU from outside: a crash, but not one to blame on the accelerator
@@ -66,15 +68,6 @@ def user_label(vm: str) -> str:
 
 def user_keys(vdis: VdiRegistry, vm: str, disks: tuple[str, ...]) -> list[bytes]:
     return [vdis.user_key(vdi, f"vm:{vm}") for vdi in disks]
-
-
-def _die_with_parent(argv: list[str]) -> list[str]:
-    """QEMU gets SIGTERM (a clean shutdown) if its supervisor dies: a VM nobody tracks
-    would keep writing to VDIs the cluster believes free (a rollback would be allowed).
-    Through setpriv, not a preexec_fn: forking a process that runs gRPC (aetcd) without
-    exec'ing at once trips gRPC's fork handlers, which abort the child."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 async def _wait_socket(path: Path, proc: asyncio.subprocess.Process, timeout: float) -> None:
@@ -131,7 +124,9 @@ class QemuRun:
     async def launch(self, timeout: float) -> None:
         with open(self.paths.qemu_log, "ab") as qlog:
             self.proc = await asyncio.create_subprocess_exec(
-                *_die_with_parent(self.argv), stdin=asyncio.subprocess.DEVNULL,
+                # QEMU gets SIGTERM (a clean shutdown) if its supervisor dies: a VM nobody
+                # tracks would keep writing to VDIs the cluster believes free
+                *die_with_parent(self.argv), stdin=asyncio.subprocess.DEVNULL,
                 stdout=qlog, stderr=qlog)
         await _wait_socket(self.paths.events, self.proc, timeout)
         async with asyncio.timeout(QMP_TIMEOUT):
@@ -154,8 +149,16 @@ class QemuRun:
         return str(reply["status"])
 
     def terminate(self) -> None:
+        """SIGTERM, then SIGKILL after TERM_GRACE: QEMU drains its disks before it exits,
+        and a disk whose gateway died with us would hold it for the reconnect delay."""
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
+            asyncio.get_running_loop().call_later(TERM_GRACE, self._kill)
+
+    def _kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            log.warning("QEMU did not stop within %.0fs of SIGTERM: killed", TERM_GRACE)
+            self.proc.kill()
 
     async def end(self) -> None:
         """Quit QEMU, killed if it does not go within QMP_TIMEOUT; idempotent."""
@@ -259,18 +262,23 @@ class Supervisor:
         finally:
             keepalive.cancel()
         log.info("VM %s: %s", self.runtime.name, ending.reason)
+        # bounded: an etcd that died with its cluster (sheep up killed) must not keep us
         with contextlib.suppress(Exception):
-            await self.vms.record_exit(self.runtime.name, VmExit(
-                "crashed" if ending.crashed else "stopped", ending.reason, ending.status,
-                time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback))
+            async with asyncio.timeout(FINAL_TIMEOUT):
+                await self.vms.record_exit(self.runtime.name, VmExit(
+                    "crashed" if ending.crashed else "stopped", ending.reason, ending.status,
+                    time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback))
         with contextlib.suppress(Exception):
-            # the user keys of hot-plugged disks are on the lease too
-            current = await self.vms.runtime(self.runtime.name)
-            await self.lease.revoke()
-            if current is not None:
-                for key in user_keys(self.vdis, self.runtime.name, current.disks):
-                    await self.etcd.client.delete(key)
-        await self.etcd.close()
+            async with asyncio.timeout(FINAL_TIMEOUT):
+                # the user keys of hot-plugged disks are on the lease too
+                current = await self.vms.runtime(self.runtime.name)
+                await self.lease.revoke()
+                if current is not None:
+                    for key in user_keys(self.vdis, self.runtime.name, current.disks):
+                        await self.etcd.client.delete(key)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FINAL_TIMEOUT):
+                await self.etcd.close()
         return 0 if self.reported else 1
 
     def _report(self, line: str) -> None:

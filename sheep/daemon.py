@@ -44,6 +44,18 @@ from sheep.vdi.registry import VdiRegistry
 log = logging.getLogger("sheep.daemon")
 
 
+STOP_STEP_TIMEOUT = 10.0  # s for each step of a stop
+
+
+async def _bounded(step, what: str) -> None:
+    try:
+        await asyncio.wait_for(step, STOP_STEP_TIMEOUT)
+    except TimeoutError:
+        log.warning("stopping: %s took over %.0fs; going on", what, STOP_STEP_TIMEOUT)
+    except Exception as exc:
+        log.warning("stopping: %s failed: %s", what, exc)
+
+
 class StartupError(SheepError):
     """the node cannot start"""
 
@@ -239,14 +251,16 @@ class Node:
             self._iscsi_server.close()
         if self._iscsi is not None:
             self._iscsi.close()
+        # each step bounded: with etcd gone (its host died, or sheep up was killed), closing
+        # a volume's lock or flushing for a new ring would wait for ever
         if self._volumes is not None:
-            await self._volumes.close()
+            await _bounded(self._volumes.close(), "closing the gateways' volumes")
         if self.scrubber is not None:
-            await self.scrubber.close()
+            await _bounded(self.scrubber.close(), "stopping the scrub")
         if self.recovery is not None:
-            await self.recovery.close()
+            await _bounded(self.recovery.close(), "stopping recovery")
         if self._pool is not None:
-            await self._pool.close()
+            await _bounded(self._pool.close(), "closing peer connections")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -261,7 +275,7 @@ class Node:
             await self._control_server.stop(grace=1)
         if self.store is not None:
             self.store.close()
-        await self.etcd.close()
+        await _bounded(self.etcd.close(), "closing the etcd client")
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         log.info("stopped")

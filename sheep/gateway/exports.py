@@ -141,6 +141,8 @@ class VolumeCache:
 
     async def release(self, export: Export) -> None:
         key = self._key(export)
+        if key not in self._open:  # closed with the whole cache (the daemon is stopping)
+            return
         vol, users = self._open[key]
         if users > 1:
             self._open[key] = (vol, users - 1)
