@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sys
 import termios
 import tty
@@ -14,6 +15,17 @@ from pathlib import Path
 from .errors import QemuFailed
 
 DETACH = b"\x1d"  # Ctrl-]
+# What a guest asks its terminal and the terminal answers on the input: cursor position and
+# status reports (CSI 5n/6n), device attributes (CSI c, > c, = c), OSC colour and title
+# queries. Live, the answer belongs to the guest; replayed from the log, the question is
+# stale and the answer would reach the guest's shell as typed garbage.
+_TERMINAL_QUERIES = re.compile(
+    r"\x1b\[\??[56]n|\x1b\[[>=]?[0-9;]*c|\x1b\][^\x07\x1b]*\?(\x07|\x1b\\)")
+
+
+def replayable(log: str) -> str:
+    """Console output to show again, without the questions that make a terminal answer."""
+    return _TERMINAL_QUERIES.sub("", log)
 
 
 def read_log(path: str | Path) -> str:

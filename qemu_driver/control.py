@@ -36,7 +36,8 @@ STOP_TIMEOUT = 30.0
 
 
 def default_run_root() -> Path:
-    """/run/sheep/vm for root, $XDG_RUNTIME_DIR/sheep/vm otherwise ($SHEEP_VM_RUN_DIR wins)."""
+    """/run/sheep/vm for root, $XDG_RUNTIME_DIR/sheep/vm otherwise ($SHEEP_VM_RUN_DIR wins);
+    each cluster's VMs go in a folder of its own below it (see VmControl.run_root)."""
     if override := os.environ.get("SHEEP_VM_RUN_DIR"):
         return Path(override)
     if os.geteuid() == 0 and Path("/run").is_dir():
@@ -152,6 +153,12 @@ class VmControl:
     async def gateway(self, transport: str) -> Gateway:
         return choose_gateway(await self.etcd.live_nodes(), transport)
 
+    async def run_root(self) -> Path:
+        """The default root of this cluster's VMs on this host: two clusters on one host may
+        both have a VM `web`. 8 hex digits of the cluster id keep socket paths short."""
+        config = await self.etcd.config()
+        return default_run_root() / (config.cluster_id[:8] if config else "unformatted")
+
     async def start(self, name: str, *, run_root: Path | None = None,
                     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
                     timeout: float = START_TIMEOUT, tied: bool = False) -> VmRuntime:
@@ -164,7 +171,7 @@ class VmControl:
         await self._check_vdis(spec.disks)
         gateway = await self.gateway(spec.transport)
         accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
-        paths = RunPaths((run_root or default_run_root()) / name)
+        paths = RunPaths((run_root or await self.run_root()) / name)
         paths.dir.mkdir(parents=True, exist_ok=True)
         for stale in (paths.qmp, paths.events, paths.console, paths.agent,
                       paths.stop_requested):

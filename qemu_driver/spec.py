@@ -135,6 +135,7 @@ class VmExit:
     host: str = ""
     accel: str = ""
     fallback: str = ""
+    run_dir: str = ""  # on `host`: its console log is still there
 
     @property
     def crashed(self) -> bool:

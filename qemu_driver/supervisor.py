@@ -267,7 +267,8 @@ class Supervisor:
             async with asyncio.timeout(FINAL_TIMEOUT):
                 await self.vms.record_exit(self.runtime.name, VmExit(
                     "crashed" if ending.crashed else "stopped", ending.reason, ending.status,
-                    time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback))
+                    time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback,
+                    self.runtime.run_dir))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_TIMEOUT):
                 # the user keys of hot-plugged disks are on the lease too

@@ -57,6 +57,7 @@ class EmbeddedCluster:
         ]
         self._stop = False
         self._demo_started = False
+        self._demo: asyncio.Future | None = None  # the demo VM's task, its console attached
 
     def control_port(self, i: int) -> int:
         return self.base_port + i
@@ -168,6 +169,17 @@ class EmbeddedCluster:
             if child.dead():
                 raise RuntimeError(child.death())
 
+    def _console_attached(self) -> bool:
+        return self._demo is not None and not self._demo.done()
+
+    def _say(self, line: str) -> None:
+        """An event line; while the demo VM's console has the terminal (raw mode, the guest's
+        output around it), set apart on a line of its own and marked as ours."""
+        if self._console_attached():
+            print(f"\r\n[sheep up] {line}\r", flush=True)
+        else:
+            print(line, flush=True)
+
     def _supervise(self) -> None:
         """Once up: a dead child leaves the cluster running degraded, and is started again
         after a backoff unless --no-restart."""
@@ -177,15 +189,15 @@ class EmbeddedCluster:
             if child.restart_at is None:
                 if self.restart:
                     delay = child.backoff.delay(child.uptime())
-                    print(f"{child.death()}; restarting it in {delay:.0f}s", flush=True)
+                    self._say(f"{child.death()}; restarting it in {delay:.0f}s")
                     child.restart_at = time.monotonic() + delay
                 else:
-                    print(f"{child.death()}; not restarting it (--no-restart)", flush=True)
+                    self._say(f"{child.death()}; not restarting it (--no-restart)")
                     child.restart_at = math.inf
             elif time.monotonic() >= child.restart_at:
                 child.start()
                 if not child.dead():
-                    print(f"{child.name} restarted (pid {child.proc.pid})", flush=True)
+                    self._say(f"{child.name} restarted (pid {child.proc.pid})")
 
     async def _watch(self) -> None:
         # Our own handlers for Ctrl-C and SIGTERM, setting a flag the loops below poll: a
@@ -221,18 +233,19 @@ class EmbeddedCluster:
             print(f"try: dog vdi create disk 10G -a 127.0.0.1:{self.control_port(0)}; "
                   f"qemu-img info nbd://127.0.0.1:{self.nbd_port}/disk   (Ctrl-C stops)",
                   flush=True)
-            demo = None
             if self.vm:
                 from qemu_driver.demo import run_demo
 
-                demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm"))
+                self._demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm"))
                 self._demo_started = True
             last = ""
             while not self._stop:
+                demo = self._demo
                 if demo is not None and demo.done():
                     if not demo.cancelled() and demo.exception() is not None:
                         print(f"vm: {demo.exception()}", flush=True)
-                    demo = None
+                    self._demo = None
+                    last = ""  # the console had the terminal: say where the cluster is
                 self._supervise()
                 try:
                     info = await stub.ClusterInfo(pb.Empty(), timeout=5)
@@ -244,7 +257,8 @@ class EmbeddedCluster:
                     )
                 except grpc.aio.AioRpcError as exc:
                     state = f"cluster unreachable: {exc.details()}"
-                if state != last:
+                # routine status waits while the guest's console has the terminal
+                if state != last and not self._console_attached():
                     print(time.strftime("%H:%M:%S"), state, flush=True)
                     last = state
                 with contextlib.suppress(TimeoutError):

@@ -184,26 +184,33 @@ async def vm_info(stub, args) -> None:
 async def vm_console(stub, args) -> None:
     async with _control(stub, args) as ctl:
         st = await ctl.status(args.name)
+        root = Path(args.run_dir) if args.run_dir else await ctl.run_root()
     rt = st.runtime
-    if args.log or rt is None:
-        if rt is None and not args.log:
-            raise UsageError(f"VM {args.name!r} is not running (--log shows its last output "
-                             "on the host that ran it)")
-        log = console.read_log(Path(args.run_dir or _default_root()) / args.name / "console.log"
-                               if rt is None else rt.console_log)
-        sys.stdout.write(log)
+    if rt is None and not args.log:
+        raise UsageError(f"VM {args.name!r} is not running (--log shows its last output "
+                         "on the host that ran it)")
+    if args.log:
+        sys.stdout.write(console.read_log(_console_log(args, st, root)))
         return
-    sys.stdout.write(console.read_log(rt.console_log)[-4096:])
+    sys.stdout.write(console.replayable(console.read_log(rt.console_log)[-4096:]))
     sys.stdout.flush()
     if os.isatty(0):
         print("\r\n[dog: attached to the console; Ctrl-] detaches]\r", file=sys.stderr)
     await console.attach(rt.console)
 
 
-def _default_root() -> Path:
-    from qemu_driver.control import default_run_root
-
-    return default_run_root()
+def _console_log(args, st, root: Path) -> Path:
+    """Where the VM's console log is: its run directory as the runtime or the exit record
+    has it, else under --run-dir (the root given to `dog vm start`, or the VM's own)."""
+    if not args.run_dir:
+        known = st.runtime or st.last_exit
+        if known is not None and known.run_dir:
+            return Path(known.run_dir) / "console.log"
+    for path in (root / args.name / "console.log", root / "console.log"):
+        if path.is_file():
+            return path
+    raise UsageError(f"no console log of VM {args.name!r} under {root} (on the host that "
+                     "ran it; --run-dir names the root it was started with)")
 
 
 async def vm_attach(stub, args) -> None:
@@ -267,8 +274,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                    help="how QEMU reaches the disks (default %(default)s)")
     cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
     p = cmd("start", vm_start, "start QEMU for the VM on this host")
-    p.add_argument("--run-dir", help="where sockets and logs go (default /run/sheep/vm or "
-                                     "$XDG_RUNTIME_DIR/sheep/vm)")
+    p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs "
+                                     "(default /run/sheep/vm/CLUSTER, or under "
+                                     "$XDG_RUNTIME_DIR for other users)")
     p.add_argument("--reconnect-delay", type=int, default=60,
                    help="seconds QEMU holds guest I/O while its NBD gateway is away")
     p = cmd("stop", vm_stop, "ACPI power-off, killed after --timeout")
@@ -280,7 +288,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     cmd("info", vm_info, "definition, state, accelerator, block devices")
     p = cmd("console", vm_console, "attach to the serial console (Ctrl-] detaches)")
     p.add_argument("--log", action="store_true", help="print the console's output and exit")
-    p.add_argument("--run-dir", help="the run directory of a stopped VM (with --log)")
+    p.add_argument("--run-dir", help="with --log: where to look (the root given to dog vm "
+                                     "start, or the VM's own directory); by default where "
+                                     "the VM last ran")
     for name, func, help in (("attach", vm_attach, "hot-plug a VDI into a running VM"),
                              ("detach", vm_detach, "hot-unplug a VDI from a running VM")):
         p = cmd(name, func, help)

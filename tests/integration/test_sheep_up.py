@@ -173,6 +173,9 @@ def test_sheep_up_with_a_vm_shows_the_demo_guests_console_and_ctrl_c_powers_it_o
         assert vm["state"] == "running" and vm["disks"] == ["demo-disk"]
         up.type("echo $((6 * 7))")
         up.wait_for("42", timeout=30)  # typed on its console, answered on sheep up's output
+        console = up.lines[next(i for i, line in enumerate(up.lines) if "console follows" in line):]
+        # the guest's console has the terminal: no status line of sheep up's in its middle
+        assert not any("cluster running" in line for line in console), console
     finally:
         code = up.interrupt()
     assert code == 0

@@ -242,6 +242,13 @@ def test_a_paused_vm_says_so_and_resumes(
     vm.wait_console(READY_MARKER)
     vm.dog("pause", "pauser")
     assert dog_json("vm", "info", "pauser", address=vmc.address)["state"] == "paused"
+
+    def listed() -> str:
+        vms = dog_json("vm", "list", address=vmc.address)["vms"]
+        return next(v["state"] for v in vms if v["name"] == "pauser")
+
+    # the list tells what the supervisor last saw, which follows QEMU's events
+    wait_until(lambda: listed() == "paused", 15, "pauser listed as paused")
     vm.dog("resume", "pauser")
     assert dog_json("vm", "info", "pauser", address=vmc.address)["state"] == "running"
     vm.type("go")
@@ -520,3 +527,16 @@ def test_a_qemu_that_stops_answering_is_listed_as_unresponsive_until_it_answers_
     wait_until(lambda: listed() == "running", 60, "frozen listed as running again")
     vm.type("go")
     vm.finish()
+
+
+def test_the_console_log_of_a_stopped_vm_is_found_where_it_ran(
+        vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    vm = Vm(vmc, run_root, "logged").create(guest, [vdi(vmc, "logged")],
+                                            "echo sheep-test: logged\n").start()
+    vm.finish()
+    for where in ([], ["--run-dir", str(run_root)], ["--run-dir", str(vm.dir)]):
+        out = vm.dog("console", "logged", "--log", *where).stdout
+        assert "sheep-test: logged" in out, where
+    missing = vm.dog("console", "logged", "--log", "--run-dir", str(run_root / "nowhere"),
+                     check=False)
+    assert missing.returncode != 0 and "no console log" in missing.stderr

@@ -76,3 +76,4 @@ def test_the_gateway_is_a_node_serving_the_transport_on_this_host_first() -> Non
 def test_no_node_serving_the_transport_is_a_clear_error() -> None:
     with pytest.raises(NoGateway, match="no node serves iscsi"):
         choose_gateway([_node("a", "h", nbd=1)], "iscsi", local=set())
+
