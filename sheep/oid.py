@@ -9,13 +9,33 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from sheep.errors import InvalidParams
+
 VDI_BITS = 24
 INDEX_BITS = 32
 TYPE_SHIFT = VDI_BITS + INDEX_BITS
 COPIES_SHIFT = TYPE_SHIFT + 4
 MAX_VDI_ID = (1 << VDI_BITS) - 1
 MAX_INDEX = (1 << INDEX_BITS) - 1
-MAX_COPIES = 15
+MAX_COPIES = 15  # the copies nibble: a cluster (or VDI) cannot ask for more
+
+DEFAULT_OBJECT_SIZE = 4 << 20
+MIN_OBJECT_SIZE = 64 << 10
+MAX_OBJECT_SIZE = 64 << 20  # also the data plane's largest payload
+
+
+def validate_copies(copies: int) -> int:
+    """A replica count an object id can carry: the one limit for clusters and VDIs."""
+    if not 1 <= copies <= MAX_COPIES:
+        raise InvalidParams(f"copies must be 1..{MAX_COPIES}, not {copies}")
+    return copies
+
+
+def validate_object_size(size: int) -> int:
+    if not MIN_OBJECT_SIZE <= size <= MAX_OBJECT_SIZE or size & (size - 1):
+        raise InvalidParams(f"object size must be a power of two from {MIN_OBJECT_SIZE} to "
+                            f"{MAX_OBJECT_SIZE} bytes, not {size}")
+    return size
 
 
 class ObjType(IntEnum):

@@ -34,7 +34,6 @@ from sheep.zeros import nonzero_runs
 
 log = logging.getLogger(__name__)
 
-_PEER_TIMEOUT = 10.0
 _GUARDED = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.READ, Opcode.DISCARD})
 
 
@@ -282,8 +281,7 @@ class Recovery:
         member leaves the epoch when its lease expires, which restarts recovery)."""
         while True:
             try:
-                frame = await self._pool.call(node.data_addr, Opcode.LIST_EPOCHS,
-                                              timeout=_PEER_TIMEOUT)
+                frame = await self._pool.call(node.data_addr, Opcode.LIST_EPOCHS)
                 flat = struct.unpack(f"<{len(frame.payload) // 8}Q", frame.payload)
                 return list(zip(flat[::2], flat[1::2], strict=True))
             except (SheepError, OSError, TimeoutError) as exc:
@@ -325,7 +323,7 @@ class Recovery:
             started = time.monotonic()
             try:
                 frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid, offset=0,
-                                              length=size, epoch=0, timeout=_PEER_TIMEOUT,
+                                              length=size, epoch=0,
                                               flags=Flags.RAW if raw else Flags.NONE)
             except NoObject:
                 continue

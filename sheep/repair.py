@@ -29,7 +29,6 @@ from sheep.store.checksum import SUM_BLOCK, runs
 
 log = logging.getLogger(__name__)
 
-_PEER_TIMEOUT = 10.0
 
 
 @dataclass
@@ -86,8 +85,7 @@ class Repairer:
         for node in self._peers(oid):
             try:
                 frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid,
-                                              offset=start, length=length, epoch=0,
-                                              timeout=_PEER_TIMEOUT)
+                                              offset=start, length=length, epoch=0)
             except (Corrupt, NoObject):
                 continue
             except (SheepError, OSError, TimeoutError) as exc:

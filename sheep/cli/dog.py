@@ -17,6 +17,7 @@ from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.errors import SheepError
 from sheep.malloc import keep_freed_memory
+from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.units import format_size, parse_size
 
 from .dog_vdi import (
@@ -238,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cmd", required=True)
     fmt = cluster.add_parser("format", parents=[common], help="format the cluster")
     fmt.add_argument("-c", "--copies", type=int, default=3, help="replicas per object")
-    fmt.add_argument("--object-size", default="4M", help="data object size (power of two)")
+    fmt.add_argument("--object-size", default=format_size(DEFAULT_OBJECT_SIZE),
+                     help="data object size (power of two; default %(default)s)")
     fmt.set_defaults(func=cluster_format)
     cluster.add_parser("info", parents=[common], help="status, epochs, copies").set_defaults(
         func=cluster_info)

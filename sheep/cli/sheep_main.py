@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from sheep.malloc import keep_freed_memory
-from sheep.units import parse_size
+from sheep.oid import DEFAULT_OBJECT_SIZE
+from sheep.units import format_size, parse_size
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", default="./var", help="where the nodes and etcd keep data")
     up.add_argument("--base-port", type=int, default=7000,
                     help="node i listens on control port BASE+i and data port BASE+100+i")
-    up.add_argument("--object-size", default="4M")
+    up.add_argument("--object-size", default=format_size(DEFAULT_OBJECT_SIZE))
     up.add_argument("--nbd-port", type=int, default=10809, help="NBD gateway port (node 0)")
     up.add_argument("--iscsi-port", type=int, default=3260,
                     help="iSCSI portal port (node 0)")

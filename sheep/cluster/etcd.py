@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import aetcd
 
 from sheep.errors import ClusterError
+from sheep.oid import validate_copies, validate_object_size
 
 from .state import (
     ClusterConfig,
@@ -99,6 +100,10 @@ class EtcdCluster:
     # -- writes -----------------------------------------------------------------------
 
     async def format(self, copies: int, object_size: int) -> ClusterConfig:
+        """InvalidParams for what a VDI could not use: the copies an object id carries, an
+        object size the data plane can move."""
+        validate_copies(copies)
+        validate_object_size(object_size)
         config = ClusterConfig(
             cluster_id=uuid.uuid4().hex, copies=copies, object_size=object_size, created=time.time()
         )

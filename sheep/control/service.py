@@ -13,6 +13,8 @@ import grpc
 
 from sheep.cluster.etcd import AlreadyFormatted
 from sheep.cluster.state import EpochRecord, NodeInfo
+from sheep.errors import InvalidParams
+from sheep.oid import DEFAULT_OBJECT_SIZE
 
 from . import sheep_pb2 as pb
 from . import sheep_pb2_grpc as pb_grpc
@@ -20,9 +22,6 @@ from . import sheep_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from sheep.daemon import Node
 
-MIN_OBJECT_SIZE = 64 << 10
-MAX_OBJECT_SIZE = 64 << 20
-MAX_COPIES = 31
 PEER_TIMEOUT = 3.0
 
 
@@ -47,23 +46,11 @@ class ControlService(pb_grpc.ControlServicer):
         self._node = node
 
     async def FormatCluster(self, request: pb.FormatRequest, context) -> pb.ClusterInfoReply:
-        copies = request.copies
-        object_size = request.object_size or (4 << 20)
-        if not 1 <= copies <= MAX_COPIES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"copies must be 1..{MAX_COPIES}, got {copies}"
-            )
-        if (
-            not MIN_OBJECT_SIZE <= object_size <= MAX_OBJECT_SIZE
-            or object_size & (object_size - 1)
-        ):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"object size must be a power of two from {MIN_OBJECT_SIZE} to "
-                f"{MAX_OBJECT_SIZE} bytes, got {object_size}",
-            )
         try:
-            await self._node.etcd.format(copies, object_size)
+            await self._node.etcd.format(request.copies,
+                                         request.object_size or DEFAULT_OBJECT_SIZE)
+        except InvalidParams as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AlreadyFormatted as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         await self._node.view.refresh(self._node.etcd)

@@ -15,10 +15,12 @@ from __future__ import annotations
 import struct
 from enum import IntEnum, IntFlag
 
+from sheep.oid import MAX_OBJECT_SIZE
+
 MAGIC = 0x50454853  # b"SHEP" read as little-endian u32
 HEADER = struct.Struct("<IBBHIIQQQII")
 HEADER_SIZE = HEADER.size
-MAX_LENGTH = 64 << 20  # largest payload a peer may announce
+MAX_LENGTH = MAX_OBJECT_SIZE  # largest payload a peer may announce: one whole object
 
 
 class Opcode(IntEnum):

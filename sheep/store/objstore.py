@@ -42,7 +42,7 @@ from sheep.errors import (
     SheepError,
     StoreIOError,
 )
-from sheep.oid import oid_str
+from sheep.oid import DEFAULT_OBJECT_SIZE, oid_str
 from sheep.store.checksum import (
     SUM_BLOCK,
     SUM_SIZE,
@@ -54,7 +54,6 @@ from sheep.store.checksum import (
 )
 from sheep.store.meta import NodeMeta
 
-DEFAULT_OBJECT_SIZE = 4 << 20
 MAX_OID = (1 << 64) - 1
 
 _FALLOC_FL_KEEP_SIZE = 0x01

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiExists, VdiLocked
 from sheep.objclient import ObjectClient, open_client
+from sheep.oid import validate_copies
 
 from .inode import block_oid, max_vdi_size
 from .inodes import nblocks, read_table, write_header, write_inode
@@ -26,7 +27,6 @@ from .registry import (
     RegistryState,
     VdiRecord,
     VdiRegistry,
-    validate_copies,
     validate_name,
 )
 from .volume import Volume

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from sheep.cluster.etcd import EtcdCluster
 from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiLocked
-from sheep.oid import MAX_COPIES, MAX_VDI_ID, inode_oid
+from sheep.oid import MAX_VDI_ID, inode_oid
 
 from .inode import InodeHeader, make_ref
 
@@ -48,12 +48,6 @@ def validate_name(name: str, what: str = "VDI name") -> str:
     if bad:
         raise InvalidParams(f"{what} {name!r} contains {bad[0]!r} (no '@', '/', spaces)")
     return name
-
-
-def validate_copies(copies: int) -> int:
-    if not 1 <= copies <= MAX_COPIES:
-        raise InvalidParams(f"copies must be 1..{MAX_COPIES}, not {copies}")
-    return copies
 
 
 class HolderGone(ClusterError):

@@ -35,6 +35,16 @@ def test_cluster_format_rejects_bad_copies_and_object_sizes(empty_cluster: Clust
     )
 
 
+def test_cluster_format_refuses_more_copies_than_a_vdi_can_use(empty_cluster: Cluster
+                                                               ) -> None:
+    # an object id carries copies in 4 bits: 16 was accepted, and every dog vdi create
+    # without -c then failed
+    empty_cluster.add_node()
+    proc = dog("cluster", "format", "--copies", "16", address=empty_cluster.address,
+               check=False)
+    assert proc.returncode == 1 and "copies must be 1..15" in proc.stderr, proc.stderr
+
+
 def test_cluster_info_shows_status_copies_and_epoch_history(cluster: Cluster) -> None:
     info = cluster.info()
     assert info["status"] == "running"
