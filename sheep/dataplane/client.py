@@ -54,7 +54,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             if self._transport is not None:
                 self._transport.close()
             return
-        for frame in self._decoder.frames():
+        for frame in self._decoder.messages():
             entry = self._pending.pop(frame.req_id, None)
             if entry is None:
                 continue  # its request timed out

@@ -50,14 +50,14 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
             self._decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
             # requests that arrived intact before the garbage still get their replies
-            for frame in self._decoder.frames():
+            for frame in self._decoder.messages():
                 self._handler.handle(frame, self)
             log.warning("closing data-plane connection from %s: %s", self._peer, exc)
             self.close()
             return
         batch = self._batch = []
         try:
-            for frame in self._decoder.frames():
+            for frame in self._decoder.messages():
                 self._handler.handle(frame, self)
         finally:
             self._batch = None

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from sheep.dataplane.codec import (
-    _BUFFER_SIZE,
-    _DIRECT_THRESHOLD,
     Frame,
     FrameDecoder,
     encode,
@@ -33,6 +31,7 @@ from sheep.dataplane.wire import (
     pack_header,
 )
 from sheep.errors import ProtocolError, Result
+from sheep.framing import BUFFER_SIZE, DIRECT_THRESHOLD
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
 
@@ -173,7 +172,7 @@ def test_write_request_with_payload_decodes_into_one_frame_with_exact_payload() 
         pack_header(Opcode.WRITE, 9, flags=Flags.FUA, epoch=4, oid=OID, offset=8192, length=4096)
         + payload
     )
-    frames = dec.frames()
+    frames = dec.messages()
     assert [as_tuple(f) for f in frames] == [
         (Opcode.WRITE, Flags.FUA, 4, 0, 9, OID, 8192, 4096, 0, payload)
     ]
@@ -183,15 +182,15 @@ def test_write_request_waits_for_its_whole_payload() -> None:
     dec = FrameDecoder(replies=False)
     data = pack_header(Opcode.WRITE, 1, oid=OID, length=100) + pattern(100)
     dec.receive_data(data[:-1])
-    assert dec.frames() == []
+    assert dec.messages() == []
     dec.receive_data(data[-1:])
-    assert [bytes(f.payload) for f in dec.frames()] == [pattern(100)]
+    assert [bytes(f.payload) for f in dec.messages()] == [pattern(100)]
 
 
 def test_create_request_with_empty_payload_decodes_with_no_payload() -> None:
     dec = FrameDecoder(replies=False)
     dec.receive_data(pack_header(Opcode.CREATE, 1, oid=OID) + pack_header(Opcode.FLUSH, 2))
-    frames = dec.frames()
+    frames = dec.messages()
     assert [(f.opcode, f.req_id, bytes(f.payload)) for f in frames] == [
         (Opcode.CREATE, 1, b""),
         (Opcode.FLUSH, 2, b""),
@@ -205,7 +204,7 @@ def test_read_request_carries_no_payload() -> None:
     dec.receive_data(
         pack_header(Opcode.READ, 1, oid=OID, length=4096) + pack_header(Opcode.GET_EPOCH, 2)
     )
-    frames = dec.frames()
+    frames = dec.messages()
     assert [as_tuple(f) for f in frames] == [
         (Opcode.READ, 0, 0, 0, 1, OID, 0, 4096, 0, b""),
         (Opcode.GET_EPOCH, 0, 0, 0, 2, 0, 0, 0, 0, b""),
@@ -215,7 +214,7 @@ def test_read_request_carries_no_payload() -> None:
 def test_read_request_length_over_max_is_not_a_framing_error() -> None:
     dec = FrameDecoder(replies=False, max_length=1024)
     dec.receive_data(pack_header(Opcode.READ, 1, length=0xFFFFFFFF))
-    assert [f.length for f in dec.frames()] == [0xFFFFFFFF]
+    assert [f.length for f in dec.messages()] == [0xFFFFFFFF]
 
 
 def test_read_reply_with_ok_result_carries_length_bytes() -> None:
@@ -224,7 +223,7 @@ def test_read_reply_with_ok_result_carries_length_bytes() -> None:
     dec.receive_data(
         pack_header(Opcode.READ, 5, epoch=2, oid=OID, offset=4096, length=4096) + payload
     )
-    assert [as_tuple(f) for f in dec.frames()] == [
+    assert [as_tuple(f) for f in dec.messages()] == [
         (Opcode.READ, 0, 2, Result.OK, 5, OID, 4096, 4096, 0, payload)
     ]
 
@@ -235,7 +234,7 @@ def test_read_reply_with_error_result_carries_no_payload() -> None:
         pack_header(Opcode.READ, 5, result=Result.NO_OBJECT, oid=OID, length=4096)
         + pack_header(Opcode.GET_EPOCH, 6, epoch=2)
     )
-    assert [as_tuple(f) for f in dec.frames()] == [
+    assert [as_tuple(f) for f in dec.messages()] == [
         (Opcode.READ, 0, 0, Result.NO_OBJECT, 5, OID, 0, 4096, 0, b""),
         (Opcode.GET_EPOCH, 0, 2, Result.OK, 6, 0, 0, 0, 0, b""),
     ]
@@ -244,7 +243,7 @@ def test_read_reply_with_error_result_carries_no_payload() -> None:
 def test_write_reply_carries_no_payload() -> None:
     dec = FrameDecoder(replies=True)
     dec.receive_data(pack_header(Opcode.WRITE, 1, length=4096) + pack_header(Opcode.FLUSH, 2))
-    assert [(f.opcode, bytes(f.payload)) for f in dec.frames()] == [
+    assert [(f.opcode, bytes(f.payload)) for f in dec.messages()] == [
         (Opcode.WRITE, b""),
         (Opcode.FLUSH, b""),
     ]
@@ -256,7 +255,7 @@ def test_list_reply_payload_is_little_endian_u64_oids() -> None:
     assert payload == struct.pack("<3Q", *oids)
     dec = FrameDecoder(replies=True)
     dec.receive_data(pack_header(Opcode.LIST, 3, length=len(payload)) + payload)
-    (frame,) = dec.frames()
+    (frame,) = dec.messages()
     assert frame.opcode == Opcode.LIST and frame.length == 24
     assert bytes(frame.payload) == payload
     assert list(struct.unpack("<3Q", frame.payload)) == oids
@@ -265,13 +264,13 @@ def test_list_reply_payload_is_little_endian_u64_oids() -> None:
 def test_list_request_carries_no_payload() -> None:
     dec = FrameDecoder(replies=False)
     dec.receive_data(pack_header(Opcode.LIST, 1, length=24) + pack_header(Opcode.FLUSH, 2))
-    assert [f.opcode for f in dec.frames()] == [Opcode.LIST, Opcode.FLUSH]
+    assert [f.opcode for f in dec.messages()] == [Opcode.LIST, Opcode.FLUSH]
 
 
 def test_unknown_opcode_without_payload_decodes() -> None:
     dec = FrameDecoder(replies=False)
     dec.receive_data(pack_header(200, 1, oid=OID, length=4096) + pack_header(0, 2))
-    assert [(f.opcode, f.req_id, bytes(f.payload)) for f in dec.frames()] == [
+    assert [(f.opcode, f.req_id, bytes(f.payload)) for f in dec.messages()] == [
         (200, 1, b""),
         (0, 2, b""),
     ]
@@ -283,8 +282,8 @@ def test_unknown_opcode_without_payload_decodes() -> None:
 def test_frames_are_returned_once() -> None:
     dec = FrameDecoder(replies=False)
     dec.receive_data(pack_header(Opcode.FLUSH, 1))
-    assert len(dec.frames()) == 1
-    assert dec.frames() == []
+    assert len(dec.messages()) == 1
+    assert dec.messages() == []
 
 
 # -- streams ---------------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def test_pipelined_frames_in_one_chunk_decode_in_order() -> None:
     data, expected = mixed_request_stream()
     dec = FrameDecoder(replies=False)
     dec.receive_data(data)
-    assert [as_tuple(f) for f in dec.frames()] == expected
+    assert [as_tuple(f) for f in dec.messages()] == expected
 
 
 def test_stream_fed_one_byte_at_a_time_decodes_identically() -> None:
@@ -303,7 +302,7 @@ def test_stream_fed_one_byte_at_a_time_decodes_identically() -> None:
     got: list[tuple] = []
     for i in range(len(data)):
         dec.receive_data(data[i : i + 1])
-        got.extend(as_tuple(f) for f in dec.frames())
+        got.extend(as_tuple(f) for f in dec.messages())
     assert got == expected
 
 
@@ -311,7 +310,7 @@ def test_stream_fed_one_byte_per_buffer_updated_decodes_identically() -> None:
     data, expected = mixed_request_stream()
     dec = FrameDecoder(replies=False)
     feed_buffered(dec, data, chunk=1)
-    assert [as_tuple(f) for f in dec.frames()] == expected
+    assert [as_tuple(f) for f in dec.messages()] == expected
 
 
 @pytest.mark.parametrize("split", range(1, HEADER_SIZE))
@@ -321,11 +320,11 @@ def test_header_split_across_two_buffer_updated_calls_decodes(split: int) -> Non
     buf = dec.get_buffer(-1)
     buf[:split] = header[:split]
     dec.buffer_updated(split)
-    assert dec.frames() == []
+    assert dec.messages() == []
     buf = dec.get_buffer(-1)
     buf[: HEADER_SIZE - split] = header[split:]
     dec.buffer_updated(HEADER_SIZE - split)
-    assert [as_tuple(f) for f in dec.frames()] == [
+    assert [as_tuple(f) for f in dec.messages()] == [
         (Opcode.READ, 0, 6, 0, 77, OID, 4096, 512, 1, b"")
     ]
 
@@ -333,14 +332,14 @@ def test_header_split_across_two_buffer_updated_calls_decodes(split: int) -> Non
 def test_small_frames_crossing_the_buffer_end_decode_intact() -> None:
     # Frames just under the direct threshold, fed in odd chunks, wrap the 256 KiB receive
     # buffer many times (compaction).
-    size = _DIRECT_THRESHOLD - 1
+    size = DIRECT_THRESHOLD - 1
     payloads = [pattern(size, seed=i) for i in range(12)]
     data = b"".join(
         pack_header(Opcode.WRITE, i, oid=OID, length=size) + p for i, p in enumerate(payloads)
     )
     dec = FrameDecoder(replies=False)
     feed_buffered(dec, data, chunk=50_003)
-    frames = dec.frames()
+    frames = dec.messages()
     assert [f.req_id for f in frames] == list(range(12))
     assert [bytes(f.payload) for f in frames] == payloads
 
@@ -348,7 +347,7 @@ def test_small_frames_crossing_the_buffer_end_decode_intact() -> None:
 def test_every_frame_under_the_direct_threshold_fits_the_receive_buffer() -> None:
     # A frame that is parsed out of the shared buffer must fit in it whole; bigger payloads
     # go to their own buffer, so the receive buffer never has to grow.
-    assert HEADER_SIZE + _DIRECT_THRESHOLD - 1 <= _BUFFER_SIZE
+    assert HEADER_SIZE + DIRECT_THRESHOLD - 1 <= BUFFER_SIZE
 
 
 # -- large payloads: received in place -------------------------------------------------------
@@ -359,9 +358,9 @@ def test_large_payload_lands_in_place_in_the_buffer_handed_out() -> None:
     header = pack_header(Opcode.WRITE, 1, oid=OID, length=MiB)
     dec = FrameDecoder(replies=False)
     feed_buffered(dec, header, chunk=HEADER_SIZE)
-    assert dec.frames() == []
+    assert dec.messages() == []
     handed = feed_buffered(dec, payload, chunk=64 * KiB)
-    (frame,) = dec.frames()
+    (frame,) = dec.messages()
     # every buffer handed out for the payload is a window on the frame's payload object
     assert isinstance(frame.payload, bytearray)
     assert all(buf.obj is frame.payload for buf in handed)
@@ -377,7 +376,7 @@ def test_large_payload_started_in_the_shared_buffer_continues_in_place() -> None
     rest = dec.get_buffer(-1)
     assert len(rest) == MiB - 100 * KiB  # exactly what is missing of the payload
     handed = feed_buffered(dec, data[HEADER_SIZE + 100 * KiB :], chunk=len(data))
-    (frame,) = dec.frames()
+    (frame,) = dec.messages()
     assert rest.obj is frame.payload
     assert all(buf.obj is frame.payload for buf in handed)
     assert frame.payload == payload
@@ -389,7 +388,7 @@ def test_large_payload_fed_through_receive_data_in_odd_chunks_is_identical() -> 
     dec = FrameDecoder(replies=False)
     for i in range(0, len(data), 65_537):
         dec.receive_data(data[i : i + 65_537])
-    (frame,) = dec.frames()
+    (frame,) = dec.messages()
     assert frame.length == len(payload)
     assert frame.payload == payload
 
@@ -399,7 +398,7 @@ def test_large_read_reply_is_received_in_place() -> None:
     dec = FrameDecoder(replies=True)
     feed_buffered(dec, pack_header(Opcode.READ, 4, length=len(payload)), chunk=HEADER_SIZE)
     handed = feed_buffered(dec, payload, chunk=len(payload))
-    (frame,) = dec.frames()
+    (frame,) = dec.messages()
     assert handed[0].obj is frame.payload
     assert frame.payload == payload
 
@@ -419,7 +418,7 @@ def test_small_frames_around_a_large_payload_keep_their_order() -> None:
     for chunk in (len(data), 1000, 65_536):
         dec = FrameDecoder(replies=False)
         feed_buffered(dec, data, chunk=chunk)
-        frames = dec.frames()
+        frames = dec.messages()
         assert [(f.req_id, bytes(f.payload)) for f in frames] == [
             (1, b""),
             (2, b"hello"),
@@ -449,7 +448,7 @@ def test_garbage_raises_protocol_error() -> None:
 def test_fewer_than_48_bytes_of_garbage_are_not_yet_an_error() -> None:
     dec = FrameDecoder(replies=False)
     dec.receive_data(b"x" * (HEADER_SIZE - 1))
-    assert dec.frames() == []
+    assert dec.messages() == []
     with pytest.raises(ProtocolError):
         dec.receive_data(b"x")
 
@@ -475,7 +474,7 @@ def test_announced_reply_payload_over_max_length_raises_protocol_error() -> None
 def test_payload_of_exactly_max_length_is_accepted() -> None:
     dec = FrameDecoder(replies=False, max_length=100)
     dec.receive_data(pack_header(Opcode.WRITE, 1, length=100) + pattern(100))
-    assert [bytes(f.payload) for f in dec.frames()] == [pattern(100)]
+    assert [bytes(f.payload) for f in dec.messages()] == [pattern(100)]
 
 
 def test_announced_payload_over_max_length_raises_before_any_payload_arrives() -> None:
@@ -529,7 +528,7 @@ def test_encoded_frames_decode_back() -> None:
     )
     dec = FrameDecoder(replies=False)
     dec.receive_data(wire)
-    assert [bytes(f.payload) for f in dec.frames()] == [small, large]
+    assert [bytes(f.payload) for f in dec.messages()] == [small, large]
 
 
 # -- ObjectService over a real ObjectStore ---------------------------------------------------
@@ -592,7 +591,7 @@ def request(
         fields["length"] = len(payload)
     dec = FrameDecoder(replies=False)
     dec.receive_data(pack_header(opcode, req_id, **fields) + payload)
-    (frame,) = dec.frames()
+    (frame,) = dec.messages()
     return frame
 
 

@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from sheep.errors import ProtocolError
+from sheep.framing import BUFFER_SIZE, DIRECT_THRESHOLD
 from sheep.gateway.nbd import (
     NbdProtocolError,
     Request,
@@ -25,7 +26,6 @@ from sheep.gateway.nbd import (
     structured_offset_hole,
     validate,
 )
-from sheep.gateway.nbd.transmission import _BUFFER_SIZE, _DIRECT_THRESHOLD
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -70,7 +70,7 @@ def feed_buffered(dec: RequestDecoder, data: bytes, chunk: int) -> list[memoryvi
 
 def mixed_stream() -> tuple[bytes, list[tuple]]:
     """Every command, small and large writes, as one pipelined byte stream."""
-    big = pattern(_DIRECT_THRESHOLD + 4 * KiB, seed=3)
+    big = pattern(DIRECT_THRESHOLD + 4 * KiB, seed=3)
     small = pattern(4 * KiB, seed=7)
     items = [
         (READ, 0, 1, 4096, 8192, b""),
@@ -94,15 +94,15 @@ def mixed_stream() -> tuple[bytes, list[tuple]]:
 def test_request_fields_sit_at_fixed_big_endian_offsets() -> None:
     dec = RequestDecoder()
     dec.receive_data(bytes.fromhex("25609513000100000102030405060708000000000000100000000200"))
-    assert [as_tuple(r) for r in dec.requests()] == [(READ, FUA, COOKIE, 4096, 512, b"")]
-    assert dec.requests() == []  # each request is returned once
+    assert [as_tuple(r) for r in dec.messages()] == [(READ, FUA, COOKIE, 4096, 512, b"")]
+    assert dec.messages() == []  # each request is returned once
 
 
 def test_pipelined_requests_in_one_feed() -> None:
     stream, expected = mixed_stream()
     dec = RequestDecoder()
     dec.receive_data(stream)
-    assert [as_tuple(r) for r in dec.requests()] == expected
+    assert [as_tuple(r) for r in dec.messages()] == expected
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 28, 29, 4096, 65536])
@@ -112,16 +112,16 @@ def test_requests_split_across_feeds(chunk: int) -> None:
     got = []
     for i in range(0, len(stream), chunk):
         dec.receive_data(stream[i : i + chunk])
-        got += dec.requests()
+        got += dec.messages()
     assert [as_tuple(r) for r in got] == expected
 
 
-@pytest.mark.parametrize("chunk", [1000, 4096, 65536, _BUFFER_SIZE])
+@pytest.mark.parametrize("chunk", [1000, 4096, 65536, BUFFER_SIZE])
 def test_requests_through_get_buffer(chunk: int) -> None:
     stream, expected = mixed_stream()
     dec = RequestDecoder()
     feed_buffered(dec, stream, chunk)
-    assert [as_tuple(r) for r in dec.requests()] == expected
+    assert [as_tuple(r) for r in dec.messages()] == expected
 
 
 def test_large_write_payload_is_received_in_place() -> None:
@@ -131,10 +131,10 @@ def test_large_write_payload_is_received_in_place() -> None:
     buf = dec.get_buffer(-1)
     buf[: len(head)] = head
     dec.buffer_updated(len(head))
-    assert dec.requests() == []
+    assert dec.messages() == []
 
     handed = feed_buffered(dec, data[1000:], 64 * KiB)
-    (req,) = dec.requests()
+    (req,) = dec.messages()
     assert isinstance(req.payload, bytearray)
     # every buffer handed out after the header is a window on the payload itself
     assert all(view.obj is req.payload for view in handed)
@@ -142,14 +142,14 @@ def test_large_write_payload_is_received_in_place() -> None:
 
     # the stream goes on in the shared buffer afterwards
     dec.receive_data(request(FLUSH, 2))
-    assert [as_tuple(r) for r in dec.requests()] == [(FLUSH, 0, 2, 0, 0, b"")]
+    assert [as_tuple(r) for r in dec.messages()] == [(FLUSH, 0, 2, 0, 0, b"")]
     assert dec.get_buffer(-1).obj is not req.payload
 
 
 def test_small_write_payload_is_copied_out_of_the_shared_buffer() -> None:
     dec = RequestDecoder()
     dec.receive_data(request(WRITE, 1, 0, 4, data=b"abcd") + request(READ, 2, 0, 4))
-    first, _ = dec.requests()
+    first, _ = dec.messages()
     assert first.payload == b"abcd" and isinstance(first.payload, bytes)
 
 
@@ -172,7 +172,7 @@ def test_write_over_the_maximum_payload_is_a_protocol_error() -> None:
 def test_huge_lengths_without_payload_are_not_framing_errors() -> None:
     dec = RequestDecoder(max_payload=1 * MiB)
     dec.receive_data(request(READ, 1, 0, 0xFFFFFFFF) + request(TRIM, 2, 0, 0xFFFFFFFF))
-    assert [r.length for r in dec.requests()] == [0xFFFFFFFF, 0xFFFFFFFF]
+    assert [r.length for r in dec.messages()] == [0xFFFFFFFF, 0xFFFFFFFF]
 
 
 # -- validate() ------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_simple_reply() -> None:
 
 
 def test_simple_reply_passes_a_large_payload_through_uncopied() -> None:
-    payload = bytearray(pattern(_DIRECT_THRESHOLD))
+    payload = bytearray(pattern(DIRECT_THRESHOLD))
     head, body = simple_reply(COOKIE, 0, payload)
     assert head == struct.pack(">IIQ", SIMPLE, 0, COOKIE) and body is payload
 

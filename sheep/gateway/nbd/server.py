@@ -133,7 +133,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             except NbdProtocolError as exc:
                 self._abort(f"protocol error: {exc}")
                 return
-            self._backlog.extend(self._decoder.requests())
+            self._backlog.extend(self._decoder.messages())
             self._pump()
             return
         handshake = self._handshake
@@ -214,7 +214,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             except NbdProtocolError as exc:
                 self._abort(f"protocol error: {exc}")
                 return
-            self._backlog.extend(self._decoder.requests())
+            self._backlog.extend(self._decoder.messages())
         self._reading_paused = True  # since the handshake ended
         self._pump()
 

@@ -1,11 +1,8 @@
 """The NBD transmission phase, sans-I/O: a request decoder, request validation, reply encoders.
 
-The decoder has the shape of the data plane's FrameDecoder (sheep.dataplane.codec): it owns
-its receive buffer and hands slices of it to the transport (`get_buffer`/`buffer_updated`,
-as asyncio.BufferedProtocol wants), so a large NBD_CMD_WRITE payload is received by the
-kernel straight into the bytearray that becomes `Request.payload` and then travels to the
-volume client without a copy. Small requests are parsed out of one shared buffer, so many
-pipelined requests cost one recv.
+The decoder is sheep.framing's zero-copy PayloadDecoder, as the data plane's is: a large
+NBD_CMD_WRITE payload is received by the kernel straight into the bytearray that becomes
+`Request.payload` and then travels to the volume client without a copy.
 
 Two kinds of bad input are kept apart on purpose. Framing errors (bad magic, a write
 payload over the limit) mean the byte stream can no longer be trusted: the decoder raises
@@ -21,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from sheep.framing import DIRECT_THRESHOLD, Buffer, PayloadDecoder
 
 from .wire import (
     DEFAULT_MAX_PAYLOAD,
@@ -45,10 +44,6 @@ from .wire import (
 )
 
 REQUEST_SIZE = REQUEST.size  # 28 bytes
-_BUFFER_SIZE = 256 << 10
-_DIRECT_THRESHOLD = 64 << 10  # write payloads at least this big are received in place
-
-Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(slots=True)
@@ -64,7 +59,7 @@ class Request:
     payload: Buffer = b""
 
 
-class RequestDecoder:
+class RequestDecoder(PayloadDecoder[Request]):
     """Turns the client's byte stream into Requests.
 
     `max_payload` should be the export's advertised maximum payload: a WRITE announcing
@@ -72,102 +67,22 @@ class RequestDecoder:
     commands without a payload may name any length and are judged by `validate`.
     """
 
+    header_size = REQUEST_SIZE
+
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        super().__init__()
         self._max_payload = max_payload
-        self._buf = bytearray(_BUFFER_SIZE)
-        self._view = memoryview(self._buf)
-        self._start = 0  # first unparsed byte
-        self._end = 0  # end of received bytes
-        self._pending: Request | None = None  # header parsed, payload being received in place
-        self._direct: bytearray | None = None
-        self._direct_fill = 0
-        self._requests: list[Request] = []
 
-    # -- transport side ---------------------------------------------------------------
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Where the next bytes go: the rest of an in-place payload, or the shared buffer."""
-        if self._direct is not None:
-            return memoryview(self._direct)[self._direct_fill :]
-        if self._end == len(self._buf):
-            self._compact()
-        return self._view[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """`nbytes` were written at the start of the last get_buffer(); may raise
-        NbdProtocolError."""
-        if self._direct is not None:
-            self._direct_fill += nbytes
-            if self._direct_fill == len(self._direct):
-                request = self._pending
-                assert request is not None
-                request.payload = self._direct
-                self._requests.append(request)
-                self._pending = None
-                self._direct = None
-            return
-        self._end += nbytes
-        self._parse()
-
-    def receive_data(self, data: Buffer) -> None:
-        """Feed bytes that arrived by other means (tests, the handshake's trailing data)."""
-        view = memoryview(data)
-        while view:
-            buf = self.get_buffer(len(view))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            self.buffer_updated(n)
-            view = view[n:]
-
-    # -- consumer side ----------------------------------------------------------------
-
-    def requests(self) -> list[Request]:
-        """Requests decoded so far, oldest first; each is returned once."""
-        out, self._requests = self._requests, []
-        return out
-
-    # -- internals --------------------------------------------------------------------
-
-    def _compact(self) -> None:
-        live = self._end - self._start
-        if self._start:
-            self._buf[:live] = self._buf[self._start : self._end]
-        self._start, self._end = 0, live
-
-    def _parse(self) -> None:
-        buf, view = self._buf, self._view
-        while True:
-            avail = self._end - self._start
-            if avail < REQUEST_SIZE:
-                break
-            magic, flags, command, cookie, offset, length = REQUEST.unpack_from(buf, self._start)
-            if magic != REQUEST_MAGIC:
-                raise NbdProtocolError(f"bad request magic {magic:#010x}")
-            size = length if command == Cmd.WRITE else 0
-            if size > self._max_payload:
-                raise NbdProtocolError(
-                    f"write of {size} bytes over the maximum payload {self._max_payload}"
-                )
-            request = Request(command, flags, cookie, offset, length)
-            body = self._start + REQUEST_SIZE
-            if avail - REQUEST_SIZE >= size:
-                if size:
-                    request.payload = bytes(view[body : body + size])
-                self._start = body + size
-                self._requests.append(request)
-                continue
-            if size >= _DIRECT_THRESHOLD:
-                have = self._end - body
-                direct = bytearray(size)
-                direct[:have] = view[body : self._end]
-                self._pending, self._direct, self._direct_fill = request, direct, have
-                self._start = self._end = 0
-                return
-            break
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._start > len(buf) // 2:
-            self._compact()
+    def decode_header(self, buf: bytearray, start: int) -> tuple[Request, int]:
+        magic, flags, command, cookie, offset, length = REQUEST.unpack_from(buf, start)
+        if magic != REQUEST_MAGIC:
+            raise NbdProtocolError(f"bad request magic {magic:#010x}")
+        size = length if command == Cmd.WRITE else 0
+        if size > self._max_payload:
+            raise NbdProtocolError(
+                f"write of {size} bytes over the maximum payload {self._max_payload}"
+            )
+        return Request(command, flags, cookie, offset, length), size
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -237,7 +152,7 @@ def _frame(head: bytes, payload: Buffer) -> list[Buffer]:
     """Small replies become one buffer; large payloads are passed through, not copied."""
     if not payload:
         return [head]
-    if len(payload) < _DIRECT_THRESHOLD:
+    if len(payload) < DIRECT_THRESHOLD:
         return [head + bytes(payload)]
     return [head, payload]
 
