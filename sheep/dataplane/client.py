@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 
 from sheep.errors import ProtocolError, SheepError, error_for
+from sheep.tcp import accept_transport
 
 from .codec import Frame, FrameDecoder, encode
 from .wire import Opcode, pack_header
@@ -39,9 +39,7 @@ class PeerConnection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        accept_transport(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer(sizehint)

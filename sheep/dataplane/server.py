@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Protocol
 
 from sheep.errors import ProtocolError
+from sheep.tcp import accept_transport
 
 from .codec import Frame, FrameDecoder, encode
 
@@ -37,10 +37,7 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._peer = str(transport.get_extra_info("peername"))
+        self._peer = accept_transport(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer(sizehint)

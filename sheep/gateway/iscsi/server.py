@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 
 from sheep.gateway.exports import Export, ExportTable, VolumeCache
-from sheep.gateway.tcp import accept_transport
+from sheep.tcp import accept_transport
 
 from .connection import Closed, Connection, Execute, LoginReady, Notice
 from .login import AuthPolicy, Chap, LoginInfo

@@ -24,7 +24,7 @@ from sheep.errors import (
     VdiLocked,
 )
 from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
-from sheep.gateway.tcp import accept_transport
+from sheep.tcp import accept_transport
 from sheep.vdi.volume import Volume
 
 from .handshake import Closed, ExportInfo, HandshakeDone, ServerHandshake
