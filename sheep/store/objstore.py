@@ -3,145 +3,54 @@
 Threading model. The synchronous methods (write, read, readinto, discard, remove, ...) run on
 the event loop thread: a pwrite/pread that hits the page cache is cheaper than a thread hop.
 Everything that can block for long (fdatasync, the LMDB commit of the object index, the fsync
-of obj/) runs in one dedicated worker thread, and is group-committed by ``flush``: a caller
-that arrives while a commit runs waits for the next commit, which covers everything dirty when
-it starts, so any number of concurrent flushes costs at most two commits.
+of obj/) runs in one dedicated worker thread, group-committed (commit.py).
 
 State shared with the worker is handed over, never shared: a commit takes a snapshot of the
 dirty set and of the pending index batch on the loop thread, and syncs duplicates (os.dup) of
 the cached fds, so the loop may close or evict fds while the worker syncs them.
 
 Every 4 KiB block of an object has an xxh3 sum in the object's sidecar file under
-DIR/sum (see checksum.py for why there and how crashes are handled); reads verify them and
-raise Corrupt, which the node answers by repairing the block from another replica.
+DIR/sum (checksum.py says why there and how crashes are handled; sumfile.py keeps it);
+reads verify them and raise Corrupt, which the node answers by repairing the block from
+another replica.
 
 Nothing is cached that the page cache caches: no object data is kept in Python.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import functools
 import os
 import stat
 from collections import OrderedDict
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sheep.errors import (
-    Corrupt,
     InvalidParams,
     NoObject,
-    NoSpace,
     OutOfRange,
     SheepError,
     StoreIOError,
 )
 from sheep.oid import DEFAULT_OBJECT_SIZE, oid_str
-from sheep.store.checksum import (
-    SUM_BLOCK,
-    SUM_SIZE,
-    bad_blocks,
-    block_span,
-    pack_sums,
-    runs,
-    unpack_sums,
+from sheep.store import sumfile
+from sheep.store.checksum import SUM_BLOCK, SUM_SIZE, block_span, runs
+from sheep.store.commit import CommitJob, GroupCommit, merge_batches
+from sheep.store.fileio import (
+    CREATE_FLAGS,
+    OPEN_FLAGS,
+    REPLACE_FLAGS,
+    deallocate,
+    dup_or_none,
+    io_error,
+    pread_full,
+    pwrite_full,
+    unlink_missing_ok,
 )
 from sheep.store.meta import NodeMeta
 
 MAX_OID = (1 << 64) - 1
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC
-_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-_REPLACE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-_CHECK_CHUNK = 1 << 20  # bytes verified at a time by check_object
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def _io_error(e: OSError, what: str) -> SheepError:
-    if e.errno in _NO_SPACE_ERRNOS:
-        return NoSpace(f"{what}: {e.strerror}")
-    return StoreIOError(f"{what}: {e}")
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> None:
-    """Fill `view` from `offset`; what lies past the end of the (sparse) file reads as 0."""
-    length = len(view)
-    got = os.preadv(fd, [view], offset)
-    while got < length:
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n == 0:
-            view[got:] = bytes(length - got)
-            return
-        got += n
-
-
-def _dup(fd: int | None) -> int | None:
-    """A duplicate for the commit worker, or None: the worker then opens it by path."""
-    if fd is None:
-        return None
-    try:
-        return os.dup(fd)
-    except OSError:
-        return None
-
-
-def _unlink_missing_ok(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _merge_batches(
-    old_new: dict[int, tuple[int, int]],
-    old_drop: set[int],
-    new_new: dict[int, tuple[int, int]],
-    new_drop: set[int],
-) -> tuple[dict[int, tuple[int, int]], set[int]]:
-    """Combine two index batches, the second one later (its operations win)."""
-    merged_new = {oid: v for oid, v in old_new.items() if oid not in new_drop}
-    merged_new.update(new_new)
-    merged_drop = (old_drop - new_new.keys()) | new_drop
-    return merged_new, merged_drop
-
-
-class _Job:
-    """One commit: what it syncs and writes, taken from the store's state when it starts."""
-
-    __slots__ = ("drop", "error", "fds", "finished", "new", "oids", "sync_dir")
-
-    def __init__(
-        self,
-        oids: set[int],
-        fds: list[tuple[int, int | None, int | None]],
-        new: dict[int, tuple[int, int]],
-        drop: set[int],
-        sync_dir: bool,
-    ) -> None:
-        self.oids = oids
-        self.fds = fds  # (oid, dup'ed data fd, dup'ed sums fd); None = open by path
-        self.new = new
-        self.drop = drop
-        self.sync_dir = sync_dir
-        self.error: SheepError | None = None
-        self.finished = False
 
 
 class ObjectStore:
@@ -189,13 +98,7 @@ class ObjectStore:
         self._dir_dirty = False
         self._written: dict[int, int] = {}  # oid -> epoch of its last write, as known
 
-        # group commit
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sheep-store")
-        self._job: _Job | None = None
-        self._running_fut: asyncio.Future[None] | None = None
-        self._next_fut: asyncio.Future[None] | None = None
-        self._next_full = False
-        self._next_oids: set[int] = set()
+        self._commits = GroupCommit(self._take_job, self._run_job, self._finish_job)
 
         try:
             self._reconcile()
@@ -203,7 +106,7 @@ class ObjectStore:
             self.meta.close()
             os.close(self._dirfd)
             os.close(self._sumdirfd)
-            self._executor.shutdown()
+            self._commits.shutdown()
             raise
 
     # -- open-time ------------------------------------------------------------------------
@@ -243,7 +146,7 @@ class ObjectStore:
                 except ValueError:
                     orphan = True
                 if orphan:
-                    _unlink_missing_ok(entry.path)
+                    unlink_missing_ok(entry.path)
 
     def set_object_size(self, n: int) -> None:
         if n <= 0:
@@ -268,11 +171,11 @@ class ObjectStore:
         created = False
         try:
             try:
-                fd = os.open(path, _OPEN_FLAGS)
+                fd = os.open(path, OPEN_FLAGS)
             except FileNotFoundError:
                 if not create:
                     raise NoObject(f"no object {oid_str(oid)}") from None
-                fd = os.open(path, _CREATE_FLAGS, 0o644)
+                fd = os.open(path, CREATE_FLAGS, 0o644)
                 created = True
             try:
                 blocks = 0 if created else os.fstat(fd).st_blocks
@@ -281,7 +184,7 @@ class ObjectStore:
                 os.close(fd)
                 raise
         except OSError as e:
-            raise _io_error(e, f"open object {oid_str(oid)}") from e
+            raise io_error(e, f"open object {oid_str(oid)}") from e
         if created:
             self._pending_drop.discard(oid)
             self._pending_new[oid] = (epoch, 1)
@@ -294,29 +197,16 @@ class ObjectStore:
         return fd
 
     def _open_sums(self, oid: int, fd: int, created: bool) -> int:
-        """The object's sum file. An object without one (a crash between creating the two
-        files, or an object older than checksums) gets sums of the data it holds."""
+        """The object's sum file, rebuilt from its data when it has none."""
         path = self._sum_path(oid)
         if created:
             self._dir_dirty = True
-            return os.open(path, _REPLACE_FLAGS, 0o644)
+            return os.open(path, REPLACE_FLAGS, 0o644)
         try:
-            return os.open(path, _OPEN_FLAGS)
+            return os.open(path, OPEN_FLAGS)
         except FileNotFoundError:
             pass
-        building = path + ".new"
-        sfd = os.open(building, _REPLACE_FLAGS, 0o644)
-        try:
-            size = min(-(-os.fstat(fd).st_size // SUM_BLOCK) * SUM_BLOCK, self.object_size)
-            buf = bytearray(_CHECK_CHUNK)
-            for start in range(0, size, _CHECK_CHUNK):
-                view = memoryview(buf)[: min(_CHECK_CHUNK, size - start)]
-                _pread_full(fd, view, start)
-                os.pwrite(sfd, pack_sums(view), start // SUM_BLOCK * SUM_SIZE)
-            os.rename(building, path)
-        except OSError:
-            os.close(sfd)
-            raise
+        sfd = sumfile.rebuild(fd, path, self.object_size)
         self._dirty.add(oid)
         self._dir_dirty = True
         return sfd
@@ -376,48 +266,14 @@ class ObjectStore:
             if fresh:
                 os.ftruncate(fd, 0)
                 os.ftruncate(self._sum_fds[oid], 0)
-            view = memoryview(data).cast("B")
-            sums = self._sums_after_write(oid, fd, offset, view) if n else b""
-            done = os.pwrite(fd, view, offset)
-            while done < n:
-                done += os.pwrite(fd, view[done:], offset + done)
             if n:
-                os.pwrite(self._sum_fds[oid], sums, offset // SUM_BLOCK * SUM_SIZE)
+                view = memoryview(data).cast("B")
+                sfd = self._sum_fds[oid]
+                sums = sumfile.after_write(oid, fd, sfd, offset, view, self.object_size)
+                pwrite_full(fd, view, offset)
+                os.pwrite(sfd, sums, offset // SUM_BLOCK * SUM_SIZE)
         except OSError as e:
-            raise _io_error(e, f"write object {oid_str(oid)}") from e
-
-    def _sums_after_write(self, oid: int, fd: int, offset: int, view: memoryview) -> bytes:
-        """The sums the blocks a write touches will have. Blocks the write covers whole
-        are summed from its bytes; a partly written block is read first and verified (a
-        write must not launder rot in the rest of its block into a valid sum: Corrupt
-        refuses it until the block is repaired), then patched and summed."""
-        end = offset + len(view)
-        first, last = offset // SUM_BLOCK, (end - 1) // SUM_BLOCK
-        lo = -(-offset // SUM_BLOCK)  # blocks [lo, hi) lie wholly inside the write
-        hi = last + 1 if end == self.object_size else end // SUM_BLOCK
-        if hi <= lo:
-            return self._patched_sums(oid, fd, first, last - first + 1, offset, view)
-        head = self._patched_sums(oid, fd, first, lo - first, offset, view) if lo > first else b""
-        whole = pack_sums(view[lo * SUM_BLOCK - offset :
-                               min(hi * SUM_BLOCK, self.object_size) - offset])
-        tail = self._patched_sums(oid, fd, hi, last + 1 - hi, offset, view) if last >= hi else b""
-        return head + whole + tail
-
-    def _patched_sums(self, oid: int, fd: int, first: int, count: int, offset: int,
-                      view: memoryview) -> bytes:
-        start = first * SUM_BLOCK
-        old = memoryview(bytearray(min(count * SUM_BLOCK, self.object_size - start)))
-        _pread_full(fd, old, start)
-        self._verify(oid, old, first, count)
-        lo, hi = max(offset, start), min(offset + len(view), start + len(old))
-        old[lo - start : hi - start] = view[lo - offset : hi - offset]
-        return pack_sums(old)
-
-    def _sums_from_file(self, fd: int, first: int, count: int) -> bytes:
-        start = first * SUM_BLOCK
-        buf = bytearray(min(count * SUM_BLOCK, self.object_size - start))
-        _pread_full(fd, memoryview(buf), start)
-        return pack_sums(memoryview(buf))
+            raise io_error(e, f"write object {oid_str(oid)}") from e
 
     def _note_write(self, oid: int, epoch: int) -> None:
         """Record that `oid` changed in `epoch`: recovery compares these epochs to tell a
@@ -435,7 +291,7 @@ class ObjectStore:
     def list_versions(self) -> list[tuple[int, int]]:
         """(oid, epoch of its last write) for every object of this node."""
         epochs = dict(self.meta.object_epochs())
-        job = self._job
+        job = self._commits.job
         if job is not None and not job.finished:
             for oid in job.drop:
                 epochs.pop(oid, None)
@@ -466,11 +322,11 @@ class ObjectStore:
         try:
             data = os.pread(fd, end - start, start)  # short only at the end of the file
         except OSError as e:
-            raise _io_error(e, f"read object {oid_str(oid)}") from e
+            raise io_error(e, f"read object {oid_str(oid)}") from e
         if len(data) < end - start:
             data += bytes(end - start - len(data))
         if verify and length:
-            self._verify(oid, memoryview(data), first, count)
+            sumfile.verify(oid, self._sum_fds[oid], memoryview(data), first, count)
         if start != offset or end != offset + length:
             return data[offset - start : offset - start + length]
         return data
@@ -484,19 +340,19 @@ class ObjectStore:
         fd = self._fd(oid)
         try:
             if not verify or length == 0:
-                _pread_full(fd, view, offset)
+                pread_full(fd, view, offset)
                 return
             first, count, start, end = block_span(offset, length, self.object_size)
             if start == offset and end == offset + length:
-                _pread_full(fd, view, offset)
-                self._verify(oid, view, first, count)
+                pread_full(fd, view, offset)
+                sumfile.verify(oid, self._sum_fds[oid], view, first, count)
                 return
             around = memoryview(bytearray(end - start))
-            _pread_full(fd, around, start)
-            self._verify(oid, around, first, count)
+            pread_full(fd, around, start)
+            sumfile.verify(oid, self._sum_fds[oid], around, first, count)
             view[:] = around[offset - start : offset - start + length]
         except OSError as e:
-            raise _io_error(e, f"read object {oid_str(oid)}") from e
+            raise io_error(e, f"read object {oid_str(oid)}") from e
 
     def _fd(self, oid: int) -> int:
         fd = self._fds.get(oid)
@@ -505,29 +361,13 @@ class ObjectStore:
         self._fds.move_to_end(oid)
         return fd
 
-    def _verify(self, oid: int, view: memoryview, first: int, count: int) -> None:
-        stored = unpack_sums(os.pread(self._sum_fds[oid], count * SUM_SIZE, first * SUM_SIZE),
-                             count)
-        bad = bad_blocks(view, first, stored)
-        if bad:
-            raise Corrupt(f"object {oid_str(oid)}: block(s) {bad} fail their checksums", bad)
-
     def check_object(self, oid: int) -> list[int]:
         """Every block of the object that fails its checksum (scrub)."""
         fd = self._fd(oid)
-        bad: list[int] = []
-        buf = memoryview(bytearray(min(_CHECK_CHUNK, self.object_size)))
         try:
-            for start in range(0, self.object_size, _CHECK_CHUNK):
-                view = buf[: min(_CHECK_CHUNK, self.object_size - start)]
-                _pread_full(fd, view, start)
-                first, count, _s, _e = block_span(start, len(view), self.object_size)
-                stored = unpack_sums(
-                    os.pread(self._sum_fds[oid], count * SUM_SIZE, first * SUM_SIZE), count)
-                bad += bad_blocks(view, first, stored)
+            return sumfile.check(oid, fd, self._sum_fds[oid], self.object_size)
         except OSError as e:
-            raise _io_error(e, f"check object {oid_str(oid)}") from e
-        return bad
+            raise io_error(e, f"check object {oid_str(oid)}") from e
 
     def restamp(self, oid: int, blocks: list[int]) -> None:
         """Accept the data of `blocks` as it is: store the sums of what they hold now (when
@@ -535,10 +375,11 @@ class ObjectStore:
         fd = self._fd(oid)
         try:
             for first, count in runs(sorted(blocks)):
-                os.pwrite(self._sum_fds[oid], self._sums_from_file(fd, first, count),
+                os.pwrite(self._sum_fds[oid],
+                          sumfile.from_file(fd, first, count, self.object_size),
                           first * SUM_SIZE)
         except OSError as e:
-            raise _io_error(e, f"restamp object {oid_str(oid)}") from e
+            raise io_error(e, f"restamp object {oid_str(oid)}") from e
         self._dirty.add(oid)
 
     def exists(self, oid: int) -> bool:
@@ -564,12 +405,12 @@ class ObjectStore:
                 except FileNotFoundError:
                     raise NoObject(f"no object {oid_str(oid)}") from None
             # sums first: a crash in between leaves data without sums, which get rebuilt
-            _unlink_missing_ok(self._sum_path(oid))
+            unlink_missing_ok(self._sum_path(oid))
             os.unlink(path)
         except FileNotFoundError:
             raise NoObject(f"no object {oid_str(oid)}") from None
         except OSError as e:
-            raise _io_error(e, f"remove object {oid_str(oid)}") from e
+            raise io_error(e, f"remove object {oid_str(oid)}") from e
         self._used_blocks -= blocks
         self._dirty.discard(oid)
         self._pending_new.pop(oid, None)
@@ -598,40 +439,15 @@ class ObjectStore:
         if epoch and self._written.get(oid, 0) < epoch:
             self._note_write(oid, epoch)
         try:
-            self._discard_range(oid, fd, offset, length)
+            deallocate(fd, offset, length)
+            sumfile.after_discard(fd, self._sum_fds[oid], offset, length, self.object_size)
         except OSError as e:
-            raise _io_error(e, f"discard object {oid_str(oid)}") from e
-
-    def _discard_range(self, oid: int, fd: int, offset: int, length: int) -> None:
-        """Punch the range, then re-sum its blocks: wholly discarded ones are "never
-        written" (0), partly discarded ones are summed from the file."""
-        try:
-            _punch_hole(fd, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            # no hole punching here: write zeros over the part of the range in the file
-            end = min(offset + length, os.fstat(fd).st_size)
-            if end > offset:
-                zeros = bytes(end - offset)
-                done = 0
-                while done < len(zeros):
-                    done += os.pwrite(fd, memoryview(zeros)[done:], offset + done)
-        end = offset + length
-        first, last = offset // SUM_BLOCK, (end - 1) // SUM_BLOCK
-        lo = -(-offset // SUM_BLOCK)
-        hi = last + 1 if end == self.object_size else end // SUM_BLOCK
-        sums = bytearray((last - first + 1) * SUM_SIZE)
-        for block in range(first, last + 1):
-            if not lo <= block < hi:
-                at = (block - first) * SUM_SIZE
-                sums[at : at + SUM_SIZE] = self._sums_from_file(fd, block, 1)
-        os.pwrite(self._sum_fds[oid], sums, first * SUM_SIZE)
+            raise io_error(e, f"discard object {oid_str(oid)}") from e
 
     def list_oids(self) -> list[int]:
         """Every object of this node, ascending (index + pending creations - removals)."""
         oids = set(self.meta.list_objects())
-        job = self._job
+        job = self._commits.job
         if job is not None and not job.finished:
             oids -= job.drop
             oids.update(job.new)
@@ -662,21 +478,11 @@ class ObjectStore:
         oids = None if fua_oids is None else set(fua_oids)
         if not self._has_work(oids):
             # whatever was dirty is already covered by the commit running now, if any
-            if self._running_fut is not None:
-                await asyncio.shield(self._running_fut)
+            await self._commits.wait_running()
             return
-        if oids is None:
-            self._next_full = True
-        else:
-            self._next_oids |= oids
-        fut = self._next_fut
-        if fut is None:
-            fut = self._next_fut = asyncio.get_running_loop().create_future()
-        if self._running_fut is None:
-            self._start_next()
-        await asyncio.shield(fut)
+        await self._commits.commit(oids)
 
-    def _take_job(self, full: bool, oids: set[int]) -> _Job:
+    def _take_job(self, full: bool, oids: set[int]) -> CommitJob:
         """Move what the next commit covers out of the store's state (loop thread)."""
         if full:
             take = self._dirty
@@ -686,62 +492,34 @@ class ObjectStore:
             self._dirty -= take
         fds: list[tuple[int, int | None, int | None]] = []
         for oid in take:
-            fds.append((oid, _dup(self._fds.get(oid)), _dup(self._sum_fds.get(oid))))
-        job = _Job(take, fds, self._pending_new, self._pending_drop, self._dir_dirty)
+            fds.append((oid, dup_or_none(self._fds.get(oid)), dup_or_none(self._sum_fds.get(oid))))
+        job = CommitJob(take, fds, self._pending_new, self._pending_drop, self._dir_dirty)
         self._pending_new = {}
         self._pending_drop = set()
         self._dir_dirty = False
         return job
 
-    def _start_next(self) -> None:
-        fut = self._next_fut
-        assert fut is not None and self._running_fut is None
-        job = self._take_job(self._next_full, self._next_oids)
-        self._next_fut = None
-        self._next_full = False
-        self._next_oids = set()
-        self._job = job
-        self._running_fut = fut
-        done = fut.get_loop().run_in_executor(self._executor, self._run_job, job)
-        done.add_done_callback(functools.partial(self._job_done, job, fut))
-
-    def _job_done(self, job: _Job, fut: asyncio.Future[None], _done: asyncio.Future[None]) -> None:
-        self._finish_job(job)
-        if self._running_fut is fut:
-            self._running_fut = None
-        if not fut.done():
-            if job.error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(job.error)
-        if self._next_fut is not None and not self._closed:
-            self._start_next()
-
-    def _finish_job(self, job: _Job) -> None:
-        """Retire a job (loop thread, or close); a failed job's work goes back to pending."""
-        if job.finished:
-            return
-        job.finished = True
-        if self._job is job:
-            self._job = None
+    def _finish_job(self, job: CommitJob) -> None:
+        """A commit is over (loop thread, or close): a failed one's work goes back to
+        pending."""
         if job.error is not None:
             self._dirty |= {oid for oid in job.oids if oid not in self._pending_drop}
-            self._pending_new, self._pending_drop = _merge_batches(
+            self._pending_new, self._pending_drop = merge_batches(
                 job.new, job.drop, self._pending_new, self._pending_drop
             )
             self._dir_dirty |= job.sync_dir
 
-    def _run_job(self, job: _Job) -> None:
+    def _run_job(self, job: CommitJob) -> None:
         try:
             self._commit(job)
         except SheepError as e:
             job.error = e
         except OSError as e:
-            job.error = _io_error(e, "commit")
+            job.error = io_error(e, "commit")
         except Exception as e:
             job.error = StoreIOError(f"commit: {e!r}")
 
-    def _commit(self, job: _Job) -> None:
+    def _commit(self, job: CommitJob) -> None:
         """Sync data, then obj/, then write the index batch (worker thread, or close)."""
         first_error: OSError | None = None
         for oid, fd, sfd in job.fds:
@@ -774,14 +552,10 @@ class ObjectStore:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=True)
-        if self._job is not None:
-            self._finish_job(self._job)
+        waiters = self._commits.shutdown()
         job = self._take_job(True, set())
         self._run_job(job)
         job.finished = True
-        waiters = self._next_fut
-        self._next_fut = None
         if waiters is not None and not waiters.done():
             try:
                 if job.error is None:
