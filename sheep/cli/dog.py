@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
@@ -27,6 +26,15 @@ from .dog_vdi import (
     progress_option,
 )
 from .dog_vm import add_vm_commands
+from .output import (
+    emit,
+    error_code,
+    message_dict,
+    os_error_line,
+    quiet_broken_pipe,
+    report_error,
+    stdout_closed,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
 RPC_TIMEOUT = 15.0
@@ -37,10 +45,7 @@ class DogError(Exception):
 
 
 def _emit_json(message) -> None:
-    data = MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    print(json.dumps(data, indent=2, sort_keys=True))
+    emit(message_dict(message))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -275,23 +280,29 @@ async def _run(args: argparse.Namespace, func: Callable) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure a user can cause ends in one line on stderr (JSON under --json), never
+    a traceback; a reader that stops reading (`| head`) ends dog quietly."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
         asyncio.run(_run(args, args.func))
-    except (DogError, UsageError, SheepError) as exc:
-        print(f"dog: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            print(f"dog: cannot reach sheep at {args.address}: {exc.details()}", file=sys.stderr)
-        else:
-            print(f"dog: {exc.details()}", file=sys.stderr)
-        return 1
+    except (DogError, UsageError, SheepError, grpc.aio.AioRpcError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():
+            return quiet_broken_pipe()
+        return report_error("dog", _error_line(exc, args.address), error_code(exc), args.json)
     return 0
 
+
+def _error_line(exc: Exception, address: str) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if error_code(exc) == "unreachable":
+            return f"cannot reach sheep at {address}: {exc.details()}"
+        return exc.details() or exc.code().name
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
+    return str(exc)
 
 if __name__ == "__main__":
     sys.exit(main())

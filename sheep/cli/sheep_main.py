@@ -13,6 +13,8 @@ from pathlib import Path
 from sheep.malloc import keep_freed_memory
 from sheep.units import parse_size
 
+from .output import error_code, os_error_line, quiet_broken_pipe, report_error, stdout_closed
+
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A failure of the system under the user's command (a path that cannot be created, a
+    closed stdout) ends in one line, not a traceback."""
     args = build_parser().parse_args(argv)
     # `kill -USR1` prints every thread's stack to stderr (the log): how to see where a
     # daemon that does not answer, or does not stop, is stuck.
@@ -146,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():
+            return quiet_broken_pipe()
+        return report_error("sheep", os_error_line(exc), error_code(exc), as_json=False)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,55 @@ def test_a_two_zone_cluster_keeps_copies_in_distinct_zones(
         asyncio.run(check())
     finally:
         c.stop()
+
+
+def test_dog_exits_quietly_when_its_stdout_pipe_is_already_closed(cluster: Cluster) -> None:
+    """`dog node list | head -0`: the reader is gone before dog writes its first line."""
+    import os
+    import subprocess
+
+    from ..cluster import BIN
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([str(BIN / "dog"), "node", "list", "-a", cluster.address],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == b""
+    assert proc.returncode == 141  # 128 + SIGPIPE, as coreutils end
+
+
+def test_dog_vdi_read_into_head_stops_quietly_when_head_has_its_line(cluster: Cluster) -> None:
+    """`dog vdi read d | head -c 4096`: the pipe closes while dog still has 8 MiB to write."""
+    import subprocess
+
+    from ..cluster import BIN
+
+    dog("vdi", "create", "d", "8M", address=cluster.address)
+    proc = subprocess.Popen([str(BIN / "dog"), "vdi", "read", "d", "-a", cluster.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert len(proc.stdout.read(4096)) == 4096
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert err == b""
+    assert proc.returncode == 141
+
+
+def test_sheep_run_names_a_data_dir_it_cannot_create_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from ..cluster import BIN
+
+    proc = subprocess.run([str(BIN / "sheep"), "run", "--dir", "/proc/no-such/node",
+                           "--port", str(free_port()), "--etcd", "http://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == "sheep: /proc/no-such: No such file or directory\n"

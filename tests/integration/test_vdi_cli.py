@@ -559,3 +559,12 @@ async def test_bad_input_gets_a_one_line_error_and_changes_nothing(
     assert (await m.state()).locks == {}
     assert not out_file.exists()
     assert await vdi_read(m, "disk", 0, 7) == b"keep me"
+
+
+async def test_export_into_a_missing_directory_is_one_line_naming_the_path(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("disk", MiB)
+    for target in ("/nonexistent/dir/x", "/nonexistent/dir/x.qcow2"):
+        err = dog_error("vdi", "export", "disk", target, address=cluster.address)
+        assert target in err, err
