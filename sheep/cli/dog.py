@@ -27,6 +27,7 @@ from .dog_vdi import (
 )
 from .dog_vm import add_vm_commands
 from .output import (
+    Parser,
     emit,
     error_code,
     message_dict,
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    parser = argparse.ArgumentParser(prog="dog", description="sheep cluster administration")
+    parser = Parser(prog="dog", description="sheep cluster administration")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node,vdi,vm}")
 
     cluster = kinds.add_parser("cluster", help="cluster-wide operations").add_subparsers(

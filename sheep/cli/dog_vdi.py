@@ -324,7 +324,9 @@ async def vdi_write(stub, args) -> None:
                 if length > room:
                     raise UsageError(f"standard input holds more than the {room} bytes that "
                                      f"fit from offset {offset}; nothing written")
-            await _write_stream(m, args.name, source, offset, offset + length)
+            written = await _write_stream(m, args.name, source, offset, offset + length)
+    if args.json:
+        _emit({"name": args.name, "offset": offset, "written": written})
 
 
 def _spool(stream, room: int):
@@ -341,13 +343,17 @@ def _spool(stream, room: int):
     return spool
 
 
-async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int) -> None:
+async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int) -> int:
+    """Write `source` into [offset, end) of the VDI, or less if it ends first; returns how
+    many bytes were written."""
+    written = 0
     async with await m.open(name, writable=True) as vol:
         pending: set[asyncio.Task] = set()
         for pos, n in _chunks(offset, end, vol.block_size):
             data = await asyncio.to_thread(source.read, n)
             if data:
                 pending.add(asyncio.ensure_future(vol.write(pos, data)))
+                written += len(data)
             if len(pending) >= _WINDOW:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -356,6 +362,7 @@ async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int)
                 break
         await asyncio.gather(*pending)
         await vol.flush()
+    return written
 
 
 async def vdi_import(stub, args) -> None:

@@ -65,11 +65,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose subcommands (made with its own class) all use HelpFormatter."""
+    """An ArgumentParser whose subcommands (made with its own class) all use HelpFormatter,
+    and whose errors on a command line with --json are JSON too."""
+
+    _json = False
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # each subcommand's parser is called with the words left for it, --json among them
+        self._json = "--json" in (sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        if not self._json:
+            super().error(message)
+        report_error(self.prog, message, "usage", as_json=True)
+        sys.exit(2)
 
 
 def stdout_closed() -> bool:

@@ -187,3 +187,49 @@ def test_sheep_run_names_a_data_dir_it_cannot_create_in_one_line(tmp_path: Path)
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == "sheep: /proc/no-such: No such file or directory\n"
+
+
+def test_node_and_cluster_json_give_sizes_counts_and_times_as_numbers(cluster: Cluster) -> None:
+    """One --json convention: integers (64-bit ones too) are JSON numbers, times are epoch
+    seconds as numbers; proto3's JSON mapping would make uint64 fields strings."""
+    a = cluster.address
+    info = dog_json("cluster", "info", address=a)
+    assert type(info["object_size"]) is int and info["object_size"] == 4 << 20
+    assert type(info["copies"]) is int and type(info["epoch"]) is int
+    assert isinstance(info["created"], float) and info["created"] > 1.7e9
+    for epoch in info["history"]:
+        assert type(epoch["epoch"]) is int and isinstance(epoch["time"], float)
+    for cmd in ("list", "info"):
+        for n in dog_json("node", cmd, address=a)["nodes"]:
+            for key in ("used", "free", "objects", "epoch"):
+                assert type(n[key]) is int, (cmd, key, n[key])
+            assert type(n["node"]["capacity"]) is int and type(n["node"]["vnodes"]) is int
+            for key in ("done", "total", "throttle"):
+                assert type(n["recovery"][key]) is int, (cmd, key)
+            for key in ("done", "total", "bad_blocks", "blocks_repaired"):
+                assert type(n["scrub"][key]) is int, (cmd, key)
+
+
+def test_an_error_under_json_is_a_json_object_on_stderr(cluster: Cluster) -> None:
+    import json
+
+    proc = dog("vdi", "info", "nope", "--json", address=cluster.address, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert json.loads(proc.stderr) == {"error": "no VDI named 'nope'", "code": "no_vdi"}
+
+
+def test_an_unreachable_cluster_under_json_is_a_json_error(tmp_path: Path) -> None:
+    import json
+
+    proc = dog("cluster", "info", "--json", address=f"127.0.0.1:{free_port()}", check=False)
+    assert proc.returncode == 1
+    error = json.loads(proc.stderr)
+    assert error["code"] == "unreachable" and error["error"].startswith("cannot reach sheep")
+
+
+def test_a_bad_command_line_under_json_is_a_json_error() -> None:
+    import json
+
+    proc = dog("vdi", "create", "--json", address="127.0.0.1:1", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stderr)["code"] == "usage"

@@ -568,3 +568,27 @@ async def test_export_into_a_missing_directory_is_one_line_naming_the_path(
     for target in ("/nonexistent/dir/x", "/nonexistent/dir/x.qcow2"):
         err = dog_error("vdi", "export", "disk", target, address=cluster.address)
         assert target in err, err
+
+
+async def test_write_under_json_reports_what_it_wrote(cluster: Cluster, m: VdiManager) -> None:
+    await m.create("w", MiB)
+    proc = dog_bytes("vdi", "write", "w", "100", "--json", address=cluster.address,
+                     input=b"0123456789")
+    assert json.loads(proc.stdout) == {"name": "w", "offset": 100, "written": 10}
+    assert await vdi_read(m, "w", 100, 10) == b"0123456789"
+
+
+async def test_vdi_list_and_info_json_give_sizes_and_times_as_numbers(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("t", 8 * MiB)
+    await vdi_write(m, "t", 0, b"x")
+    await _snapshot(m, "t", "s")
+    rows = dog_json("vdi", "list", address=cluster.address)["vdis"]
+    info = dog_json("vdi", "info", "t", address=cluster.address)
+    for r in [*rows, info]:
+        for key in ("id", "parent", "size", "used", "shared", "copies", "block_size"):
+            assert type(r[key]) is int, (key, r[key])
+        for key in ("created", "snap_time"):
+            assert isinstance(r[key], int | float), (key, r[key])
+    assert info["size"] == 8 * MiB and info["objects"] == 2
