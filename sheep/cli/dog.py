@@ -28,6 +28,7 @@ from .dog_vdi import (
 from .dog_vm import add_vm_commands
 from .output import (
     Parser,
+    add_version,
     emit,
     error_code,
     message_dict,
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = Parser(prog="dog", description="sheep cluster administration")
+    add_version(parser)
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node,vdi,vm}")
 
     cluster = kinds.add_parser("cluster", help="cluster-wide operations").add_subparsers(
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec_cmds = recovery.add_subparsers(dest="rec_cmd")
     throttle = rec_cmds.add_parser("set-throttle", parents=[common],
                                    help="bound recovery reads per node (BYTES/S, 0 = off)")
-    throttle.add_argument("rate")
+    throttle.add_argument("rate", help="bytes per second (50M), or 0 / off for unbounded")
     throttle.set_defaults(func=node_recovery_throttle)
     scrub = node.add_parser("scrub", parents=[common],
                             help="checksum scrub progress per node (start runs a pass now)")

@@ -36,6 +36,7 @@ from sheep.vdi.images import (
     qemu_img_available,
     round_up,
 )
+from sheep.vdi.inode import max_vdi_size
 from sheep.vdi.inodes import nblocks
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import RegistryState, VdiRecord
@@ -581,61 +582,67 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
                        help="the snapshot's tag")
 
     p = cmd("create", vdi_create, "create a thin VDI")
-    p.add_argument("name")
-    p.add_argument("size")
+    p.description = (f"Create a thin VDI. Its size is at most (OBJECT_SIZE - 4096) / 4 "
+                     f"objects: {max_vdi_size(4 << 20) >> 30} GiB "
+                     f"({max_vdi_size(4 << 20)} bytes) with the default 4 MiB objects.")
+    p.add_argument("name", help="the new VDI's name")
+    p.add_argument("size", help="bytes, or with a suffix: 10G, 512M (see the maximum above)")
     p.add_argument("-c", "--copies", type=int, help="replicas (default: the cluster's)")
     p.add_argument("-P", "--prealloc", action="store_true", help="allocate every object now")
     p = cmd("list", vdi_list, "VDIs and snapshots with their space")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="only this VDI and its snapshots")
     cmd("tree", vdi_tree, "the snapshot and clone tree")
     p = cmd("info", vdi_info, "one VDI or snapshot")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI's name")
     snap_opt(p)
     p = cmd("snapshot", vdi_snapshot, "snapshot a VDI (also while it is in use)")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI to snapshot")
     snap_opt(p, required=True)
     p = cmd("clone", vdi_clone, "writable copy-on-write clone of a snapshot")
-    p.add_argument("source", metavar="NAME@TAG")
-    p.add_argument("new_name", metavar="NEWNAME")
+    p.add_argument("source", metavar="NAME@TAG", help="the snapshot to clone")
+    p.add_argument("new_name", metavar="NEWNAME", help="the clone's name")
     snap_opt(p)
     p = cmd("rollback", vdi_rollback, "make a VDI the content of one of its snapshots")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI to roll back")
     snap_opt(p, required=True)
     p = cmd("flatten", vdi_flatten, "copy a clone's shared blocks so it stands alone")
-    p.add_argument("name")
+    p.add_argument("name", help="the clone to flatten")
     progress_option(p)
     p = cmd("delete", vdi_delete, "delete a VDI or one snapshot, reclaiming its objects")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI (with -s, the VDI whose snapshot goes)")
     snap_opt(p)
     p = cmd("resize", vdi_resize, "grow a VDI")
-    p.add_argument("name")
-    p.add_argument("size")
+    p.add_argument("name", help="the VDI to grow")
+    p.add_argument("size", help="its new size: bytes, or with a suffix (20G)")
     for name, func, help in (("read", vdi_read, "VDI bytes to stdout"),
                              ("write", vdi_write, "stdin to VDI bytes")):
         p = cmd(name, func, help)
-        p.add_argument("name")
-        p.add_argument("offset", nargs="?")
-        p.add_argument("length", nargs="?")
+        p.add_argument("name", help="the VDI's name")
+        p.add_argument("offset", nargs="?", help="first byte (a size: 0, 4M; default 0)")
+        p.add_argument("length", nargs="?",
+                       help="how many bytes (default: " + ("to the end of the VDI)"
+                                                           if name == "read" else
+                                                           "all of stdin)"))
         if name == "read":
             snap_opt(p)
     formats = ", ".join(FORMATS)
     p = cmd("import", vdi_import, "copy a disk image into a VDI (created if missing), thin")
-    p.add_argument("name")
-    p.add_argument("file")
+    p.add_argument("name", help="the VDI to fill")
+    p.add_argument("file", help="the disk image to read")
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"the image's format: {formats} (default: what qemu-img detects)")
     p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
     progress_option(p)
     p = cmd("export", vdi_export, "copy a VDI or snapshot into a disk image file, thin")
-    p.add_argument("name", metavar="NAME[@TAG]")
-    p.add_argument("file")
+    p.add_argument("name", metavar="NAME[@TAG]", help="the VDI, or one of its snapshots")
+    p.add_argument("file", help="the image file to write (replaced if it exists)")
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"{formats} (default: from FILE's extension .qcow2 .vmdk .vdi .vhdx "
                         f".vhd, else raw)")
     snap_opt(p)
     progress_option(p)
     p = cmd("check", vdi_check, "compare every replica of every object; --repair fixes")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI to check")
     snap_opt(p)
     p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
     progress_option(p)
@@ -644,5 +651,5 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p = lock.add_parser("list", parents=[common], help="who holds which VDI open for writing")
     p.set_defaults(func=lock_list)
     p = lock.add_parser("unlock", parents=[common], help="break a VDI's write lock")
-    p.add_argument("name")
+    p.add_argument("name", help="the locked VDI")
     p.set_defaults(func=lock_unlock)

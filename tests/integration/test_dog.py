@@ -233,3 +233,28 @@ def test_a_bad_command_line_under_json_is_a_json_error() -> None:
     proc = dog("vdi", "create", "--json", address="127.0.0.1:1", check=False)
     assert proc.returncode == 2
     assert json.loads(proc.stderr)["code"] == "usage"
+
+
+def test_dog_and_sheep_print_the_package_version() -> None:
+    import subprocess
+    from importlib.metadata import version
+
+    from ..cluster import BIN
+
+    for prog in ("dog", "sheep"):
+        proc = subprocess.run([str(BIN / prog), "--version"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0
+        assert proc.stdout == f"{prog} {version('sheep')}\n"
+
+
+def test_vdi_create_help_states_the_maximum_vdi_size() -> None:
+    from sheep.vdi.inode import max_vdi_size
+
+    text = " ".join(dog("vdi", "create", "--help").stdout.split())
+    assert f"{max_vdi_size(4 << 20)} bytes" in text and "4092 GiB" in text
+
+
+def test_vm_start_help_documents_sheep_vm_accel() -> None:
+    text = dog("vm", "start", "--help").stdout
+    assert "SHEEP_VM_ACCEL=kvm" in text and "SHEEP_VM_ACCEL=tcg" in text
