@@ -61,6 +61,18 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
+RECENT_EPOCHS = 10  # what `dog cluster info` shows without --all
+
+
+async def _node_list(stub: pb_grpc.ControlStub) -> pb.NodeListReply:
+    """The nodes in address order (host, then control port): stable from call to call, and
+    the numbering `sheep up` uses (its node i listens on BASE_PORT+i). The cluster's own
+    order is by node id, which means nothing to a user."""
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    nodes = sorted(reply.nodes, key=lambda s: (s.node.host, s.node.control_port))
+    return pb.NodeListReply(nodes=nodes)
+
+
 # -- commands ------------------------------------------------------------------------------
 
 
@@ -80,7 +92,10 @@ async def cluster_format(stub: pb_grpc.ControlStub, args: argparse.Namespace) ->
 
 
 async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    """The last RECENT_EPOCHS epochs, or with --all every one since the cluster began."""
     reply = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
+    if not args.all:
+        del reply.history[:-RECENT_EPOCHS]
     if args.json:
         _emit_json(reply)
         return
@@ -92,6 +107,8 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
         print(f"Object size: {format_size(reply.object_size)}")
         print(f"Health: {reply.health}")
     print(f"Epoch: {reply.epoch}\n")
+    if not args.all and reply.history and reply.history[0].epoch > 1:
+        print(f"(the last {len(reply.history)} epochs; --all shows every one)")
     rows = [
         [str(e.epoch), _when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
         for e in reversed(reply.history)
@@ -100,7 +117,7 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
 
 
 async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
         return
@@ -115,7 +132,7 @@ async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
 
 
 async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
         return
@@ -140,7 +157,7 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
 async def _per_node_table(stub: pb_grpc.ControlStub, args: argparse.Namespace,
                           header: list[str], row: Callable[[pb.NodeStats], list[str]]) -> None:
     """One row per node of the cluster (`Idx`, `Id`, then `row`'s columns)."""
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
         return
@@ -168,7 +185,7 @@ async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Names
         rate = parse_size(args.rate) if args.rate not in ("0", "off", "none") else 0
     except ValueError as exc:
         raise DogError(str(exc)) from None
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     for s in reply.nodes:
         async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
             await pb_grpc.ControlStub(channel).SetRecoveryThrottle(
@@ -194,7 +211,7 @@ async def node_scrub(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> Non
 
 async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
     """Start a pass on every node; with --wait, follow it to the end."""
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     before = {s.node.id: s.scrub.passes for s in reply.nodes if s.reachable}
     for s in reply.nodes:
         async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
@@ -207,7 +224,7 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
         return
     show = progress_bar(args.progress, "scrub", objects=True)
     while True:
-        reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+        reply = await _node_list(stub)
         mine = [s for s in reply.nodes if s.node.id in before]
         finished = all(s.scrub.passes > before[s.node.id] and s.scrub.state == "idle"
                        for s in mine)
@@ -248,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("-c", "--copies", type=int, default=3, help="replicas per object")
     fmt.add_argument("--object-size", default="4M", help="data object size (power of two)")
     fmt.set_defaults(func=cluster_format)
-    cluster.add_parser("info", parents=[common], help="status, epochs, copies").set_defaults(
-        func=cluster_info)
+    info = cluster.add_parser("info", parents=[common], help="status, epochs, copies")
+    info.add_argument("--all", action="store_true",
+                      help=f"every epoch since the cluster began (default: the last "
+                           f"{RECENT_EPOCHS})")
+    info.set_defaults(func=cluster_info)
     add_cluster_commands(cluster, common)
 
     node = kinds.add_parser("node", help="storage nodes").add_subparsers(dest="cmd", required=True)

@@ -111,9 +111,11 @@ def _emit(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _record_dict(rec: VdiRecord, used: int, shared: int) -> dict:
+def _record_dict(rec: VdiRecord, allocated: int, shared: int) -> dict:
+    """`allocated`: bytes of the objects the VDI owns (its own written blocks), not bytes
+    on disk, which `dog node info` calls Used."""
     return {"name": rec.name, "tag": rec.tag, "id": rec.id, "parent": rec.parent,
-            "size": rec.size, "used": used, "shared": shared, "copies": rec.copies,
+            "size": rec.size, "allocated": allocated, "shared": shared, "copies": rec.copies,
             "block_size": rec.block_size, "snapshot": rec.snapshot, "created": rec.created,
             "snap_time": rec.snap_time}
 
@@ -157,10 +159,11 @@ async def vdi_list(stub, args) -> None:
         _emit({"vdis": rows})
         return
     table = [["s" if r["snapshot"] else "", r["name"], r["tag"] or "-", str(r["id"]),
-              format_size(r["size"]), format_size(r["used"]), format_size(r["shared"]),
+              format_size(r["size"]), format_size(r["allocated"]), format_size(r["shared"]),
               str(r["copies"]), _when(r["snap_time"] if r["snapshot"] else r["created"])]
              for r in rows]
-    print(_table(table, ["", "Name", "Tag", "Id", "Size", "Used", "Shared", "Copies", "Time"]))
+    print(_table(table, ["", "Name", "Tag", "Id", "Size", "Allocated", "Shared", "Copies",
+                         "Time"]))
 
 
 async def vdi_tree(stub, args) -> None:
@@ -206,7 +209,7 @@ async def vdi_info(stub, args) -> None:
         return
     print(f"Name: {rec.label}\nId: {rec.id}\nParent: {rec.parent or '-'}\n"
           f"Size: {format_size(rec.size)} ({rec.size} bytes)\n"
-          f"Used: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
+          f"Allocated: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
           f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"
           f"Created: {_when(rec.created)}\n"
           + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
@@ -417,7 +420,7 @@ async def _import_image(stub, args, info: ImageInfo) -> None:
             raise
         used = (await m.usage((await m.state()).lookup(args.name))).used
     if args.json:
-        _emit({"name": args.name, "format": info.format, "size": size, "used": used})
+        _emit({"name": args.name, "format": info.format, "size": size, "allocated": used})
     else:
         print(f"imported {format_size(size)} {info.format} image into {args.name} "
               f"({format_size(used)} allocated)")

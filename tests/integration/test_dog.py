@@ -258,3 +258,65 @@ def test_vdi_create_help_states_the_maximum_vdi_size() -> None:
 def test_vm_start_help_documents_sheep_vm_accel() -> None:
     text = dog("vm", "start", "--help").stdout
     assert "SHEEP_VM_ACCEL=kvm" in text and "SHEEP_VM_ACCEL=tcg" in text
+
+
+def test_node_list_numbers_nodes_by_control_port_as_sheep_up_does(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    """The cluster orders its members by node id; each node here is given an id that puts
+    them in the reverse of their port order, so only dog's own ordering passes."""
+    from sheep.store.meta import NodeMeta
+
+    from ..cluster import SheepProcess
+
+    c = Cluster(tmp_path / "order", etcd.url)
+    try:
+        ports = sorted(free_port() for _ in range(3))
+        for i, port in enumerate(ports):
+            node_dir = c.root / f"node{i}"
+            node_dir.mkdir(parents=True)
+            with NodeMeta(node_dir) as meta:
+                meta.set("node_id", f"{9 - i:032x}")
+            c.nodes.append(SheepProcess(node_dir, port, c.etcd_url,
+                                        ["--lease-ttl", str(c.lease_ttl)]).start())
+        for node in c.nodes:
+            node.wait_up()
+        c.wait_members(3)
+        for cmd in ("list", "info"):
+            nodes = dog_json("node", cmd, address=c.address)["nodes"]
+            assert [n["node"]["control_port"] for n in nodes] == ports, cmd
+        rows = dog("node", "list", address=c.address).stdout.splitlines()[1:]
+        assert [(r.split()[0], r.split()[2]) for r in rows] == [
+            (str(i), f"127.0.0.1:{port}") for i, port in enumerate(ports)]
+    finally:
+        c.stop()
+
+
+def test_cluster_info_shows_the_last_ten_epochs_and_all_with_all(cluster: Cluster) -> None:
+    for _ in range(5):  # each stop and start of a node is two epochs
+        cluster.nodes[2].stop()
+        cluster.wait_members(2)
+        cluster.nodes[2].start()
+        cluster.nodes[2].wait_up()
+        cluster.wait_members(3)
+    every = dog_json("cluster", "info", "--all", address=cluster.address)
+    assert len(every["history"]) > 10
+    recent = cluster.info()
+    assert recent["history"] == every["history"][-10:]
+    text = dog("cluster", "info", address=cluster.address).stdout
+    assert "--all shows every one" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Epoch  "))
+    assert len(lines[header + 1 :]) == 10
+
+
+def test_vdi_space_is_allocated_where_node_space_is_used(cluster: Cluster) -> None:
+    """Two different things, two names: a VDI's allocated objects, a node's bytes on disk."""
+    a = cluster.address
+    dog("vdi", "create", "d", "4M", "--prealloc", address=a)
+    header = dog("vdi", "list", address=a).stdout.splitlines()[0].split()
+    assert "Allocated" in header and "Used" not in header
+    info = dog("vdi", "info", "d", address=a).stdout
+    assert "Allocated: 4 MiB" in info and "Used" not in info
+    assert dog_json("vdi", "info", "d", address=a)["allocated"] == 4 << 20
+    assert "Used" in dog("node", "info", address=a).stdout.splitlines()[0].split()
