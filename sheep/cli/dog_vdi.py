@@ -204,10 +204,14 @@ async def vdi_info(stub, args) -> None:
     info["locked_by"] = lock.holder if lock is not None and not rec.snapshot else ""
     info["iscsi_target"] = target_name(rec.label)
     info["scsi_serial"] = unit_serial(lun_identity(rec, rec.snapshot))
+    # the snapshot a clone or a snapshotted VDI grows from, as the user names it
+    parent = state.records.get(rec.parent)
+    info["parent_name"] = parent.label if parent is not None else ""
     if args.json:
         _emit(info)
         return
-    print(f"Name: {rec.label}\nId: {rec.id}\nParent: {rec.parent or '-'}\n"
+    parent_line = f"{info['parent_name']} (id {rec.parent})" if rec.parent else "-"
+    print(f"Name: {rec.label}\nId: {rec.id}\nParent: {parent_line}\n"
           f"Size: {format_size(rec.size)} ({rec.size} bytes)\n"
           f"Allocated: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
           f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"

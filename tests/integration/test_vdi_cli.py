@@ -593,3 +593,14 @@ async def test_vdi_list_and_info_json_give_sizes_and_times_as_numbers(
         for key in ("created", "snap_time"):
             assert isinstance(r[key], int | float), (key, r[key])
     assert info["size"] == 8 * MiB and info["objects"] == 2
+
+
+async def test_info_names_a_clones_parent_as_name_at_tag(cluster: Cluster, m: VdiManager) -> None:
+    await m.create("src", MiB)
+    await _snapshot(m, "src", "gold")
+    dog("vdi", "clone", "src@gold", "vm1", address=cluster.address)
+    gold = await _id(m, "src", "gold")
+    assert f"Parent: src@gold (id {gold})\n" in dog("vdi", "info", "vm1",
+                                                      address=cluster.address).stdout
+    info = dog_json("vdi", "info", "vm1", address=cluster.address)
+    assert (info["parent"], info["parent_name"]) == (gold, "src@gold")
