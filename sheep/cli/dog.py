@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
@@ -28,6 +27,17 @@ from .dog_vdi import (
     progress_option,
 )
 from .dog_vm import add_vm_commands
+from .output import (
+    Parser,
+    add_version,
+    emit,
+    error_code,
+    message_dict,
+    os_error_line,
+    quiet_broken_pipe,
+    report_error,
+    stdout_closed,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
 RPC_TIMEOUT = 15.0
@@ -38,10 +48,7 @@ class DogError(Exception):
 
 
 def _emit_json(message) -> None:
-    data = MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    print(json.dumps(data, indent=2, sort_keys=True))
+    emit(message_dict(message))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -53,6 +60,18 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+RECENT_EPOCHS = 10  # what `dog cluster info` shows without --all
+
+
+async def _node_list(stub: pb_grpc.ControlStub) -> pb.NodeListReply:
+    """The nodes in address order (host, then control port): stable from call to call, and
+    the numbering `sheep up` uses (its node i listens on BASE_PORT+i). The cluster's own
+    order is by node id, which means nothing to a user."""
+    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    nodes = sorted(reply.nodes, key=lambda s: (s.node.host, s.node.control_port))
+    return pb.NodeListReply(nodes=nodes)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -74,7 +93,10 @@ async def cluster_format(stub: pb_grpc.ControlStub, args: argparse.Namespace) ->
 
 
 async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
+    """The last RECENT_EPOCHS epochs, or with --all every one since the cluster began."""
     reply = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
+    if not args.all:
+        del reply.history[:-RECENT_EPOCHS]
     if args.json:
         _emit_json(reply)
         return
@@ -86,6 +108,8 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
         print(f"Object size: {format_size(reply.object_size)}")
         print(f"Health: {reply.health}")
     print(f"Epoch: {reply.epoch}\n")
+    if not args.all and reply.history and reply.history[0].epoch > 1:
+        print(f"(the last {len(reply.history)} epochs; --all shows every one)")
     rows = [
         [str(e.epoch), _when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
         for e in reversed(reply.history)
@@ -94,7 +118,7 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
 
 
 async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
         return
@@ -109,7 +133,7 @@ async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
 
 
 async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
         return
@@ -134,7 +158,7 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
 async def _per_node_table(stub: pb_grpc.ControlStub, args: argparse.Namespace,
                           header: list[str], row: Callable[[pb.NodeStats], list[str]]) -> None:
     """One row per node of the cluster (`Idx`, `Id`, then `row`'s columns)."""
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
         return
@@ -162,7 +186,7 @@ async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Names
         rate = parse_size(args.rate) if args.rate not in ("0", "off", "none") else 0
     except ValueError as exc:
         raise DogError(str(exc)) from None
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     for s in reply.nodes:
         async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
             await pb_grpc.ControlStub(channel).SetRecoveryThrottle(
@@ -188,7 +212,7 @@ async def node_scrub(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> Non
 
 async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
     """Start a pass on every node; with --wait, follow it to the end."""
-    reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+    reply = await _node_list(stub)
     before = {s.node.id: s.scrub.passes for s in reply.nodes if s.reachable}
     for s in reply.nodes:
         async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
@@ -201,7 +225,7 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
         return
     show = progress_bar(args.progress, "scrub", objects=True)
     while True:
-        reply = await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)
+        reply = await _node_list(stub)
         mine = [s for s in reply.nodes if s.node.id in before]
         finished = all(s.scrub.passes > before[s.node.id] and s.scrub.state == "idle"
                        for s in mine)
@@ -232,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    parser = argparse.ArgumentParser(prog="dog", description="sheep cluster administration")
+    parser = Parser(prog="dog", description="sheep cluster administration")
+    add_version(parser)
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{cluster,node,vdi,vm}")
 
     cluster = kinds.add_parser("cluster", help="cluster-wide operations").add_subparsers(
@@ -242,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--object-size", default=format_size(DEFAULT_OBJECT_SIZE),
                      help="data object size (power of two; default %(default)s)")
     fmt.set_defaults(func=cluster_format)
-    cluster.add_parser("info", parents=[common], help="status, epochs, copies").set_defaults(
-        func=cluster_info)
+    info = cluster.add_parser("info", parents=[common], help="status, epochs, copies")
+    info.add_argument("--all", action="store_true",
+                      help=f"every epoch since the cluster began (default: the last "
+                           f"{RECENT_EPOCHS})")
+    info.set_defaults(func=cluster_info)
     add_cluster_commands(cluster, common)
 
     node = kinds.add_parser("node", help="storage nodes").add_subparsers(dest="cmd", required=True)
@@ -256,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec_cmds = recovery.add_subparsers(dest="rec_cmd")
     throttle = rec_cmds.add_parser("set-throttle", parents=[common],
                                    help="bound recovery reads per node (BYTES/S, 0 = off)")
-    throttle.add_argument("rate")
+    throttle.add_argument("rate", help="bytes per second (50M), or 0 / off for unbounded")
     throttle.set_defaults(func=node_recovery_throttle)
     scrub = node.add_parser("scrub", parents=[common],
                             help="checksum scrub progress per node (start runs a pass now)")
@@ -277,23 +305,29 @@ async def _run(args: argparse.Namespace, func: Callable) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure a user can cause ends in one line on stderr (JSON under --json), never
+    a traceback; a reader that stops reading (`| head`) ends dog quietly."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
         asyncio.run(_run(args, args.func))
-    except (DogError, UsageError, SheepError) as exc:
-        print(f"dog: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            print(f"dog: cannot reach sheep at {args.address}: {exc.details()}", file=sys.stderr)
-        else:
-            print(f"dog: {exc.details()}", file=sys.stderr)
-        return 1
+    except (DogError, UsageError, SheepError, grpc.aio.AioRpcError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():
+            return quiet_broken_pipe()
+        return report_error("dog", _error_line(exc, args.address), error_code(exc), args.json)
     return 0
 
+
+def _error_line(exc: Exception, address: str) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if error_code(exc) == "unreachable":
+            return f"cannot reach sheep at {address}: {exc.details()}"
+        return exc.details() or exc.code().name
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
+    return str(exc)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,6 +36,7 @@ from sheep.vdi.images import (
     qemu_img_available,
     round_up,
 )
+from sheep.vdi.inode import max_vdi_size
 from sheep.vdi.inodes import nblocks
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import RegistryState, VdiRecord
@@ -110,9 +111,11 @@ def _emit(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _record_dict(rec: VdiRecord, used: int, shared: int) -> dict:
+def _record_dict(rec: VdiRecord, allocated: int, shared: int) -> dict:
+    """`allocated`: bytes of the objects the VDI owns (its own written blocks), not bytes
+    on disk, which `dog node info` calls Used."""
     return {"name": rec.name, "tag": rec.tag, "id": rec.id, "parent": rec.parent,
-            "size": rec.size, "used": used, "shared": shared, "copies": rec.copies,
+            "size": rec.size, "allocated": allocated, "shared": shared, "copies": rec.copies,
             "block_size": rec.block_size, "snapshot": rec.snapshot, "created": rec.created,
             "snap_time": rec.snap_time}
 
@@ -156,10 +159,11 @@ async def vdi_list(stub, args) -> None:
         _emit({"vdis": rows})
         return
     table = [["s" if r["snapshot"] else "", r["name"], r["tag"] or "-", str(r["id"]),
-              format_size(r["size"]), format_size(r["used"]), format_size(r["shared"]),
+              format_size(r["size"]), format_size(r["allocated"]), format_size(r["shared"]),
               str(r["copies"]), _when(r["snap_time"] if r["snapshot"] else r["created"])]
              for r in rows]
-    print(_table(table, ["", "Name", "Tag", "Id", "Size", "Used", "Shared", "Copies", "Time"]))
+    print(_table(table, ["", "Name", "Tag", "Id", "Size", "Allocated", "Shared", "Copies",
+                         "Time"]))
 
 
 async def vdi_tree(stub, args) -> None:
@@ -200,12 +204,16 @@ async def vdi_info(stub, args) -> None:
     info["locked_by"] = lock.holder if lock is not None and not rec.snapshot else ""
     info["iscsi_target"] = target_name(rec.label)
     info["scsi_serial"] = unit_serial(lun_identity(rec, rec.snapshot))
+    # the snapshot a clone or a snapshotted VDI grows from, as the user names it
+    parent = state.records.get(rec.parent)
+    info["parent_name"] = parent.label if parent is not None else ""
     if args.json:
         _emit(info)
         return
-    print(f"Name: {rec.label}\nId: {rec.id}\nParent: {rec.parent or '-'}\n"
+    parent_line = f"{info['parent_name']} (id {rec.parent})" if rec.parent else "-"
+    print(f"Name: {rec.label}\nId: {rec.id}\nParent: {parent_line}\n"
           f"Size: {format_size(rec.size)} ({rec.size} bytes)\n"
-          f"Used: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
+          f"Allocated: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
           f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"
           f"Created: {_when(rec.created)}\n"
           + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
@@ -324,7 +332,9 @@ async def vdi_write(stub, args) -> None:
                 if length > room:
                     raise UsageError(f"standard input holds more than the {room} bytes that "
                                      f"fit from offset {offset}; nothing written")
-            await _write_stream(m, args.name, source, offset, offset + length)
+            written = await _write_stream(m, args.name, source, offset, offset + length)
+    if args.json:
+        _emit({"name": args.name, "offset": offset, "written": written})
 
 
 def _spool(stream, room: int):
@@ -341,13 +351,17 @@ def _spool(stream, room: int):
     return spool
 
 
-async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int) -> None:
+async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int) -> int:
+    """Write `source` into [offset, end) of the VDI, or less if it ends first; returns how
+    many bytes were written."""
+    written = 0
     async with await m.open(name, writable=True) as vol:
         pending: set[asyncio.Task] = set()
         for pos, n in _chunks(offset, end, vol.block_size):
             data = await asyncio.to_thread(source.read, n)
             if data:
                 pending.add(asyncio.ensure_future(vol.write(pos, data)))
+                written += len(data)
             if len(pending) >= _WINDOW:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -356,6 +370,7 @@ async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int)
                 break
         await asyncio.gather(*pending)
         await vol.flush()
+    return written
 
 
 async def vdi_import(stub, args) -> None:
@@ -409,7 +424,7 @@ async def _import_image(stub, args, info: ImageInfo) -> None:
             raise
         used = (await m.usage((await m.state()).lookup(args.name))).used
     if args.json:
-        _emit({"name": args.name, "format": info.format, "size": size, "used": used})
+        _emit({"name": args.name, "format": info.format, "size": size, "allocated": used})
     else:
         print(f"imported {format_size(size)} {info.format} image into {args.name} "
               f"({format_size(used)} allocated)")
@@ -574,61 +589,67 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
                        help="the snapshot's tag")
 
     p = cmd("create", vdi_create, "create a thin VDI")
-    p.add_argument("name")
-    p.add_argument("size")
+    p.description = (f"Create a thin VDI. Its size is at most (OBJECT_SIZE - 4096) / 4 "
+                     f"objects: {max_vdi_size(4 << 20) >> 30} GiB "
+                     f"({max_vdi_size(4 << 20)} bytes) with the default 4 MiB objects.")
+    p.add_argument("name", help="the new VDI's name")
+    p.add_argument("size", help="bytes, or with a suffix: 10G, 512M (see the maximum above)")
     p.add_argument("-c", "--copies", type=int, help="replicas (default: the cluster's)")
     p.add_argument("-P", "--prealloc", action="store_true", help="allocate every object now")
     p = cmd("list", vdi_list, "VDIs and snapshots with their space")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="only this VDI and its snapshots")
     cmd("tree", vdi_tree, "the snapshot and clone tree")
     p = cmd("info", vdi_info, "one VDI or snapshot")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI's name")
     snap_opt(p)
     p = cmd("snapshot", vdi_snapshot, "snapshot a VDI (also while it is in use)")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI to snapshot")
     snap_opt(p, required=True)
     p = cmd("clone", vdi_clone, "writable copy-on-write clone of a snapshot")
-    p.add_argument("source", metavar="NAME@TAG")
-    p.add_argument("new_name", metavar="NEWNAME")
+    p.add_argument("source", metavar="NAME@TAG", help="the snapshot to clone")
+    p.add_argument("new_name", metavar="NEWNAME", help="the clone's name")
     snap_opt(p)
     p = cmd("rollback", vdi_rollback, "make a VDI the content of one of its snapshots")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI to roll back")
     snap_opt(p, required=True)
     p = cmd("flatten", vdi_flatten, "copy a clone's shared blocks so it stands alone")
-    p.add_argument("name")
+    p.add_argument("name", help="the clone to flatten")
     progress_option(p)
     p = cmd("delete", vdi_delete, "delete a VDI or one snapshot, reclaiming its objects")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI (with -s, the VDI whose snapshot goes)")
     snap_opt(p)
     p = cmd("resize", vdi_resize, "grow a VDI")
-    p.add_argument("name")
-    p.add_argument("size")
+    p.add_argument("name", help="the VDI to grow")
+    p.add_argument("size", help="its new size: bytes, or with a suffix (20G)")
     for name, func, help in (("read", vdi_read, "VDI bytes to stdout"),
                              ("write", vdi_write, "stdin to VDI bytes")):
         p = cmd(name, func, help)
-        p.add_argument("name")
-        p.add_argument("offset", nargs="?")
-        p.add_argument("length", nargs="?")
+        p.add_argument("name", help="the VDI's name")
+        p.add_argument("offset", nargs="?", help="first byte (a size: 0, 4M; default 0)")
+        p.add_argument("length", nargs="?",
+                       help="how many bytes (default: " + ("to the end of the VDI)"
+                                                           if name == "read" else
+                                                           "all of stdin)"))
         if name == "read":
             snap_opt(p)
     formats = ", ".join(FORMATS)
     p = cmd("import", vdi_import, "copy a disk image into a VDI (created if missing), thin")
-    p.add_argument("name")
-    p.add_argument("file")
+    p.add_argument("name", help="the VDI to fill")
+    p.add_argument("file", help="the disk image to read")
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"the image's format: {formats} (default: what qemu-img detects)")
     p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
     progress_option(p)
     p = cmd("export", vdi_export, "copy a VDI or snapshot into a disk image file, thin")
-    p.add_argument("name", metavar="NAME[@TAG]")
-    p.add_argument("file")
+    p.add_argument("name", metavar="NAME[@TAG]", help="the VDI, or one of its snapshots")
+    p.add_argument("file", help="the image file to write (replaced if it exists)")
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"{formats} (default: from FILE's extension .qcow2 .vmdk .vdi .vhdx "
                         f".vhd, else raw)")
     snap_opt(p)
     progress_option(p)
     p = cmd("check", vdi_check, "compare every replica of every object; --repair fixes")
-    p.add_argument("name")
+    p.add_argument("name", help="the VDI to check")
     snap_opt(p)
     p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
     progress_option(p)
@@ -637,5 +658,5 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p = lock.add_parser("list", parents=[common], help="who holds which VDI open for writing")
     p.set_defaults(func=lock_list)
     p = lock.add_parser("unlock", parents=[common], help="break a VDI's write lock")
-    p.add_argument("name")
+    p.add_argument("name", help="the locked VDI")
     p.set_defaults(func=lock_unlock)

@@ -274,6 +274,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                    help="how QEMU reaches the disks (default %(default)s)")
     cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
     p = cmd("start", vm_start, "start QEMU for the VM on this host")
+    p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest here, else "
+                "TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in the environment overrides "
+                "the probe.")
     p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs "
                                      "(default /run/sheep/vm/CLUSTER, or under "
                                      "$XDG_RUNTIME_DIR for other users)")

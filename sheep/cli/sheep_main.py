@@ -14,6 +14,16 @@ from sheep.malloc import keep_freed_memory
 from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.units import format_size, parse_size
 
+from .output import (
+    Parser,
+    add_version,
+    error_code,
+    os_error_line,
+    quiet_broken_pipe,
+    report_error,
+    stdout_closed,
+)
+
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -79,7 +89,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sheep", description="sheep storage daemon")
+    parser = Parser(prog="sheep", description="sheep storage daemon")
+    add_version(parser)
     cmds = parser.add_subparsers(dest="cmd", required=True)
 
     run = cmds.add_parser("run", help="run one storage node")
@@ -115,16 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scrub-interval", type=float, default=7 * 86400, metavar="SECONDS",
                      help="check every replica's checksums this often (default a week; "
                           "0: only on `dog node scrub start`); paced by --recovery-throttle")
-    run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 
     up = cmds.add_parser("up", help="run a local cluster with its own etcd in the foreground")
-    up.add_argument("--nodes", type=int, default=3)
-    up.add_argument("--copies", type=int, default=3)
+    up.add_argument("--nodes", type=int, default=3, help="storage nodes to run")
+    up.add_argument("--copies", type=int, default=3,
+                    help="replicas per object (the cluster is formatted with it)")
     up.add_argument("--dir", default="./var", help="where the nodes and etcd keep data")
     up.add_argument("--base-port", type=int, default=7000,
                     help="node i listens on control port BASE+i and data port BASE+100+i")
-    up.add_argument("--object-size", default=format_size(DEFAULT_OBJECT_SIZE))
+    up.add_argument("--object-size", default=format_size(DEFAULT_OBJECT_SIZE),
+                    help="data object size, a power of two (also bounds a VDI's size)")
     up.add_argument("--nbd-port", type=int, default=10809, help="NBD gateway port (node 0)")
     up.add_argument("--iscsi-port", type=int, default=3260,
                     help="iSCSI portal port (node 0)")
@@ -134,12 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-restart", action="store_true",
                     help="leave a node (or etcd) that dies down; by default it is started "
                          "again after 1 s, doubling up to 30 s while it keeps dying")
-    up.add_argument("-v", "--verbose", action="store_true")
+    up.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     up.set_defaults(func=_up)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A failure of the system under the user's command (a path that cannot be created, a
+    closed stdout) ends in one line, not a traceback."""
     args = build_parser().parse_args(argv)
     # `kill -USR1` prints every thread's stack to stderr (the log): how to see where a
     # daemon that does not answer, or does not stop, is stuck.
@@ -147,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and stdout_closed():
+            return quiet_broken_pipe()
+        return report_error("sheep", os_error_line(exc), error_code(exc), as_json=False)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,188 @@ def test_a_two_zone_cluster_keeps_copies_in_distinct_zones(
         asyncio.run(check())
     finally:
         c.stop()
+
+
+def test_dog_exits_quietly_when_its_stdout_pipe_is_already_closed(cluster: Cluster) -> None:
+    """`dog node list | head -0`: the reader is gone before dog writes its first line."""
+    import os
+    import subprocess
+
+    from ..cluster import BIN
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([str(BIN / "dog"), "node", "list", "-a", cluster.address],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == b""
+    assert proc.returncode == 141  # 128 + SIGPIPE, as coreutils end
+
+
+def test_dog_vdi_read_into_head_stops_quietly_when_head_has_its_line(cluster: Cluster) -> None:
+    """`dog vdi read d | head -c 4096`: the pipe closes while dog still has 8 MiB to write."""
+    import subprocess
+
+    from ..cluster import BIN
+
+    dog("vdi", "create", "d", "8M", address=cluster.address)
+    proc = subprocess.Popen([str(BIN / "dog"), "vdi", "read", "d", "-a", cluster.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert len(proc.stdout.read(4096)) == 4096
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert err == b""
+    assert proc.returncode == 141
+
+
+def test_sheep_run_names_a_data_dir_it_cannot_create_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from ..cluster import BIN
+
+    proc = subprocess.run([str(BIN / "sheep"), "run", "--dir", "/proc/no-such/node",
+                           "--port", str(free_port()), "--etcd", "http://127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == "sheep: /proc/no-such: No such file or directory\n"
+
+
+def test_node_and_cluster_json_give_sizes_counts_and_times_as_numbers(cluster: Cluster) -> None:
+    """One --json convention: integers (64-bit ones too) are JSON numbers, times are epoch
+    seconds as numbers; proto3's JSON mapping would make uint64 fields strings."""
+    a = cluster.address
+    info = dog_json("cluster", "info", address=a)
+    assert type(info["object_size"]) is int and info["object_size"] == 4 << 20
+    assert type(info["copies"]) is int and type(info["epoch"]) is int
+    assert isinstance(info["created"], float) and info["created"] > 1.7e9
+    for epoch in info["history"]:
+        assert type(epoch["epoch"]) is int and isinstance(epoch["time"], float)
+    for cmd in ("list", "info"):
+        for n in dog_json("node", cmd, address=a)["nodes"]:
+            for key in ("used", "free", "objects", "epoch"):
+                assert type(n[key]) is int, (cmd, key, n[key])
+            assert type(n["node"]["capacity"]) is int and type(n["node"]["vnodes"]) is int
+            for key in ("done", "total", "throttle"):
+                assert type(n["recovery"][key]) is int, (cmd, key)
+            for key in ("done", "total", "bad_blocks", "blocks_repaired"):
+                assert type(n["scrub"][key]) is int, (cmd, key)
+
+
+def test_an_error_under_json_is_a_json_object_on_stderr(cluster: Cluster) -> None:
+    import json
+
+    proc = dog("vdi", "info", "nope", "--json", address=cluster.address, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert json.loads(proc.stderr) == {"error": "no VDI named 'nope'", "code": "no_vdi"}
+
+
+def test_an_unreachable_cluster_under_json_is_a_json_error(tmp_path: Path) -> None:
+    import json
+
+    proc = dog("cluster", "info", "--json", address=f"127.0.0.1:{free_port()}", check=False)
+    assert proc.returncode == 1
+    error = json.loads(proc.stderr)
+    assert error["code"] == "unreachable" and error["error"].startswith("cannot reach sheep")
+
+
+def test_a_bad_command_line_under_json_is_a_json_error() -> None:
+    import json
+
+    proc = dog("vdi", "create", "--json", address="127.0.0.1:1", check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stderr)["code"] == "usage"
+
+
+def test_dog_and_sheep_print_the_package_version() -> None:
+    import subprocess
+    from importlib.metadata import version
+
+    from ..cluster import BIN
+
+    for prog in ("dog", "sheep"):
+        proc = subprocess.run([str(BIN / prog), "--version"], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0
+        assert proc.stdout == f"{prog} {version('sheep')}\n"
+
+
+def test_vdi_create_help_states_the_maximum_vdi_size() -> None:
+    from sheep.vdi.inode import max_vdi_size
+
+    text = " ".join(dog("vdi", "create", "--help").stdout.split())
+    assert f"{max_vdi_size(4 << 20)} bytes" in text and "4092 GiB" in text
+
+
+def test_vm_start_help_documents_sheep_vm_accel() -> None:
+    text = dog("vm", "start", "--help").stdout
+    assert "SHEEP_VM_ACCEL=kvm" in text and "SHEEP_VM_ACCEL=tcg" in text
+
+
+def test_node_list_numbers_nodes_by_control_port_as_sheep_up_does(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    """The cluster orders its members by node id; each node here is given an id that puts
+    them in the reverse of their port order, so only dog's own ordering passes."""
+    from sheep.store.meta import NodeMeta
+
+    from ..cluster import SheepProcess
+
+    c = Cluster(tmp_path / "order", etcd.url)
+    try:
+        ports = sorted(free_port() for _ in range(3))
+        for i, port in enumerate(ports):
+            node_dir = c.root / f"node{i}"
+            node_dir.mkdir(parents=True)
+            with NodeMeta(node_dir) as meta:
+                meta.set("node_id", f"{9 - i:032x}")
+            c.nodes.append(SheepProcess(node_dir, port, c.etcd_url,
+                                        ["--lease-ttl", str(c.lease_ttl)]).start())
+        for node in c.nodes:
+            node.wait_up()
+        c.wait_members(3)
+        for cmd in ("list", "info"):
+            nodes = dog_json("node", cmd, address=c.address)["nodes"]
+            assert [n["node"]["control_port"] for n in nodes] == ports, cmd
+        rows = dog("node", "list", address=c.address).stdout.splitlines()[1:]
+        assert [(r.split()[0], r.split()[2]) for r in rows] == [
+            (str(i), f"127.0.0.1:{port}") for i, port in enumerate(ports)]
+    finally:
+        c.stop()
+
+
+def test_cluster_info_shows_the_last_ten_epochs_and_all_with_all(cluster: Cluster) -> None:
+    for _ in range(5):  # each stop and start of a node is two epochs
+        cluster.nodes[2].stop()
+        cluster.wait_members(2)
+        cluster.nodes[2].start()
+        cluster.nodes[2].wait_up()
+        cluster.wait_members(3)
+    every = dog_json("cluster", "info", "--all", address=cluster.address)
+    assert len(every["history"]) > 10
+    recent = cluster.info()
+    assert recent["history"] == every["history"][-10:]
+    text = dog("cluster", "info", address=cluster.address).stdout
+    assert "--all shows every one" in text
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Epoch  "))
+    assert len(lines[header + 1 :]) == 10
+
+
+def test_vdi_space_is_allocated_where_node_space_is_used(cluster: Cluster) -> None:
+    """Two different things, two names: a VDI's allocated objects, a node's bytes on disk."""
+    a = cluster.address
+    dog("vdi", "create", "d", "4M", "--prealloc", address=a)
+    header = dog("vdi", "list", address=a).stdout.splitlines()[0].split()
+    assert "Allocated" in header and "Used" not in header
+    info = dog("vdi", "info", "d", address=a).stdout
+    assert "Allocated: 4 MiB" in info and "Used" not in info
+    assert dog_json("vdi", "info", "d", address=a)["allocated"] == 4 << 20
+    assert "Used" in dog("node", "info", address=a).stdout.splitlines()[0].split()

@@ -77,15 +77,16 @@ async def _snapshot(m: VdiManager, name: str, tag: str) -> None:
 async def test_create_is_thin_until_a_block_is_written(cluster: Cluster, m: VdiManager) -> None:
     a = cluster.address
     out = dog_json("vdi", "create", "thin", "1G", address=a)
-    assert (out["name"], out["size"], out["used"], out["copies"]) == ("thin", 1 << 30, 0, 3)
+    assert (out["name"], out["size"], out["allocated"], out["copies"]) == ("thin", 1 << 30, 0, 3)
     info = dog_json("vdi", "info", "thin", address=a)
-    assert (info["size"], info["used"], info["shared"], info["objects"]) == (1 << 30, 0, 0, 256)
+    assert (info["size"], info["allocated"], info["shared"], info["objects"]) == (
+        1 << 30, 0, 0, 256)
     assert _data_objects(cluster) == {}
     read = dog_bytes("vdi", "read", "thin", str(700 * MiB), "64k", address=a).stdout
     assert read == bytes(64 << 10)
 
     dog_bytes("vdi", "write", "thin", str(5 * BS + 10), address=a, input=b"hello")
-    assert dog_json("vdi", "info", "thin", address=a)["used"] == BS
+    assert dog_json("vdi", "info", "thin", address=a)["allocated"] == BS
     objects = _data_objects(cluster, info["id"])
     assert [oid_index(oid) for oid in objects] == [5]
     assert list(objects.values()) == [3]  # one object, a replica on each of the 3 nodes
@@ -96,7 +97,7 @@ async def test_create_is_thin_until_a_block_is_written(cluster: Cluster, m: VdiM
 async def test_create_with_prealloc_allocates_every_block(cluster: Cluster, m: VdiManager
                                                           ) -> None:
     out = dog_json("vdi", "create", "full", "10M", "--prealloc", address=cluster.address)
-    assert out["used"] == 3 * BS  # 10 MiB rounds up to three 4 MiB blocks
+    assert out["allocated"] == 3 * BS  # 10 MiB rounds up to three 4 MiB blocks
     assert _blocks(cluster, out["id"]) == [0, 1, 2]
     assert await _usage(m, "full") == (3 * BS, 0)
     assert await vdi_read(m, "full", 0, 10 * MiB) == bytes(10 * MiB)
@@ -170,10 +171,10 @@ async def test_list_tree_and_info_describe_vdis_snapshots_and_clones(
     assert [r["snapshot"] for r in rows] == [True, True, False, False, False]
     assert s2["parent"] == s1["id"] and base["parent"] == s2["id"]
     assert copy["parent"] == s1["id"] and s1["parent"] == 0 and other["parent"] == 0
-    assert (s1["used"], s1["shared"]) == (BS, 0)
-    assert (s2["used"], s2["shared"]) == (BS, BS)  # wrote block 1, shares block 0 with s1
-    assert (base["used"], base["shared"]) == (0, 2 * BS)
-    assert (copy["used"], copy["shared"]) == (0, BS)
+    assert (s1["allocated"], s1["shared"]) == (BS, 0)
+    assert (s2["allocated"], s2["shared"]) == (BS, BS)  # wrote block 1, shares block 0 with s1
+    assert (base["allocated"], base["shared"]) == (0, 2 * BS)
+    assert (copy["allocated"], copy["shared"]) == (0, BS)
     assert other["copies"] == 1 and {r["copies"] for r in rows[:4]} == {3}
     assert all(r["size"] == 12 * MiB and r["block_size"] == BS for r in rows[:4])
     assert s1["created"] <= s1["snap_time"] <= s2["snap_time"] <= base["created"]
@@ -183,7 +184,7 @@ async def test_list_tree_and_info_describe_vdis_snapshots_and_clones(
     info = dog_json("vdi", "info", "base", "--snapshot", "s1", address=a)
     assert info["tag"] == "s1" and info["snapshot"] and info["id"] == s1["id"]
     assert info["snapshots"] == ["s1", "s2"] and info["objects"] == 3
-    assert info["used"] == BS and info["snap_time"] == s1["snap_time"]
+    assert info["allocated"] == BS and info["snap_time"] == s1["snap_time"]
     assert info["created"] == s1["created"] and info["locked_by"] == ""
 
     tree = dog_json("vdi", "tree", address=a)["tree"]
@@ -559,3 +560,47 @@ async def test_bad_input_gets_a_one_line_error_and_changes_nothing(
     assert (await m.state()).locks == {}
     assert not out_file.exists()
     assert await vdi_read(m, "disk", 0, 7) == b"keep me"
+
+
+async def test_export_into_a_missing_directory_is_one_line_naming_the_path(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("disk", MiB)
+    for target in ("/nonexistent/dir/x", "/nonexistent/dir/x.qcow2"):
+        err = dog_error("vdi", "export", "disk", target, address=cluster.address)
+        assert target in err, err
+
+
+async def test_write_under_json_reports_what_it_wrote(cluster: Cluster, m: VdiManager) -> None:
+    await m.create("w", MiB)
+    proc = dog_bytes("vdi", "write", "w", "100", "--json", address=cluster.address,
+                     input=b"0123456789")
+    assert json.loads(proc.stdout) == {"name": "w", "offset": 100, "written": 10}
+    assert await vdi_read(m, "w", 100, 10) == b"0123456789"
+
+
+async def test_vdi_list_and_info_json_give_sizes_and_times_as_numbers(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("t", 8 * MiB)
+    await vdi_write(m, "t", 0, b"x")
+    await _snapshot(m, "t", "s")
+    rows = dog_json("vdi", "list", address=cluster.address)["vdis"]
+    info = dog_json("vdi", "info", "t", address=cluster.address)
+    for r in [*rows, info]:
+        for key in ("id", "parent", "size", "allocated", "shared", "copies", "block_size"):
+            assert type(r[key]) is int, (key, r[key])
+        for key in ("created", "snap_time"):
+            assert isinstance(r[key], int | float), (key, r[key])
+    assert info["size"] == 8 * MiB and info["objects"] == 2
+
+
+async def test_info_names_a_clones_parent_as_name_at_tag(cluster: Cluster, m: VdiManager) -> None:
+    await m.create("src", MiB)
+    await _snapshot(m, "src", "gold")
+    dog("vdi", "clone", "src@gold", "vm1", address=cluster.address)
+    gold = await _id(m, "src", "gold")
+    assert f"Parent: src@gold (id {gold})\n" in dog("vdi", "info", "vm1",
+                                                      address=cluster.address).stdout
+    info = dog_json("vdi", "info", "vm1", address=cluster.address)
+    assert (info["parent"], info["parent_name"]) == (gold, "src@gold")

@@ -140,11 +140,11 @@ async def test_a_mostly_empty_image_imports_thin_and_exports_small(
     image = _image(tmp_path / "big.qcow2", "qcow2", GiB, writes)
 
     reply = dog_json("vdi", "import", "thin", str(image), address=a)
-    assert reply["used"] == 3 * BS
+    assert reply["allocated"] == 3 * BS
     rec = (await m.state()).lookup("thin")
     assert rec.size == GiB
     [row] = dog_json("vdi", "list", "thin", address=a)["vdis"]
-    assert row["used"] == 3 * BS
+    assert row["allocated"] == 3 * BS
     assert _blocks(cluster, rec.id) == [0, 75, 255]  # only the blocks holding data
 
     back = tmp_path / "back.qcow2"
