@@ -35,6 +35,7 @@ from qemu.qmp import EventListener, QMPClient, QMPError
 from sheep.children import die_with_parent
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import EtcdTarget
+from sheep.output import to_devnull
 from sheep.vdi.registry import VdiRegistry
 
 from .cmdline import RunPaths
@@ -369,9 +370,7 @@ def main() -> int:
         with contextlib.suppress(OSError):
             out.write(line + "\n")
             out.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+        to_devnull(1)
 
     return asyncio.run(Supervisor(plan, report).run())
 

@@ -12,6 +12,13 @@ import sys
 from typing import TextIO
 
 
+def to_devnull(fd: int) -> None:
+    """Point `fd` at /dev/null: whatever is written to it after is dropped quietly."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
 class _Unbreakable:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -31,9 +38,7 @@ class _Unbreakable:
             self._stream.flush()  # what was buffered goes to /dev/null now
 
     def _to_devnull(self) -> None:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self._stream.fileno())
-        os.close(null)
+        to_devnull(self._stream.fileno())
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._stream, name)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import select
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -20,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc
 
 from sheep.errors import SheepError
+from sheep.output import to_devnull
 
 
 def message_dict(message) -> dict:
@@ -101,9 +101,7 @@ def quiet_broken_pipe() -> int:
     """Exit as coreutils do when `| head` stops reading: no message, status 128+SIGPIPE.
     stdout is pointed at /dev/null first, or the interpreter's last flush would print an
     'Exception ignored' traceback."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    to_devnull(sys.stdout.fileno())
     return 141
 
 
