@@ -266,9 +266,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     p = cmd("create", vm_create, "define a VM (kept in the cluster)")
     p.add_argument("--vdi", required=True, help="VDI[,VDI...]: its disks, /dev/vda first")
     p.add_argument("--memory", default="256", help="MiB, or a size (512M, 1G)")
-    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--cpus", type=int, default=1, help="virtual CPUs")
     p.add_argument("--kernel", help="boot this kernel (default: boot from the first disk)")
-    p.add_argument("--initrd")
+    p.add_argument("--initrd", help="the initramfs of --kernel")
     p.add_argument("--append", default="", help="the kernel command line")
     p.add_argument("--transport", choices=TRANSPORTS, default="nbd",
                    help="how QEMU reaches the disks (default %(default)s)")
@@ -283,9 +283,10 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--reconnect-delay", type=int, default=60,
                    help="seconds QEMU holds guest I/O while its NBD gateway is away")
     p = cmd("stop", vm_stop, "ACPI power-off, killed after --timeout")
-    p.add_argument("--timeout", type=float, default=STOP_TIMEOUT)
-    p = cmd("wait", vm_wait, "wait until the VM is stopped")
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=float, default=STOP_TIMEOUT,
+                   help="seconds the guest has to power off before QEMU is told to quit")
+    p = cmd("wait", vm_wait, "wait until the VM is stopped (non-zero if it crashed)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait at most")
     vm.add_parser("list", parents=[common], help="every VM of the cluster").set_defaults(
         func=vm_list, name=None)
     cmd("info", vm_info, "definition, state, accelerator, block devices")
@@ -297,9 +298,10 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     for name, func, help in (("attach", vm_attach, "hot-plug a VDI into a running VM"),
                              ("detach", vm_detach, "hot-unplug a VDI from a running VM")):
         p = cmd(name, func, help)
-        p.add_argument("vdi")
+        p.add_argument("vdi", help="the VDI to hot-plug or unplug")
         if name == "detach":
-            p.add_argument("--timeout", type=float, default=30.0)
+            p.add_argument("--timeout", type=float, default=30.0,
+                           help="seconds the guest has to release the disk")
     cmd("pause", vm_pause, "pause a running VM")
     cmd("resume", vm_pause, "resume a paused VM")
     p = cmd("snapshot", vm_snapshot, "snapshot every disk of a VM consistently")

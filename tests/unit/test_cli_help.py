@@ -1,5 +1,5 @@
 """The help of `dog` and `sheep` explains every argument: a user reads `--help`, not the
-code. (`dog vm`'s arguments belong to the VM runtime's owners and are not walked here.)"""
+code."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _commands(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
                     yield from _commands(sub, skip)
 
 
-ALL = [*_commands(dog.build_parser(), skip=("vm",)), *_commands(sheep_main.build_parser())]
+ALL = [*_commands(dog.build_parser()), *_commands(sheep_main.build_parser())]
 
 
 @pytest.mark.parametrize("parser", ALL, ids=[p.prog for p in ALL])
