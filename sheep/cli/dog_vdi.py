@@ -524,15 +524,25 @@ async def cluster_gc(stub, args) -> None:
     async with _manager(stub, args) as m:
         report = await collect_garbage(m.client, m.registry, dry_run=args.dry_run,
                                        progress=progress_bar(args.progress, "gc", objects=True))
+        config = m.client.view.config
+        object_size = config.object_size if config is not None else 0
+    by_vdi = report.by_vdi()
     if args.json:
         _emit({"scanned": report.scanned, "garbage": [oid_str(o) for o in report.garbage],
-               "removed": report.removed, "dry_run": args.dry_run})
+               "removed": report.removed, "dry_run": args.dry_run,
+               "deleted_vdis": [{"id": vdi, "objects": n} for vdi, n in by_vdi.items()]})
         return
-    for oid in report.garbage:
-        print(f"object {oid_str(oid)}: of a deleted VDI, unreferenced"
-              + ("" if args.dry_run else " (removed)"))
-    print(f"{report.scanned} object(s) scanned: {len(report.garbage)} garbage, "
-          f"{report.removed} removed")
+    if args.verbose:
+        for oid in report.garbage:
+            print(f"object {oid_str(oid)}: of a deleted VDI, unreferenced"
+                  + ("" if args.dry_run else " (removed)"))
+    for vdi, count in by_vdi.items():
+        print(f"deleted VDI {vdi:#x}: {count} object(s)")
+    size = report.data_objects() * object_size  # deleted VDIs' own sizes are gone
+    print(f"{report.scanned} object(s) scanned: {len(report.garbage)} garbage "
+          f"({report.data_objects()} data objects, up to {format_size(size)}) of "
+          f"{len(by_vdi)} deleted VDI(s); "
+          + ("nothing removed (--dry-run)" if args.dry_run else f"{report.removed} removed"))
 
 
 def add_cluster_commands(cluster: argparse._SubParsersAction,
@@ -540,6 +550,7 @@ def add_cluster_commands(cluster: argparse._SubParsersAction,
     p = cluster.add_parser("gc", parents=[common],
                            help="remove objects of deleted VDIs left on nodes that were down")
     p.add_argument("--dry-run", action="store_true", help="list the garbage, remove nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per object too")
     progress_option(p)
     p.set_defaults(func=cluster_gc)
     p = cluster.add_parser("check", parents=[common],

@@ -37,6 +37,16 @@ class GcReport:
     garbage: list[int] = field(default_factory=list)  # oids of retired VDIs nobody needs
     removed: int = 0
 
+    def by_vdi(self) -> dict[int, int]:
+        """How many garbage objects each deleted VDI id left."""
+        counts: dict[int, int] = {}
+        for oid in self.garbage:
+            counts[oid_vdi(oid)] = counts.get(oid_vdi(oid), 0) + 1
+        return dict(sorted(counts.items()))
+
+    def data_objects(self) -> int:
+        return sum(oid_type(oid) == ObjType.DATA for oid in self.garbage)
+
 
 async def _referenced(client: ObjectClient, state: RegistryState, candidates: set[int],
                       tables: dict[int, array]) -> set[int]:

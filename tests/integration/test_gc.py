@@ -84,3 +84,13 @@ def test_gc_dry_run_lists_the_garbage_and_removes_nothing(leaked) -> None:
     assert report["dry_run"] and report["removed"] == 0
     assert {int(oid, 16) for oid in report["garbage"]} >= _objects_of(cluster, ids["doomed"])
     assert all_objects_on_disk(cluster) == before
+
+
+def test_gc_prints_a_summary_per_deleted_vdi_and_objects_only_when_verbose(leaked) -> None:
+    cluster, ids, _ = leaked
+    out = dog("cluster", "gc", "--dry-run", address=cluster.address).stdout
+    assert f"deleted VDI {ids['doomed']:#x}:" in out
+    assert "nothing removed (--dry-run)" in out and "object(s) scanned" in out
+    assert "unreferenced" not in out
+    verbose = dog("cluster", "gc", "--dry-run", "-v", address=cluster.address).stdout
+    assert "unreferenced" in verbose
