@@ -543,13 +543,14 @@ async def lock_list(stub, args) -> None:
 async def lock_unlock(stub, args) -> None:
     async with _manager(stub, args) as m:
         (await m.state()).lookup(args.name)
-        broken = await m.registry.break_lock(args.name)
-    if not broken:
+        broken = await m.registry.break_lock(args.name, force=args.force)
+    if broken is None:
         raise UsageError(f"VDI {args.name!r} is not locked")
     if args.json:
-        _emit({"unlocked": args.name})
+        _emit({"unlocked": args.name, "holder": broken.holder, "host": broken.host,
+               "pid": broken.pid})
     else:
-        print(f"lock on {args.name} broken")
+        print(f"lock on {args.name} broken (it was held by {broken.who})")
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -631,6 +632,9 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
                                                                      required=True)
     p = lock.add_parser("list", parents=[common], help="who holds which VDI open for writing")
     p.set_defaults(func=lock_list)
-    p = lock.add_parser("unlock", parents=[common], help="break a VDI's write lock")
+    p = lock.add_parser("unlock", parents=[common],
+                        help="break a VDI's write lock (of a holder that is gone)")
     p.add_argument("name")
+    p.add_argument("--force", action="store_true",
+                   help="break it even though its holder runs (that writer stops)")
     p.set_defaults(func=lock_unlock)

@@ -265,6 +265,9 @@ class VdiManager:
         target = state.lookup(name, tag)
         lock = None
         if not target.snapshot:
+            if users := await self.registry.users(name):
+                raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before "
+                                f"deleting the VDI")
             lock = await self.registry.acquire_lock(name, f"{self.holder} (delete)")
         try:
             table = await self.table(target)
