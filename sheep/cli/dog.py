@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from sheep.malloc import keep_freed_memory
 from sheep.units import format_size, parse_size
 
 from .dog_vdi import (
+    Interrupted,
     UsageError,
     add_cluster_commands,
     add_vdi_commands,
@@ -270,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, func: Callable) -> None:
+    # SIGTERM cancels the command as Ctrl-C does, so that it cleans up (an import deletes
+    # the VDI it created) instead of dying on the spot
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with grpc.aio.insecure_channel(args.address) as channel:
         await func(pb_grpc.ControlStub(channel), args)
 
@@ -282,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DogError, UsageError, SheepError) as exc:
         print(f"dog: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except Interrupted as exc:
+        print(f"dog: {exc}", file=sys.stderr)
+        return 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

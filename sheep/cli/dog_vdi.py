@@ -38,6 +38,7 @@ from sheep.vdi.inodes import nblocks
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import RegistryState, VdiRecord
 from sheep.vdi.transfer import export_file, import_file
+from sheep.vdi.volume import Volume
 
 RPC_TIMEOUT = 15.0
 _WINDOW = 4  # block-sized reads or writes in flight
@@ -45,6 +46,11 @@ _WINDOW = 4  # block-sized reads or writes in flight
 
 class UsageError(Exception):
     """Bad command-line input: dog prints it on one line and exits 1."""
+
+
+class Interrupted(Exception):
+    """A command stopped by SIGINT or SIGTERM, after cleaning up: dog prints what it left
+    on one line and exits 130."""
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +118,7 @@ def _record_dict(rec: VdiRecord, used: int, shared: int) -> dict:
     return {"name": rec.name, "tag": rec.tag, "id": rec.id, "parent": rec.parent,
             "size": rec.size, "used": used, "shared": shared, "copies": rec.copies,
             "block_size": rec.block_size, "snapshot": rec.snapshot, "created": rec.created,
-            "snap_time": rec.snap_time}
+            "snap_time": rec.snap_time, "incomplete": rec.incomplete}
 
 
 def _split_at(spec: str) -> tuple[str, str | None]:
@@ -153,7 +159,9 @@ async def vdi_list(stub, args) -> None:
     if args.json:
         _emit({"vdis": rows})
         return
-    table = [["s" if r["snapshot"] else "", r["name"], r["tag"] or "-", str(r["id"]),
+    table = [["s" if r["snapshot"] else "",
+              r["name"] + (" (incomplete)" if r["incomplete"] else ""), r["tag"] or "-",
+              str(r["id"]),
               format_size(r["size"]), format_size(r["used"]), format_size(r["shared"]),
               str(r["copies"]), _when(r["snap_time"] if r["snapshot"] else r["created"])]
              for r in rows]
@@ -186,6 +194,10 @@ async def vdi_tree(stub, args) -> None:
     print("\n".join(lines))
 
 
+_INCOMPLETE = ("incomplete: an import into it did not finish (import again with --force, "
+               "or delete it)")
+
+
 async def vdi_info(stub, args) -> None:
     async with _manager(stub, args) as m:
         state = await m.state()
@@ -204,6 +216,7 @@ async def vdi_info(stub, args) -> None:
           f"Used: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
           f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"
           f"Created: {_when(rec.created)}\n"
+          + (f"Status: {_INCOMPLETE}\n" if rec.incomplete else "")
           + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
           + f"Snapshots: {', '.join(info['snapshots']) or '-'}\n"
           f"Locked by: {info['locked_by'] or '-'}")
@@ -364,14 +377,12 @@ async def vdi_import(stub, args) -> None:
             await _import_image(stub, args, info)
             return
     size = os.path.getsize(args.file)
-    async with _manager(stub, args) as m:
-        state = await m.state()
-        if args.name not in state.working:
-            if size == 0:
-                raise UsageError(f"{args.file} is empty")
-            await m.create(args.name, size, copies=args.copies)
-        async with await m.open(args.name, writable=True) as vol:
-            written = await import_file(vol, args.file, progress_bar(args.progress, "import"))
+    if size == 0:
+        raise UsageError(f"{args.file} is empty")
+    async with (_manager(stub, args) as m, _importing(m, args, size),
+                await m.open(args.name, writable=True) as vol):
+        written = await import_file(vol, args.file, progress_bar(args.progress, "import"))
+        await _zero_tail(vol, size)
     if args.json:
         _emit({"name": args.name, "format": "raw", "size": size, "written": written})
     else:
@@ -379,29 +390,60 @@ async def vdi_import(stub, args) -> None:
               f"({format_size(written)} of data)")
 
 
+@contextlib.asynccontextmanager
+async def _importing(m: VdiManager, args: argparse.Namespace, size: int
+                     ) -> AsyncIterator[None]:
+    """The VDI an import writes into, marked incomplete until its last byte is flushed. A
+    VDI the import created is deleted if the import fails or is interrupted (SIGINT, or
+    SIGTERM: see dog.main); an existing one (only with --force) stays, marked incomplete.
+    What happened is said in one line, and an interruption exits 130."""
+    state = await m.state()
+    created = args.name not in state.working
+    if not created:
+        current = state.lookup(args.name)
+        if not args.force:
+            raise UsageError(f"VDI {args.name!r} exists; 'dog vdi import --force' replaces "
+                             f"its content")
+        if current.size < size:
+            raise UsageError(f"{args.file} is a {size}-byte disk, more than VDI "
+                             f"{args.name!r} ({current.size} bytes); nothing written")
+        await m.mark_incomplete(args.name, True)
+    else:
+        await m.create(args.name, round_up(size), copies=args.copies, incomplete=True)
+    try:
+        yield
+    except BaseException as exc:
+        fate = "left marked incomplete"
+        if created:
+            with contextlib.suppress(Exception):
+                await m.delete(args.name)
+                fate = "deleted"
+        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+            raise Interrupted(f"import interrupted: VDI {args.name!r} {fate}") from None
+        raise
+    await m.mark_incomplete(args.name, False)
+
+
+async def _zero_tail(vol: Volume, size: int) -> None:
+    """An image smaller than the VDI it replaces leaves no old bytes behind: from the
+    image's end on, the VDI reads as zeros (its objects released)."""
+    if vol.size > size:
+        await vol.discard(size, vol.size - size)
+        await vol.flush()
+
+
 async def _import_image(stub, args, info: ImageInfo) -> None:
     """Through qemu-img into a loopback NBD export of the VDI. A VDI with no data yet is
     declared zero to qemu-img, which then writes only the image's data: the VDI stays thin."""
     size = info.virtual_size
     async with _manager(stub, args) as m:
-        created = args.name not in (await m.state()).working
-        if created:
-            await m.create(args.name, round_up(size), copies=args.copies)
-        try:
-            async with loopback_nbd(m.client, m.registry, m.holder, args.name,
-                                    writable=True) as gateway:
-                vol = gateway.volume
-                if vol.size < size:
-                    raise UsageError(f"{args.file} is a {size}-byte disk, more than VDI "
-                                     f"{args.name!r} ({vol.size} bytes); nothing written")
-                await convert(local(args.file), info.format, gateway.url, "raw",
-                              target_exists=True, target_is_zero=not any(vol.table),
-                              size=size, progress=progress_bar(args.progress, "import"))
-        except BaseException:
-            if created:  # leave no half-imported VDI behind
-                with contextlib.suppress(Exception):
-                    await m.delete(args.name)
-            raise
+        async with _importing(m, args, size), loopback_nbd(
+                m.client, m.registry, m.holder, args.name, writable=True) as gateway:
+            vol = gateway.volume
+            await convert(local(args.file), info.format, gateway.url, "raw",
+                          target_exists=True, target_is_zero=not any(vol.table),
+                          size=size, progress=progress_bar(args.progress, "import"))
+            await _zero_tail(vol, size)
         used = (await m.usage((await m.state()).lookup(args.name))).used
     if args.json:
         _emit({"name": args.name, "format": info.format, "size": size, "used": used})
@@ -614,6 +656,8 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"the image's format: {formats} (default: what qemu-img detects)")
     p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
+    p.add_argument("--force", action="store_true",
+                   help="import into an existing VDI, replacing all of its content")
     progress_option(p)
     p = cmd("export", vdi_export, "copy a VDI or snapshot into a disk image file, thin")
     p.add_argument("name", metavar="NAME[@TAG]")

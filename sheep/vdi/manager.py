@@ -90,7 +90,8 @@ class VdiManager:
     # -- create ---------------------------------------------------------------------------
 
     async def create(
-        self, name: str, size: int, *, copies: int | None = None, prealloc: bool = False
+        self, name: str, size: int, *, copies: int | None = None, prealloc: bool = False,
+        incomplete: bool = False,
     ) -> VdiRecord:
         validate_name(name)
         block_size = self._block_size()
@@ -107,7 +108,7 @@ class VdiManager:
         if name in state.working:
             raise VdiExists(f"VDI {name!r} already exists")
         record = VdiRecord(await self.registry.allocate_id(), name, size, copies, block_size,
-                           time.time())
+                           time.time(), incomplete=incomplete)
         table = array("I", [record.ref] * nblocks(record)) if prealloc else None
         try:
             if table is not None:
@@ -255,6 +256,19 @@ class VdiManager:
             raise ClusterError("the registry kept changing; try again")
         finally:
             await lock.release()
+
+    async def mark_incomplete(self, name: str, incomplete: bool) -> VdiRecord:
+        """Set or clear NAME's `incomplete` flag: set while an import writes into it, so
+        that an import stopped by anything (even kill -9) leaves a VDI that says so."""
+        for _ in range(_RETRIES):
+            state = await self.state()
+            current = state.lookup(name)
+            if current.incomplete == incomplete:
+                return current
+            marked = replace(current, incomplete=incomplete)
+            if await self.registry.change(state).put_record(marked).commit():
+                return marked
+        raise ClusterError("the registry kept changing; try again")
 
     # -- delete ---------------------------------------------------------------------------
 

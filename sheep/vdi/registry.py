@@ -72,6 +72,7 @@ class VdiRecord:
     tag: str = ""
     snapshot: bool = False
     snap_time: float = 0.0
+    incomplete: bool = False  # an import into it has not finished (or was interrupted)
 
     @property
     def ref(self) -> int:

@@ -5,7 +5,10 @@ bytes read back and the object files on the nodes' disks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from sheep.oid import ObjType, oid_index, oid_str, oid_type, oid_vdi
 from sheep.vdi.manager import VdiManager, open_manager
 
 from ..cluster import (
+    BIN,
     Cluster,
     all_objects_on_disk,
     dog,
@@ -414,20 +418,88 @@ async def test_import_and_export_of_a_sparse_image_round_trip_thin(
     assert dog("vdi", "export", "img", str(back), address=a).stderr == ""
 
 
-async def test_import_into_an_existing_vdi_replaces_its_content(
+async def test_import_into_an_existing_vdi_is_refused_without_force(
     cluster: Cluster, m: VdiManager, tmp_path: Path
 ) -> None:
     await m.create("dst", 12 * MiB)
+    await vdi_write(m, "dst", 0, b"keep me")
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"new")
+    err = dog_error("vdi", "import", "dst", str(image), address=cluster.address)
+    assert err == "VDI 'dst' exists; 'dog vdi import --force' replaces its content"
+    assert await vdi_read(m, "dst", 0, 7) == b"keep me"
+    assert not (await m.state()).lookup("dst").incomplete
+
+
+async def test_forced_import_of_a_smaller_image_leaves_zeros_past_its_end(
+    cluster: Cluster, m: VdiManager, tmp_path: Path
+) -> None:
+    """The VDI keeps its size (VDIs do not shrink); nothing of its old content survives,
+    not even past the image's end."""
+    await m.create("dst", 12 * MiB)
     await vdi_write(m, "dst", 0, b"old data everywhere")
     await vdi_write(m, "dst", BS + 5, b"old")
-    await vdi_write(m, "dst", 2 * BS, b"past the image")
+    await vdi_write(m, "dst", 8 * MiB - 3, b"old tail across the image's end")
+    await vdi_write(m, "dst", 2 * BS + 100, b"past the image")
     image = tmp_path / "img.raw"
     _sparse_image(image, 8 * MiB, [(10, b"new"), (BS, bytes(BS))])
-    dog("vdi", "import", "dst", str(image), address=cluster.address)
+    dog("vdi", "import", "dst", str(image), "--force", address=cluster.address)
     assert await vdi_read(m, "dst", 0, 19) == bytes(10) + b"new" + bytes(6)
     assert await vdi_read(m, "dst", BS, 8) == bytes(8)  # zeros in the image: zeros now
-    assert await vdi_read(m, "dst", 2 * BS, 14) == b"past the image"
-    assert await _usage(m, "dst") == (2 * BS, 0)  # and block 1 was dropped, not filled
+    assert await vdi_read(m, "dst", 8 * MiB - 3, 31) == bytes(31)
+    assert await vdi_read(m, "dst", 2 * BS + 100, 14) == bytes(14)
+    rec = (await m.state()).lookup("dst")
+    assert rec.size == 12 * MiB and not rec.incomplete
+    assert await _usage(m, "dst") == (BS, 0)  # blocks 1 and 2 dropped, not filled
+
+
+async def _start_import(c: Cluster, m: VdiManager, tmp_path: Path, name: str
+                        ) -> asyncio.subprocess.Process:
+    """`dog vdi import` of a 64 MiB image of data, caught in the middle: it has created
+    the VDI and written some of its objects."""
+    image = tmp_path / "big.raw"
+    image.write_bytes(_pattern(7, 64 * MiB))
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "dog"), "vdi", "import", name, str(image), "-a", c.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        state = await m.state()
+        if name in state.working and _data_objects(c, state.working[name]):
+            return proc
+        assert proc.returncode is None and time.monotonic() < deadline, "no import seen"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_an_interrupted_import_deletes_the_vdi_it_created(
+    cluster: Cluster, m: VdiManager, tmp_path: Path, sig: int
+) -> None:
+    proc = await _start_import(cluster, m, tmp_path, "big")
+    proc.send_signal(sig)
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert (proc.returncode, out, err) == (
+        130, b"", b"dog: import interrupted: VDI 'big' deleted\n")
+    assert "big" not in (await m.state()).working
+    assert dog_json("vdi", "list", address=cluster.address) == {"vdis": []}
+
+
+async def test_a_killed_import_leaves_its_vdi_marked_incomplete(
+    cluster: Cluster, m: VdiManager, tmp_path: Path
+) -> None:
+    """kill -9 leaves no chance to clean up: the flag set before the first byte stays."""
+    proc = await _start_import(cluster, m, tmp_path, "big")
+    proc.kill()
+    await proc.wait()
+    a = cluster.address
+    [row] = dog_json("vdi", "list", address=a)["vdis"]
+    assert (row["name"], row["incomplete"]) == ("big", True)
+    assert dog("vdi", "list", address=a).stdout.splitlines()[1].split()[:2] == [
+        "big", "(incomplete)"]
+    assert dog_json("vdi", "info", "big", address=a)["incomplete"] is True
+    assert ("Status: incomplete: an import into it did not finish (import again with "
+            "--force, or delete it)") in dog("vdi", "info", "big", address=a).stdout
 
 
 async def test_export_of_a_snapshot_writes_the_snapshot(
