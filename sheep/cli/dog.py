@@ -25,6 +25,7 @@ from .dog_vdi import (
     UsageError,
     add_cluster_commands,
     add_vdi_commands,
+    free_space,
     progress_bar,
     progress_option,
 )
@@ -115,20 +116,21 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
         _emit_json(reply)
         return
     rows = []
-    total_used = total_size = 0
+    total_used = 0
     for i, s in enumerate(reply.nodes):
         if not s.reachable:
             rows.append([str(i), "?", "?", "?", "?", "unreachable: " + s.error])
             continue
         size = s.used + s.free
         total_used += s.used
-        total_size += size
         pct = f"{100 * s.used / size:.0f}%" if size else "-"
         rows.append([str(i), format_size(size), format_size(s.used), format_size(s.free), pct,
                      str(s.objects)])
+    total_free = free_space(reply.nodes)  # a filesystem shared by nodes counts once
+    total_size = total_used + total_free
     pct = f"{100 * total_used / total_size:.0f}%" if total_size else "-"
     rows.append(["Total", format_size(total_size), format_size(total_used),
-                 format_size(total_size - total_used), pct, ""])
+                 format_size(total_free), pct, ""])
     print(_table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
 
 

@@ -126,13 +126,61 @@ def _split_at(spec: str) -> tuple[str, str | None]:
     return name, (tag if sep else None)
 
 
+def free_space(nodes) -> int:
+    """Free bytes across the reachable nodes (NodeStats), each filesystem once: nodes
+    whose data dirs share one filesystem share its free space."""
+    free: dict[str, int] = {}
+    for i, s in enumerate(nodes):
+        if s.reachable:
+            free[s.filesystem or f"node {i}"] = s.free
+    return sum(free.values())
+
+
+async def _room(stub, copies: int) -> tuple[int, int]:
+    """(bytes of VDI data the cluster can still store with `copies` replicas, and with
+    nothing stored): free space, and free plus used, divided by the copies."""
+    nodes = (await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)).nodes
+    free = free_space(nodes)
+    used = sum(s.used for s in nodes if s.reachable)
+    return free // copies, (free + used) // copies
+
+
+async def _check_room(stub, name: str, size: int, new_bytes: int, copies: int,
+                      prealloc: bool) -> str:
+    """Preallocating more than the cluster has free is refused before a byte is written.
+    For a thin VDI larger than the whole cluster, returns the warning to print once the
+    command succeeded (else "")."""
+    free, whole = await _room(stub, copies)
+    if prealloc and new_bytes > free:
+        raise UsageError(f"cannot preallocate {format_size(new_bytes)} for VDI {name!r}: "
+                         f"with {copies} copies the cluster has room for {format_size(free)}")
+    if not prealloc and size > whole:
+        return (f"dog: warning: VDI {name!r} ({format_size(size)}) is larger than the "
+                f"cluster can hold with {copies} copies ({format_size(whole)}); writes will "
+                f"fail when space runs out")
+    return ""
+
+
+def _warn(warning: str) -> None:
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 # -- commands ------------------------------------------------------------------------------
 
 
 async def vdi_create(stub, args) -> None:
     size = _size(args.size, "VDI size")
     async with _manager(stub, args) as m:
+        config = m.client.view.config
+        assert config is not None
+        m.check_size(size, config.object_size)
+        blocks = -(-size // config.object_size) * config.object_size
+        warning = await _check_room(stub, args.name, size, blocks,
+                                    args.copies if args.copies is not None else config.copies,
+                                    args.prealloc)
         rec = await m.create(args.name, size, copies=args.copies, prealloc=args.prealloc)
+    _warn(warning)
     if args.json:
         _emit(_record_dict(rec, nblocks(rec) * rec.block_size if args.prealloc else 0, 0))
     else:
@@ -275,7 +323,14 @@ async def vdi_delete(stub, args) -> None:
 async def vdi_resize(stub, args) -> None:
     size = _size(args.size, "VDI size")
     async with _manager(stub, args) as m:
-        rec = await m.resize(args.name, size)
+        current = (await m.state()).lookup(args.name)
+        bs = current.block_size
+        new_bytes = max(0, -(-size // bs) - -(-current.size // bs)) * bs
+        m.check_size(size, bs)
+        warning = await _check_room(stub, args.name, size, new_bytes, current.copies,
+                                    args.prealloc)
+        rec = await m.resize(args.name, size, prealloc=args.prealloc)
+    _warn(warning)
     if args.json:
         _emit(_record_dict(rec, 0, 0))
     else:
@@ -641,6 +696,8 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p = cmd("resize", vdi_resize, "grow a VDI")
     p.add_argument("name")
     p.add_argument("size")
+    p.add_argument("-P", "--prealloc", action="store_true",
+                   help="allocate every object of the new part now")
     for name, func, help in (("read", vdi_read, "VDI bytes to stdout"),
                              ("write", vdi_write, "stdin to VDI bytes")):
         p = cmd(name, func, help)

@@ -79,7 +79,7 @@ class VdiManager:
             raise ClusterError("the cluster is not formatted")
         return config.object_size
 
-    def _check_size(self, size: int, block_size: int) -> None:
+    def check_size(self, size: int, block_size: int) -> None:
         limit = max_vdi_size(block_size)
         if size <= 0:
             raise InvalidParams("VDI size must be more than 0")
@@ -95,7 +95,7 @@ class VdiManager:
     ) -> VdiRecord:
         validate_name(name)
         block_size = self._block_size()
-        self._check_size(size, block_size)
+        self.check_size(size, block_size)
         config = self.client.view.config
         assert config is not None
         copies = validate_copies(copies if copies is not None else config.copies)
@@ -239,23 +239,37 @@ class VdiManager:
                     return flat
             raise ClusterError("the registry kept changing; try again")
 
-    async def resize(self, name: str, size: int) -> VdiRecord:
+    async def resize(self, name: str, size: int, *, prealloc: bool = False) -> VdiRecord:
+        """Grow NAME to `size`; with `prealloc`, the new part's objects are then allocated
+        (as zeros) under NAME's write lock, before anyone else can write it."""
+        if prealloc:
+            async with await self.open(name, writable=True) as vol:
+                old = vol.size
+                grown = await self._grow(name, size)
+                vol.grown(grown)
+                await vol.write_zeroes(old, size - old)
+                await vol.flush()
+            return grown
         lock = await self.registry.acquire_lock(name, f"{self.holder} (resize)")
         try:
-            for _ in range(_RETRIES):
-                state = await self.state()
-                current = state.lookup(name)
-                if size < current.size:
-                    raise InvalidParams(f"shrinking is not supported: VDI {name!r} is "
-                                        f"{current.size} bytes, asked for {size}")
-                self._check_size(size, current.block_size)
-                grown = replace(current, size=size)
-                if await self.registry.change(state).put_record(grown).commit():
-                    await write_header(self.client, grown)
-                    return grown
-            raise ClusterError("the registry kept changing; try again")
+            return await self._grow(name, size)
         finally:
             await lock.release()
+
+    async def _grow(self, name: str, size: int) -> VdiRecord:
+        """Publish NAME's new size; the caller holds NAME's lock."""
+        for _ in range(_RETRIES):
+            state = await self.state()
+            current = state.lookup(name)
+            if size < current.size:
+                raise InvalidParams(f"shrinking is not supported: VDI {name!r} is "
+                                    f"{current.size} bytes, asked for {size}")
+            self.check_size(size, current.block_size)
+            grown = replace(current, size=size)
+            if await self.registry.change(state).put_record(grown).commit():
+                await write_header(self.client, grown)
+                return grown
+        raise ClusterError("the registry kept changing; try again")
 
     async def mark_incomplete(self, name: str, incomplete: bool) -> VdiRecord:
         """Set or clear NAME's `incomplete` flag: set while an import writes into it, so

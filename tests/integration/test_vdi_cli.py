@@ -453,6 +453,51 @@ async def test_forced_import_of_a_smaller_image_leaves_zeros_past_its_end(
     assert await _usage(m, "dst") == (BS, 0)  # blocks 1 and 2 dropped, not filled
 
 
+# -- capacity -----------------------------------------------------------------------------
+
+
+async def test_preallocating_more_than_the_cluster_has_free_is_refused(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    before = all_objects_on_disk(cluster)
+    err = dog_error("vdi", "create", "huge", "3T", "-P", address=cluster.address)
+    assert err.startswith("cannot preallocate 3 TiB for VDI 'huge': with 3 copies the "
+                          "cluster has room for "), err
+    assert "huge" not in (await m.state()).working
+    assert all_objects_on_disk(cluster) == before
+
+
+async def test_a_thin_vdi_larger_than_the_cluster_is_created_with_a_warning(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    proc = dog("vdi", "create", "huge", "3T", address=cluster.address)
+    assert proc.stdout.startswith("VDI huge created: 3 TiB")
+    assert proc.stderr.startswith("dog: warning: VDI 'huge' (3 TiB) is larger than the "
+                                  "cluster can hold with 3 copies (")
+    assert proc.stderr.endswith("); writes will fail when space runs out\n")
+    assert (await m.state()).lookup("huge").size == 3 << 40
+
+
+async def test_resize_with_preallocation_beyond_free_space_is_refused(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("r", 8 * MiB)
+    err = dog_error("vdi", "resize", "r", "3T", "-P", address=cluster.address)
+    assert err.startswith("cannot preallocate 3.0 TiB for VDI 'r': with 3 copies"), err
+    assert (await m.state()).lookup("r").size == 8 * MiB
+
+
+async def test_resize_with_preallocation_allocates_the_new_part(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("r", BS)
+    dog("vdi", "resize", "r", str(3 * BS), "-P", address=cluster.address)
+    rec = (await m.state()).lookup("r")
+    assert rec.size == 3 * BS and _blocks(cluster, rec.id) == [1, 2]
+    assert await vdi_read(m, "r", BS, 8) == bytes(8)
+    assert (await m.state()).locks == {}
+
+
 async def _start_import(c: Cluster, m: VdiManager, tmp_path: Path, name: str
                         ) -> asyncio.subprocess.Process:
     """`dog vdi import` of a 64 MiB image of data, caught in the middle: it has created
@@ -605,7 +650,8 @@ async def test_bad_input_gets_a_one_line_error_and_changes_nothing(
         (["write", "disk", str(9 * MiB)], "past the end"),
         (["write", "disk", str(8 * MiB - 4), "5"], "past the end"),
         (["write", "disk", str(8 * MiB - 4)], "nothing written"),  # a file of 10 bytes
-        (["import", "disk", str(big)], "more than VDI"),
+        (["import", "disk", str(big)], "VDI 'disk' exists; 'dog vdi import --force'"),
+        (["import", "disk", str(big), "--force"], "more than VDI"),
         # tags
         (["snapshot", "disk", "-s", "snap"], "already has a snapshot tagged 'snap'"),
         (["snapshot", "disk", "-s", "a@b"], "snapshot tag 'a@b' contains '@'"),
