@@ -71,6 +71,17 @@ def _size(text: str, what: str) -> int:
         raise UsageError(f"{what}: {exc}") from None
 
 
+def _sectors(size: int, name: str) -> int:
+    """A VDI's size in whole 512-byte sectors, rounded up with a notice on stderr: block
+    devices (NBD, iSCSI, QEMU) see disks in sectors, and a part-sector tail made iSCSI
+    report a block it could not read and disagree with NBD about the size."""
+    whole = round_up(size)
+    if whole != size:
+        print(f"dog: note: VDI {name!r} size {size} bytes rounded up to {whole} bytes "
+              f"(whole 512-byte sectors)", file=sys.stderr)
+    return whole
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
@@ -170,7 +181,7 @@ def _warn(warning: str) -> None:
 
 
 async def vdi_create(stub, args) -> None:
-    size = _size(args.size, "VDI size")
+    size = _sectors(_size(args.size, "VDI size"), args.name)
     async with _manager(stub, args) as m:
         config = m.client.view.config
         assert config is not None
@@ -321,7 +332,7 @@ async def vdi_delete(stub, args) -> None:
 
 
 async def vdi_resize(stub, args) -> None:
-    size = _size(args.size, "VDI size")
+    size = _sectors(_size(args.size, "VDI size"), args.name)
     async with _manager(stub, args) as m:
         current = (await m.state()).lookup(args.name)
         bs = current.block_size
@@ -464,7 +475,8 @@ async def _importing(m: VdiManager, args: argparse.Namespace, size: int
                              f"{args.name!r} ({current.size} bytes); nothing written")
         await m.mark_incomplete(args.name, True)
     else:
-        await m.create(args.name, round_up(size), copies=args.copies, incomplete=True)
+        await m.create(args.name, _sectors(size, args.name), copies=args.copies,
+                       incomplete=True)
     try:
         yield
     except BaseException as exc:

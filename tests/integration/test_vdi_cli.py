@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -451,6 +452,49 @@ async def test_forced_import_of_a_smaller_image_leaves_zeros_past_its_end(
     rec = (await m.state()).lookup("dst")
     assert rec.size == 12 * MiB and not rec.incomplete
     assert await _usage(m, "dst") == (BS, 0)  # blocks 1 and 2 dropped, not filled
+
+
+# -- sizes in whole sectors ----------------------------------------------------------------
+
+
+def _create_1(c: Cluster, tmp_path: Path) -> str:
+    return dog("vdi", "create", "odd", "1", address=c.address).stderr
+
+
+def _create_513(c: Cluster, tmp_path: Path) -> str:
+    return dog("vdi", "create", "odd", "513", address=c.address).stderr
+
+
+def _resize_1025(c: Cluster, tmp_path: Path) -> str:
+    dog("vdi", "create", "odd", "512", address=c.address)
+    return dog("vdi", "resize", "odd", "1025", address=c.address).stderr
+
+
+def _import_3_bytes(c: Cluster, tmp_path: Path) -> str:
+    (tmp_path / "three").write_bytes(b"abc")
+    return dog("vdi", "import", "odd", str(tmp_path / "three"), "-f", "raw",
+               address=c.address).stderr
+
+
+@pytest.mark.parametrize(("make", "asked", "size"), [
+    (_create_1, 1, 512), (_create_513, 513, 1024), (_resize_1025, 1025, 1536),
+    (_import_3_bytes, 3, 512)], ids=["create-1", "create-513", "resize-1025", "import-3"])
+def test_vdi_sizes_round_up_to_whole_sectors_that_nbd_and_iscsi_agree_on(
+    iscsi_cluster: Cluster, tmp_path: Path, make, asked: int, size: int
+) -> None:
+    c = iscsi_cluster
+    note = make(c, tmp_path)
+    assert note == (f"dog: note: VDI 'odd' size {asked} bytes rounded up to {size} bytes "
+                    f"(whole 512-byte sectors)\n")
+    assert dog_json("vdi", "info", "odd", address=c.address)["size"] == size
+    nbd = subprocess.run(["nbdinfo", "--size", c.nbd_url("odd")], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert nbd.stdout.strip() == str(size), nbd.stderr
+    iscsi = subprocess.run(["iscsi-readcapacity16", c.iscsi_url("odd")], capture_output=True,
+                           text=True, timeout=60, cwd=tmp_path)
+    assert f"Total size:{size}\n" in iscsi.stdout, iscsi.stdout + iscsi.stderr
+    data = dog_bytes("vdi", "read", "odd", address=c.address).stdout
+    assert data == (b"abc" if asked == 3 else b"") + bytes(size - (3 if asked == 3 else 0))
 
 
 # -- capacity -----------------------------------------------------------------------------
