@@ -322,13 +322,24 @@ async def vdi_flatten(stub, args) -> None:
 
 
 async def vdi_delete(stub, args) -> None:
+    if args.recursive and args.snapshot:
+        raise UsageError("-r deletes every snapshot of the VDI: give no -s with it")
     async with _manager(stub, args) as m:
-        removed = await m.delete(args.name, args.snapshot)
-    label = f"{args.name}@{args.snapshot}" if args.snapshot else args.name
+        if args.recursive:
+            deleted, removed = await m.delete_recursive(args.name)
+        else:
+            removed = await m.delete(args.name, args.snapshot)
+            deleted = [f"{args.name}@{args.snapshot}" if args.snapshot else args.name]
+        state = await m.state()
+    remaining = [r.tag for r in state.family(args.name) if r.snapshot]
     if args.json:
-        _emit({"deleted": label, "reclaimed_objects": removed})
-    else:
-        print(f"VDI {label} deleted; {removed} object(s) reclaimed")
+        _emit({"deleted": deleted, "reclaimed_objects": removed,
+               "remaining_snapshots": remaining})
+        return
+    print(f"VDI {', '.join(deleted)} deleted; {removed} object(s) reclaimed")
+    if remaining and not args.snapshot:
+        print(f"its snapshots remain: {', '.join(remaining)} ('dog vdi delete -r "
+              f"{args.name}' removes them too)")
 
 
 async def vdi_resize(stub, args) -> None:
@@ -705,6 +716,8 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p = cmd("delete", vdi_delete, "delete a VDI or one snapshot, reclaiming its objects")
     p.add_argument("name")
     snap_opt(p)
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="the VDI and every snapshot of it (clones of them stay)")
     p = cmd("resize", vdi_resize, "grow a VDI")
     p.add_argument("name")
     p.add_argument("size")

@@ -106,6 +106,8 @@ class VdiManager:
                                 f"the cluster has {nodes}")
         state = await self.state()
         if name in state.working:
+            if not state.working[name]:
+                raise VdiExists(snapshots_remain(state, name))
             raise VdiExists(f"VDI {name!r} already exists")
         record = VdiRecord(await self.registry.allocate_id(), name, size, copies, block_size,
                            time.time(), incomplete=incomplete)
@@ -328,10 +330,33 @@ class VdiManager:
             if lock is not None:
                 await lock.release()
 
+    async def delete_recursive(self, name: str) -> tuple[list[str], int]:
+        """Delete NAME's working VDI and every snapshot of it, newest first; returns what
+        was deleted and how many data objects were reclaimed. Clones of its snapshots are
+        VDIs of their own: they keep every block they use (reclaim goes by reference)."""
+        state = await self.state()
+        if name not in state.working:
+            raise NoVdi(f"no VDI named {name!r}")
+        if users := await self.registry.users(name):
+            raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before "
+                            f"deleting the VDI")
+        deleted, removed = [], 0
+        for rec in reversed(state.family(name)):
+            removed += await self.delete(name, rec.tag if rec.snapshot else None)
+            deleted.append(rec.label)
+        return deleted, removed
+
     # -- accounting -----------------------------------------------------------------------
 
     async def usage(self, record: VdiRecord) -> Usage:
         return usage_of(record, await self.table(record))
+
+
+def snapshots_remain(state: RegistryState, name: str) -> str:
+    """What to tell a user about NAME when only its snapshots are left."""
+    tags = ", ".join(r.tag for r in state.family(name) if r.snapshot)
+    return (f"VDI {name!r} was deleted but its snapshots remain ({tags}): 'dog vdi delete "
+            f"-r {name}' removes them, 'dog vdi rollback {name} -s TAG' revives one")
 
 
 @contextlib.asynccontextmanager

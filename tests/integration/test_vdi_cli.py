@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sheep.oid import ObjType, oid_index, oid_str, oid_type, oid_vdi
+from sheep.vdi.inode import block_oid
 from sheep.vdi.manager import VdiManager, open_manager
 
 from ..cluster import (
@@ -299,12 +300,58 @@ async def test_delete_reclaims_the_objects_of_a_vdi(cluster: Cluster, m: VdiMana
     assert {oid_vdi(o) for o in all_objects_on_disk(cluster)} == {gone_id, keep_id}
 
     out = dog_json("vdi", "delete", "gone", address=cluster.address)
-    assert out == {"deleted": "gone", "reclaimed_objects": 2}
+    assert out == {"deleted": ["gone"], "reclaimed_objects": 2, "remaining_snapshots": []}
     assert {oid_vdi(o) for o in all_objects_on_disk(cluster)} == {keep_id}  # data and inode
     assert list((await m.state()).working) == ["keep"]
     assert await vdi_read(m, "keep", BS - 1, 2) == b"xy"
     await m.create("gone", 4 * MiB)  # the name is free again, and the new VDI is empty
     assert await vdi_read(m, "gone", BS - 1, 1) == b"\0"
+
+
+async def _vdi_with_two_snapshots(m: VdiManager, name: str) -> None:
+    await m.create(name, 12 * MiB)
+    await vdi_write(m, name, 0, b"first")
+    await _snapshot(m, name, "s1")
+    await vdi_write(m, name, BS, b"second")
+    await _snapshot(m, name, "s2")
+    await vdi_write(m, name, 2 * BS, b"third")
+
+
+async def test_a_plain_delete_says_which_snapshots_remain_and_how_to_remove_them(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await _vdi_with_two_snapshots(m, "v")
+    out = dog("vdi", "delete", "v", address=cluster.address).stdout.splitlines()
+    assert out[1] == "its snapshots remain: s1, s2 ('dog vdi delete -r v' removes them too)"
+    assert [r.label for r in (await m.state()).family("v")] == ["v@s1", "v@s2"]
+
+
+async def test_create_after_a_plain_delete_says_that_snapshots_remain(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await _vdi_with_two_snapshots(m, "v")
+    dog("vdi", "delete", "v", address=cluster.address)
+    err = dog_error("vdi", "create", "v", "1G", address=cluster.address)
+    assert err == ("VDI 'v' was deleted but its snapshots remain (s1, s2): 'dog vdi delete "
+                   "-r v' removes them, 'dog vdi rollback v -s TAG' revives one")
+
+
+async def test_recursive_delete_removes_the_vdi_and_its_snapshots_and_keeps_clones(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await _vdi_with_two_snapshots(m, "v")
+    await m.clone("v", "s1", "c")
+    c_id = await _id(m, "c")
+    out = dog_json("vdi", "delete", "v", "-r", address=cluster.address)
+    assert out["deleted"] == ["v", "v@s2", "v@s1"] and out["remaining_snapshots"] == []
+    state = await m.state()
+    assert list(state.working) == ["c"] and list(state.records) == [c_id]
+    assert await vdi_read(m, "c", 0, 5) == b"first"  # the clone keeps the blocks it uses
+    # every data object left is one c uses: v's own were reclaimed
+    table = await m.table(state.records[c_id])
+    assert set(_data_objects(cluster)) == {block_oid(ref, i) for i, ref in enumerate(table)
+                                           if ref}
+    dog("vdi", "create", "v", "1G", address=cluster.address)  # the name is free again
 
 
 async def test_deleting_snapshots_keeps_the_data_of_clones_and_later_snapshots(
@@ -340,7 +387,8 @@ async def test_deleting_snapshots_keeps_the_data_of_clones_and_later_snapshots(
     # s1's blocks 0 and 2 are still used by s2, v and c; its block 1, which s2 and c both
     # wrote over, is used by nobody any more: that one object is reclaimed
     out = dog_json("vdi", "delete", "v", "-s", "s1", address=a)
-    assert out == {"deleted": "v@s1", "reclaimed_objects": 1}
+    assert out == {"deleted": ["v@s1"], "reclaimed_objects": 1,
+                   "remaining_snapshots": ["s2"]}
     assert await contents() == before
     assert (await m.state()).lookup("c").parent == 0  # c and v are now separate trees...
     dog("vdi", "delete", "v", "-s", "s2", address=a)
