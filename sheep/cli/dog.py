@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,9 +21,11 @@ from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.units import format_size, parse_size
 
 from .dog_vdi import (
+    Interrupted,
     UsageError,
     add_cluster_commands,
     add_vdi_commands,
+    free_space,
     progress_bar,
     progress_option,
 )
@@ -138,20 +141,21 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
         _emit_json(reply)
         return
     rows = []
-    total_used = total_size = 0
+    total_used = 0
     for i, s in enumerate(reply.nodes):
         if not s.reachable:
             rows.append([str(i), "?", "?", "?", "?", "unreachable: " + s.error])
             continue
         size = s.used + s.free
         total_used += s.used
-        total_size += size
         pct = f"{100 * s.used / size:.0f}%" if size else "-"
         rows.append([str(i), format_size(size), format_size(s.used), format_size(s.free), pct,
                      str(s.objects)])
+    total_free = free_space(reply.nodes)  # a filesystem shared by nodes counts once
+    total_size = total_used + total_free
     pct = f"{100 * total_used / total_size:.0f}%" if total_size else "-"
     rows.append(["Total", format_size(total_size), format_size(total_used),
-                 format_size(total_size - total_used), pct, ""])
+                 format_size(total_free), pct, ""])
     print(_table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
 
 
@@ -300,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace, func: Callable) -> None:
+    # SIGTERM cancels the command as Ctrl-C does, so that it cleans up (an import deletes
+    # the VDI it created) instead of dying on the spot
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with grpc.aio.insecure_channel(args.address) as channel:
         await func(pb_grpc.ControlStub(channel), args)
 
@@ -311,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         asyncio.run(_run(args, args.func))
-    except KeyboardInterrupt:
+    except Interrupted as exc:  # a cancelled import says what it undid
+        report_error("dog", str(exc), "interrupted", args.json)
+        return 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except (DogError, UsageError, SheepError, grpc.aio.AioRpcError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and stdout_closed():

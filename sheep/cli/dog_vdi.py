@@ -41,6 +41,7 @@ from sheep.vdi.inodes import nblocks
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import RegistryState, VdiRecord
 from sheep.vdi.transfer import export_file, import_file
+from sheep.vdi.volume import Volume
 
 RPC_TIMEOUT = 15.0
 _WINDOW = 4  # block-sized reads or writes in flight
@@ -48,6 +49,11 @@ _WINDOW = 4  # block-sized reads or writes in flight
 
 class UsageError(Exception):
     """Bad command-line input: dog prints it on one line and exits 1."""
+
+
+class Interrupted(Exception):
+    """A command stopped by SIGINT or SIGTERM, after cleaning up: dog prints what it left
+    on one line and exits 130."""
 
 
 @contextlib.asynccontextmanager
@@ -66,6 +72,17 @@ def _size(text: str, what: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise UsageError(f"{what}: {exc}") from None
+
+
+def _sectors(size: int, name: str) -> int:
+    """A VDI's size in whole 512-byte sectors, rounded up with a notice on stderr: block
+    devices (NBD, iSCSI, QEMU) see disks in sectors, and a part-sector tail made iSCSI
+    report a block it could not read and disagree with NBD about the size."""
+    whole = round_up(size)
+    if whole != size:
+        print(f"dog: note: VDI {name!r} size {size} bytes rounded up to {whole} bytes "
+              f"(whole 512-byte sectors)", file=sys.stderr)
+    return whole
 
 
 def _when(ts: float) -> str:
@@ -117,7 +134,7 @@ def _record_dict(rec: VdiRecord, allocated: int, shared: int) -> dict:
     return {"name": rec.name, "tag": rec.tag, "id": rec.id, "parent": rec.parent,
             "size": rec.size, "allocated": allocated, "shared": shared, "copies": rec.copies,
             "block_size": rec.block_size, "snapshot": rec.snapshot, "created": rec.created,
-            "snap_time": rec.snap_time}
+            "snap_time": rec.snap_time, "incomplete": rec.incomplete}
 
 
 def _split_at(spec: str) -> tuple[str, str | None]:
@@ -125,13 +142,61 @@ def _split_at(spec: str) -> tuple[str, str | None]:
     return name, (tag if sep else None)
 
 
+def free_space(nodes) -> int:
+    """Free bytes across the reachable nodes (NodeStats), each filesystem once: nodes
+    whose data dirs share one filesystem share its free space."""
+    free: dict[str, int] = {}
+    for i, s in enumerate(nodes):
+        if s.reachable:
+            free[s.filesystem or f"node {i}"] = s.free
+    return sum(free.values())
+
+
+async def _room(stub, copies: int) -> tuple[int, int]:
+    """(bytes of VDI data the cluster can still store with `copies` replicas, and with
+    nothing stored): free space, and free plus used, divided by the copies."""
+    nodes = (await stub.NodeList(pb.Empty(), timeout=RPC_TIMEOUT)).nodes
+    free = free_space(nodes)
+    used = sum(s.used for s in nodes if s.reachable)
+    return free // copies, (free + used) // copies
+
+
+async def _check_room(stub, name: str, size: int, new_bytes: int, copies: int,
+                      prealloc: bool) -> str:
+    """Preallocating more than the cluster has free is refused before a byte is written.
+    For a thin VDI larger than the whole cluster, returns the warning to print once the
+    command succeeded (else "")."""
+    free, whole = await _room(stub, copies)
+    if prealloc and new_bytes > free:
+        raise UsageError(f"cannot preallocate {format_size(new_bytes)} for VDI {name!r}: "
+                         f"with {copies} copies the cluster has room for {format_size(free)}")
+    if not prealloc and size > whole:
+        return (f"dog: warning: VDI {name!r} ({format_size(size)}) is larger than the "
+                f"cluster can hold with {copies} copies ({format_size(whole)}); writes will "
+                f"fail when space runs out")
+    return ""
+
+
+def _warn(warning: str) -> None:
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 # -- commands ------------------------------------------------------------------------------
 
 
 async def vdi_create(stub, args) -> None:
-    size = _size(args.size, "VDI size")
+    size = _sectors(_size(args.size, "VDI size"), args.name)
     async with _manager(stub, args) as m:
+        config = m.client.view.config
+        assert config is not None
+        m.check_size(size, config.object_size)
+        blocks = -(-size // config.object_size) * config.object_size
+        warning = await _check_room(stub, args.name, size, blocks,
+                                    args.copies if args.copies is not None else config.copies,
+                                    args.prealloc)
         rec = await m.create(args.name, size, copies=args.copies, prealloc=args.prealloc)
+    _warn(warning)
     if args.json:
         _emit(_record_dict(rec, nblocks(rec) * rec.block_size if args.prealloc else 0, 0))
     else:
@@ -158,7 +223,9 @@ async def vdi_list(stub, args) -> None:
     if args.json:
         _emit({"vdis": rows})
         return
-    table = [["s" if r["snapshot"] else "", r["name"], r["tag"] or "-", str(r["id"]),
+    table = [["s" if r["snapshot"] else "",
+              r["name"] + (" (incomplete)" if r["incomplete"] else ""), r["tag"] or "-",
+              str(r["id"]),
               format_size(r["size"]), format_size(r["allocated"]), format_size(r["shared"]),
               str(r["copies"]), _when(r["snap_time"] if r["snapshot"] else r["created"])]
              for r in rows]
@@ -192,6 +259,10 @@ async def vdi_tree(stub, args) -> None:
     print("\n".join(lines))
 
 
+_INCOMPLETE = ("incomplete: an import into it did not finish (import again with --force, "
+               "or delete it)")
+
+
 async def vdi_info(stub, args) -> None:
     async with _manager(stub, args) as m:
         state = await m.state()
@@ -216,6 +287,7 @@ async def vdi_info(stub, args) -> None:
           f"Allocated: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
           f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"
           f"Created: {_when(rec.created)}\n"
+          + (f"Status: {_INCOMPLETE}\n" if rec.incomplete else "")
           + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
           + f"Snapshots: {', '.join(info['snapshots']) or '-'}\n"
           f"Locked by: {info['locked_by'] or '-'}\n"
@@ -263,19 +335,37 @@ async def vdi_flatten(stub, args) -> None:
 
 
 async def vdi_delete(stub, args) -> None:
+    if args.recursive and args.snapshot:
+        raise UsageError("-r deletes every snapshot of the VDI: give no -s with it")
     async with _manager(stub, args) as m:
-        removed = await m.delete(args.name, args.snapshot)
-    label = f"{args.name}@{args.snapshot}" if args.snapshot else args.name
+        if args.recursive:
+            deleted, removed = await m.delete_recursive(args.name)
+        else:
+            removed = await m.delete(args.name, args.snapshot)
+            deleted = [f"{args.name}@{args.snapshot}" if args.snapshot else args.name]
+        state = await m.state()
+    remaining = [r.tag for r in state.family(args.name) if r.snapshot]
     if args.json:
-        _emit({"deleted": label, "reclaimed_objects": removed})
-    else:
-        print(f"VDI {label} deleted; {removed} object(s) reclaimed")
+        _emit({"deleted": deleted, "reclaimed_objects": removed,
+               "remaining_snapshots": remaining})
+        return
+    print(f"VDI {', '.join(deleted)} deleted; {removed} object(s) reclaimed")
+    if remaining and not args.snapshot:
+        print(f"its snapshots remain: {', '.join(remaining)} ('dog vdi delete -r "
+              f"{args.name}' removes them too)")
 
 
 async def vdi_resize(stub, args) -> None:
-    size = _size(args.size, "VDI size")
+    size = _sectors(_size(args.size, "VDI size"), args.name)
     async with _manager(stub, args) as m:
-        rec = await m.resize(args.name, size)
+        current = (await m.state()).lookup(args.name)
+        bs = current.block_size
+        new_bytes = max(0, -(-size // bs) - -(-current.size // bs)) * bs
+        m.check_size(size, bs)
+        warning = await _check_room(stub, args.name, size, new_bytes, current.copies,
+                                    args.prealloc)
+        rec = await m.resize(args.name, size, prealloc=args.prealloc)
+    _warn(warning)
     if args.json:
         _emit(_record_dict(rec, 0, 0))
     else:
@@ -384,14 +474,12 @@ async def vdi_import(stub, args) -> None:
             await _import_image(stub, args, info)
             return
     size = os.path.getsize(args.file)
-    async with _manager(stub, args) as m:
-        state = await m.state()
-        if args.name not in state.working:
-            if size == 0:
-                raise UsageError(f"{args.file} is empty")
-            await m.create(args.name, size, copies=args.copies)
-        async with await m.open(args.name, writable=True) as vol:
-            written = await import_file(vol, args.file, progress_bar(args.progress, "import"))
+    if size == 0:
+        raise UsageError(f"{args.file} is empty")
+    async with (_manager(stub, args) as m, _importing(m, args, size),
+                await m.open(args.name, writable=True) as vol):
+        written = await import_file(vol, args.file, progress_bar(args.progress, "import"))
+        await _zero_tail(vol, size)
     if args.json:
         _emit({"name": args.name, "format": "raw", "size": size, "written": written})
     else:
@@ -399,29 +487,61 @@ async def vdi_import(stub, args) -> None:
               f"({format_size(written)} of data)")
 
 
+@contextlib.asynccontextmanager
+async def _importing(m: VdiManager, args: argparse.Namespace, size: int
+                     ) -> AsyncIterator[None]:
+    """The VDI an import writes into, marked incomplete until its last byte is flushed. A
+    VDI the import created is deleted if the import fails or is interrupted (SIGINT, or
+    SIGTERM: see dog.main); an existing one (only with --force) stays, marked incomplete.
+    What happened is said in one line, and an interruption exits 130."""
+    state = await m.state()
+    created = args.name not in state.working
+    if not created:
+        current = state.lookup(args.name)
+        if not args.force:
+            raise UsageError(f"VDI {args.name!r} exists; 'dog vdi import --force' replaces "
+                             f"its content")
+        if current.size < size:
+            raise UsageError(f"{args.file} is a {size}-byte disk, more than VDI "
+                             f"{args.name!r} ({current.size} bytes); nothing written")
+        await m.mark_incomplete(args.name, True)
+    else:
+        await m.create(args.name, _sectors(size, args.name), copies=args.copies,
+                       incomplete=True)
+    try:
+        yield
+    except BaseException as exc:
+        fate = "left marked incomplete"
+        if created:
+            with contextlib.suppress(Exception):
+                await m.delete(args.name)
+                fate = "deleted"
+        if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
+            raise Interrupted(f"import interrupted: VDI {args.name!r} {fate}") from None
+        raise
+    await m.mark_incomplete(args.name, False)
+
+
+async def _zero_tail(vol: Volume, size: int) -> None:
+    """An image smaller than the VDI it replaces leaves no old bytes behind: from the
+    image's end on, the VDI reads as zeros (its objects released)."""
+    if vol.size > size:
+        await vol.discard(size, vol.size - size)
+        await vol.flush()
+
+
 async def _import_image(stub, args, info: ImageInfo) -> None:
     """Through qemu-img into a loopback NBD export of the VDI. A VDI with no data yet is
     declared zero to qemu-img, which then writes only the image's data: the VDI stays thin."""
     size = info.virtual_size
     async with _manager(stub, args) as m:
-        created = args.name not in (await m.state()).working
-        if created:
-            await m.create(args.name, round_up(size), copies=args.copies)
-        try:
-            async with loopback_nbd(m.client, m.registry, m.holder, args.name,
-                                    writable=True) as gateway:
-                vol = gateway.volume
-                if vol.size < size:
-                    raise UsageError(f"{args.file} is a {size}-byte disk, more than VDI "
-                                     f"{args.name!r} ({vol.size} bytes); nothing written")
-                await convert(local(args.file), info.format, gateway.url, "raw",
-                              target_exists=True, target_is_zero=not any(vol.table),
-                              size=size, progress=progress_bar(args.progress, "import"))
-        except BaseException:
-            if created:  # leave no half-imported VDI behind
-                with contextlib.suppress(Exception):
-                    await m.delete(args.name)
-            raise
+        async with _importing(m, args, size), loopback_nbd(
+                m.client, m.registry, m.holder, args.name, writable=True) as gateway:
+            vol = gateway.volume
+            await convert(local(args.file), info.format, gateway.url, "raw",
+                          target_exists=True, target_is_zero=not any(vol.table),
+                          size=size, progress=progress_bar(args.progress, "import"))
+            await _zero_tail(vol, size)
         used = (await m.usage((await m.state()).lookup(args.name))).used
     if args.json:
         _emit({"name": args.name, "format": info.format, "size": size, "allocated": used})
@@ -574,13 +694,14 @@ async def lock_list(stub, args) -> None:
 async def lock_unlock(stub, args) -> None:
     async with _manager(stub, args) as m:
         (await m.state()).lookup(args.name)
-        broken = await m.registry.break_lock(args.name)
-    if not broken:
+        broken = await m.registry.break_lock(args.name, force=args.force)
+    if broken is None:
         raise UsageError(f"VDI {args.name!r} is not locked")
     if args.json:
-        _emit({"unlocked": args.name})
+        _emit({"unlocked": args.name, "holder": broken.holder, "host": broken.host,
+               "pid": broken.pid})
     else:
-        print(f"lock on {args.name} broken")
+        print(f"lock on {args.name} broken (it was held by {broken.who})")
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -629,9 +750,13 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p = cmd("delete", vdi_delete, "delete a VDI or one snapshot, reclaiming its objects")
     p.add_argument("name", help="the VDI (with -s, the VDI whose snapshot goes)")
     snap_opt(p)
+    p.add_argument("-r", "--recursive", action="store_true",
+                   help="the VDI and every snapshot of it (clones of them stay)")
     p = cmd("resize", vdi_resize, "grow a VDI")
     p.add_argument("name", help="the VDI to grow")
     p.add_argument("size", help="its new size: bytes, or with a suffix (20G)")
+    p.add_argument("-P", "--prealloc", action="store_true",
+                   help="allocate every object of the new part now")
     for name, func, help in (("read", vdi_read, "VDI bytes to stdout"),
                              ("write", vdi_write, "stdin to VDI bytes")):
         p = cmd(name, func, help)
@@ -650,6 +775,8 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p.add_argument("-f", "--format", metavar="FMT",
                    help=f"the image's format: {formats} (default: what qemu-img detects)")
     p.add_argument("-c", "--copies", type=int, help="replicas, when the VDI is created")
+    p.add_argument("--force", action="store_true",
+                   help="import into an existing VDI, replacing all of its content")
     progress_option(p)
     p = cmd("export", vdi_export, "copy a VDI or snapshot into a disk image file, thin")
     p.add_argument("name", metavar="NAME[@TAG]", help="the VDI, or one of its snapshots")
@@ -668,6 +795,9 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
                                                                      required=True)
     p = lock.add_parser("list", parents=[common], help="who holds which VDI open for writing")
     p.set_defaults(func=lock_list)
-    p = lock.add_parser("unlock", parents=[common], help="break a VDI's write lock")
+    p = lock.add_parser("unlock", parents=[common],
+                        help="break a VDI's write lock (of a holder that is gone)")
     p.add_argument("name", help="the locked VDI")
+    p.add_argument("--force", action="store_true",
+                   help="break it even though its holder runs (that writer stops)")
     p.set_defaults(func=lock_unlock)

@@ -7,6 +7,8 @@ control services (node list) or etcd (cluster info), never the data plane.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from typing import TYPE_CHECKING
 
 import grpc
@@ -83,7 +85,14 @@ class ControlService(pb_grpc.ControlServicer):
         return reply
 
     async def NodeInfo(self, request: pb.Empty, context) -> pb.NodeStats:
-        return self._node.stats()
+        return self._stats()
+
+    def _stats(self) -> pb.NodeStats:
+        """This node's stats, with the filesystem its data dir is on: nodes of one host
+        that share a filesystem share its free space, and totals must count it once."""
+        stats = self._node.stats()
+        stats.filesystem = f"{socket.gethostname()}:{os.stat(self._node.store.root).st_dev}"
+        return stats
 
     async def SetRecoveryThrottle(self, request: pb.ThrottleRequest, context) -> pb.NodeStats:
         self._node.set_recovery_throttle(request.bytes_per_second)
@@ -101,7 +110,7 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def _peer_stats(self, info: NodeInfo) -> pb.NodeStats:
         if info.node_id == self._node.info.node_id:
-            return self._node.stats()
+            return self._stats()
         try:
             async with grpc.aio.insecure_channel(info.control_addr) as channel:
                 stub = pb_grpc.ControlStub(channel)

@@ -79,7 +79,7 @@ class VdiManager:
             raise ClusterError("the cluster is not formatted")
         return config.object_size
 
-    def _check_size(self, size: int, block_size: int) -> None:
+    def check_size(self, size: int, block_size: int) -> None:
         limit = max_vdi_size(block_size)
         if size <= 0:
             raise InvalidParams("VDI size must be more than 0")
@@ -90,11 +90,12 @@ class VdiManager:
     # -- create ---------------------------------------------------------------------------
 
     async def create(
-        self, name: str, size: int, *, copies: int | None = None, prealloc: bool = False
+        self, name: str, size: int, *, copies: int | None = None, prealloc: bool = False,
+        incomplete: bool = False,
     ) -> VdiRecord:
         validate_name(name)
         block_size = self._block_size()
-        self._check_size(size, block_size)
+        self.check_size(size, block_size)
         config = self.client.view.config
         assert config is not None
         copies = validate_copies(copies if copies is not None else config.copies)
@@ -105,9 +106,12 @@ class VdiManager:
                                 f"the cluster has {nodes}")
         state = await self.state()
         if name in state.working:
+            if not state.working[name]:
+                raise VdiExists(snapshots_remain(state, name))
             raise VdiExists(f"VDI {name!r} already exists")
         vdi_id = await self.registry.allocate_id()
-        record = VdiRecord(vdi_id, name, size, copies, block_size, time.time(), serial=vdi_id)
+        record = VdiRecord(vdi_id, name, size, copies, block_size, time.time(), serial=vdi_id,
+                           incomplete=incomplete)
         table = array("I", [record.ref] * nblocks(record)) if prealloc else None
         try:
             if table is not None:
@@ -242,23 +246,50 @@ class VdiManager:
                     return flat
             raise ClusterError("the registry kept changing; try again")
 
-    async def resize(self, name: str, size: int) -> VdiRecord:
+    async def resize(self, name: str, size: int, *, prealloc: bool = False) -> VdiRecord:
+        """Grow NAME to `size`; with `prealloc`, the new part's objects are then allocated
+        (as zeros) under NAME's write lock, before anyone else can write it."""
+        if prealloc:
+            async with await self.open(name, writable=True) as vol:
+                old = vol.size
+                grown = await self._grow(name, size)
+                vol.grown(grown)
+                await vol.write_zeroes(old, size - old)
+                await vol.flush()
+            return grown
         lock = await self.registry.acquire_lock(name, f"{self.holder} (resize)")
         try:
-            for _ in range(_RETRIES):
-                state = await self.state()
-                current = state.lookup(name)
-                if size < current.size:
-                    raise InvalidParams(f"shrinking is not supported: VDI {name!r} is "
-                                        f"{current.size} bytes, asked for {size}")
-                self._check_size(size, current.block_size)
-                grown = replace(current, size=size)
-                if await self.registry.change(state).put_record(grown).commit():
-                    await write_header(self.client, grown)
-                    return grown
-            raise ClusterError("the registry kept changing; try again")
+            return await self._grow(name, size)
         finally:
             await lock.release()
+
+    async def _grow(self, name: str, size: int) -> VdiRecord:
+        """Publish NAME's new size; the caller holds NAME's lock."""
+        for _ in range(_RETRIES):
+            state = await self.state()
+            current = state.lookup(name)
+            if size < current.size:
+                raise InvalidParams(f"shrinking is not supported: VDI {name!r} is "
+                                    f"{current.size} bytes, asked for {size}")
+            self.check_size(size, current.block_size)
+            grown = replace(current, size=size)
+            if await self.registry.change(state).put_record(grown).commit():
+                await write_header(self.client, grown)
+                return grown
+        raise ClusterError("the registry kept changing; try again")
+
+    async def mark_incomplete(self, name: str, incomplete: bool) -> VdiRecord:
+        """Set or clear NAME's `incomplete` flag: set while an import writes into it, so
+        that an import stopped by anything (even kill -9) leaves a VDI that says so."""
+        for _ in range(_RETRIES):
+            state = await self.state()
+            current = state.lookup(name)
+            if current.incomplete == incomplete:
+                return current
+            marked = replace(current, incomplete=incomplete)
+            if await self.registry.change(state).put_record(marked).commit():
+                return marked
+        raise ClusterError("the registry kept changing; try again")
 
     # -- delete ---------------------------------------------------------------------------
 
@@ -269,6 +300,9 @@ class VdiManager:
         target = state.lookup(name, tag)
         lock = None
         if not target.snapshot:
+            if users := await self.registry.users(name):
+                raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before "
+                                f"deleting the VDI")
             lock = await self.registry.acquire_lock(name, f"{self.holder} (delete)")
         try:
             table = await self.table(target)
@@ -301,10 +335,33 @@ class VdiManager:
             if lock is not None:
                 await lock.release()
 
+    async def delete_recursive(self, name: str) -> tuple[list[str], int]:
+        """Delete NAME's working VDI and every snapshot of it, newest first; returns what
+        was deleted and how many data objects were reclaimed. Clones of its snapshots are
+        VDIs of their own: they keep every block they use (reclaim goes by reference)."""
+        state = await self.state()
+        if name not in state.working:
+            raise NoVdi(f"no VDI named {name!r}")
+        if users := await self.registry.users(name):
+            raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before "
+                            f"deleting the VDI")
+        deleted, removed = [], 0
+        for rec in reversed(state.family(name)):
+            removed += await self.delete(name, rec.tag if rec.snapshot else None)
+            deleted.append(rec.label)
+        return deleted, removed
+
     # -- accounting -----------------------------------------------------------------------
 
     async def usage(self, record: VdiRecord) -> Usage:
         return usage_of(record, await self.table(record))
+
+
+def snapshots_remain(state: RegistryState, name: str) -> str:
+    """What to tell a user about NAME when only its snapshots are left."""
+    tags = ", ".join(r.tag for r in state.family(name) if r.snapshot)
+    return (f"VDI {name!r} was deleted but its snapshots remain ({tags}): 'dog vdi delete "
+            f"-r {name}' removes them, 'dog vdi rollback {name} -s TAG' revives one")
 
 
 @contextlib.asynccontextmanager

@@ -67,6 +67,7 @@ class VdiRecord:
     snapshot: bool = False
     snap_time: float = 0.0
     serial: int = 0  # the id the disk was created with; 0 in records older than the field
+    incomplete: bool = False  # an import into it has not finished (or was interrupted)
 
     @property
     def disk_serial(self) -> int:
@@ -116,6 +117,42 @@ class LockInfo:
         data = json.loads(raw)
         data["name"] = name
         return cls(**data)
+
+    @property
+    def here(self) -> bool:
+        return self.host == socket.gethostname()
+
+    def holder_alive(self) -> bool:
+        """Whether the holder may still be writing. Only a holder on this host can be seen
+        to be gone (its pid no longer runs); one elsewhere renews its lease, so it counts
+        as alive."""
+        if not self.here:
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # runs, as another user
+            return True
+        return True
+
+    @property
+    def who(self) -> str:
+        """The holder, its pid and host (a gateway's holder names its pid already)."""
+        if f"(pid {self.pid})" in self.holder:
+            return f"{self.holder} on {self.host}"
+        return f"{self.holder} (pid {self.pid} on {self.host})"
+
+    def refusal(self) -> str:
+        """Why a writer cannot have the VDI, and what the user can do about it: a live
+        holder must be stopped (breaking its lock needs --force); a dead one's lock goes
+        away with its lease, or `lock unlock` breaks it now."""
+        lead = f"VDI {self.name!r} is open for writing by {self.who}"
+        if self.holder_alive():
+            return (f"{lead}, which is running: stop it first ('dog vdi lock unlock "
+                    f"--force {self.name}' breaks its lock, and it stops writing)")
+        return (f"{lead}, which is gone: its lock expires within {LOCK_TTL} s, or "
+                f"'dog vdi lock unlock {self.name}' breaks it now")
 
 
 @dataclass
@@ -335,18 +372,34 @@ class VdiRegistry:
             with contextlib.suppress(Exception):
                 await lease.revoke()
             kv = await self.etcd.client.get(key)
-            who = LockInfo.load(name, kv.value).holder if kv is not None else "another writer"
-            raise VdiLocked(f"VDI {name!r} is open for writing by {who} "
-                            f"('dog vdi lock unlock {name}' breaks a stale lock)")
+            raise VdiLocked(LockInfo.load(name, kv.value).refusal() if kv is not None
+                            else f"VDI {name!r} is open for writing by another writer")
         return VdiLock(self, name, lease, ttl)
 
     async def lock_holder(self, name: str) -> LockInfo | None:
         kv = await self.etcd.client.get(self.lock_key(name))
         return LockInfo.load(name, kv.value) if kv is not None else None
 
-    async def break_lock(self, name: str) -> bool:
-        reply = await self.etcd.client.delete(self.lock_key(name))
-        return bool(reply and reply.deleted)
+    async def break_lock(self, name: str, *, force: bool = False) -> LockInfo | None:
+        """Break `name`'s lock; returns whose it was, or None if it was not locked. A live
+        holder's lock (see LockInfo.holder_alive) is broken only with `force`: its writer
+        would stop in the middle of its work. Only the lock that was checked is deleted,
+        never one a new holder took meanwhile."""
+        key = self.lock_key(name)
+        kv = await self.etcd.client.get(key)
+        if kv is None:
+            return None
+        info = LockInfo.load(name, kv.value)
+        if not force and info.holder_alive():
+            raise VdiLocked(f"VDI {name!r} is locked by {info.who}, which is running; "
+                            f"--force breaks the lock anyway, and that writer stops")
+        ok, _ = await self.etcd.client.transaction(
+            compare=[self.tx.mod(key) == kv.mod_revision],
+            success=[self.tx.delete(key)], failure=[])
+        if not ok:
+            raise VdiLocked(f"the lock on VDI {name!r} changed hands meanwhile; look again "
+                            f"(dog vdi lock list)")
+        return info
 
     # -- requests to the lock holder ----------------------------------------------------
 

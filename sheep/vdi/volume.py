@@ -25,7 +25,7 @@ from sheep.errors import InvalidParams, NoObject, ReadOnly, VdiExists, VdiLocked
 from sheep.objclient import ObjectClient
 
 from .inode import allocation, block_oid, pack_entry, ref_vdi, spans, table_offset
-from .inodes import read_table, write_header, write_inode
+from .inodes import nblocks, read_table, write_header, write_inode
 from .reclaim import release_block
 from .registry import VdiLock, VdiRecord, VdiRegistry, validate_name
 
@@ -101,6 +101,12 @@ class Volume:
         """(length, allocated) runs: unallocated ranges are holes that read as zeros."""
         self._check_range(offset, length)
         return allocation(self.table, offset, length, self.block_size)
+
+    def grown(self, record: VdiRecord) -> None:
+        """Take this VDI's record after a resize made it larger (while this volume held
+        its lock): the new blocks start unallocated."""
+        self.record = record
+        self.table.extend([0] * (nblocks(record) - len(self.table)))
 
     # -- I/O ------------------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sheep.etcd_server import EtcdServer
+from sheep.units import parse_size
 
 from ..cluster import Cluster, dog, dog_json, free_port
 
@@ -100,6 +102,21 @@ def test_node_info_totals_space(cluster: Cluster) -> None:
     assert lines[0].split() == ["Id", "Size", "Used", "Avail", "Use%", "Objects"]
     assert lines[-1].startswith("Total")
     assert len(lines) == 5
+
+
+def test_node_info_counts_a_filesystem_that_nodes_share_once(cluster: Cluster) -> None:
+    """The test's three nodes keep their data dirs on one filesystem: its free space is
+    there once, not three times."""
+    a = cluster.address
+    nodes = dog_json("node", "info", address=a)["nodes"]
+    assert len({n["filesystem"] for n in nodes}) == 1 and nodes[0]["filesystem"]
+    st = os.statvfs(cluster.nodes[0].dir)
+    free = st.f_bavail * st.f_frsize
+    total = dog("node", "info", address=a).stdout.splitlines()[-1].split()
+    # Total, then size, used and avail as "N UNIT", then use%: avail is one filesystem's
+    # free space, give or take what was written between the two looks
+    avail = float(total[5]) * parse_size("1" + total[6])
+    assert abs(avail - free) < free // 50, (total, free)
 
 
 def test_dog_uses_sheep_address_from_the_environment(cluster: Cluster) -> None:

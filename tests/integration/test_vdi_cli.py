@@ -5,16 +5,22 @@ bytes read back and the object files on the nodes' disks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from sheep.oid import ObjType, oid_index, oid_str, oid_type, oid_vdi
+from sheep.vdi.inode import block_oid
 from sheep.vdi.manager import VdiManager, open_manager
 
 from ..cluster import (
+    BIN,
     Cluster,
     all_objects_on_disk,
     dog,
@@ -295,12 +301,58 @@ async def test_delete_reclaims_the_objects_of_a_vdi(cluster: Cluster, m: VdiMana
     assert {oid_vdi(o) for o in all_objects_on_disk(cluster)} == {gone_id, keep_id}
 
     out = dog_json("vdi", "delete", "gone", address=cluster.address)
-    assert out == {"deleted": "gone", "reclaimed_objects": 2}
+    assert out == {"deleted": ["gone"], "reclaimed_objects": 2, "remaining_snapshots": []}
     assert {oid_vdi(o) for o in all_objects_on_disk(cluster)} == {keep_id}  # data and inode
     assert list((await m.state()).working) == ["keep"]
     assert await vdi_read(m, "keep", BS - 1, 2) == b"xy"
     await m.create("gone", 4 * MiB)  # the name is free again, and the new VDI is empty
     assert await vdi_read(m, "gone", BS - 1, 1) == b"\0"
+
+
+async def _vdi_with_two_snapshots(m: VdiManager, name: str) -> None:
+    await m.create(name, 12 * MiB)
+    await vdi_write(m, name, 0, b"first")
+    await _snapshot(m, name, "s1")
+    await vdi_write(m, name, BS, b"second")
+    await _snapshot(m, name, "s2")
+    await vdi_write(m, name, 2 * BS, b"third")
+
+
+async def test_a_plain_delete_says_which_snapshots_remain_and_how_to_remove_them(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await _vdi_with_two_snapshots(m, "v")
+    out = dog("vdi", "delete", "v", address=cluster.address).stdout.splitlines()
+    assert out[1] == "its snapshots remain: s1, s2 ('dog vdi delete -r v' removes them too)"
+    assert [r.label for r in (await m.state()).family("v")] == ["v@s1", "v@s2"]
+
+
+async def test_create_after_a_plain_delete_says_that_snapshots_remain(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await _vdi_with_two_snapshots(m, "v")
+    dog("vdi", "delete", "v", address=cluster.address)
+    err = dog_error("vdi", "create", "v", "1G", address=cluster.address)
+    assert err == ("VDI 'v' was deleted but its snapshots remain (s1, s2): 'dog vdi delete "
+                   "-r v' removes them, 'dog vdi rollback v -s TAG' revives one")
+
+
+async def test_recursive_delete_removes_the_vdi_and_its_snapshots_and_keeps_clones(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await _vdi_with_two_snapshots(m, "v")
+    await m.clone("v", "s1", "c")
+    c_id = await _id(m, "c")
+    out = dog_json("vdi", "delete", "v", "-r", address=cluster.address)
+    assert out["deleted"] == ["v", "v@s2", "v@s1"] and out["remaining_snapshots"] == []
+    state = await m.state()
+    assert list(state.working) == ["c"] and list(state.records) == [c_id]
+    assert await vdi_read(m, "c", 0, 5) == b"first"  # the clone keeps the blocks it uses
+    # every data object left is one c uses: v's own were reclaimed
+    table = await m.table(state.records[c_id])
+    assert set(_data_objects(cluster)) == {block_oid(ref, i) for i, ref in enumerate(table)
+                                           if ref}
+    dog("vdi", "create", "v", "1G", address=cluster.address)  # the name is free again
 
 
 async def test_deleting_snapshots_keeps_the_data_of_clones_and_later_snapshots(
@@ -336,7 +388,8 @@ async def test_deleting_snapshots_keeps_the_data_of_clones_and_later_snapshots(
     # s1's blocks 0 and 2 are still used by s2, v and c; its block 1, which s2 and c both
     # wrote over, is used by nobody any more: that one object is reclaimed
     out = dog_json("vdi", "delete", "v", "-s", "s1", address=a)
-    assert out == {"deleted": "v@s1", "reclaimed_objects": 1}
+    assert out == {"deleted": ["v@s1"], "reclaimed_objects": 1,
+                   "remaining_snapshots": ["s2"]}
     assert await contents() == before
     assert (await m.state()).lookup("c").parent == 0  # c and v are now separate trees...
     dog("vdi", "delete", "v", "-s", "s2", address=a)
@@ -415,20 +468,176 @@ async def test_import_and_export_of_a_sparse_image_round_trip_thin(
     assert dog("vdi", "export", "img", str(back), address=a).stderr == ""
 
 
-async def test_import_into_an_existing_vdi_replaces_its_content(
+async def test_import_into_an_existing_vdi_is_refused_without_force(
     cluster: Cluster, m: VdiManager, tmp_path: Path
 ) -> None:
     await m.create("dst", 12 * MiB)
+    await vdi_write(m, "dst", 0, b"keep me")
+    image = tmp_path / "img.raw"
+    image.write_bytes(b"new")
+    err = dog_error("vdi", "import", "dst", str(image), address=cluster.address)
+    assert err == "VDI 'dst' exists; 'dog vdi import --force' replaces its content"
+    assert await vdi_read(m, "dst", 0, 7) == b"keep me"
+    assert not (await m.state()).lookup("dst").incomplete
+
+
+async def test_forced_import_of_a_smaller_image_leaves_zeros_past_its_end(
+    cluster: Cluster, m: VdiManager, tmp_path: Path
+) -> None:
+    """The VDI keeps its size (VDIs do not shrink); nothing of its old content survives,
+    not even past the image's end."""
+    await m.create("dst", 12 * MiB)
     await vdi_write(m, "dst", 0, b"old data everywhere")
     await vdi_write(m, "dst", BS + 5, b"old")
-    await vdi_write(m, "dst", 2 * BS, b"past the image")
+    await vdi_write(m, "dst", 8 * MiB - 3, b"old tail across the image's end")
+    await vdi_write(m, "dst", 2 * BS + 100, b"past the image")
     image = tmp_path / "img.raw"
     _sparse_image(image, 8 * MiB, [(10, b"new"), (BS, bytes(BS))])
-    dog("vdi", "import", "dst", str(image), address=cluster.address)
+    dog("vdi", "import", "dst", str(image), "--force", address=cluster.address)
     assert await vdi_read(m, "dst", 0, 19) == bytes(10) + b"new" + bytes(6)
     assert await vdi_read(m, "dst", BS, 8) == bytes(8)  # zeros in the image: zeros now
-    assert await vdi_read(m, "dst", 2 * BS, 14) == b"past the image"
-    assert await _usage(m, "dst") == (2 * BS, 0)  # and block 1 was dropped, not filled
+    assert await vdi_read(m, "dst", 8 * MiB - 3, 31) == bytes(31)
+    assert await vdi_read(m, "dst", 2 * BS + 100, 14) == bytes(14)
+    rec = (await m.state()).lookup("dst")
+    assert rec.size == 12 * MiB and not rec.incomplete
+    assert await _usage(m, "dst") == (BS, 0)  # blocks 1 and 2 dropped, not filled
+
+
+# -- sizes in whole sectors ----------------------------------------------------------------
+
+
+def _create_1(c: Cluster, tmp_path: Path) -> str:
+    return dog("vdi", "create", "odd", "1", address=c.address).stderr
+
+
+def _create_513(c: Cluster, tmp_path: Path) -> str:
+    return dog("vdi", "create", "odd", "513", address=c.address).stderr
+
+
+def _resize_1025(c: Cluster, tmp_path: Path) -> str:
+    dog("vdi", "create", "odd", "512", address=c.address)
+    return dog("vdi", "resize", "odd", "1025", address=c.address).stderr
+
+
+def _import_3_bytes(c: Cluster, tmp_path: Path) -> str:
+    (tmp_path / "three").write_bytes(b"abc")
+    return dog("vdi", "import", "odd", str(tmp_path / "three"), "-f", "raw",
+               address=c.address).stderr
+
+
+@pytest.mark.parametrize(("make", "asked", "size"), [
+    (_create_1, 1, 512), (_create_513, 513, 1024), (_resize_1025, 1025, 1536),
+    (_import_3_bytes, 3, 512)], ids=["create-1", "create-513", "resize-1025", "import-3"])
+def test_vdi_sizes_round_up_to_whole_sectors_that_nbd_and_iscsi_agree_on(
+    iscsi_cluster: Cluster, tmp_path: Path, make, asked: int, size: int
+) -> None:
+    c = iscsi_cluster
+    note = make(c, tmp_path)
+    assert note == (f"dog: note: VDI 'odd' size {asked} bytes rounded up to {size} bytes "
+                    f"(whole 512-byte sectors)\n")
+    assert dog_json("vdi", "info", "odd", address=c.address)["size"] == size
+    nbd = subprocess.run(["nbdinfo", "--size", c.nbd_url("odd")], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert nbd.stdout.strip() == str(size), nbd.stderr
+    iscsi = subprocess.run(["iscsi-readcapacity16", c.iscsi_url("odd")], capture_output=True,
+                           text=True, timeout=60, cwd=tmp_path)
+    assert f"Total size:{size}\n" in iscsi.stdout, iscsi.stdout + iscsi.stderr
+    data = dog_bytes("vdi", "read", "odd", address=c.address).stdout
+    assert data == (b"abc" if asked == 3 else b"") + bytes(size - (3 if asked == 3 else 0))
+
+
+# -- capacity -----------------------------------------------------------------------------
+
+
+async def test_preallocating_more_than_the_cluster_has_free_is_refused(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    before = all_objects_on_disk(cluster)
+    err = dog_error("vdi", "create", "huge", "3T", "-P", address=cluster.address)
+    assert err.startswith("cannot preallocate 3 TiB for VDI 'huge': with 3 copies the "
+                          "cluster has room for "), err
+    assert "huge" not in (await m.state()).working
+    assert all_objects_on_disk(cluster) == before
+
+
+async def test_a_thin_vdi_larger_than_the_cluster_is_created_with_a_warning(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    proc = dog("vdi", "create", "huge", "3T", address=cluster.address)
+    assert proc.stdout.startswith("VDI huge created: 3 TiB")
+    assert proc.stderr.startswith("dog: warning: VDI 'huge' (3 TiB) is larger than the "
+                                  "cluster can hold with 3 copies (")
+    assert proc.stderr.endswith("); writes will fail when space runs out\n")
+    assert (await m.state()).lookup("huge").size == 3 << 40
+
+
+async def test_resize_with_preallocation_beyond_free_space_is_refused(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("r", 8 * MiB)
+    err = dog_error("vdi", "resize", "r", "3T", "-P", address=cluster.address)
+    assert err.startswith("cannot preallocate 3.0 TiB for VDI 'r': with 3 copies"), err
+    assert (await m.state()).lookup("r").size == 8 * MiB
+
+
+async def test_resize_with_preallocation_allocates_the_new_part(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("r", BS)
+    dog("vdi", "resize", "r", str(3 * BS), "-P", address=cluster.address)
+    rec = (await m.state()).lookup("r")
+    assert rec.size == 3 * BS and _blocks(cluster, rec.id) == [1, 2]
+    assert await vdi_read(m, "r", BS, 8) == bytes(8)
+    assert (await m.state()).locks == {}
+
+
+async def _start_import(c: Cluster, m: VdiManager, tmp_path: Path, name: str
+                        ) -> asyncio.subprocess.Process:
+    """`dog vdi import` of a 64 MiB image of data, caught in the middle: it has created
+    the VDI and written some of its objects."""
+    image = tmp_path / "big.raw"
+    image.write_bytes(_pattern(7, 64 * MiB))
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "dog"), "vdi", "import", name, str(image), "-a", c.address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        state = await m.state()
+        if name in state.working and _data_objects(c, state.working[name]):
+            return proc
+        assert proc.returncode is None and time.monotonic() < deadline, "no import seen"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_an_interrupted_import_deletes_the_vdi_it_created(
+    cluster: Cluster, m: VdiManager, tmp_path: Path, sig: int
+) -> None:
+    proc = await _start_import(cluster, m, tmp_path, "big")
+    proc.send_signal(sig)
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert (proc.returncode, out, err) == (
+        130, b"", b"dog: import interrupted: VDI 'big' deleted\n")
+    assert "big" not in (await m.state()).working
+    assert dog_json("vdi", "list", address=cluster.address) == {"vdis": []}
+
+
+async def test_a_killed_import_leaves_its_vdi_marked_incomplete(
+    cluster: Cluster, m: VdiManager, tmp_path: Path
+) -> None:
+    """kill -9 leaves no chance to clean up: the flag set before the first byte stays."""
+    proc = await _start_import(cluster, m, tmp_path, "big")
+    proc.kill()
+    await proc.wait()
+    a = cluster.address
+    [row] = dog_json("vdi", "list", address=a)["vdis"]
+    assert (row["name"], row["incomplete"]) == ("big", True)
+    assert dog("vdi", "list", address=a).stdout.splitlines()[1].split()[:2] == [
+        "big", "(incomplete)"]
+    assert dog_json("vdi", "info", "big", address=a)["incomplete"] is True
+    assert ("Status: incomplete: an import into it did not finish (import again with "
+            "--force, or delete it)") in dog("vdi", "info", "big", address=a).stdout
 
 
 async def test_export_of_a_snapshot_writes_the_snapshot(
@@ -534,7 +743,8 @@ async def test_bad_input_gets_a_one_line_error_and_changes_nothing(
         (["write", "disk", str(9 * MiB)], "past the end"),
         (["write", "disk", str(8 * MiB - 4), "5"], "past the end"),
         (["write", "disk", str(8 * MiB - 4)], "nothing written"),  # a file of 10 bytes
-        (["import", "disk", str(big)], "more than VDI"),
+        (["import", "disk", str(big)], "VDI 'disk' exists; 'dog vdi import --force'"),
+        (["import", "disk", str(big), "--force"], "more than VDI"),
         # tags
         (["snapshot", "disk", "-s", "snap"], "already has a snapshot tagged 'snap'"),
         (["snapshot", "disk", "-s", "a@b"], "snapshot tag 'a@b' contains '@'"),

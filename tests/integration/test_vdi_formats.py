@@ -153,19 +153,20 @@ async def test_a_mostly_empty_image_imports_thin_and_exports_small(
     assert _same(image, "qcow2", back, "qcow2")
 
 
-async def test_import_into_an_existing_vdi_replaces_its_content(
+async def test_forced_import_into_an_existing_vdi_replaces_all_its_content(
     cluster: Cluster, m: VdiManager, tmp_path: Path
 ) -> None:
     await m.create("dst", 60 * MiB)
     await vdi_write(m, "dst", 2 * BS, b"old data, where the image has none")
     await vdi_write(m, "dst", 50 * MiB, b"past the image")
     image = _image(tmp_path / "in.qcow2", "qcow2")
-    dog("vdi", "import", "dst", str(image), address=cluster.address)
+    dog("vdi", "import", "dst", str(image), "--force", address=cluster.address)
     assert await vdi_read(m, "dst", 2 * BS, 34) == bytes(34)
     assert await vdi_read(m, "dst", 37 * MiB, 4) == b"\x33" * 4
-    assert await vdi_read(m, "dst", 50 * MiB, 14) == b"past the image"
+    assert await vdi_read(m, "dst", 50 * MiB, 14) == bytes(14)  # no old tail
     rec = (await m.state()).lookup("dst")
-    assert _blocks(cluster, rec.id) == [0, 1, 9, 11, 12]  # block 2 dropped, not zero-filled
+    assert rec.size == 60 * MiB and not rec.incomplete
+    assert _blocks(cluster, rec.id) == [0, 1, 9, 11]  # blocks 2 and 12 dropped, not zeroed
 
 
 # -- snapshots ----------------------------------------------------------------------------
@@ -236,7 +237,8 @@ async def test_bad_input_gets_a_one_line_error_and_changes_nothing(
         (["import", "new", str(garbage), "--format", "qcow2"], "not in qcow2 format"),
         (["import", "new", str(image), "--format", "vmdk"], "VMDK"),
         (["import", "new", str(corrupt)], "corrupt"),  # fails after the VDI was made
-        (["import", "small", str(image)], "more than VDI 'small'"),
+        (["import", "small", str(image)], "VDI 'small' exists; 'dog vdi import --force'"),
+        (["import", "small", str(image), "--force"], "more than VDI 'small'"),
         (["export", "nope", str(out_file)], "no VDI named 'nope'"),
         (["export", "small@nosuch", str(out_file)], "no snapshot tagged 'nosuch'"),
     ]

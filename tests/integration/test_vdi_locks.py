@@ -1,6 +1,7 @@
 """VDI write locks on a real cluster: one writer at a time, held by an etcd lease, visible in
-`dog vdi lock list`, breakable with `dog vdi lock unlock`, gone by itself when the holder
-dies; and creating one name from two places at once has exactly one winner."""
+`dog vdi lock list`, breakable with `dog vdi lock unlock` (a live holder's only with
+--force), gone by itself when the holder dies; no delete of a VDI in use; and creating
+one name from two places at once has exactly one winner."""
 
 from __future__ import annotations
 
@@ -95,8 +96,10 @@ async def test_a_second_writer_is_refused_while_readers_go_on(
             rc, out, err = await _dog(cluster, *args, input=b"intruder")
             assert rc == 1 and out == "", args
             msg = _one_line_error(err)
-            assert msg.startswith("VDI 'busy' is open for writing by test-writer"), msg
-            assert "dog vdi lock unlock busy" in msg
+            assert msg.startswith(f"VDI 'busy' is open for writing by test-writer (pid "
+                                  f"{os.getpid()} on {socket.gethostname()}), which is "
+                                  f"running: stop it first"), msg
+            assert "dog vdi lock unlock --force busy" in msg
         rc, out, _ = await _dog(cluster, "vdi", "read", "busy", "4096", "15")
         assert rc == 0 and out == "from the holder"
         rc, _, _ = await _dog(cluster, "vdi", "write", "other", "0", input=b"free")
@@ -105,15 +108,34 @@ async def test_a_second_writer_is_refused_while_readers_go_on(
     assert (await m.state()).lookup("busy").size == 8 * MiB
 
 
-async def test_lock_unlock_breaks_a_lock_and_its_holder_stops_writing(
+async def test_lock_unlock_refuses_a_live_holder_and_names_it(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("live", 8 * MiB)
+    async with await m.open("live", writable=True) as vol:
+        rc, out, err = await _dog(cluster, "vdi", "lock", "unlock", "live")
+        assert rc == 1 and out == ""
+        assert _one_line_error(err) == (
+            f"VDI 'live' is locked by test-writer (pid {os.getpid()} on "
+            f"{socket.gethostname()}), which is running; --force breaks the lock anyway, "
+            f"and that writer stops")
+        assert "live" in (await m.state()).locks
+        await vol.write(0, b"still mine")  # the holder was not disturbed
+    assert await vdi_read(m, "live", 0, 10) == b"still mine"
+
+
+async def test_lock_unlock_force_breaks_a_live_lock_and_its_holder_stops_writing(
     cluster: Cluster, m: VdiManager
 ) -> None:
     await m.create("stale", 8 * MiB)
     vol = await m.open("stale", writable=True)
     try:
         await vol.write(0, b"old holder")
-        rc, out, _ = await _dog(cluster, "vdi", "lock", "unlock", "stale", "--json")
-        assert rc == 0 and '"unlocked": "stale"' in out
+        rc, out, _ = await _dog(cluster, "vdi", "lock", "unlock", "stale", "--force",
+                                "--json")
+        assert rc == 0
+        assert json.loads(out) == {"unlocked": "stale", "holder": "test-writer",
+                                   "host": socket.gethostname(), "pid": os.getpid()}
         assert (await m.state()).locks == {}
         rc, _, err = await _dog(cluster, "vdi", "write", "stale", "100", input=b"new holder")
         assert rc == 0, err
@@ -149,18 +171,89 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
+async def _start_holder(cluster: Cluster, name: str) -> asyncio.subprocess.Process:
+    """A separate process that holds NAME open for writing (_HOLDER), once it says so."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, cluster.etcd_url, name,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        line = await holder.stdout.readline()  # type: ignore[union-attr]
+    assert line == b"ready\n", (await holder.stderr.read()).decode()  # type: ignore
+    return holder
+
+
+async def test_lock_unlock_breaks_the_lock_of_a_dead_holder_without_force(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    """A killed holder's lease outlives it by up to LOCK_TTL: meanwhile writers are told
+    it is gone, and a plain unlock frees the VDI at once."""
+    await m.create("orphan", 8 * MiB)
+    holder = await _start_holder(cluster, "orphan")
+    holder.kill()
+    await holder.wait()
+    assert "orphan" in (await m.state()).locks  # the lease still runs
+    rc, _, err = await _dog(cluster, "vdi", "write", "orphan", "0", input=b"x")
+    assert rc == 1
+    assert _one_line_error(err) == (
+        f"VDI 'orphan' is open for writing by doomed (pid {holder.pid} on "
+        f"{socket.gethostname()}), which is gone: its lock expires within {LOCK_TTL} s, or "
+        f"'dog vdi lock unlock orphan' breaks it now")
+    rc, out, err = await _dog(cluster, "vdi", "lock", "unlock", "orphan")
+    assert rc == 0, err
+    assert out == f"lock on orphan broken (it was held by doomed (pid {holder.pid} on " \
+                  f"{socket.gethostname()}))\n"
+    assert "orphan" not in (await m.state()).locks
+
+
+async def test_delete_of_a_vdi_a_vm_uses_is_refused_naming_the_vm(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    await m.create("vmdisk", 8 * MiB)
+    label = f"VM web (on {socket.gethostname()}; dog vm stop web)"
+    await m.registry.etcd.client.put(m.registry.user_key("vmdisk", "vm:web"), label.encode())
+    rc, out, err = await _dog(cluster, "vdi", "delete", "vmdisk")
+    assert rc == 1 and out == ""
+    assert _one_line_error(err) == (f"VDI 'vmdisk' is in use by {label}: stop it before "
+                                    f"deleting the VDI")
+    assert "vmdisk" in (await m.state()).working
+
+
+async def test_delete_of_a_vdi_an_nbd_client_writes_is_refused_naming_the_gateway(
+    nbd_cluster: Cluster, tmp_path
+) -> None:
+    c = nbd_cluster
+    async with open_manager(c.etcd_url) as m:
+        await m.create("served", 8 * MiB)
+        # qemu-io with no -c waits for commands on stdin, its NBD connection open
+        client = await asyncio.create_subprocess_exec(
+            "qemu-io", "-f", "raw", c.nbd_url("served"), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            async def held() -> bool:
+                return "served" in (await m.state()).locks
+
+            await _wait_for(held, 30, "the gateway to open the VDI for writing")
+            gateway_pid = c.nodes[0].proc.pid  # type: ignore[union-attr]
+            rc, out, err = await _dog(c, "vdi", "delete", "served")
+            assert rc == 1 and out == ""
+            msg = _one_line_error(err)
+            assert msg.startswith("VDI 'served' is open for writing by sheep "), msg
+            assert (f" nbd (pid {gateway_pid}) on {socket.gethostname()}, which is running: "
+                    f"stop it first") in msg, msg
+            assert "served" in (await m.state()).working
+        finally:
+            client.stdin.close()  # type: ignore[union-attr]
+            async with asyncio.timeout(30):
+                await client.wait()
+
+
 @pytest.mark.slow
 async def test_the_lock_of_a_killed_holder_goes_away_within_its_ttl(
     cluster: Cluster, m: VdiManager
 ) -> None:
     await m.create("doomed", 8 * MiB)
-    holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _HOLDER, cluster.etcd_url, "doomed",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    holder = await _start_holder(cluster, "doomed")
     try:
-        async with asyncio.timeout(30):
-            line = await holder.stdout.readline()  # type: ignore[union-attr]
-        assert line == b"ready\n", (await holder.stderr.read()).decode()  # type: ignore
         locks = (await m.state()).locks
         assert locks["doomed"].pid == holder.pid and locks["doomed"].holder == "doomed"
 
