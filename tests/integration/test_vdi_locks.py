@@ -300,7 +300,9 @@ def test_concurrent_dog_creates_of_one_name_have_exactly_one_winner(cluster: Clu
         results = [(p.wait(60), *p.communicate()) for p in procs]
         assert sorted(rc for rc, _, _ in results) == [0, 1], results
         [(_, _, err)] = [r for r in results if r[0] == 1]
-        assert _one_line_error(err) == f"VDI '{name}' already exists"
+        # --json: the loser's error is JSON too
+        assert json.loads(err) == {"error": f"VDI '{name}' already exists",
+                                   "code": "vdi_exists"}
     listing = subprocess.run([str(BIN / "dog"), "vdi", "list", "--json", "-a", cluster.address],
                              capture_output=True, text=True, timeout=60, check=True).stdout
     rows = json.loads(listing)["vdis"]
