@@ -27,7 +27,7 @@ from sheep.control import service as control
 from sheep.control import sheep_pb2 as pb
 from sheep.dataplane import server as dataplane
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.service import ObjectService
+from sheep.dataplane.service import InProcess, ObjectService
 from sheep.dataplane.wire import MUTATIONS
 from sheep.errors import Fenced, SheepError
 from sheep.gateway.exports import VolumeCache
@@ -127,6 +127,7 @@ class Node:
         self._iscsi_server: asyncio.Server | None = None
         self._iscsi: IscsiGateway | None = None
         self._volumes: VolumeCache | None = None
+        self._local: InProcess | None = None
         self._pool: PeerPool | None = None
         self.recovery: Recovery | None = None
         self.repairer: Repairer | None = None
@@ -159,6 +160,7 @@ class Node:
         self.repairer = Repairer(self.meta.get("node_id"), self.store, self.view, self._pool)
         service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0,
                                 guard=self._guard, repair=self.repairer.repair)
+        self._local = InProcess(service)  # the gateways' way to this node's own replicas
         self.scrubber = Scrubber(self.store, self.recovery, self.repairer,
                                  interval=opts.scrub_interval, throttle=opts.recovery_throttle)
         self._data_server = await dataplane.serve(service, opts.bind, opts.data_port)
@@ -225,8 +227,7 @@ class Node:
         if self._volumes is None:
             assert self._pool is not None
             client = ObjectClient(self.view, self._pool, etcd=self.etcd,
-                                  local=(self.info.node_id, self.store), guard=self._guard,
-                                  repair=self.repairer.repair)
+                                  local=(self.info.node_id, self._local))
             holder = f"sheep {self.info.node_id[:8]} {what} (pid {os.getpid()})"
             self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
         return self._volumes

@@ -14,13 +14,13 @@ import logging
 import struct
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool, PeerUnavailable, check
 from sheep.dataplane.codec import Frame
-from sheep.dataplane.service import Guard, Repair
 from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import (
     ClusterError,
@@ -30,17 +30,29 @@ from sheep.errors import (
     NoObject,
     NotFormatted,
     OldEpoch,
-    SheepError,
     error_for,
 )
 from sheep.oid import oid_copies
-from sheep.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 _FUA = int(Flags.FUA)  # plain ints: IntFlag arithmetic costs microseconds per request
 _FRESH = int(Flags.FRESH)
 _RETRYABLE = (OldEpoch, NewEpoch, PeerUnavailable, TimeoutError, NotFormatted, Fenced)
+
+
+class LocalReplica(Protocol):
+    """This node's own service in process (sheep.dataplane.service.InProcess): requests
+    take the path the network's take, with a peer connection's `request`, and a read may
+    be answered at once."""
+
+    def request(self, opcode: int, *, oid: int = ..., offset: int = ..., length: int = ...,
+                payload: bytes | bytearray | memoryview = ..., flags: int = ...,
+                epoch: int = ..., aux: int = ..., timeout: float | None = ...
+                ) -> asyncio.Future[Frame]: ...
+
+    def read_now(self, oid: int, offset: int, length: int, epoch: int
+                 ) -> bytes | bytearray | None: ...
 
 
 class ObjectClient:
@@ -50,18 +62,15 @@ class ObjectClient:
         pool: PeerPool,
         *,
         etcd: EtcdCluster | None = None,
-        local: tuple[str, ObjectStore] | None = None,
-        guard: Guard | None = None,
-        repair: Repair | None = None,
+        local: tuple[str, LocalReplica] | None = None,
         timeout: float = 5.0,
         deadline: float = 60.0,
     ) -> None:
         self._view = view
         self._pool = pool
         self._etcd = etcd
-        self._local_id, self._local_store = local if local else ("", None)
-        self._guard = guard  # this node's recovery: local I/O waits like remote I/O does
-        self._repair = repair  # and its repair of bad blocks, as the node's service does
+        # this node's id and its own service: its replica costs no socket
+        self._local_id, self._local = local if local else ("", None)
         self._timeout = timeout
         self._deadline = deadline
         self._placed: dict[int, list[NodeInfo]] = {}  # oid -> replicas, for one epoch
@@ -94,12 +103,11 @@ class ObjectClient:
             self._placed[oid] = nodes
         return list(nodes)
 
-    def read_local(self, oid: int, offset: int, length: int) -> bytes | None:
+    def read_local(self, oid: int, offset: int, length: int) -> bytes | bytearray | None:
         """This node's own replica of `oid`, read synchronously, or None when this node
-        holds no replica (or lacks the object): the caller then takes the async path."""
-        store = self._local_store
-        if store is None or (self._guard is not None
-                             and self._guard(oid, Opcode.READ, False) is not None):
+        holds no replica, or its service cannot answer at once (the object is being
+        recovered or repaired, or is missing): the caller then takes the async path."""
+        if self._local is None:
             return None
         try:
             nodes = self.replicas(oid)
@@ -107,10 +115,7 @@ class ObjectClient:
             return None
         if not any(n.node_id == self._local_id for n in nodes):
             return None
-        try:
-            return store.read(oid, offset, length)
-        except SheepError:
-            return None
+        return self._local.read_now(oid, offset, length, self._view.epoch)
 
     # -- public operations ------------------------------------------------------------
 
@@ -213,66 +218,10 @@ class ObjectClient:
     # -- internals --------------------------------------------------------------------
 
     async def _flush_node(self, node: NodeInfo) -> None:
-        if node.node_id == self._local_id and self._local_store is not None:
-            await self._local_store.flush()
+        if node.node_id == self._local_id and self._local is not None:
+            check(await self._local.request(Opcode.FLUSH, epoch=self._view.epoch))
             return
         await self._pool.call(node.data_addr, Opcode.FLUSH, timeout=self._timeout * 6)
-
-    def _local_op(
-        self, opcode: Opcode, oid: int, offset: int, length: int, payload, flags: int,
-        repaired: bool = False,
-    ) -> asyncio.Future[Frame]:
-        """Run one replica's operation on this node's own store: no network, no copy."""
-        if self._guard is not None:
-            fresh = opcode == Opcode.CREATE and bool(flags & _FRESH)
-            try:
-                wait = self._guard(oid, opcode, fresh)
-            except SheepError as exc:  # fenced: answer like a remote replica would
-                refused: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-                refused.set_result(Frame(opcode, 0, self._view.epoch, exc.code, 0, oid,
-                                         offset, length, 0))
-                return refused
-            if wait is not None:
-                return asyncio.ensure_future(
-                    self._local_after(wait, opcode, oid, offset, length, payload, flags))
-        store = self._local_store
-        assert store is not None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Frame] = loop.create_future()
-        frame = Frame(opcode, 0, self._view.epoch, 0, 0, oid, offset, length, 0)
-        try:
-            if opcode in (Opcode.CREATE, Opcode.WRITE):
-                store.write(oid, offset, payload, epoch=frame.epoch, create=opcode == Opcode.CREATE,
-                            fresh=bool(flags & _FRESH))
-                if flags & _FUA:
-                    flushed = asyncio.ensure_future(store.flush([oid]))
-                    flushed.add_done_callback(
-                        lambda f: fut.set_exception(f.exception())
-                        if f.exception()
-                        else fut.set_result(frame)
-                    )
-                    return fut
-            elif opcode == Opcode.READ:
-                frame.payload = store.read(oid, offset, length)
-            elif opcode == Opcode.REMOVE:
-                store.remove(oid)
-            elif opcode == Opcode.DISCARD:
-                store.discard(oid, offset, length, epoch=frame.epoch)
-            elif opcode == Opcode.EXISTS:
-                frame.aux = int(store.exists(oid))
-            else:
-                raise ValueError(f"no local path for {opcode!r}")
-        except Corrupt as exc:
-            if self._repair is None or repaired:
-                frame.result = exc.code
-            else:  # like the node's service: repair the blocks, then once more
-                wait = self._repair(oid, exc.blocks)
-                return asyncio.ensure_future(self._local_after(
-                    wait, opcode, oid, offset, length, payload, flags, True))
-        except SheepError as exc:
-            frame.result = exc.code
-        fut.set_result(frame)
-        return fut
 
     def _local_later(self, *args) -> asyncio.Future[Frame]:
         """This node's replica, run after the requests to the other replicas have gone out
@@ -283,7 +232,7 @@ class ObjectClient:
 
         def run() -> None:
             try:
-                local = self._local_op(*args)
+                local = self._send_local(*args)
             except Exception as exc:  # handed to the awaiting request
                 fut.set_exception(exc)
                 return
@@ -295,10 +244,6 @@ class ObjectClient:
         loop.call_soon(run)
         return fut
 
-    async def _local_after(self, wait: asyncio.Future[None], *args) -> Frame:
-        await wait
-        return await self._local_op(*args)
-
     def _send(
         self,
         node: NodeInfo,
@@ -309,8 +254,8 @@ class ObjectClient:
         payload,
         flags: int,
     ) -> asyncio.Future[Frame] | None:
-        if node.node_id == self._local_id and self._local_store is not None:
-            return self._local_op(opcode, oid, offset, length, payload, flags)
+        if node.node_id == self._local_id and self._local is not None:
+            return self._send_local(opcode, oid, offset, length, payload, flags)
         conn = self._pool.cached(node.data_addr)
         if conn is None:
             return None
@@ -324,6 +269,12 @@ class ObjectClient:
             epoch=self._view.epoch,
             timeout=self._timeout,
         )
+
+    def _send_local(self, opcode: Opcode, oid: int, offset: int, length: int, payload,
+                    flags: int) -> asyncio.Future[Frame]:
+        assert self._local is not None
+        return self._local.request(opcode, oid=oid, offset=offset, length=length,
+                                   payload=payload, flags=flags, epoch=self._view.epoch)
 
     async def _connected_send(self, node: NodeInfo, *args) -> asyncio.Future[Frame]:
         fut = self._send(node, *args)
@@ -355,7 +306,7 @@ class ObjectClient:
             here = False
             try:
                 for node in nodes:
-                    if node.node_id == self._local_id and self._local_store is not None:
+                    if node.node_id == self._local_id and self._local is not None:
                         here = True
                         continue
                     fut = self._send(node, opcode, oid, offset, length, payload, flags)

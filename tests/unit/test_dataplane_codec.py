@@ -20,7 +20,7 @@ from sheep.dataplane.codec import (
     encode,
     is_known_opcode,
 )
-from sheep.dataplane.service import ObjectService
+from sheep.dataplane.service import InProcess, ObjectService
 from sheep.dataplane.wire import (
     HEADER_SIZE,
     MAGIC,
@@ -875,3 +875,29 @@ def test_service_non_fua_write_replies_at_once(service: ObjectService, store: Ob
     service.handle(request(Opcode.WRITE, 2, oid=OID, payload=b"fast"), sink)
     assert sink.replies == [(pack_header(Opcode.WRITE, 2, epoch=EPOCH, oid=OID), b"")]
     assert sink.commits_at_reply == [0]
+
+
+# -- the node's own service, in process ----------------------------------------------------
+
+
+async def test_an_in_process_request_takes_the_services_path_and_returns_its_reply(
+        service: ObjectService) -> None:
+    local = InProcess(service)
+    oid = data_oid(7, 0)
+    written = await local.request(Opcode.CREATE, oid=oid, offset=0, payload=b"x" * 4096,
+                                  epoch=EPOCH)
+    assert written.result == 0
+    read = await local.request(Opcode.READ, oid=oid, offset=0, length=4096, epoch=EPOCH)
+    assert read.result == 0 and bytes(read.payload) == b"x" * 4096
+    stale = await local.request(Opcode.WRITE, oid=oid, offset=0, payload=b"y", epoch=EPOCH - 1)
+    assert stale.result == Result.OLD_EPOCH  # the epoch rule holds in process too
+
+
+async def test_a_read_now_answers_only_what_the_service_would_answer_at_once(
+        service: ObjectService) -> None:
+    local = InProcess(service)
+    oid = data_oid(7, 1)
+    await local.request(Opcode.CREATE, oid=oid, offset=0, payload=b"z" * 512, epoch=EPOCH)
+    assert local.read_now(oid, 0, 512, EPOCH) == b"z" * 512
+    assert local.read_now(oid, 0, 512, EPOCH + 1) is None  # another epoch: ask properly
+    assert local.read_now(data_oid(7, 2), 0, 512, EPOCH) is None  # missing: ask properly
