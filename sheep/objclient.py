@@ -42,7 +42,7 @@ _RETRYABLE = (OldEpoch, NewEpoch, PeerUnavailable, TimeoutError, NotFormatted, F
 
 
 class LocalReplica(Protocol):
-    """This node's own service in process (sheep.dataplane.service.InProcess): requests
+    """This node's own service in process (sheep.node.service.InProcess): requests
     take the path the network's take, with a peer connection's `request`, and a read may
     be answered at once."""
 

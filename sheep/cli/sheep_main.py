@@ -37,7 +37,7 @@ def install_event_loop_policy() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sheep.daemon import NodeOptions, run_node
+    from sheep.node.daemon import NodeOptions, run_node
 
     opts = NodeOptions(
         dir=Path(args.dir),

@@ -7,9 +7,7 @@ control services (node list) or etcd (cluster info), never the data plane.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
 import grpc
 
@@ -20,9 +18,7 @@ from sheep.oid import DEFAULT_OBJECT_SIZE
 
 from . import sheep_pb2 as pb
 from . import sheep_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from sheep.daemon import Node
+from .handle import NodeHandle, NodeStatus
 
 PEER_TIMEOUT = 3.0
 
@@ -43,8 +39,16 @@ def epoch_pb(record: EpochRecord) -> pb.Epoch:
     return pb.Epoch(epoch=record.epoch, time=record.time, nodes=[node_pb(n) for n in record.nodes])
 
 
+def status_pb(status: NodeStatus) -> pb.NodeStats:
+    return pb.NodeStats(node=node_pb(status.node), used=status.used, free=status.free,
+                        objects=status.objects, epoch=status.epoch, reachable=True,
+                        recovery=pb.RecoveryStats(**asdict(status.recovery)),
+                        scrub=pb.ScrubStats(**asdict(status.scrub)),
+                        filesystem=status.filesystem)
+
+
 class ControlService(pb_grpc.ControlServicer):
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeHandle) -> None:
         self._node = node
 
     async def FormatCluster(self, request: pb.FormatRequest, context) -> pb.ClusterInfoReply:
@@ -65,7 +69,7 @@ class ControlService(pb_grpc.ControlServicer):
         history = await etcd.epoch_history()
         reply = pb.ClusterInfoReply(
             epoch=record.epoch if record else 0, history=[epoch_pb(r) for r in history],
-            etcd=self._node.opts.etcd,
+            etcd=self._node.etcd_url,
         )
         if config is None:
             reply.status = "waiting for format"
@@ -88,19 +92,15 @@ class ControlService(pb_grpc.ControlServicer):
         return self._stats()
 
     def _stats(self) -> pb.NodeStats:
-        """This node's stats, with the filesystem its data dir is on: nodes of one host
-        that share a filesystem share its free space, and totals must count it once."""
-        stats = self._node.stats()
-        stats.filesystem = f"{socket.gethostname()}:{os.stat(self._node.store.root).st_dev}"
-        return stats
+        return status_pb(self._node.status())
 
     async def SetRecoveryThrottle(self, request: pb.ThrottleRequest, context) -> pb.NodeStats:
         self._node.set_recovery_throttle(request.bytes_per_second)
-        return self._node.stats()
+        return self._stats()
 
     async def StartScrub(self, request: pb.Empty, context) -> pb.NodeStats:
         self._node.start_scrub()
-        return self._node.stats()
+        return self._stats()
 
     async def NodeList(self, request: pb.Empty, context) -> pb.NodeListReply:
         record, _ = await self._node.etcd.epoch()
@@ -119,7 +119,7 @@ class ControlService(pb_grpc.ControlServicer):
             return pb.NodeStats(node=node_pb(info), reachable=False, error=exc.details() or "")
 
 
-async def serve(node: Node, host: str, port: int) -> grpc.aio.Server:
+async def serve(node: NodeHandle, host: str, port: int) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
     server.add_insecure_port(f"{host}:{port}")

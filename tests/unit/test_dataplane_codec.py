@@ -20,7 +20,6 @@ from sheep.dataplane.codec import (
     encode,
     is_known_opcode,
 )
-from sheep.dataplane.service import InProcess, ObjectService
 from sheep.dataplane.wire import (
     HEADER_SIZE,
     MAGIC,
@@ -32,6 +31,7 @@ from sheep.dataplane.wire import (
 )
 from sheep.errors import ProtocolError, Result
 from sheep.framing import BUFFER_SIZE, DIRECT_THRESHOLD
+from sheep.node.service import InProcess, ObjectService
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
 

@@ -24,20 +24,20 @@ from sheep.cluster.ring import DEFAULT_VNODES, vnodes_for_weight
 from sheep.cluster.state import EtcdTarget, NodeInfo, dump
 from sheep.cluster.view import ClusterView, follow
 from sheep.control import service as control
-from sheep.control import sheep_pb2 as pb
+from sheep.control.handle import NodeStatus, RecoveryStatus, ScrubStatus
 from sheep.dataplane import server as dataplane
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.service import InProcess, ObjectService
 from sheep.dataplane.wire import MUTATIONS
 from sheep.errors import Fenced, SheepError
 from sheep.gateway.exports import VolumeCache
 from sheep.gateway.iscsi.login import Chap
 from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
 from sheep.gateway.nbd.server import serve_nbd
+from sheep.node.recovery import Recovery
+from sheep.node.repair import Repairer
+from sheep.node.scrub import Scrubber
+from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
-from sheep.recovery import Recovery
-from sheep.repair import Repairer
-from sheep.scrub import Scrubber
 from sheep.store import NodeMeta, ObjectStore
 from sheep.vdi.registry import VdiRegistry
 
@@ -339,18 +339,16 @@ class Node:
                 log.warning("reconcile failed: %s", exc)
             await self.view.wait_for_change(self.view.epoch, 0.5)
 
-    def stats(self) -> pb.NodeStats:
+    @property
+    def etcd_url(self) -> str:
+        return self.opts.etcd
+
+    def status(self) -> NodeStatus:
         used, free = self.store.usage()
-        return pb.NodeStats(
-            node=control.node_pb(self.info),
-            used=used,
-            free=free,
-            objects=len(self.store.list_oids()),
-            epoch=self.view.epoch,
-            reachable=True,
-            recovery=self._recovery_stats(),
-            scrub=self._scrub_stats(),
-        )
+        return NodeStatus(node=self.info, used=used, free=free,
+                          objects=len(self.store.list_oids()), epoch=self.view.epoch,
+                          recovery=self._recovery_status(), scrub=self._scrub_status(),
+                          filesystem=f"{socket.gethostname()}:{os.stat(self.store.root).st_dev}")
 
     def _guard(self, oid: int, opcode: int, fresh: bool) -> asyncio.Future[None] | None:
         """Every client operation on this node's store passes here: writes are refused while
@@ -361,21 +359,21 @@ class Node:
         assert self.recovery is not None and self.repairer is not None
         return self.repairer.guard(oid) or self.recovery.guard(oid, opcode, fresh)
 
-    def _recovery_stats(self) -> pb.RecoveryStats:
+    def _recovery_status(self) -> RecoveryStatus:
         if self.recovery is None:
-            return pb.RecoveryStats(state="idle")
+            return RecoveryStatus()
         s = self.recovery.status
-        return pb.RecoveryStats(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
-                                rate=s.rate, throttle=self.recovery.throttle)
+        return RecoveryStatus(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
+                              rate=s.rate, throttle=self.recovery.throttle)
 
-    def _scrub_stats(self) -> pb.ScrubStats:
+    def _scrub_status(self) -> ScrubStatus:
         if self.scrubber is None or self.repairer is None:
-            return pb.ScrubStats(state="idle")
+            return ScrubStatus()
         s, r = self.scrubber.status, self.repairer.stats
-        return pb.ScrubStats(state=s.state, passes=s.passes, done=s.done, total=s.total,
-                             bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
-                             finished=s.finished, interval=self.scrubber.interval,
-                             blocks_repaired=r.repaired, blocks_accepted=r.accepted)
+        return ScrubStatus(state=s.state, passes=s.passes, done=s.done, total=s.total,
+                           bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
+                           finished=s.finished, interval=self.scrubber.interval,
+                           blocks_repaired=r.repaired, blocks_accepted=r.accepted)
 
     def start_scrub(self) -> None:
         if self.scrubber is not None:

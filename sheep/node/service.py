@@ -11,6 +11,9 @@ import logging
 import struct
 from collections.abc import Callable
 
+from sheep.dataplane.codec import Frame
+from sheep.dataplane.server import ReplySink
+from sheep.dataplane.wire import EPOCH_CHECKED, HEADER, MUTATIONS, Flags, Opcode, pack_header
 from sheep.errors import (
     Corrupt,
     NewEpoch,
@@ -22,10 +25,6 @@ from sheep.errors import (
     UnknownOp,
 )
 from sheep.store import ObjectStore
-
-from .codec import Frame
-from .server import ReplySink
-from .wire import EPOCH_CHECKED, HEADER, MUTATIONS, Flags, Opcode, pack_header
 
 log = logging.getLogger(__name__)
 

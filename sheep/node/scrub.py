@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 
 from sheep.errors import NoObject
+from sheep.node.recovery import Recovery
+from sheep.node.repair import Repairer
 from sheep.oid import oid_str
-from sheep.recovery import Recovery
-from sheep.repair import Repairer
 from sheep.store import ObjectStore
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,62 @@
+"""What the control service needs of a storage node, as plain data. The node implements
+NodeHandle; the service turns what it returns into protobuf, so the node never builds a
+message and the control package never imports the node (the node starts the service)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.state import NodeInfo
+from sheep.cluster.view import ClusterView
+
+
+@dataclass(frozen=True)
+class RecoveryStatus:
+    epoch: int = 0
+    state: str = "idle"  # idle | listing | recovering | waiting | done | failed
+    done: int = 0
+    total: int = 0
+    rate: float = 0.0  # objects per second
+    throttle: int = 0  # bytes per second, 0: unbounded
+
+
+@dataclass(frozen=True)
+class ScrubStatus:
+    state: str = "idle"  # idle | listing | checking
+    passes: int = 0
+    done: int = 0
+    total: int = 0
+    bad_blocks: int = 0
+    repaired: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    interval: float = 0.0
+    blocks_repaired: int = 0
+    blocks_accepted: int = 0
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node: NodeInfo
+    used: int  # bytes the node's objects take on disk
+    free: int  # bytes free on its data dir's filesystem
+    objects: int
+    epoch: int
+    recovery: RecoveryStatus
+    scrub: ScrubStatus
+    filesystem: str  # host:st_dev of the data dir: nodes sharing one count it once
+
+
+class NodeHandle(Protocol):
+    etcd: EtcdCluster
+    view: ClusterView
+    info: NodeInfo
+    etcd_url: str  # as the node was given it: what dog connects its own clients to
+
+    def status(self) -> NodeStatus: ...
+
+    def set_recovery_throttle(self, bytes_per_second: int) -> None: ...
+
+    def start_scrub(self) -> None: ...
