@@ -20,15 +20,18 @@ from sheep.malloc import keep_freed_memory
 from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.units import format_size, parse_size
 
-from .dog_vdi import (
+from .common import (
+    RPC_TIMEOUT,
+    DogError,
     Interrupted,
-    UsageError,
-    add_cluster_commands,
-    add_vdi_commands,
     free_space,
     progress_bar,
     progress_option,
+    table,
+    when,
 )
+from .dog_cluster import add_cluster_commands
+from .dog_vdi import add_vdi_commands
 from .dog_vm import add_vm_commands
 from .output import (
     Parser,
@@ -43,26 +46,10 @@ from .output import (
 )
 
 DEFAULT_ADDRESS = "127.0.0.1:7000"
-RPC_TIMEOUT = 15.0
-
-
-class DogError(Exception):
-    """A one-line error for the user; dog exits 1 with it."""
 
 
 def _emit_json(message) -> None:
     emit(message_dict(message))
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
-    return "\n".join(lines)
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 RECENT_EPOCHS = 10  # what `dog cluster info` shows without --all
@@ -106,7 +93,7 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
     print(f"Cluster status: {reply.status}")
     if reply.cluster_id:
         print(f"Cluster id: {reply.cluster_id}")
-        print(f"Created: {_when(reply.created)}")
+        print(f"Created: {when(reply.created)}")
         print(f"Copies: {reply.copies}")
         print(f"Object size: {format_size(reply.object_size)}")
         print(f"Health: {reply.health}")
@@ -114,10 +101,10 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
     if not args.all and reply.history and reply.history[0].epoch > 1:
         print(f"(the last {len(reply.history)} epochs; --all shows every one)")
     rows = [
-        [str(e.epoch), _when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
+        [str(e.epoch), when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
         for e in reversed(reply.history)
     ]
-    print(_table(rows, ["Epoch", "Time", "Nodes"]))
+    print(table(rows, ["Epoch", "Time", "Nodes"]))
 
 
 async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -132,7 +119,7 @@ async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
         free = format_size(s.free) if s.reachable else "?"
         rows.append([str(i), n.id[:12], f"{n.host}:{n.control_port}", f"{n.host}:{n.data_port}",
                      n.zone or "-", str(n.vnodes), used, free])
-    print(_table(rows, ["Idx", "Id", "Control", "Data", "Zone", "Vnodes", "Used", "Free"]))
+    print(table(rows, ["Idx", "Id", "Control", "Data", "Zone", "Vnodes", "Used", "Free"]))
 
 
 async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -156,7 +143,7 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
     pct = f"{100 * total_used / total_size:.0f}%" if total_size else "-"
     rows.append(["Total", format_size(total_size), format_size(total_used),
                  format_size(total_free), pct, ""])
-    print(_table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
+    print(table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
 
 
 async def _per_node_table(stub: pb_grpc.ControlStub, args: argparse.Namespace,
@@ -170,7 +157,7 @@ async def _per_node_table(stub: pb_grpc.ControlStub, args: argparse.Namespace,
     for i, s in enumerate(reply.nodes):
         cells = row(s) if s.reachable else ["unreachable"]
         rows.append([str(i), s.node.id[:12], *cells, *[""] * (len(header) - 2 - len(cells))])
-    print(_table(rows, header))
+    print(table(rows, header))
 
 
 async def node_recovery(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -325,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
-    except (DogError, UsageError, SheepError, grpc.aio.AioRpcError, OSError) as exc:
+    except (DogError, SheepError, grpc.aio.AioRpcError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and stdout_closed():
             return quiet_broken_pipe()
         return report_error("dog", _error_line(exc, args.address), error_code(exc), args.json)

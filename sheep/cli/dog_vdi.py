@@ -8,23 +8,18 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import os
 import stat
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from sheep.control import sheep_pb2 as pb
-from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.gateway.iscsi.names import lun_identity, target_name
 from sheep.gateway.loopback import loopback_nbd
 from sheep.gateway.scsi.inquiry import unit_serial
-from sheep.oid import oid_str
 from sheep.units import format_size, parse_size
-from sheep.vdi.check import check_objects, check_vdi, vdi_objects
-from sheep.vdi.gc import collect_garbage
+from sheep.vdi.check import check_vdi
 from sheep.vdi.images import (
     FORMATS,
     ImageInfo,
@@ -38,40 +33,33 @@ from sheep.vdi.images import (
 )
 from sheep.vdi.inode import max_vdi_size
 from sheep.vdi.inodes import nblocks
-from sheep.vdi.manager import VdiManager, open_manager
+from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import RegistryState, VdiRecord
 from sheep.vdi.transfer import export_file, import_file
 from sheep.vdi.volume import Volume
 
-RPC_TIMEOUT = 15.0
+from .common import (
+    RPC_TIMEOUT,
+    DogError,
+    Interrupted,
+    cluster_manager,
+    free_space,
+    print_check_report,
+    progress_bar,
+    progress_option,
+    table,
+    when,
+)
+from .output import emit
+
 _WINDOW = 4  # block-sized reads or writes in flight
-
-
-class UsageError(Exception):
-    """Bad command-line input: dog prints it on one line and exits 1."""
-
-
-class Interrupted(Exception):
-    """A command stopped by SIGINT or SIGTERM, after cleaning up: dog prints what it left
-    on one line and exits 130."""
-
-
-@contextlib.asynccontextmanager
-async def _manager(stub: pb_grpc.ControlStub, args: argparse.Namespace
-                   ) -> AsyncIterator[VdiManager]:
-    info = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
-    if not info.cluster_id:
-        raise UsageError("the cluster is not formatted (dog cluster format)")
-    holder = f"dog vdi {args.cmd} (pid {os.getpid()})"
-    async with open_manager(info.etcd, holder=holder) as manager:
-        yield manager
 
 
 def _size(text: str, what: str) -> int:
     try:
         return parse_size(text)
     except ValueError as exc:
-        raise UsageError(f"{what}: {exc}") from None
+        raise DogError(f"{what}: {exc}") from None
 
 
 def _sectors(size: int, name: str) -> int:
@@ -83,49 +71,6 @@ def _sectors(size: int, name: str) -> int:
         print(f"dog: note: VDI {name!r} size {size} bytes rounded up to {whole} bytes "
               f"(whole 512-byte sectors)", file=sys.stderr)
     return whole
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in [header, *rows])
-
-
-def progress_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction,
-                   default=sys.stderr.isatty(), help="show a progress bar on stderr")
-
-
-def progress_bar(enabled: bool, what: str, *, objects: bool = False
-              ) -> Callable[[int, int], None] | None:
-    """A progress bar on stderr: on a terminal by default, or when --progress asks. It
-    counts bytes, or with `objects`, objects."""
-    if not enabled:
-        return None
-    last = [-1]
-
-    def show(done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        if pct == last[0]:
-            return
-        last[0] = pct
-        bar = "#" * (pct // 4)
-        amount = (f"{done}/{total} objects" if objects
-                  else f"{format_size(done)} / {format_size(total)}")
-        sys.stderr.write(f"\r{what} [{bar:<25}] {pct:3d}% {amount}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
-
-
-def _emit(data: object) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _record_dict(rec: VdiRecord, allocated: int, shared: int) -> dict:
@@ -140,16 +85,6 @@ def _record_dict(rec: VdiRecord, allocated: int, shared: int) -> dict:
 def _split_at(spec: str) -> tuple[str, str | None]:
     name, sep, tag = spec.partition("@")
     return name, (tag if sep else None)
-
-
-def free_space(nodes) -> int:
-    """Free bytes across the reachable nodes (NodeStats), each filesystem once: nodes
-    whose data dirs share one filesystem share its free space."""
-    free: dict[str, int] = {}
-    for i, s in enumerate(nodes):
-        if s.reachable:
-            free[s.filesystem or f"node {i}"] = s.free
-    return sum(free.values())
 
 
 async def _room(stub, copies: int) -> tuple[int, int]:
@@ -168,7 +103,7 @@ async def _check_room(stub, name: str, size: int, new_bytes: int, copies: int,
     command succeeded (else "")."""
     free, whole = await _room(stub, copies)
     if prealloc and new_bytes > free:
-        raise UsageError(f"cannot preallocate {format_size(new_bytes)} for VDI {name!r}: "
+        raise DogError(f"cannot preallocate {format_size(new_bytes)} for VDI {name!r}: "
                          f"with {copies} copies the cluster has room for {format_size(free)}")
     if not prealloc and size > whole:
         return (f"dog: warning: VDI {name!r} ({format_size(size)}) is larger than the "
@@ -187,7 +122,7 @@ def _warn(warning: str) -> None:
 
 async def vdi_create(stub, args) -> None:
     size = _sectors(_size(args.size, "VDI size"), args.name)
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         config = m.client.view.config
         assert config is not None
         m.check_size(size, config.object_size)
@@ -198,7 +133,7 @@ async def vdi_create(stub, args) -> None:
         rec = await m.create(args.name, size, copies=args.copies, prealloc=args.prealloc)
     _warn(warning)
     if args.json:
-        _emit(_record_dict(rec, nblocks(rec) * rec.block_size if args.prealloc else 0, 0))
+        emit(_record_dict(rec, nblocks(rec) * rec.block_size if args.prealloc else 0, 0))
     else:
         print(f"VDI {rec.name} created: {format_size(rec.size)}, {rec.copies} copies, "
               f"id {rec.id}")
@@ -214,27 +149,27 @@ async def _listing(m: VdiManager, state: RegistryState, names: list[str]) -> lis
 
 
 async def vdi_list(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         state = await m.state()
         names = sorted(state.working) if args.name is None else [args.name]
         if args.name is not None and args.name not in state.working:
-            raise UsageError(f"no VDI named {args.name!r}")
+            raise DogError(f"no VDI named {args.name!r}")
         rows = await _listing(m, state, names)
     if args.json:
-        _emit({"vdis": rows})
+        emit({"vdis": rows})
         return
-    table = [["s" if r["snapshot"] else "",
+    listed = [["s" if r["snapshot"] else "",
               r["name"] + (" (incomplete)" if r["incomplete"] else ""), r["tag"] or "-",
               str(r["id"]),
               format_size(r["size"]), format_size(r["allocated"]), format_size(r["shared"]),
-              str(r["copies"]), _when(r["snap_time"] if r["snapshot"] else r["created"])]
+              str(r["copies"]), when(r["snap_time"] if r["snapshot"] else r["created"])]
              for r in rows]
-    print(_table(table, ["", "Name", "Tag", "Id", "Size", "Allocated", "Shared", "Copies",
-                         "Time"]))
+    print(table(listed, ["", "Name", "Tag", "Id", "Size", "Allocated", "Shared", "Copies",
+                          "Time"]))
 
 
 async def vdi_tree(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         state = await m.state()
     records = state.records
     roots = sorted((r for r in records.values() if r.parent not in records), key=lambda r: r.id)
@@ -242,7 +177,7 @@ async def vdi_tree(stub, args) -> None:
         def node(rec: VdiRecord) -> dict:
             return {"id": rec.id, "name": rec.name, "tag": rec.tag, "snapshot": rec.snapshot,
                     "children": [node(c) for c in state.children(rec.id)]}
-        _emit({"tree": [node(r) for r in roots]})
+        emit({"tree": [node(r) for r in roots]})
         return
     lines: list[str] = []
 
@@ -264,7 +199,7 @@ _INCOMPLETE = ("incomplete: an import into it did not finish (import again with 
 
 
 async def vdi_info(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         state = await m.state()
         rec = state.lookup(args.name, args.snapshot)
         usage = await m.usage(rec)
@@ -279,26 +214,26 @@ async def vdi_info(stub, args) -> None:
     parent = state.records.get(rec.parent)
     info["parent_name"] = parent.label if parent is not None else ""
     if args.json:
-        _emit(info)
+        emit(info)
         return
     parent_line = f"{info['parent_name']} (id {rec.parent})" if rec.parent else "-"
     print(f"Name: {rec.label}\nId: {rec.id}\nParent: {parent_line}\n"
           f"Size: {format_size(rec.size)} ({rec.size} bytes)\n"
           f"Allocated: {format_size(usage.used)}\nShared: {format_size(usage.shared)}\n"
           f"Copies: {rec.copies}\nBlock size: {format_size(rec.block_size)}\n"
-          f"Created: {_when(rec.created)}\n"
+          f"Created: {when(rec.created)}\n"
           + (f"Status: {_INCOMPLETE}\n" if rec.incomplete else "")
-          + (f"Snapshot time: {_when(rec.snap_time)}\n" if rec.snapshot else "")
+          + (f"Snapshot time: {when(rec.snap_time)}\n" if rec.snapshot else "")
           + f"Snapshots: {', '.join(info['snapshots']) or '-'}\n"
           f"Locked by: {info['locked_by'] or '-'}\n"
           f"iSCSI target: {info['iscsi_target']} (SCSI serial {info['scsi_serial']})")
 
 
 async def vdi_snapshot(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         rec = await m.snapshot(args.name, args.snapshot)
     if args.json:
-        _emit(_record_dict(rec, 0, 0))
+        emit(_record_dict(rec, 0, 0))
     else:
         print(f"snapshot {rec.label} taken (id {rec.id})")
 
@@ -307,37 +242,37 @@ async def vdi_clone(stub, args) -> None:
     name, tag = _split_at(args.source)
     tag = args.snapshot or tag
     if not tag:
-        raise UsageError("clone needs a snapshot: NAME@TAG or -s TAG")
-    async with _manager(stub, args) as m:
+        raise DogError("clone needs a snapshot: NAME@TAG or -s TAG")
+    async with cluster_manager(stub, args, "vdi") as m:
         rec = await m.clone(name, tag, args.new_name)
     if args.json:
-        _emit(_record_dict(rec, 0, 0))
+        emit(_record_dict(rec, 0, 0))
     else:
         print(f"VDI {rec.name} cloned from {name}@{tag} (id {rec.id})")
 
 
 async def vdi_rollback(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         rec = await m.rollback(args.name, args.snapshot)
     if args.json:
-        _emit(_record_dict(rec, 0, 0))
+        emit(_record_dict(rec, 0, 0))
     else:
         print(f"VDI {rec.name} rolled back to {args.snapshot} (id {rec.id})")
 
 
 async def vdi_flatten(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         rec = await m.flatten(args.name, progress_bar(args.progress, "flatten"))
     if args.json:
-        _emit(_record_dict(rec, 0, 0))
+        emit(_record_dict(rec, 0, 0))
     else:
         print(f"VDI {rec.name} flattened")
 
 
 async def vdi_delete(stub, args) -> None:
     if args.recursive and args.snapshot:
-        raise UsageError("-r deletes every snapshot of the VDI: give no -s with it")
-    async with _manager(stub, args) as m:
+        raise DogError("-r deletes every snapshot of the VDI: give no -s with it")
+    async with cluster_manager(stub, args, "vdi") as m:
         if args.recursive:
             deleted, removed = await m.delete_recursive(args.name)
         else:
@@ -346,7 +281,7 @@ async def vdi_delete(stub, args) -> None:
         state = await m.state()
     remaining = [r.tag for r in state.family(args.name) if r.snapshot]
     if args.json:
-        _emit({"deleted": deleted, "reclaimed_objects": removed,
+        emit({"deleted": deleted, "reclaimed_objects": removed,
                "remaining_snapshots": remaining})
         return
     print(f"VDI {', '.join(deleted)} deleted; {removed} object(s) reclaimed")
@@ -357,7 +292,7 @@ async def vdi_delete(stub, args) -> None:
 
 async def vdi_resize(stub, args) -> None:
     size = _sectors(_size(args.size, "VDI size"), args.name)
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         current = (await m.state()).lookup(args.name)
         bs = current.block_size
         new_bytes = max(0, -(-size // bs) - -(-current.size // bs)) * bs
@@ -367,7 +302,7 @@ async def vdi_resize(stub, args) -> None:
         rec = await m.resize(args.name, size, prealloc=args.prealloc)
     _warn(warning)
     if args.json:
-        _emit(_record_dict(rec, 0, 0))
+        emit(_record_dict(rec, 0, 0))
     else:
         print(f"VDI {rec.name} is now {format_size(rec.size)}")
 
@@ -376,15 +311,16 @@ def _range(args: argparse.Namespace, size: int) -> tuple[int, int | None]:
     offset = _size(args.offset, "offset") if args.offset is not None else 0
     length = _size(args.length, "length") if args.length is not None else None
     if offset > size:
-        raise UsageError(f"offset {offset} is past the end of the VDI ({size} bytes)")
+        raise DogError(f"offset {offset} is past the end of the VDI ({size} bytes)")
     if length is not None and offset + length > size:
-        raise UsageError(f"range [{offset}, {offset + length}) is past the end of the VDI "
+        raise DogError(f"range [{offset}, {offset + length}) is past the end of the VDI "
                          f"({size} bytes)")
     return offset, length
 
 
 async def vdi_read(stub, args) -> None:
-    async with _manager(stub, args) as m, await m.open(args.name, args.snapshot) as vol:
+    async with (cluster_manager(stub, args, "vdi") as m,
+                await m.open(args.name, args.snapshot) as vol):
         offset, length = _range(args, vol.size)
         end = vol.size if length is None else offset + length
         out = sys.stdout.buffer
@@ -408,7 +344,7 @@ def _chunks(start: int, end: int, block_size: int) -> Iterator[tuple[int, int]]:
 
 
 async def vdi_write(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         size = (await m.state()).lookup(args.name).size
         offset, length = _range(args, size)
         room = size - offset
@@ -420,11 +356,11 @@ async def vdi_write(stub, args) -> None:
                     source = stack.enter_context(await asyncio.to_thread(_spool, source, room))
                 length = os.fstat(source.fileno()).st_size - source.tell()
                 if length > room:
-                    raise UsageError(f"standard input holds more than the {room} bytes that "
+                    raise DogError(f"standard input holds more than the {room} bytes that "
                                      f"fit from offset {offset}; nothing written")
             written = await _write_stream(m, args.name, source, offset, offset + length)
     if args.json:
-        _emit({"name": args.name, "offset": offset, "written": written})
+        emit({"name": args.name, "offset": offset, "written": written})
 
 
 def _spool(stream, room: int):
@@ -466,7 +402,7 @@ async def _write_stream(m: VdiManager, name: str, source, offset: int, end: int)
 async def vdi_import(stub, args) -> None:
     fmt = check_format(args.format) if args.format else None
     if not os.path.isfile(args.file):
-        raise UsageError(f"{args.file}: no such file")
+        raise DogError(f"{args.file}: no such file")
     # without qemu-img, an image of unknown format is taken to be raw, as before formats
     if (fmt is None and qemu_img_available()) or fmt not in (None, "raw"):
         info = await probe(args.file, fmt)
@@ -475,13 +411,13 @@ async def vdi_import(stub, args) -> None:
             return
     size = os.path.getsize(args.file)
     if size == 0:
-        raise UsageError(f"{args.file} is empty")
-    async with (_manager(stub, args) as m, _importing(m, args, size),
+        raise DogError(f"{args.file} is empty")
+    async with (cluster_manager(stub, args, "vdi") as m, _importing(m, args, size),
                 await m.open(args.name, writable=True) as vol):
         written = await import_file(vol, args.file, progress_bar(args.progress, "import"))
         await _zero_tail(vol, size)
     if args.json:
-        _emit({"name": args.name, "format": "raw", "size": size, "written": written})
+        emit({"name": args.name, "format": "raw", "size": size, "written": written})
     else:
         print(f"imported {format_size(size)} into {args.name} "
               f"({format_size(written)} of data)")
@@ -499,10 +435,10 @@ async def _importing(m: VdiManager, args: argparse.Namespace, size: int
     if not created:
         current = state.lookup(args.name)
         if not args.force:
-            raise UsageError(f"VDI {args.name!r} exists; 'dog vdi import --force' replaces "
+            raise DogError(f"VDI {args.name!r} exists; 'dog vdi import --force' replaces "
                              f"its content")
         if current.size < size:
-            raise UsageError(f"{args.file} is a {size}-byte disk, more than VDI "
+            raise DogError(f"{args.file} is a {size}-byte disk, more than VDI "
                              f"{args.name!r} ({current.size} bytes); nothing written")
         await m.mark_incomplete(args.name, True)
     else:
@@ -534,7 +470,7 @@ async def _import_image(stub, args, info: ImageInfo) -> None:
     """Through qemu-img into a loopback NBD export of the VDI. A VDI with no data yet is
     declared zero to qemu-img, which then writes only the image's data: the VDI stays thin."""
     size = info.virtual_size
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         async with _importing(m, args, size), loopback_nbd(
                 m.client, m.registry, m.holder, args.name, writable=True) as gateway:
             vol = gateway.volume
@@ -544,7 +480,7 @@ async def _import_image(stub, args, info: ImageInfo) -> None:
             await _zero_tail(vol, size)
         used = (await m.usage((await m.state()).lookup(args.name))).used
     if args.json:
-        _emit({"name": args.name, "format": info.format, "size": size, "allocated": used})
+        emit({"name": args.name, "format": info.format, "size": size, "allocated": used})
     else:
         print(f"imported {format_size(size)} {info.format} image into {args.name} "
               f"({format_size(used)} allocated)")
@@ -553,16 +489,16 @@ async def _import_image(stub, args, info: ImageInfo) -> None:
 async def vdi_export(stub, args) -> None:
     name, tag = _split_at(args.name)
     if tag is not None and args.snapshot is not None and tag != args.snapshot:
-        raise UsageError(f"two snapshots named: {args.name} and -s {args.snapshot}")
+        raise DogError(f"two snapshots named: {args.name} and -s {args.snapshot}")
     tag = tag if tag is not None else args.snapshot
     fmt = check_format(args.format) if args.format else format_for_path(args.file)
     label = f"{name}@{tag}" if tag else name
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         if fmt == "raw":
             async with await m.open(name, tag) as vol:
                 written = await export_file(vol, args.file, progress_bar(args.progress, "export"))
             if args.json:
-                _emit({"name": label, "format": fmt, "size": vol.size, "written": written})
+                emit({"name": label, "format": fmt, "size": vol.size, "written": written})
             else:
                 print(f"exported {label} to {args.file}: {format_size(vol.size)} "
                       f"({format_size(written)} of data)")
@@ -570,7 +506,7 @@ async def vdi_export(stub, args) -> None:
         size = await _export_image(m, name, tag, args.file, fmt, args.progress)
     on_disk = os.stat(args.file).st_blocks * 512
     if args.json:
-        _emit({"name": label, "format": fmt, "size": size, "file_size": on_disk})
+        emit({"name": label, "format": fmt, "size": size, "file_size": on_disk})
     else:
         print(f"exported {label} to {args.file} ({fmt}): {format_size(size)} "
               f"({format_size(on_disk)} on disk)")
@@ -601,104 +537,32 @@ async def _export_image(m: VdiManager, name: str, tag: str | None, path: str, fm
 
 
 async def vdi_check(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         rec = (await m.state()).lookup(args.name, args.snapshot)
         report = await check_vdi(m.client, rec, repair=args.repair,
                                  progress=progress_bar(args.progress, "check", objects=True))
-    _print_report(report, args)
-
-
-async def cluster_check(stub, args) -> None:
-    """Every replica of every object any VDI or snapshot references (shared ones once)."""
-    async with _manager(stub, args) as m:
-        state = await m.state()
-        oids: set[int] = set()
-        for rec in state.records.values():
-            oids.update(await vdi_objects(m.client, rec))
-        config = m.client.view.config
-        assert config is not None
-        report = await check_objects(m.client, sorted(oids), config.object_size,
-                                     repair=args.repair,
-                                     progress=progress_bar(args.progress, "check", objects=True))
-    _print_report(report, args)
-
-
-def _print_report(report, args: argparse.Namespace) -> None:
-    if args.json:
-        _emit(report.as_dict())
-    else:
-        for f in report.findings:
-            print(f"object {f.oid} on node {f.node[:12]}: {f.problem}"
-                  + (" (repaired)" if f.repaired else ""))
-        for oid in report.unrepairable:
-            print(f"object {oid}: no good copy to repair from")
-        print(f"{report.objects} object(s) checked: "
-              + ("all replicas present and identical" if report.clean else
-                 f"{len(report.findings)} bad replica(s)"))
-    if report.unrepairable or any(not f.repaired for f in report.findings):
-        raise SystemExit(1)
-
-
-async def cluster_gc(stub, args) -> None:
-    """Remove what deleted VDIs left on nodes that were down when they were deleted."""
-    async with _manager(stub, args) as m:
-        report = await collect_garbage(m.client, m.registry, dry_run=args.dry_run,
-                                       progress=progress_bar(args.progress, "gc", objects=True))
-        config = m.client.view.config
-        object_size = config.object_size if config is not None else 0
-    by_vdi = report.by_vdi()
-    if args.json:
-        _emit({"scanned": report.scanned, "garbage": [oid_str(o) for o in report.garbage],
-               "removed": report.removed, "dry_run": args.dry_run,
-               "deleted_vdis": [{"id": vdi, "objects": n} for vdi, n in by_vdi.items()]})
-        return
-    if args.verbose:
-        for oid in report.garbage:
-            print(f"object {oid_str(oid)}: of a deleted VDI, unreferenced"
-                  + ("" if args.dry_run else " (removed)"))
-    for vdi, count in by_vdi.items():
-        print(f"deleted VDI {vdi:#x}: {count} object(s)")
-    size = report.data_objects() * object_size  # deleted VDIs' own sizes are gone
-    print(f"{report.scanned} object(s) scanned: {len(report.garbage)} garbage "
-          f"({report.data_objects()} data objects, up to {format_size(size)}) of "
-          f"{len(by_vdi)} deleted VDI(s); "
-          + ("nothing removed (--dry-run)" if args.dry_run else f"{report.removed} removed"))
-
-
-def add_cluster_commands(cluster: argparse._SubParsersAction,
-                         common: argparse.ArgumentParser) -> None:
-    p = cluster.add_parser("gc", parents=[common],
-                           help="remove objects of deleted VDIs left on nodes that were down")
-    p.add_argument("--dry-run", action="store_true", help="list the garbage, remove nothing")
-    p.add_argument("-v", "--verbose", action="store_true", help="one line per object too")
-    progress_option(p)
-    p.set_defaults(func=cluster_gc)
-    p = cluster.add_parser("check", parents=[common],
-                           help="compare every replica of every object; --repair fixes")
-    p.add_argument("--repair", action="store_true", help="rewrite bad replicas from good ones")
-    progress_option(p)
-    p.set_defaults(func=cluster_check)
+    print_check_report(report, args)
 
 
 async def lock_list(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         locks = sorted((await m.state()).locks.values(), key=lambda lock: lock.name)
     if args.json:
-        _emit({"locks": [{"name": x.name, "holder": x.holder, "host": x.host, "pid": x.pid,
+        emit({"locks": [{"name": x.name, "holder": x.holder, "host": x.host, "pid": x.pid,
                           "since": x.since} for x in locks]})
         return
-    print(_table([[x.name, x.holder, x.host, str(x.pid), _when(x.since)] for x in locks],
+    print(table([[x.name, x.holder, x.host, str(x.pid), when(x.since)] for x in locks],
                  ["Name", "Holder", "Host", "Pid", "Since"]))
 
 
 async def lock_unlock(stub, args) -> None:
-    async with _manager(stub, args) as m:
+    async with cluster_manager(stub, args, "vdi") as m:
         (await m.state()).lookup(args.name)
         broken = await m.registry.break_lock(args.name, force=args.force)
     if broken is None:
-        raise UsageError(f"VDI {args.name!r} is not locked")
+        raise DogError(f"VDI {args.name!r} is not locked")
     if args.json:
-        _emit({"unlocked": args.name, "holder": broken.holder, "host": broken.host,
+        emit({"unlocked": args.name, "holder": broken.holder, "host": broken.host,
                "pid": broken.pid})
     else:
         print(f"lock on {args.name} broken (it was held by {broken.who})")

@@ -9,39 +9,24 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
 from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
-from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.units import parse_size
-from sheep.vdi.manager import open_manager
 
-from .dog_vdi import UsageError
-
-RPC_TIMEOUT = 15.0
+from .common import DogError, cluster_manager, table, when
+from .output import emit
 
 
 @contextlib.asynccontextmanager
 async def _control(stub: pb_grpc.ControlStub, args: argparse.Namespace
                    ) -> AsyncIterator[VmControl]:
-    info = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
-    if not info.cluster_id:
-        raise UsageError("the cluster is not formatted (dog cluster format)")
-    async with open_manager(info.etcd, holder=f"dog vm {args.cmd} (pid {os.getpid()})") as m:
+    async with cluster_manager(stub, args, "vm") as m:
         yield VmControl(m)
-
-
-def _emit(data: object) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def _runtime_dict(rt: VmRuntime | None) -> dict | None:
@@ -64,7 +49,7 @@ def _memory(text: str) -> int:
     try:
         return int(text) if text.isdigit() else parse_size(text) >> 20
     except ValueError as exc:
-        raise UsageError(f"memory: {exc}") from None
+        raise DogError(f"memory: {exc}") from None
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -79,7 +64,7 @@ async def vm_create(stub, args) -> None:
     async with _control(stub, args) as ctl:
         spec = await ctl.create(spec)
     if args.json:
-        _emit(json.loads(spec.dump()))
+        emit(json.loads(spec.dump()))
     else:
         print(f"VM {spec.name} created: {spec.memory} MiB, {spec.cpus} CPU(s), disks "
               f"{', '.join(spec.disks)} over {spec.transport}")
@@ -89,7 +74,7 @@ async def vm_delete(stub, args) -> None:
     async with _control(stub, args) as ctl:
         await ctl.delete(args.name)
     if args.json:
-        _emit({"deleted": args.name})
+        emit({"deleted": args.name})
     else:
         print(f"VM {args.name} deleted (its VDIs are kept)")
 
@@ -99,7 +84,7 @@ async def vm_start(stub, args) -> None:
         rt = await ctl.start(args.name, run_root=Path(args.run_dir) if args.run_dir else None,
                              reconnect_delay=args.reconnect_delay)
     if args.json:
-        _emit(_runtime_dict(rt))
+        emit(_runtime_dict(rt))
     else:
         gw = rt.gateway
         print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport} "
@@ -110,7 +95,7 @@ async def vm_stop(stub, args) -> None:
     async with _control(stub, args) as ctl:
         how = await ctl.stop(args.name, timeout=args.timeout)
     if args.json:
-        _emit({"stopped": args.name, "how": how})
+        emit({"stopped": args.name, "how": how})
     else:
         print(f"VM {args.name} {how}")
 
@@ -122,7 +107,7 @@ async def vm_wait(stub, args) -> None:
         ended = await ctl.wait(args.name, args.timeout)
     reason = ended.reason if ended is not None else ""
     if args.json:
-        _emit({"stopped": args.name, "reason": reason})
+        emit({"stopped": args.name, "reason": reason})
     else:
         print(f"VM {args.name} is stopped{': ' + reason if reason else ''}")
 
@@ -131,7 +116,7 @@ async def vm_list(stub, args) -> None:
     async with _control(stub, args) as ctl:
         vms = await ctl.list()
     if args.json:
-        _emit({"vms": [{**json.loads(s.dump()), "state": listed_state(rt, ended),
+        emit({"vms": [{**json.loads(s.dump()), "state": listed_state(rt, ended),
                         "runtime": _runtime_dict(rt), "last_exit": _exit_dict(ended)}
                        for s, rt, ended in vms]})
         return
@@ -140,9 +125,7 @@ async def vm_list(stub, args) -> None:
              str(s.cpus), s.transport, ",".join(rt.disks if rt else s.disks)]
             for s, rt, ended in vms]
     header = ["Name", "State", "Host", "Pid", "Accel", "Memory", "CPUs", "Transport", "Disks"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    print(table(rows, header))
 
 
 async def vm_info(stub, args) -> None:
@@ -156,7 +139,7 @@ async def vm_info(stub, args) -> None:
         nodes = [{"node": n.get("node-name"), "driver": n.get("drv"), "file": n.get("file"),
                   "read_only": n.get("ro"), "bytes": (n.get("image") or {}).get("virtual-size")}
                  for n in st.nodes]
-        _emit({**json.loads(st.spec.dump()), "state": st.state,
+        emit({**json.loads(st.spec.dump()), "state": st.state,
                "runtime": _runtime_dict(st.runtime), "last_exit": _exit_dict(st.last_exit),
                "guest_agent": st.agent, "block": blocks, "nodes": nodes})
         return
@@ -170,10 +153,10 @@ async def vm_info(stub, args) -> None:
     if rt is not None:
         print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
               f"Gateway: {rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}\n"
-              f"Started: {_when(rt.started)}\nRun dir: {rt.run_dir}\n"
+              f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:
-        print(f"Last run: ended {_when(ended.at)} on {ended.host} under {ended.accel}"
+        print(f"Last run: ended {when(ended.at)} on {ended.host} under {ended.accel}"
               f"{f' (after KVM failed: {ended.fallback})' if ended.fallback else ''}")
     if st.agent is not None:
         print(f"Guest agent: {'running' if st.agent else 'none'}")
@@ -187,7 +170,7 @@ async def vm_console(stub, args) -> None:
         root = Path(args.run_dir) if args.run_dir else await ctl.run_root()
     rt = st.runtime
     if rt is None and not args.log:
-        raise UsageError(f"VM {args.name!r} is not running (--log shows its last output "
+        raise DogError(f"VM {args.name!r} is not running (--log shows its last output "
                          "on the host that ran it)")
     if args.log:
         sys.stdout.write(console.read_log(_console_log(args, st, root)))
@@ -209,7 +192,7 @@ def _console_log(args, st, root: Path) -> Path:
     for path in (root / args.name / "console.log", root / "console.log"):
         if path.is_file():
             return path
-    raise UsageError(f"no console log of VM {args.name!r} under {root} (on the host that "
+    raise DogError(f"no console log of VM {args.name!r} under {root} (on the host that "
                      "ran it; --run-dir names the root it was started with)")
 
 
@@ -217,7 +200,7 @@ async def vm_attach(stub, args) -> None:
     async with _control(stub, args) as ctl:
         await ctl.attach(args.name, args.vdi)
     if args.json:
-        _emit({"vm": args.name, "attached": args.vdi})
+        emit({"vm": args.name, "attached": args.vdi})
     else:
         print(f"VDI {args.vdi} attached to VM {args.name}")
 
@@ -226,7 +209,7 @@ async def vm_detach(stub, args) -> None:
     async with _control(stub, args) as ctl:
         await ctl.detach(args.name, args.vdi, timeout=args.timeout)
     if args.json:
-        _emit({"vm": args.name, "detached": args.vdi})
+        emit({"vm": args.name, "detached": args.vdi})
     else:
         print(f"VDI {args.vdi} detached from VM {args.name}")
 
@@ -235,7 +218,7 @@ async def vm_pause(stub, args) -> None:
     async with _control(stub, args) as ctl:
         await (ctl.pause if args.cmd == "pause" else ctl.resume)(args.name)
     if args.json:
-        _emit({"vm": args.name, "state": "paused" if args.cmd == "pause" else "running"})
+        emit({"vm": args.name, "state": "paused" if args.cmd == "pause" else "running"})
     else:
         print(f"VM {args.name} {'paused' if args.cmd == 'pause' else 'resumed'}")
 
@@ -244,7 +227,7 @@ async def vm_snapshot(stub, args) -> None:
     async with _control(stub, args) as ctl:
         how, records = await ctl.snapshot(args.name, args.snapshot)
     if args.json:
-        _emit({"vm": args.name, "tag": args.snapshot, "method": how,
+        emit({"vm": args.name, "tag": args.snapshot, "method": how,
                "snapshots": [{"name": r.name, "tag": r.tag, "id": r.id} for r in records]})
     else:
         print(f"VM {args.name}: {', '.join(r.label for r in records)} taken ({how})")
