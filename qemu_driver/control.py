@@ -30,7 +30,7 @@ from .guest import GuestNotBuilt, guest_artifacts
 from .qmp import monitor
 from .registry import VmRegistry
 from .spec import Gateway, VmExit, VmRuntime, VmSpec
-from .supervisor import START_TIMEOUT, user_keys, user_label
+from .supervisor import START_TIMEOUT, user_label, vm_user
 
 STOP_TIMEOUT = 30.0
 
@@ -282,8 +282,7 @@ class VmControl:
             await mon.hotplug(vdi, rt.gateway, initiator_name(name))
         disks = (*rt.disks, vdi)
         await self.vms.set_disks(name, disks)
-        for key in user_keys(self.manager.registry, name, (vdi,)):
-            await self.etcd.client.put(key, user_label(name).encode(), lease=rt.lease)
+        await self.manager.registry.add_user(vdi, vm_user(name), user_label(name), rt.lease)
         if vdi not in spec.disks:
             await self.vms.update(replace(spec, disks=(*spec.disks, vdi)), rev)
 
@@ -295,8 +294,7 @@ class VmControl:
         async with monitor(rt.qmp, timeout=timeout + 5) as mon:
             await mon.unplug(vdi, timeout)
         await self.vms.set_disks(name, tuple(d for d in rt.disks if d != vdi))
-        for key in user_keys(self.manager.registry, name, (vdi,)):
-            await self.etcd.client.delete(key)
+        await self.manager.registry.remove_user(vdi, vm_user(name))
         if vdi in spec.disks and len(spec.disks) > 1:
             await self.vms.update(replace(spec, disks=tuple(d for d in spec.disks if d != vdi)),
                                   rev)

@@ -120,6 +120,11 @@ class VmRegistry:
         """Record the disks a running VM has now (after a hot-plug), on the same lease."""
         await self.update_runtime(name, disks=disks)
 
+    async def put_runtime(self, runtime: VmRuntime, lease) -> None:
+        """Publish `runtime` again, on a new lease (the old one expired while etcd was
+        away)."""
+        await self.etcd.client.put(self.run_key(runtime.name), runtime.dump(), lease=lease)
+
     async def forget_runtime(self, name: str) -> None:
         await self.etcd.client.delete(self.run_key(name))
 

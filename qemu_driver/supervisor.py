@@ -67,8 +67,9 @@ def user_label(vm: str) -> str:
     return f"VM {vm} (on {socket.gethostname()}; dog vm stop {vm})"
 
 
-def user_keys(vdis: VdiRegistry, vm: str, disks: tuple[str, ...]) -> list[bytes]:
-    return [vdis.user_key(vdi, f"vm:{vm}") for vdi in disks]
+def vm_user(vm: str) -> str:
+    """How a VM is named among a VDI's users in the registry."""
+    return f"vm:{vm}"
 
 
 async def _wait_socket(path: Path, proc: asyncio.subprocess.Process, timeout: float) -> None:
@@ -236,7 +237,7 @@ class Supervisor:
         self.etcd = EtcdCluster(EtcdTarget.parse(plan["etcd"]))
         self.runtime = VmRuntime.load(json.dumps(plan["runtime"]).encode())
         self.paths = RunPaths(Path(self.runtime.run_dir))
-        self.label = user_label(self.runtime.name).encode()
+        self.label = user_label(self.runtime.name)
         self.vms = self.vdis = None
         self.lease = None
         self.qemu: QemuRun | None = None
@@ -245,12 +246,12 @@ class Supervisor:
     async def run(self) -> int:
         await self.etcd.connect()
         self.vms, self.vdis = VmRegistry(self.etcd), VdiRegistry(self.etcd)
-        self.lease = await self.etcd.client.lease(LEASE_TTL)
+        self.lease = await self.etcd.lease(LEASE_TTL)
         self.runtime = replace(self.runtime, supervisor=os.getpid(), lease=self.lease.id)
         try:
             await self.vms.claim(self.runtime, self.lease, [
-                self.etcd.client.transactions.put(k, self.label, lease=self.lease)
-                for k in user_keys(self.vdis, self.runtime.name, self.runtime.disks)])
+                self.vdis.add_user_op(vdi, vm_user(self.runtime.name), self.label, self.lease)
+                for vdi in self.runtime.disks])
         except Exception as exc:
             self._report(f"error: {exc}")
             await self.etcd.close()
@@ -276,8 +277,8 @@ class Supervisor:
                 current = await self.vms.runtime(self.runtime.name)
                 await self.lease.revoke()
                 if current is not None:
-                    for key in user_keys(self.vdis, self.runtime.name, current.disks):
-                        await self.etcd.client.delete(key)
+                    for vdi in current.disks:
+                        await self.vdis.remove_user(vdi, vm_user(self.runtime.name))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_TIMEOUT):
                 await self.etcd.close()
@@ -345,12 +346,12 @@ class Supervisor:
             try:
                 reply = await self.lease.refresh()
                 if reply.TTL <= 0:  # etcd was away too long: publish again on a new lease
-                    self.lease = await self.etcd.client.lease(LEASE_TTL)
+                    self.lease = await self.etcd.lease(LEASE_TTL)
                     self.runtime = replace(self.runtime, lease=self.lease.id)
-                    await self.etcd.client.put(self.vms.run_key(self.runtime.name),
-                                               self.runtime.dump(), lease=self.lease)
-                    for key in user_keys(self.vdis, self.runtime.name, self.runtime.disks):
-                        await self.etcd.client.put(key, self.label, lease=self.lease)
+                    await self.vms.put_runtime(self.runtime, self.lease)
+                    for vdi in self.runtime.disks:
+                        await self.vdis.add_user(vdi, vm_user(self.runtime.name), self.label,
+                                                 self.lease)
             except Exception as exc:
                 log.warning("lease refresh failed: %s", exc)
 

@@ -163,15 +163,22 @@ class EtcdCluster:
             await asyncio.sleep(0.01)
         raise ClusterError("could not bump the epoch: too much contention")
 
+    async def lease(self, ttl: int) -> aetcd.Lease:
+        """A lease of `ttl` seconds, kept alive by its holder's refresh()."""
+        return await self._client.lease(ttl)
+
     # -- watching ---------------------------------------------------------------------
 
-    async def watch(self, on_change: Callable[[], Awaitable[None]], poll: float = 2.0) -> None:
-        """Call `on_change` after every change under the cluster prefix, forever.
+    async def watch(self, on_change: Callable[[], Awaitable[None]], poll: float = 2.0, *,
+                    prefix: bytes | None = None) -> None:
+        """Call `on_change` at once and after every change under `prefix` (default: the
+        whole cluster's), forever; at least every `poll` seconds too.
 
-        The watch stream is re-established after etcd errors; a slow poll covers the
-        window while it is down.
+        The watch stream is re-established after etcd errors; the poll covers the window
+        while it is down. The one watch loop of the code base: its Python 3.11
+        workarounds live here only.
         """
-        prefix = self.target.prefix.encode() + b"/"
+        prefix = prefix if prefix is not None else self.target.prefix.encode() + b"/"
         while True:
             changed = asyncio.Event()
             pump: asyncio.Future | None = None

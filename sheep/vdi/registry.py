@@ -304,6 +304,17 @@ class VdiRegistry:
     def user_key(self, name: str, user: str) -> bytes:
         return self._key("users", name, user)
 
+    def add_user_op(self, name: str, user: str, label: str, lease):
+        """The transaction operation that records `user` of VDI `name` on `lease` (gone
+        with its holder), for a transaction of the caller's (a VM's claim)."""
+        return self.tx.put(self.user_key(name, user), label.encode(), lease=lease)
+
+    async def add_user(self, name: str, user: str, label: str, lease) -> None:
+        await self.etcd.client.put(self.user_key(name, user), label.encode(), lease=lease)
+
+    async def remove_user(self, name: str, user: str) -> None:
+        await self.etcd.client.delete(self.user_key(name, user))
+
     # -- reads ----------------------------------------------------------------------------
 
     async def load(self) -> RegistryState:
@@ -430,45 +441,19 @@ class VdiRegistry:
         prefix = self._key("requests", name, "")
         replies = self._key("replies", "")
         done: set[bytes] = set()
-        while True:
-            wake = asyncio.Event()
-            watch = await self.etcd.client.watch_prefix(prefix)
-            if (task := asyncio.current_task()) is not None and task.cancelling():
-                # aetcd creates the watch under asyncio.wait_for, which on Python 3.11
-                # swallows a cancel that lands just as the watch is created: honour it
-                with contextlib.suppress(Exception):
-                    await watch.cancel()
-                raise asyncio.CancelledError
 
-            async def pump(watch=watch, wake=wake) -> None:
-                async for _event in watch:
-                    wake.set()
+        async def answer_new() -> None:
+            for kv in await self.etcd.client.get_prefix(prefix):
+                key = bytes(kv.key)
+                if key in done:
+                    continue
+                done.add(key)
+                try:
+                    answer = await handler(json.loads(kv.value))
+                except Exception as exc:
+                    answer = {"ok": False, "error": str(exc)}
+                await self.etcd.client.put(replies + key[len(prefix):],
+                                           json.dumps(answer).encode())
 
-            pumper = asyncio.ensure_future(pump())
-            try:
-                while not pumper.done():
-                    for kv in await self.etcd.client.get_prefix(prefix):
-                        key = bytes(kv.key)
-                        if key in done:
-                            continue
-                        done.add(key)
-                        try:
-                            answer = await handler(json.loads(kv.value))
-                        except Exception as exc:
-                            answer = {"ok": False, "error": str(exc)}
-                        await self.etcd.client.put(replies + key[len(prefix):],
-                                                   json.dumps(answer).encode())
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):  # not wait_for: see etcd.watch
-                            await wake.wait()
-                    wake.clear()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("watching requests for VDI %s broke (%s); retrying", name, exc)
-                await asyncio.sleep(0.5)
-            finally:
-                pumper.cancel()
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await watch.cancel()
+        await self.etcd.watch(answer_new, poll=1.0, prefix=prefix)
 

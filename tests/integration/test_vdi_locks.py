@@ -210,7 +210,7 @@ async def test_delete_of_a_vdi_a_vm_uses_is_refused_naming_the_vm(
 ) -> None:
     await m.create("vmdisk", 8 * MiB)
     label = f"VM web (on {socket.gethostname()}; dog vm stop web)"
-    await m.registry.etcd.client.put(m.registry.user_key("vmdisk", "vm:web"), label.encode())
+    await m.registry.add_user("vmdisk", "vm:web", label, lease=None)
     rc, out, err = await _dog(cluster, "vdi", "delete", "vmdisk")
     assert rc == 1 and out == ""
     assert _one_line_error(err) == (f"VDI 'vmdisk' is in use by {label}: stop it before "
