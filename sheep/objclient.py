@@ -32,6 +32,7 @@ from sheep.errors import (
     OldEpoch,
     error_for,
 )
+from sheep.futures import settle_when
 from sheep.oid import oid_copies
 
 log = logging.getLogger(__name__)
@@ -236,10 +237,7 @@ class ObjectClient:
             except Exception as exc:  # handed to the awaiting request
                 fut.set_exception(exc)
                 return
-            if local.done():
-                _settle(fut, local)
-            else:
-                local.add_done_callback(lambda done: _settle(fut, done))
+            settle_when(local, fut)
 
         loop.call_soon(run)
         return fut
@@ -382,17 +380,6 @@ class ObjectClient:
         changed = await self._view.wait_for_change(epoch, min(1.0, remaining))
         if not changed and self._etcd is not None:
             await self._view.refresh(self._etcd)
-
-
-def _settle(fut: asyncio.Future[Frame], done: asyncio.Future[Frame]) -> None:
-    if fut.cancelled():
-        return
-    if done.cancelled():
-        fut.cancel()
-    elif (exc := done.exception()) is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(done.result())
 
 
 @contextlib.asynccontextmanager
