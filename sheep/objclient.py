@@ -189,17 +189,8 @@ class ObjectClient:
                            raw: bool = False) -> bytes:
         """Read one specific replica (for checks that compare copies); `raw` skips its
         checksum verification."""
-        frame = await self._pool.call(
-            node.data_addr,
-            Opcode.READ,
-            flags=Flags.RAW if raw else Flags.NONE,
-            oid=oid,
-            offset=offset,
-            length=length,
-            epoch=0,
-            timeout=self._timeout,
-        )
-        return bytes(frame.payload)
+        return bytes(await self._pool.read_replica(node.data_addr, oid, offset, length,
+                                                   raw=raw, timeout=self._timeout))
 
     async def write_replica(self, node: NodeInfo, oid: int, data: bytes) -> None:
         """Replace one specific replica with `data` (repair copies a good replica over a

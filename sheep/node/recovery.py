@@ -26,7 +26,7 @@ from sheep.cluster.ring import Ring
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.wire import Flags, Opcode
+from sheep.dataplane.wire import Opcode
 from sheep.errors import Corrupt, NoObject, NoSpace, SheepError
 from sheep.futures import settle_when
 from sheep.oid import oid_copies, oid_str
@@ -310,9 +310,7 @@ class Recovery:
         for node, raw in attempts:
             started = time.monotonic()
             try:
-                frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid, offset=0,
-                                              length=size, epoch=0,
-                                              flags=Flags.RAW if raw else Flags.NONE)
+                data = await self._pool.read_replica(node.data_addr, oid, 0, size, raw=raw)
             except NoObject:
                 continue
             except Corrupt:
@@ -328,7 +326,7 @@ class Recovery:
                 log.warning("not recovering %s: %d bytes free, the floor is %d",
                             oid_str(oid), free, self.min_free)
                 raise NoSpace("recovery would go below the free-space floor")
-            self._install(oid, frame.payload, written)
+            self._install(oid, data, written)
             self.status.done += 1
             self.status.bytes += size
             self._charge(size, started)

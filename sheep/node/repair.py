@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.wire import Opcode
 from sheep.errors import Corrupt, NoObject, SheepError, StoreIOError
 from sheep.futures import settle_when
 from sheep.oid import oid_copies, oid_str
@@ -85,8 +84,7 @@ class Repairer:
         unreachable = 0
         for node in self._peers(oid):
             try:
-                frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid,
-                                              offset=start, length=length, epoch=0)
+                data = await self._pool.read_replica(node.data_addr, oid, start, length)
             except (Corrupt, NoObject):
                 continue
             except (SheepError, OSError, TimeoutError) as exc:
@@ -94,7 +92,7 @@ class Repairer:
                          node.node_id[:8], exc)
                 unreachable += 1
                 continue
-            self._install(oid, first, frame.payload)
+            self._install(oid, first, data)
             return
         if unreachable:
             raise StoreIOError(f"{unreachable} replica(s) of {oid_str(oid)} could not be asked")
