@@ -32,6 +32,7 @@ from sheep.errors import (
     OldEpoch,
     error_for,
 )
+from sheep.futures import settle_when
 from sheep.oid import oid_copies
 
 log = logging.getLogger(__name__)
@@ -188,17 +189,8 @@ class ObjectClient:
                            raw: bool = False) -> bytes:
         """Read one specific replica (for checks that compare copies); `raw` skips its
         checksum verification."""
-        frame = await self._pool.call(
-            node.data_addr,
-            Opcode.READ,
-            flags=Flags.RAW if raw else Flags.NONE,
-            oid=oid,
-            offset=offset,
-            length=length,
-            epoch=0,
-            timeout=self._timeout,
-        )
-        return bytes(frame.payload)
+        return bytes(await self._pool.read_replica(node.data_addr, oid, offset, length,
+                                                   raw=raw, timeout=self._timeout))
 
     async def write_replica(self, node: NodeInfo, oid: int, data: bytes) -> None:
         """Replace one specific replica with `data` (repair copies a good replica over a
@@ -236,10 +228,7 @@ class ObjectClient:
             except Exception as exc:  # handed to the awaiting request
                 fut.set_exception(exc)
                 return
-            if local.done():
-                _settle(fut, local)
-            else:
-                local.add_done_callback(lambda done: _settle(fut, done))
+            settle_when(local, fut)
 
         loop.call_soon(run)
         return fut
@@ -382,17 +371,6 @@ class ObjectClient:
         changed = await self._view.wait_for_change(epoch, min(1.0, remaining))
         if not changed and self._etcd is not None:
             await self._view.refresh(self._etcd)
-
-
-def _settle(fut: asyncio.Future[Frame], done: asyncio.Future[Frame]) -> None:
-    if fut.cancelled():
-        return
-    if done.cancelled():
-        fut.cancel()
-    elif (exc := done.exception()) is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(done.result())
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,7 @@ from sheep.errors import ProtocolError, SheepError, error_for
 from sheep.tcp import accept_transport
 
 from .codec import Frame, FrameDecoder, encode
-from .wire import Opcode, pack_header
+from .wire import Flags, Opcode, pack_header
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -173,6 +173,19 @@ class PeerPool:
     ) -> Frame:
         conn = await self.get(addr)
         return check(await conn.request(opcode, **kwargs))  # type: ignore[arg-type]
+
+    async def read_replica(
+        self, addr: tuple[str, int], oid: int, offset: int, length: int, *, raw: bool = False,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> bytes | bytearray | memoryview:
+        """Read the replica one particular node holds, whatever the ring says: epoch 0
+        passes no epoch check and waits on no recovery (the reader is a peer's recovery
+        or repair, or a check comparing copies). `raw` skips checksum verification, the
+        last resort when no copy verifies."""
+        frame = await self.call(addr, Opcode.READ, oid=oid, offset=offset, length=length,
+                                epoch=0, flags=Flags.RAW if raw else Flags.NONE,
+                                timeout=timeout)
+        return frame.payload
 
     def drop(self, addr: tuple[str, int]) -> None:
         conn = self._conns.pop(addr, None)

@@ -26,8 +26,9 @@ from sheep.cluster.ring import Ring
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.wire import Flags, Opcode
+from sheep.dataplane.wire import Opcode
 from sheep.errors import Corrupt, NoObject, NoSpace, SheepError
+from sheep.futures import settle_when
 from sheep.oid import oid_copies, oid_str
 from sheep.store import ObjectStore
 from sheep.zeros import nonzero_runs
@@ -52,22 +53,6 @@ class RecoveryStatus:
         """Objects per second over this epoch's recovery so far."""
         end = self.finished or time.monotonic()
         return self.done / (end - self.started) if self.started and end > self.started else 0.0
-
-
-def _settled(fut: asyncio.Future[None]) -> asyncio.Future[None]:
-    """A future done when `fut` is, however `fut` ends. An operation waits on this, not on
-    a fetch itself: a fetch is cancelled with its epoch's recovery, and that must not
-    cancel the operation (it asks the guard again, or its epoch check refuses it)."""
-    waiter = asyncio.get_running_loop().create_future()
-
-    def done(f: asyncio.Future[None]) -> None:
-        if not f.cancelled():
-            f.exception()  # retrieved: a failed fetch is logged where it fails
-        if not waiter.done():
-            waiter.set_result(None)
-
-    fut.add_done_callback(done)
-    return waiter
 
 
 class Recovery:
@@ -188,12 +173,15 @@ class Recovery:
     def guard(self, oid: int, opcode: int, fresh: bool) -> asyncio.Future[None] | None:
         """None when an operation on `oid` may run now; else a future to wait for first.
 
-        Cheap when nothing is being recovered: one attribute test."""
+        Cheap when nothing is being recovered: one attribute test. The future settles with
+        the fetch but is not the fetch: a fetch is cancelled with its epoch's recovery, and
+        that must not cancel the operation (it asks the guard again, or its epoch check
+        refuses it)."""
         if not self._active or opcode not in _GUARDED:
             return None
         running = self._inflight.get(oid)
         if running is not None:
-            return _settled(running)
+            return settle_when(running, outcome=False)
         if fresh:  # the write replaces the object: nothing old is worth fetching
             self._pending.pop(oid, None)
             return None
@@ -204,7 +192,7 @@ class Recovery:
                 return None
             return asyncio.ensure_future(self._after_listing(oid))
         if oid in self._pending:
-            return _settled(self._start_fetch(oid))
+            return settle_when(self._start_fetch(oid), outcome=False)
         return None
 
     def _placed_before(self, oid: int) -> bool:
@@ -322,9 +310,7 @@ class Recovery:
         for node, raw in attempts:
             started = time.monotonic()
             try:
-                frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid, offset=0,
-                                              length=size, epoch=0,
-                                              flags=Flags.RAW if raw else Flags.NONE)
+                data = await self._pool.read_replica(node.data_addr, oid, 0, size, raw=raw)
             except NoObject:
                 continue
             except Corrupt:
@@ -340,7 +326,7 @@ class Recovery:
                 log.warning("not recovering %s: %d bytes free, the floor is %d",
                             oid_str(oid), free, self.min_free)
                 raise NoSpace("recovery would go below the free-space floor")
-            self._install(oid, frame.payload, written)
+            self._install(oid, data, written)
             self.status.done += 1
             self.status.bytes += size
             self._charge(size, started)

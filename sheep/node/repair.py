@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
-from sheep.dataplane.wire import Opcode
 from sheep.errors import Corrupt, NoObject, SheepError, StoreIOError
+from sheep.futures import settle_when
 from sheep.oid import oid_copies, oid_str
 from sheep.store import ObjectStore
 from sheep.store.checksum import SUM_BLOCK, runs
@@ -49,12 +49,12 @@ class Repairer:
         self._running: dict[int, asyncio.Future[None]] = {}
 
     def guard(self, oid: int) -> asyncio.Future[None] | None:
+        """None when no repair of `oid` runs; else a future done when it ends, which the
+        operation may drop without cancelling the repair."""
         running = self._running.get(oid)
         if running is None:
             return None
-        waiter = asyncio.get_running_loop().create_future()
-        running.add_done_callback(lambda _f: waiter.done() or waiter.set_result(None))
-        return waiter
+        return settle_when(running, outcome=False)
 
     def repair(self, oid: int, blocks: list[int]) -> asyncio.Future[None]:
         """Start (or join) the repair of `blocks` of `oid`; the future never fails (a
@@ -84,8 +84,7 @@ class Repairer:
         unreachable = 0
         for node in self._peers(oid):
             try:
-                frame = await self._pool.call(node.data_addr, Opcode.READ, oid=oid,
-                                              offset=start, length=length, epoch=0)
+                data = await self._pool.read_replica(node.data_addr, oid, start, length)
             except (Corrupt, NoObject):
                 continue
             except (SheepError, OSError, TimeoutError) as exc:
@@ -93,7 +92,7 @@ class Repairer:
                          node.node_id[:8], exc)
                 unreachable += 1
                 continue
-            self._install(oid, first, frame.payload)
+            self._install(oid, first, data)
             return
         if unreachable:
             raise StoreIOError(f"{unreachable} replica(s) of {oid_str(oid)} could not be asked")

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from . import sense as scsi
+from sheep.gateway.scsi import Op, ScsiResult, Status
+
 from .login import Login, LoginInfo, Portal
+from .sense import DATA_PHASE_ERROR, LUN_NOT_SUPPORTED, RESET_OCCURRED
 from .session import MASK, QUEUE_DEPTH, Session, SessionTable
 from .text import Limits, TextError, encode, parse
 from .wire import (
@@ -100,6 +103,17 @@ class TargetPortal(Portal):
     """What a connection needs beyond login: the targets to list in SendTargets."""
 
     def targets(self) -> list[str]: ...
+
+
+class LogicalUnit(Protocol):
+    """What the transport needs of the LUN behind a target (sheep.gateway.scsi.Lun is
+    one): how much Data-Out a CDB moves, to solicit it and report residuals, and the
+    command run for each Execute. A protocol, so this core never imports volumes."""
+
+    def data_out_length(self, cdb: bytes) -> int: ...
+
+    async def execute(self, cdb: bytes, data_out: bytes | bytearray | memoryview = b"", *,
+                      expected_length: int | None = None) -> ScsiResult: ...
 
 
 # -- tasks ---------------------------------------------------------------------------------
@@ -217,7 +231,8 @@ class Connection:
 
     def accept_login(self, data_out_length: Callable[[bytes], int] | None = None) -> bool:
         """Finish the login the last LoginReady announced. False (and a refusal sent) when
-        the session it names cannot be joined."""
+        the session it names cannot be joined. `data_out_length` is the session's
+        `LogicalUnit.data_out_length` (none for discovery)."""
         info = self.login.info
         assert self.login.ready and info is not None
         if info.tsih:
@@ -495,7 +510,7 @@ class Connection:
         self._events.append(Notice(f"Data-Out out of sequence for task {task.itt:#x} "
                                    f"(DataSN {pdu.datasn}, offset {pdu.buffer_offset})"))
         if task.admitted:
-            self._finish(task, scsi.CHECK_CONDITION, sense=scsi.DATA_PHASE_ERROR)
+            self._finish(task, Status.CHECK_CONDITION, sense=DATA_PHASE_ERROR)
         else:
             task.aborted = True
             self._release(task)
@@ -525,16 +540,16 @@ class Connection:
         session = self.session
         assert session is not None
         op = task.cdb[0] if task.cdb else 0
-        if task.lun != 0 and op != scsi.REPORT_LUNS:
-            self._finish(task, scsi.CHECK_CONDITION, sense=scsi.LUN_NOT_SUPPORTED)
+        if task.lun != 0 and op != Op.REPORT_LUNS:
+            self._finish(task, Status.CHECK_CONDITION, sense=LUN_NOT_SUPPORTED)
             return
-        if session.unit_attention and op not in (scsi.INQUIRY, scsi.REPORT_LUNS):
+        if session.unit_attention and op not in (Op.INQUIRY, Op.REPORT_LUNS):
             session.unit_attention = False
-            if op == scsi.REQUEST_SENSE:
+            if op == Op.REQUEST_SENSE:
                 alloc = task.cdb[4] if len(task.cdb) > 4 else 0
-                self._finish(task, scsi.GOOD, data=scsi.RESET_OCCURRED[:alloc])
+                self._finish(task, Status.GOOD, data=RESET_OCCURRED[:alloc])
             else:
-                self._finish(task, scsi.CHECK_CONDITION, sense=scsi.RESET_OCCURRED)
+                self._finish(task, Status.CHECK_CONDITION, sense=RESET_OCCURRED)
             return
         task.executing = True
         # Data-Out that disagrees with the CDB goes to the LUN as it is (a WRITE writes the
@@ -571,7 +586,7 @@ class Connection:
         else:
             flags, residual = 0, 0
         send = memoryview(data)[: task.edtl_in] if data else memoryview(b"")
-        fold = status == scsi.GOOD and not sense and len(send) > 0
+        fold = status == Status.GOOD and not sense and len(send) > 0
         datasn = 0
         chunk = params.max_recv_data_segment_length
         burst = params.max_burst_length

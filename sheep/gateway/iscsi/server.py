@@ -19,9 +19,12 @@ import os
 from dataclasses import dataclass
 
 from sheep.gateway.exports import Export, ExportTable, VolumeCache
+from sheep.gateway.scsi import Lun, SenseKey, Status, fixed_sense
+from sheep.gateway.scsi.sense import INTERNAL_TARGET_FAILURE
 from sheep.tcp import accept_transport
+from sheep.vdi.volume import Volume
 
-from .connection import Closed, Connection, Execute, LoginReady, Notice
+from .connection import Closed, Connection, Execute, LogicalUnit, LoginReady, Notice
 from .login import AuthPolicy, Chap, LoginInfo
 from .names import export_name, lun_identity, spelled_export, target_name
 from .session import SessionTable
@@ -32,8 +35,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 3260
 _WRITE_HIGH = 8 << 20
-_TARGET_ERROR = 0x02  # CHECK CONDITION, used when the SCSI layer itself fails
-_HARDWARE_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0, 0, 0, 0, 0])
+# the sense of a command the SCSI layer itself failed on
+_HARDWARE_ERROR_SENSE = fixed_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE)
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,12 @@ class _Portal:
 
 
 class _SharedLun:
-    def __init__(self, lun: object) -> None:
+    """The Lun of one export and the volume under it: a volume reopened after the last
+    user released it gets a new Lun."""
+
+    def __init__(self, lun: LogicalUnit, volume: Volume) -> None:
         self.lun = lun
+        self.volume = volume
         self.users = 0
 
 
@@ -99,18 +106,16 @@ class IscsiGateway:
         self._luns: dict[tuple[str, bool], _SharedLun] = {}
         self.connections: set[IscsiConnection] = set()
 
-    async def open_lun(self, export: Export) -> object:
+    async def open_lun(self, export: Export) -> LogicalUnit:
         """The export's volume (opened or shared) and the one Lun over it: one Lun per
         volume, so COMPARE AND WRITE from two sessions is atomic against both."""
-        from sheep.gateway.scsi import Lun
-
         volume = await self.volumes.acquire(export)
         key = (export.name, export.read_only)
         shared = self._luns.get(key)
-        if shared is None or getattr(shared.lun, "backend", volume) is not volume:
+        if shared is None or shared.volume is not volume:
             identity = lun_identity(volume.record, volume.read_only)
-            shared = self._luns[key] = _SharedLun(Lun(volume, identity, block_size=512,
-                                                      object_size=volume.block_size))
+            lun = Lun(volume, identity, block_size=512, object_size=volume.block_size)
+            shared = self._luns[key] = _SharedLun(lun, volume)
         shared.users += 1
         return shared.lun
 
@@ -142,7 +147,7 @@ class IscsiConnection(asyncio.Protocol):
         self._core: Connection | None = None
         self._early = bytearray()  # bytes that came before the registry was read
         self._export: Export | None = None
-        self._lun: object | None = None
+        self._lun: LogicalUnit | None = None
         self._running = 0
         self._tasks: set[asyncio.Future] = set()
         self._lost = False
@@ -233,7 +238,7 @@ class IscsiConnection(asyncio.Protocol):
         if self._lost or core.closed:
             self._maybe_release()
             return
-        if core.accept_login(getattr(lun, "data_out_length", None)):
+        if core.accept_login(lun.data_out_length):
             log.info("iscsi %s: %s logged in to %s (tsih %d)", self._peer,
                      info.initiator_name, export.name, core.session.tsih if core.session else 0)
         else:
@@ -244,13 +249,13 @@ class IscsiConnection(asyncio.Protocol):
         core = self._core
         assert core is not None and self._lun is not None
         try:
-            result = await self._lun.execute(  # type: ignore[attr-defined]
-                event.cdb, event.data_out, expected_length=event.expected_length)
+            result = await self._lun.execute(event.cdb, event.data_out,
+                                             expected_length=event.expected_length)
             status, data, sense = int(result.status), result.data, result.sense
         except Exception:
             log.exception("iscsi %s: command %#x failed", self._peer,
                           event.cdb[0] if event.cdb else -1)
-            status, data, sense = _TARGET_ERROR, b"", _HARDWARE_ERROR_SENSE
+            status, data, sense = Status.CHECK_CONDITION, b"", _HARDWARE_ERROR_SENSE
         finally:
             self._running -= 1
         core.complete(event.itt, status, data, sense)
