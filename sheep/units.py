@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+SECTOR = 512  # block devices (NBD, iSCSI, QEMU) size disks in whole sectors
+
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -25,3 +27,8 @@ def format_size(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" and n % 1 else f"{n:g} {unit}"
         n = n / 1024
     return f"{n} PiB"
+
+
+def round_up(size: int) -> int:
+    """`size` rounded up to whole sectors."""
+    return -(-size // SECTOR) * SECTOR

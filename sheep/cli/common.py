@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +37,7 @@ async def cluster_manager(stub: pb_grpc.ControlStub, args: argparse.Namespace, w
     info = await stub.ClusterInfo(pb.Empty(), timeout=RPC_TIMEOUT)
     if not info.cluster_id:
         raise DogError("the cluster is not formatted (dog cluster format)")
-    holder = f"dog {what} {args.cmd} (pid {os.getpid()})"
+    holder = f"dog {what} {args.cmd}"
     async with open_manager(info.etcd, holder=holder) as manager:
         yield manager
 

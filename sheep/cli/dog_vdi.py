@@ -18,7 +18,7 @@ from sheep.control import sheep_pb2 as pb
 from sheep.gateway.iscsi.names import lun_identity, target_name
 from sheep.gateway.loopback import loopback_nbd
 from sheep.gateway.scsi.inquiry import unit_serial
-from sheep.units import format_size, parse_size
+from sheep.units import format_size, parse_size, round_up
 from sheep.vdi.check import check_vdi
 from sheep.vdi.images import (
     FORMATS,
@@ -29,7 +29,6 @@ from sheep.vdi.images import (
     local,
     probe,
     qemu_img_available,
-    round_up,
 )
 from sheep.vdi.inode import max_vdi_size
 from sheep.vdi.inodes import nblocks

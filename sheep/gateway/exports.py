@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from dataclasses import dataclass
 
 from sheep.errors import NoVdi
 from sheep.objclient import ObjectClient
 from sheep.units import format_size
-from sheep.vdi.registry import RegistryState, VdiRegistry
+from sheep.vdi.registry import HeldLease, RegistryState, VdiRegistry
 from sheep.vdi.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,11 @@ class VolumeCache:
         self.client = client
         self.registry = registry
         self.holder = holder
+        self._reader = f"gateway-{uuid.uuid4().hex[:12]}"  # this cache's users key
         self._open: dict[tuple[str, bool], tuple[Volume, int]] = {}
+        # a read-only volume holds no lock: its record of use is what keeps a delete from
+        # pulling the blocks from under its clients
+        self._uses: dict[tuple[str, bool], HeldLease] = {}
         self._opening: dict[tuple[str, bool], asyncio.Future[Volume]] = {}
         # closing volumes still hold their lock: a client arriving meanwhile must wait for
         # the close, not be told the VDI is in use elsewhere
@@ -127,6 +134,15 @@ class VolumeCache:
         try:
             vol = await Volume.open(self.client, self.registry, export.vdi, export.tag,
                                     writable=not export.read_only, holder=self.holder)
+            try:
+                if vol.read_only:
+                    self._uses[key] = await self.registry.record_use(
+                        export.name, self._reader,
+                        f"{self.holder} (pid {os.getpid()} on {socket.gethostname()}) for "
+                        f"a read-only client")
+            except BaseException:
+                await vol.close()
+                raise
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved: waiters re-try on their own
@@ -152,6 +168,8 @@ class VolumeCache:
         self._closing[key] = (vol, done)
         try:
             await vol.close()
+            if (use := self._uses.pop(key, None)) is not None:
+                await use.release()
         except Exception as exc:
             log.warning("closing export %s: %s", export.name, exc)
         finally:
@@ -164,3 +182,7 @@ class VolumeCache:
             vol, _ = self._open.pop(key)
             with contextlib.suppress(Exception):
                 await vol.close()
+        for use in self._uses.values():
+            with contextlib.suppress(Exception):
+                await use.release()
+        self._uses.clear()

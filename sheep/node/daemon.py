@@ -228,7 +228,7 @@ class Node:
             assert self._pool is not None
             client = ObjectClient(self.view, self._pool, etcd=self.etcd,
                                   local=(self.info.node_id, self._local))
-            holder = f"sheep {self.info.node_id[:8]} {what} (pid {os.getpid()})"
+            holder = f"the gateway of sheep node {self.info.node_id[:8]}"
             self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
         return self._volumes
 

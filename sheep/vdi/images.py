@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from sheep.errors import InvalidParams, SheepError
 
 FORMATS = ("qcow2", "vmdk", "vdi", "vhdx", "vpc", "raw")
-SECTOR = 512  # qemu sizes block devices in whole sectors
 
 _EXTENSIONS = {".qcow2": "qcow2", ".qcow": "qcow2", ".vmdk": "vmdk", ".vdi": "vdi",
                ".vhdx": "vhdx", ".vhd": "vpc", ".vpc": "vpc"}
@@ -53,10 +52,6 @@ def local(path: str) -> str:
     """A file name qemu-img cannot take for a protocol ("nbd:x", "json:{...}"): it looks
     for "proto:" only before the first slash."""
     return os.path.abspath(path)
-
-
-def round_up(size: int) -> int:
-    return -(-size // SECTOR) * SECTOR
 
 
 def qemu_img_available() -> bool:

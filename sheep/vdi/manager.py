@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiExists, VdiLocked
 from sheep.objclient import ObjectClient, open_client
 from sheep.oid import validate_copies
+from sheep.units import SECTOR
 
 from .inode import block_oid, max_vdi_size
 from .inodes import nblocks, read_table, write_header, write_inode
@@ -83,6 +84,9 @@ class VdiManager:
         limit = max_vdi_size(block_size)
         if size <= 0:
             raise InvalidParams("VDI size must be more than 0")
+        if size % SECTOR:
+            raise InvalidParams(f"VDI size {size} is not a whole number of {SECTOR}-byte "
+                                f"sectors (block devices see disks in sectors)")
         if size > limit:
             raise InvalidParams(f"VDI size {size} is over the maximum of {limit} bytes "
                                 f"for {block_size}-byte objects")
@@ -298,11 +302,9 @@ class VdiManager:
         were reclaimed. Children of a deleted snapshot keep every block they use."""
         state = await self.state()
         target = state.lookup(name, tag)
+        await self._refuse_if_used(target)
         lock = None
         if not target.snapshot:
-            if users := await self.registry.users(name):
-                raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before "
-                                f"deleting the VDI")
             lock = await self.registry.acquire_lock(name, f"{self.holder} (delete)")
         try:
             table = await self.table(target)
@@ -335,6 +337,13 @@ class VdiManager:
             if lock is not None:
                 await lock.release()
 
+    async def _refuse_if_used(self, record: VdiRecord) -> None:
+        """A VDI or snapshot that a VM or a gateway's client uses is not deleted under it."""
+        if users := await self.registry.users(record.label):
+            what = "snapshot" if record.snapshot else "VDI"
+            raise VdiLocked(f"{what} {record.label!r} is in use by {users[0]}: stop it "
+                            f"before deleting the {what}")
+
     async def delete_recursive(self, name: str) -> tuple[list[str], int]:
         """Delete NAME's working VDI and every snapshot of it, newest first; returns what
         was deleted and how many data objects were reclaimed. Clones of its snapshots are
@@ -342,9 +351,8 @@ class VdiManager:
         state = await self.state()
         if name not in state.working:
             raise NoVdi(f"no VDI named {name!r}")
-        if users := await self.registry.users(name):
-            raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before "
-                            f"deleting the VDI")
+        for rec in state.family(name):
+            await self._refuse_if_used(rec)
         deleted, removed = [], 0
         for rec in reversed(state.family(name)):
             removed += await self.delete(name, rec.tag if rec.snapshot else None)

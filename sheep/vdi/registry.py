@@ -138,9 +138,7 @@ class LockInfo:
 
     @property
     def who(self) -> str:
-        """The holder, its pid and host (a gateway's holder names its pid already)."""
-        if f"(pid {self.pid})" in self.holder:
-            return f"{self.holder} on {self.host}"
+        """The holder, its pid and host."""
         return f"{self.holder} (pid {self.pid} on {self.host})"
 
     def refusal(self) -> str:
@@ -237,45 +235,63 @@ class Change:
         return bool(ok)
 
 
-class VdiLock:
-    """A held write lock: an etcd key on our own lease, refreshed until released.
+class HeldLease:
+    """An etcd lease refreshed until released: the keys put on it vanish with their holder
+    (a process that dies or stalls past the TTL), never linger after it.
 
-    If the lease or the key goes away (the holder stalled past the TTL, or an admin broke
-    the lock), `lost` is set: the holder must stop writing, because someone else may now.
+    If the lease goes away (the holder stalled past the TTL, or an admin revoked it),
+    `lost` is set.
     """
 
-    def __init__(self, registry: VdiRegistry, name: str, lease, ttl: int) -> None:
-        self.name = name
+    def __init__(self, lease, ttl: int, what: str) -> None:
         self.lost = asyncio.Event()
-        self._reg = registry
         self._lease = lease
         self._ttl = ttl
+        self._what = what
         self._task = asyncio.ensure_future(self._keep_alive())
 
+    async def _still_held(self, reply) -> bool:
+        return reply.TTL > 0
+
     async def _keep_alive(self) -> None:
-        key = self._reg.lock_key(self.name)
         while True:
             await asyncio.sleep(self._ttl / 3)
             try:
                 reply = await self._lease.refresh()
-                kv = await self._reg.etcd.client.get(key)
-                if reply.TTL <= 0 or kv is None or kv.lease != self._lease.id:
-                    log.warning("lock on VDI %s was lost; refusing further writes", self.name)
+                if not await self._still_held(reply):
+                    log.warning("%s was lost", self._what)
                     self.lost.set()
                     return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd briefly away: the lease has slack until the TTL
-                log.warning("refreshing the lock on VDI %s failed: %s", self.name, exc)
+                log.warning("refreshing %s failed: %s", self._what, exc)
 
     async def release(self) -> None:
-        """Revoking the lease deletes the lock key with it, and never a newer holder's key
+        """Revoking the lease deletes its keys with it, and never a newer holder's key
         (that one hangs on its own lease)."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         with contextlib.suppress(Exception):
             await self._lease.revoke()
+
+
+class VdiLock(HeldLease):
+    """A held write lock: an etcd key on our own lease, refreshed until released.
+
+    If the lease or the key goes away (an admin broke the lock), `lost` is set: the holder
+    must stop writing, because someone else may now.
+    """
+
+    def __init__(self, registry: VdiRegistry, name: str, lease, ttl: int) -> None:
+        self.name = name
+        self._reg = registry
+        super().__init__(lease, ttl, f"the lock on VDI {name} (further writes refused)")
+
+    async def _still_held(self, reply) -> bool:
+        kv = await self._reg.etcd.client.get(self._reg.lock_key(self.name))
+        return reply.TTL > 0 and kv is not None and kv.lease == self._lease.id
 
 
 class VdiRegistry:
@@ -344,10 +360,20 @@ class VdiRegistry:
     async def is_live(self, vdi_id: int) -> bool:
         return await self.etcd.client.get(self.record_key(vdi_id)) is not None
 
-    async def users(self, name: str) -> list[str]:
-        """What uses `name` beyond a write lock, one description each: a VM keeps using its
-        disk across gateway restarts, when no lock may be held for a while."""
-        kvs = await self.etcd.client.get_prefix(self._key("users", name, ""))
+    async def record_use(self, label: str, user: str, description: str, *,
+                         ttl: int = LOCK_TTL) -> HeldLease:
+        """Record that `user` reads `label` (NAME or NAME@TAG) until the returned lease is
+        released or its holder dies: a reader holds no lock, yet a delete must not pull
+        the blocks from under it."""
+        lease = await self.etcd.lease(ttl)
+        await self.add_user(label, user, description, lease)
+        return HeldLease(lease, ttl, f"the record of {description} reading {label}")
+
+    async def users(self, label: str) -> list[str]:
+        """What uses `label` (NAME or NAME@TAG) beyond a write lock, one description each:
+        a VM keeps using its disk across gateway restarts, when no lock may be held for a
+        while, and a reader holds no lock at all."""
+        kvs = await self.etcd.client.get_prefix(self._key("users", label, ""))
         return sorted(bytes(kv.value).decode() for kv in kvs)
 
     def change(self, state: RegistryState) -> Change:

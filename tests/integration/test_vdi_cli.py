@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sheep.errors import InvalidParams
 from sheep.oid import ObjType, oid_index, oid_str, oid_type, oid_vdi
 from sheep.vdi.inode import block_oid
 from sheep.vdi.manager import VdiManager, open_manager
@@ -544,6 +545,20 @@ def test_vdi_sizes_round_up_to_whole_sectors_that_nbd_and_iscsi_agree_on(
     assert f"Total size:{size}\n" in iscsi.stdout, iscsi.stdout + iscsi.stderr
     data = dog_bytes("vdi", "read", "odd", address=c.address).stdout
     assert data == (b"abc" if asked == 3 else b"") + bytes(size - (3 if asked == 3 else 0))
+
+
+async def test_the_api_refuses_sizes_that_are_not_whole_sectors(
+    cluster: Cluster, m: VdiManager
+) -> None:
+    """Only dog rounds (with its notice): a program on the API must not make a disk that
+    NBD and iSCSI would size differently."""
+    with pytest.raises(InvalidParams, match="not a whole number of 512-byte sectors"):
+        await m.create("odd", 513)
+    assert "odd" not in (await m.state()).working
+    await m.create("odd", 512)
+    with pytest.raises(InvalidParams, match="not a whole number of 512-byte sectors"):
+        await m.resize("odd", 1025)
+    assert (await m.state()).lookup("odd").size == 512
 
 
 # -- capacity -----------------------------------------------------------------------------

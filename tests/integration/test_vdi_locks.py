@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,14 +238,54 @@ async def test_delete_of_a_vdi_an_nbd_client_writes_is_refused_naming_the_gatewa
             rc, out, err = await _dog(c, "vdi", "delete", "served")
             assert rc == 1 and out == ""
             msg = _one_line_error(err)
-            assert msg.startswith("VDI 'served' is open for writing by sheep "), msg
-            assert (f" nbd (pid {gateway_pid}) on {socket.gethostname()}, which is running: "
-                    f"stop it first") in msg, msg
+            assert re.match(
+                f"VDI 'served' is open for writing by the gateway of sheep node [0-9a-f]{{8}} "
+                rf"\(pid {gateway_pid} on {re.escape(socket.gethostname())}\), which is "
+                f"running: stop it first", msg), msg
             assert "served" in (await m.state()).working
         finally:
             client.stdin.close()  # type: ignore[union-attr]
             async with asyncio.timeout(30):
                 await client.wait()
+
+
+async def test_delete_of_a_snapshot_a_read_only_client_reads_is_refused_naming_the_gateway(
+    nbd_cluster: Cluster, tmp_path
+) -> None:
+    """A reader holds no lock, yet deleting what it reads would reclaim the blocks from
+    under it: the gateway records its read-only clients, and delete (plain or -r) names
+    it. Once the client is gone, the delete goes ahead."""
+    c = nbd_cluster
+    async with open_manager(c.etcd_url) as m:
+        await m.create("base", 8 * MiB)
+        await m.snapshot("base", "s1")
+        client = await asyncio.create_subprocess_exec(
+            "qemu-io", "-r", "-f", "raw", c.nbd_url("base@s1"), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, cwd=tmp_path)
+        try:
+            async def read() -> list[str]:
+                return await m.registry.users("base@s1")
+
+            await _wait_for(read, 30, "the gateway to record its reader")
+            gateway = rf"the gateway of sheep node [0-9a-f]{{8}} \(pid {c.nodes[0].proc.pid} " \
+                      rf"on {re.escape(socket.gethostname())}\) for a read-only client"
+            for args in (["-s", "s1", "base"], ["-r", "base"]):
+                rc, out, err = await _dog(c, "vdi", "delete", *args)
+                assert rc == 1 and out == "", err
+                assert re.fullmatch(f"snapshot 'base@s1' is in use by {gateway}: stop it "
+                                    f"before deleting the snapshot", _one_line_error(err)), err
+            assert [r.label for r in (await m.state()).family("base")] == ["base@s1", "base"]
+        finally:
+            client.stdin.close()  # type: ignore[union-attr]
+            async with asyncio.timeout(30):
+                await client.wait()
+
+        async def gone() -> bool:
+            return not await m.registry.users("base@s1")
+
+        await _wait_for(gone, 30, "the gateway to drop its reader's record")
+        rc, out, err = await _dog(c, "vdi", "delete", "-s", "s1", "base")
+        assert rc == 0, err
 
 
 @pytest.mark.slow
