@@ -33,7 +33,6 @@ from sheep.errors import (
     error_for,
 )
 from sheep.futures import settle_when
-from sheep.oid import oid_copies
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +95,7 @@ class ObjectClient:
             self._placed_epoch = record.epoch if record is not None else -1
         nodes = self._placed.get(oid)
         if nodes is None:
-            config = self._view.config
-            if record is None or config is None:
-                raise NotFormatted("the cluster is not formatted")
-            placed = self._view.ring.place(oid, oid_copies(oid) or config.copies)
-            nodes = [n for r in placed if (n := record.node(r.node_id)) is not None]
-            self._placed[oid] = nodes
+            nodes = self._placed[oid] = self._view.placement(oid)
         return list(nodes)
 
     def read_local(self, oid: int, offset: int, length: int) -> bytes | bytearray | None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from sheep.oid import oid_copies
+
 # Vnodes for a node of weight 1.0. A node's share of the keyspace has a relative standard
 # deviation of about 1/sqrt(vnodes), so this trades ring size for balance. Measured (exact arc
 # lengths, random node ids) worst node deviation from a fair share:
@@ -105,6 +107,15 @@ class Ring:
 
     def __repr__(self) -> str:
         return f"Ring({len(self._nodes)} nodes, {len(self._positions)} vnodes)"
+
+    def replicas(self, oid: int, default_copies: int) -> list[RingNode]:
+        """Where `oid`'s replicas live: a VDI's objects carry their own copy count in the
+        oid; only objects without one take the cluster's default."""
+        return self.place(oid, oid_copies(oid) or default_copies)
+
+    def places_on(self, oid: int, default_copies: int, node_id: str) -> bool:
+        """Whether node `node_id` holds one of `oid`'s replicas."""
+        return any(r.node_id == node_id for r in self.replicas(oid, default_copies))
 
     def place(self, oid: int, copies: int) -> list[RingNode]:
         """Replica nodes of `oid`, primary first.

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sheep.errors import NotFormatted
+
 from .etcd import EtcdCluster
 from .ring import Ring
-from .state import ClusterConfig, EpochRecord
+from .state import ClusterConfig, EpochRecord, NodeInfo
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,14 @@ class ClusterView:
     @property
     def formatted(self) -> bool:
         return self.config is not None
+
+    def placement(self, oid: int) -> list[NodeInfo]:
+        """The nodes holding `oid`'s replicas in the current epoch, primary first."""
+        record, config = self.record, self.config
+        if record is None or config is None:
+            raise NotFormatted("the cluster is not formatted")
+        return [n for r in self.ring.replicas(oid, config.copies)
+                if (n := record.node(r.node_id)) is not None]
 
     def add_listener(self, callback) -> None:
         self._listeners.append(callback)

@@ -29,7 +29,7 @@ from sheep.dataplane.client import PeerPool
 from sheep.dataplane.wire import Opcode
 from sheep.errors import Corrupt, NoObject, NoSpace, SheepError
 from sheep.futures import settle_when
-from sheep.oid import oid_copies, oid_str
+from sheep.oid import oid_str
 from sheep.store import ObjectStore
 from sheep.zeros import nonzero_runs
 
@@ -202,8 +202,7 @@ class Recovery:
         ring, config = self._prev_ring, self._view.config
         if ring is None or config is None:
             return False
-        return any(r.node_id == self.node_id
-                   for r in ring.place(oid, oid_copies(oid) or config.copies))
+        return ring.places_on(oid, config.copies, self.node_id)
 
     async def _after_listing(self, oid: int) -> None:
         assert self._listed is not None
@@ -256,8 +255,7 @@ class Recovery:
         for oid, (written, nodes) in newest.items():
             if mine.get(oid, -1) >= written:
                 continue  # ours is as new as any
-            placed = ring.place(oid, oid_copies(oid) or copies)
-            if any(r.node_id == self.node_id for r in placed):
+            if ring.places_on(oid, copies, self.node_id):
                 self._pending[oid] = (written, nodes)
         self.status.total = len(self._pending)
         assert self._listed is not None
@@ -381,8 +379,7 @@ class Recovery:
         copies = self._view.config.copies
         removed = 0
         for oid in self._store.list_oids():
-            placed = ring.place(oid, oid_copies(oid) or copies)
-            if not any(r.node_id == self.node_id for r in placed):
+            if not ring.places_on(oid, copies, self.node_id):
                 self._store.remove(oid)
                 removed += 1
         return removed

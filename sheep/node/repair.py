@@ -23,7 +23,7 @@ from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
 from sheep.errors import Corrupt, NoObject, SheepError, StoreIOError
 from sheep.futures import settle_when
-from sheep.oid import oid_copies, oid_str
+from sheep.oid import oid_str
 from sheep.store import ObjectStore
 from sheep.store.checksum import SUM_BLOCK, runs
 
@@ -123,9 +123,6 @@ class Repairer:
         return []
 
     def _peers(self, oid: int) -> list:
-        record, config = self._view.record, self._view.config
-        if record is None or config is None:
+        if not self._view.formatted or self._view.record is None:
             return []
-        placed = self._view.ring.place(oid, oid_copies(oid) or config.copies)
-        return [n for r in placed if r.node_id != self.node_id
-                and (n := record.node(r.node_id)) is not None]
+        return [n for n in self._view.placement(oid) if n.node_id != self.node_id]
