@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Protocol
 
 from sheep.errors import ProtocolError
@@ -90,8 +91,8 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
         self._transport = None
 
 
-async def serve(handler: FrameHandler, host: str, port: int) -> asyncio.Server:
+async def serve(handler: FrameHandler, sock: socket.socket) -> asyncio.Server:
+    """Serve the data plane on `sock`, bound and listening already (its port is part of
+    what a node tells the cluster about itself before it serves)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: DataPlaneServerProtocol(handler), host, port, reuse_address=True, backlog=256
-    )
+    return await loop.create_server(lambda: DataPlaneServerProtocol(handler), sock=sock)

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import socket
+import sys
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from sheep.node.repair import Repairer
 from sheep.node.scrub import Scrubber
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
-from sheep.store import NodeMeta, ObjectStore
+from sheep.store import ObjectStore
 from sheep.vdi.registry import VdiRegistry
 
 log = logging.getLogger("sheep.daemon")
@@ -94,8 +95,8 @@ def _check_port_free(host: str, port: int, what: str) -> None:
             raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
 
 
-def _bound_port(server: asyncio.Server | None) -> int | None:
-    return server.sockets[0].getsockname()[1] if server is not None else None
+def _bound_port(server: asyncio.Server) -> int:
+    return server.sockets[0].getsockname()[1]
 
 
 def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
@@ -109,79 +110,162 @@ def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
     return IscsiConfig(chap, mutual)
 
 
-class Node:
-    def __init__(self, opts: NodeOptions) -> None:
-        self.opts = opts
-        self.view = ClusterView()
-        self.etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
-        self.store: ObjectStore | None = None
-        self.meta: NodeMeta | None = None
-        self.info: NodeInfo | None = None  # type: ignore[assignment]
-        self.stopped = asyncio.Event()
-        self._lock_fd: int | None = None
-        self._membership: Membership | None = None
-        self._data_server: asyncio.Server | None = None
-        self._control_server: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._nbd_server: asyncio.Server | None = None
-        self._iscsi_server: asyncio.Server | None = None
-        self._iscsi: IscsiGateway | None = None
-        self._volumes: VolumeCache | None = None
-        self._local: InProcess | None = None
-        self._pool: PeerPool | None = None
-        self.recovery: Recovery | None = None
-        self.repairer: Repairer | None = None
-        self.scrubber: Scrubber | None = None
+class DataDir:
+    """A node's data dir, held exclusively (flock) while open: two daemons on one dir
+    would each believe its store is theirs."""
 
-    # -- life cycle -------------------------------------------------------------------
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(root / "sheep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise StartupError(f"data dir {root} is in use by another sheep daemon") from None
+        try:
+            self.store = ObjectStore(root)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        if self.store.meta.get("node_id") is None:
+            self.store.meta.set("node_id", uuid.uuid4().hex)
 
-    async def start(self) -> None:
-        opts = self.opts
-        self._open_dir()
+    @property
+    def node_id(self) -> str:
+        return self.store.meta.get("node_id")
+
+    def adopt(self, cluster_id: str | None, etcd: str, *, refuse: bool) -> bool:
+        """Bind the data dir to the cluster at `etcd`; False (or StartupError) if the dir
+        is another cluster's: its objects must never mix with this one's."""
+        meta, root = self.store.meta, self.store.root
+        mine = meta.get("cluster_id")
+        if cluster_id is None:
+            if mine is not None and refuse:
+                raise StartupError(
+                    f"data dir {root} belongs to cluster {mine}, but the cluster "
+                    f"at {etcd} is not formatted (wrong --etcd, or wipe the dir)"
+                )
+            return True
+        if mine is None:
+            meta.set("cluster_id", cluster_id)
+            return True
+        if mine != cluster_id:
+            if refuse:
+                raise StartupError(
+                    f"data dir {root} belongs to cluster {mine}, not to cluster "
+                    f"{cluster_id} at {etcd}"
+                )
+            return False
+        return True
+
+    def close(self) -> None:
+        self.store.close()
+        os.close(self._fd)
+
+
+def _listen(host: str, port: int, what: str) -> socket.socket:
+    """A listening socket, bound before the node's parts are built: the data port is part
+    of what the node tells the cluster about itself."""
+    try:
+        return socket.create_server((host, port), backlog=256, reuse_port=False)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"{what} port {host}:{port} is already in use") from None
+        raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
+
+
+async def open_node(opts: NodeOptions) -> Node:
+    """Everything a node needs before it serves, checked in the order a user fixes them
+    (its dir, its ports, its cluster); a StartupError leaves nothing open."""
+    data_dir = DataDir(opts.dir)
+    etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
+    data_sock = None
+    try:
         _check_port_free(opts.bind, opts.port, "control")
-        _check_port_free(opts.bind, opts.data_port, "data")
+        data_sock = _listen(opts.bind, opts.data_port, "data")
         if opts.nbd_port:
             _check_port_free(opts.bind, opts.nbd_port, "NBD")
         if opts.iscsi_port:
             _check_port_free(opts.bind, opts.iscsi_port, "iSCSI")
         iscsi_config = _iscsi_config(opts)
-        await self.etcd.connect()
-        config = await self.etcd.config()
-        self._adopt_cluster(config.cluster_id if config else None, refuse=True)
+        await etcd.connect()
+        config = await etcd.config()
+        data_dir.adopt(config.cluster_id if config else None, opts.etcd, refuse=True)
         if config is not None:
-            self.store.set_object_size(config.object_size)
+            data_dir.store.set_object_size(config.object_size)
+        return Node(opts, data_dir, etcd, data_sock, iscsi_config)
+    except BaseException:
+        if data_sock is not None:
+            data_sock.close()
+        await _bounded(etcd.close(), "closing the etcd client")
+        data_dir.close()
+        raise
 
-        self.view.add_listener(self._on_view_change)
+
+class Node:
+    """One storage node, its parts built together from what open_node checked; start()
+    puts them to work."""
+
+    def __init__(self, opts: NodeOptions, data_dir: DataDir, etcd: EtcdCluster,
+                 data_sock: socket.socket, iscsi_config: IscsiConfig) -> None:
+        self.opts = opts
+        self.etcd = etcd
+        self.stopped = asyncio.Event()
+        self._dir = data_dir
+        self.store = data_dir.store
+        self.meta = self.store.meta
+        self.view = ClusterView()
+        node_id = data_dir.node_id
         self._pool = PeerPool()
-        self.recovery = Recovery(self.meta.get("node_id"), self.store, self.view, self._pool,
-                                 self.etcd, throttle=opts.recovery_throttle,
-                                 min_free=opts.min_free)
-        self.view.add_listener(self.recovery.on_view)
-        self.repairer = Repairer(self.meta.get("node_id"), self.store, self.view, self._pool)
-        service = ObjectService(self.store, lambda: self.view.epoch if self.view.formatted else 0,
-                                guard=self._guard, repair=self.repairer.repair)
-        self._local = InProcess(service)  # the gateways' way to this node's own replicas
+        self.recovery = Recovery(node_id, self.store, self.view, self._pool, etcd,
+                                 throttle=opts.recovery_throttle, min_free=opts.min_free)
+        self.repairer = Repairer(node_id, self.store, self.view, self._pool)
+        self._service = ObjectService(
+            self.store, lambda: self.view.epoch if self.view.formatted else 0,
+            guard=self._guard, repair=self.repairer.repair)
         self.scrubber = Scrubber(self.store, self.recovery, self.repairer,
                                  interval=opts.scrub_interval, throttle=opts.recovery_throttle)
-        self._data_server = await dataplane.serve(service, opts.bind, opts.data_port)
-        data_port = self._data_server.sockets[0].getsockname()[1]
-        try:
-            self._control_server = await control.serve(self, opts.bind, opts.port)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot bind control port {opts.bind}:{opts.port}: {exc}") from None
-
         used, free = self.store.usage()
         self.info = NodeInfo(
-            node_id=self.meta.get("node_id"),
+            node_id=node_id,
             host=opts.advertise or opts.bind,
-            data_port=data_port,
+            data_port=data_sock.getsockname()[1],
             control_port=opts.port,
             zone=opts.zone,
             vnodes=opts.vnodes or vnodes_for_weight(opts.weight, DEFAULT_VNODES),
             capacity=used + free,
         )
-        self._membership = Membership(self.etcd, self.info, lease_ttl=opts.lease_ttl)
+        self._membership = Membership(etcd, self.info, lease_ttl=opts.lease_ttl)
+        self._data_sock = data_sock
+        self._iscsi_config = iscsi_config
+        # the volumes every gateway on this node shares: an NBD and an iSCSI client of one
+        # VDI write through one Volume (one lock, one owner table); the gateways read and
+        # write this node's own replicas in its own store, with no network hop
+        self._volumes = VolumeCache(
+            ObjectClient(self.view, self._pool, etcd=etcd,
+                         local=(node_id, InProcess(self._service))),
+            VdiRegistry(etcd), f"the gateway of sheep node {node_id[:8]}")
+        # what start() starts, as it does
+        self._data_server: asyncio.Server | None = None
+        self._control_server: grpc.aio.Server | None = None
+        self._gateways: list[asyncio.Server] = []
+        self._joined = False
+        self._iscsi: IscsiGateway | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.view.add_listener(self._on_view_change)
+        self.view.add_listener(self.recovery.on_view)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        opts = self.opts
+        self._data_server = await dataplane.serve(self._service, self._data_sock)
+        try:
+            self._control_server = await control.serve(self, opts.bind, opts.port)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot bind control port {opts.bind}:{opts.port}: {exc}") from None
         await self._membership.join()
+        self._joined = True
         await self.view.refresh(self.etcd)
         self._tasks = [
             asyncio.ensure_future(self._membership.keep_alive()),
@@ -189,14 +273,14 @@ class Node:
             asyncio.ensure_future(self._reconcile_loop()),
         ]
         self.scrubber.start()
+        nbd = iscsi = None
         if opts.nbd_port is not None:
-            await self._start_gateway(opts.nbd_port)
+            nbd = await self._start_gateway(opts.nbd_port)
         if opts.iscsi_port is not None:
-            await self._start_iscsi(opts.iscsi_port, iscsi_config)
-        if self._nbd_server is not None or self._iscsi_server is not None:
+            iscsi = await self._start_iscsi(opts.iscsi_port)
+        if nbd is not None or iscsi is not None:
             # clients (dog vm) find gateways in the node records: say which ones are up
-            self.info = replace(self.info, nbd_port=_bound_port(self._nbd_server),
-                                iscsi_port=_bound_port(self._iscsi_server))
+            self.info = replace(self.info, nbd_port=nbd, iscsi_port=iscsi)
             await self._membership.publish(self.info)
         log.info(
             "node %s up: control %s:%d, data %s:%d, zone %r, vnodes %d, epoch %d",
@@ -204,123 +288,72 @@ class Node:
             opts.bind,
             opts.port,
             opts.bind,
-            data_port,
+            self.info.data_port,
             self.info.zone,
             self.info.vnodes,
             self.view.epoch,
         )
 
-    async def _start_gateway(self, port: int) -> None:
-        """Serve VDIs over NBD from this node: its own replicas are read and written in
-        its own store, with no network hop."""
+    async def _start_gateway(self, port: int) -> int:
+        """Serve VDIs over NBD from this node; returns the bound port."""
         try:
-            self._nbd_server = await serve_nbd(self._gateway_volumes("nbd"), self.opts.bind,
-                                               port)
+            server = await serve_nbd(self._volumes, self.opts.bind, port)
         except OSError as exc:
             raise StartupError(f"cannot bind NBD port {self.opts.bind}:{port}: {exc}") from None
-        bound = self._nbd_server.sockets[0].getsockname()[1]
+        self._gateways.append(server)
+        bound = _bound_port(server)
         log.info("nbd gateway on nbd://%s:%d/", self.opts.bind, bound)
+        return bound
 
-    def _gateway_volumes(self, what: str) -> VolumeCache:
-        """The volumes every gateway on this node shares: an NBD and an iSCSI client of
-        one VDI write through one Volume (one lock, one owner table)."""
-        if self._volumes is None:
-            assert self._pool is not None
-            client = ObjectClient(self.view, self._pool, etcd=self.etcd,
-                                  local=(self.info.node_id, self._local))
-            holder = f"the gateway of sheep node {self.info.node_id[:8]}"
-            self._volumes = VolumeCache(client, VdiRegistry(self.etcd), holder)
-        return self._volumes
-
-    async def _start_iscsi(self, port: int, config: IscsiConfig) -> None:
-        """Serve every VDI as an iSCSI target from this node, beside NBD."""
+    async def _start_iscsi(self, port: int) -> int:
+        """Serve every VDI as an iSCSI target from this node, beside NBD; returns the
+        bound port."""
         try:
-            self._iscsi, self._iscsi_server = await serve_iscsi(
-                self._gateway_volumes("iscsi"), self.opts.bind, port, config)
+            self._iscsi, server = await serve_iscsi(self._volumes, self.opts.bind, port,
+                                                    self._iscsi_config)
         except OSError as exc:
             raise StartupError(f"cannot bind iSCSI port {self.opts.bind}:{port}: {exc}"
                                ) from None
-        bound = self._iscsi_server.sockets[0].getsockname()[1]
+        self._gateways.append(server)
+        bound = _bound_port(server)
         log.info("iscsi gateway on %s:%d (%s)", self.opts.bind, bound,
-                 "CHAP" if config.chap else "no authentication")
+                 "CHAP" if self._iscsi_config.chap else "no authentication")
+        return bound
 
     async def stop(self) -> None:
         log.info("stopping")
-        if self._nbd_server is not None:
-            self._nbd_server.close()
-        if self._iscsi_server is not None:
-            self._iscsi_server.close()
+        for server in self._gateways:
+            server.close()
         if self._iscsi is not None:
             self._iscsi.close()
         # each step bounded: with etcd gone (its host died, or sheep up was killed), closing
         # a volume's lock or flushing for a new ring would wait for ever
-        if self._volumes is not None:
-            await _bounded(self._volumes.close(), "closing the gateways' volumes")
-        if self.scrubber is not None:
-            await _bounded(self.scrubber.close(), "stopping the scrub")
-        if self.recovery is not None:
-            await _bounded(self.recovery.close(), "stopping recovery")
-        if self._pool is not None:
-            await _bounded(self._pool.close(), "closing peer connections")
+        await _bounded(self._volumes.close(), "closing the gateways' volumes")
+        await _bounded(self.scrubber.close(), "stopping the scrub")
+        await _bounded(self.recovery.close(), "stopping recovery")
+        await _bounded(self._pool.close(), "closing peer connections")
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._membership is not None:
+        if self._joined:
             try:
                 await asyncio.wait_for(self._membership.leave(), 5)
             except Exception as exc:
                 log.warning("could not leave the cluster cleanly: %s", exc)
         if self._data_server is not None:
             self._data_server.close()
+        self._data_sock.close()
         if self._control_server is not None:
             await self._control_server.stop(grace=1)
-        if self.store is not None:
-            self.store.close()
         await _bounded(self.etcd.close(), "closing the etcd client")
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        self._dir.close()
         log.info("stopped")
 
     # -- internals --------------------------------------------------------------------
 
-    def _open_dir(self) -> None:
-        root = self.opts.dir
-        root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(root / "sheep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StartupError(f"data dir {root} is in use by another sheep daemon") from None
-        self.store = ObjectStore(root)
-        self.meta = self.store.meta
-        if self.meta.get("node_id") is None:
-            self.meta.set("node_id", uuid.uuid4().hex)
-
-    def _adopt_cluster(self, cluster_id: str | None, *, refuse: bool) -> bool:
-        """Bind the data dir to the cluster; False (or StartupError) if it is another's."""
-        mine = self.meta.get("cluster_id")
-        if cluster_id is None:
-            if mine is not None and refuse:
-                raise StartupError(
-                    f"data dir {self.opts.dir} belongs to cluster {mine}, but the cluster "
-                    f"at {self.opts.etcd} is not formatted (wrong --etcd, or wipe the dir)"
-                )
-            return True
-        if mine is None:
-            self.meta.set("cluster_id", cluster_id)
-            return True
-        if mine != cluster_id:
-            if refuse:
-                raise StartupError(
-                    f"data dir {self.opts.dir} belongs to cluster {mine}, not to cluster "
-                    f"{cluster_id} at {self.opts.etcd}"
-                )
-            return False
-        return True
-
     def _on_view_change(self, view: ClusterView) -> None:
         if view.config is not None:
-            if not self._adopt_cluster(view.config.cluster_id, refuse=False):
+            if not self._dir.adopt(view.config.cluster_id, self.opts.etcd, refuse=False):
                 log.error("the cluster was re-formatted under this node; shutting down")
                 self.stopped.set()
                 return
@@ -354,21 +387,16 @@ class Node:
         """Every client operation on this node's store passes here: writes are refused while
         the node may have lost its lease, and any operation on an object still being
         recovered waits for it."""
-        if opcode in MUTATIONS and self._membership is not None and self._membership.fenced:
+        if opcode in MUTATIONS and self._membership.fenced:
             raise Fenced("this node's cluster lease may have expired; it takes no writes")
-        assert self.recovery is not None and self.repairer is not None
         return self.repairer.guard(oid) or self.recovery.guard(oid, opcode, fresh)
 
     def _recovery_status(self) -> RecoveryStatus:
-        if self.recovery is None:
-            return RecoveryStatus()
         s = self.recovery.status
         return RecoveryStatus(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
                               rate=s.rate, throttle=self.recovery.throttle)
 
     def _scrub_status(self) -> ScrubStatus:
-        if self.scrubber is None or self.repairer is None:
-            return ScrubStatus()
         s, r = self.scrubber.status, self.repairer.stats
         return ScrubStatus(state=s.state, passes=s.passes, done=s.done, total=s.total,
                            bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
@@ -376,31 +404,35 @@ class Node:
                            blocks_repaired=r.repaired, blocks_accepted=r.accepted)
 
     def start_scrub(self) -> None:
-        if self.scrubber is not None:
-            self.scrubber.request()
+        self.scrubber.request()
 
     def set_recovery_throttle(self, bytes_per_second: int) -> None:
         """One bound for background reads: recovery's and the scrub's."""
-        if self.scrubber is not None:
-            self.scrubber.throttle = bytes_per_second
-        if self.recovery is not None:
-            self.recovery.throttle = bytes_per_second
-            log.info("recovery throttle: %s", f"{bytes_per_second} B/s" if bytes_per_second
+        self.scrubber.throttle = bytes_per_second
+        self.recovery.throttle = bytes_per_second
+        log.info("recovery throttle: %s", f"{bytes_per_second} B/s" if bytes_per_second
                      else "unbounded")
+
+
+def _refused(exc: SheepError) -> int:
+    log.error("%s", exc)
+    print(f"sheep: {exc}", flush=True, file=sys.stderr)
+    return 1
 
 
 async def run_node(opts: NodeOptions) -> int:
     """Run until SIGTERM/SIGINT; the exit code for the process."""
     import signal
 
-    node = Node(opts)
+    try:
+        node = await open_node(opts)
+    except SheepError as exc:
+        return _refused(exc)
     try:
         await node.start()
     except SheepError as exc:
-        log.error("%s", exc)
-        print(f"sheep: {exc}", flush=True, file=__import__("sys").stderr)
-        await node.etcd.close()
-        return 1
+        await node.stop()
+        return _refused(exc)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.stopped.set)
