@@ -22,6 +22,20 @@ def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
         parse_size(text)
 
 
+@pytest.mark.parametrize(("text", "value"), [
+    ("9007199254740993", 2**53 + 1),  # a float would make it 2**53
+    ("18446744073709551617", 2**64 + 1),
+    ("4.000000000000000001T", None),  # a float would round it to exactly 4T
+    ("0.1k", None),  # 102.4 bytes
+])
+def test_parse_size_is_exact_where_a_float_would_round(text: str, value: int | None) -> None:
+    if value is None:
+        with pytest.raises(ValueError, match="not a whole number of bytes"):
+            parse_size(text)
+    else:
+        assert parse_size(text) == value
+
+
 def test_format_size_uses_the_largest_fitting_unit() -> None:
     assert format_size(512) == "512 B"
     assert format_size(4 << 20) == "4 MiB"
