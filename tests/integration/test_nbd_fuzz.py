@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from sheep.etcd_server import EtcdServer
 
 from ..cluster import Cluster, dog, dog_json, start_cluster, wait_until
+from ..hostile import rss
 from .test_nbd import (
     CMD_BLOCK_STATUS,
     CMD_CACHE,
@@ -445,11 +446,7 @@ def test_a_client_that_hangs_up_in_the_middle_of_a_write_payload(
 
 def gateway_rss(gw: Cluster) -> int:
     assert gw.nodes[0].proc is not None
-    with open(f"/proc/{gw.nodes[0].proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * KiB
-    raise AssertionError("no VmRSS")
+    return rss(gw.nodes[0].proc.pid)
 
 
 def test_a_client_that_does_not_read_its_replies_cannot_make_the_gateway_hoard_them(

@@ -5,6 +5,7 @@ Text, task management, logout, session reinstatement and malformed input."""
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 from sheep.gateway.iscsi.connection import Closed, Connection, Execute
 from sheep.gateway.iscsi.session import SessionTable
@@ -183,6 +184,65 @@ def test_write_overflow_passes_what_was_sent_and_counts_the_rest() -> None:
     assert pdu.bhs[3] == 0 and residual(pdu) == ("over", 512)
 
 
+# -- memory: Data-Out is buffered within a budget ------------------------------------------
+
+
+def test_a_write_announcing_more_than_the_budget_is_refused_without_buffering_it() -> None:
+    """Two 48-byte PDUs announcing 4 GiB each once made the target allocate 8 GiB."""
+    tracemalloc.start()
+    try:
+        ini = logged_in(operational=text(ImmediateData="No"))
+        first = ini.scsi(write10(0xFFFF), edtl=0xFFFFFFFF, write=True)
+        second = ini.scsi(write10(0xFFFF), edtl=0xFFFFFFFF, write=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    assert executes(ini) == []
+    pdus = ini.replies()
+    assert [(p.opcode, p.itt) for p in pdus] == [(SCSI_RESPONSE, first), (SCSI_RESPONSE, second)]
+    for pdu in pdus:  # CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB
+        assert pdu.bhs[3] == 2 and pdu.data[2 + 2] == 0x05 and pdu.data[2 + 12] == 0x24
+
+
+def test_writes_beyond_the_budget_are_solicited_only_as_earlier_ones_finish() -> None:
+    conn = Connection(FakePortal(), SessionTable(), write_budget=8192)
+    ini = logged_in(conn, operational=text(ImmediateData="No", MaxBurstLength="8192"))
+    first = ini.scsi(write10(16), edtl=8192, write=True)
+    second = ini.scsi(write10(16), edtl=8192, write=True)
+    [r2t] = ini.replies()  # none for the second yet: the budget is the first's
+    assert (r2t.opcode, r2t.itt) == (R2T, first)
+    ini.data_out(first, r2t.u32(20), b"a" * 8192, offset=0, datasn=0)
+    [ex] = executes(ini)
+    assert ini.replies() == []
+    ini.conn.complete(first, 0)
+    response, r2t2 = sorted(ini.replies(), key=lambda p: p.opcode)
+    assert (response.opcode, response.itt) == (SCSI_RESPONSE, first)
+    assert (r2t2.opcode, r2t2.itt, r2t2.u32(44)) == (R2T, second, 8192)
+    ini.data_out(second, r2t2.u32(20), b"b" * 8192, offset=0, datasn=0)
+    [ex] = executes(ini)
+    assert bytes(ex.data_out) == b"b" * 8192
+
+
+def test_unsolicited_data_of_a_write_waiting_for_budget_is_kept() -> None:
+    conn = Connection(FakePortal(), SessionTable(), write_budget=4096)
+    ini = logged_in(conn, operational=text(InitialR2T="No", FirstBurstLength="1024",
+                                           MaxBurstLength="4096"))
+    first = ini.scsi(write10(8), edtl=4096, write=True, data=b"i" * 1024)
+    [r2t] = ini.replies()
+    second = ini.scsi(write10(8), edtl=4096, write=True, data=b"j" * 512, final=False)
+    ini.data_out(second, NO_TAG, b"u" * 512, offset=512, datasn=0)
+    assert ini.replies() == []  # the second waits for budget
+    ini.data_out(first, r2t.u32(20), b"a" * 3072, offset=1024, datasn=0)
+    [ex] = executes(ini)
+    ini.conn.complete(first, 0)
+    _, r2t2 = sorted(ini.replies(), key=lambda p: p.opcode)
+    assert (r2t2.itt, r2t2.u32(40), r2t2.u32(44)) == (second, 1024, 3072)
+    ini.data_out(second, r2t2.u32(20), b"s" * 3072, offset=1024, datasn=0)
+    [ex] = executes(ini)
+    assert bytes(ex.data_out) == b"j" * 512 + b"u" * 512 + b"s" * 3072
+
+
 def data_phase_error(pdus: list[In]) -> bool:
     """A Reject of the bad Data-Out, then the task's CHECK CONDITION (DATA PHASE ERROR)."""
     if [p.opcode for p in pdus] != [REJECT, SCSI_RESPONSE]:
@@ -269,6 +329,16 @@ def test_an_immediate_command_does_not_advance_expcmdsn() -> None:
     itt = ini.scsi(TUR, immediate=True)
     ini.conn.complete(itt, 0)
     assert ini.reply().expcmdsn == before
+
+
+def test_a_text_request_continued_past_64_kib_is_rejected_and_ends_the_connection() -> None:
+    ini = logged_in()
+    for _ in range(3):  # 96 KiB of one continued text
+        itt = ini.next_itt()
+        ini.send(0x04, 0x40, data=b"X" * (32 << 10), itt=itt, f20=NO_TAG)
+        ini.cmdsn += 1
+    assert REJECT in [p.opcode for p in ini.replies()]
+    assert closed(ini)
 
 
 # -- NOP, Text, logout ----------------------------------------------------------------------

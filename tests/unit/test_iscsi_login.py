@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import pytest
 
@@ -259,3 +260,34 @@ def test_chap_parses_user_and_secret_and_keeps_colons_in_the_secret() -> None:
     assert Chap.parse("bob:a:b") == Chap("bob", b"a:b")
     with pytest.raises(ValueError):
         Chap.parse("nosecret")
+
+
+# -- bounded input before authentication -----------------------------------------------------
+
+
+def test_a_login_pdu_over_8192_bytes_of_data_ends_the_connection() -> None:
+    """RFC 7143 §6.1: a login PDU carries at most 8192 bytes; the negotiated
+    MaxRecvDataSegmentLength (256 KiB here) applies only after login."""
+    conn, ini = connect()
+    ini.login(text(InitiatorName=NAME, TargetName=TARGET, AuthMethod="None") + b"\0" * 9000,
+              csg=0, nsg=1)
+    assert conn.closed and any(isinstance(e, Closed) for e in conn.events())
+
+
+def test_login_text_continued_without_end_is_refused_with_bounded_memory() -> None:
+    """Continued login text (C bit) once grew without limit before authentication, even on
+    a CHAP-protected portal."""
+    conn, ini = connect(AuthPolicy(chap=CHAP))
+    tracemalloc.start()
+    try:
+        for _ in range(64):  # 512 KiB offered
+            ini.login(b"X" * 8192, csg=0, nsg=1, transit=False, more=True)
+            if conn.closed:
+                break
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    statuses = [p.login_status for p in ini.replies()]
+    assert statuses[-1] == 0x0200 and all(s == 0 for s in statuses[:-1])  # initiator error
+    assert len(statuses) <= 9 and conn.closed
+    assert peak < 1 << 20, peak

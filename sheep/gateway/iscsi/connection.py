@@ -18,6 +18,12 @@ one when there is no sense, residual counts from iSCSI's Expected Data Transfer 
 against what the CDB transfers, NOP-Out/NOP-In, Text (SendTargets) with continuation,
 task management, logout, and the few SCSI conditions the transport owns (sense.py).
 
+Memory is bounded whatever the initiator announces: a command's Data-Out buffer is
+allocated only when the connection's write budget has room for it (its R2Ts wait until
+then), immediate and unsolicited data are bounded by FirstBurstLength, and a command
+announcing more Data-Out than the whole budget is refused (CHECK CONDITION, INVALID FIELD
+IN CDB) without soliciting any.
+
 Bad input never raises out of here. A framing error or a bad header digest closes the
 connection silently (its byte stream cannot be trusted); a PDU the RFC says to reject is
 answered with a Reject; anything that would leave a task stuck at ErrorRecoveryLevel 0
@@ -27,6 +33,7 @@ connection is closed, which at ERL 0 is how an initiator learns to retry.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,10 +41,12 @@ from typing import Protocol
 from sheep.gateway.scsi import Op, ScsiResult, Status
 
 from .login import Login, LoginInfo, Portal
-from .sense import DATA_PHASE_ERROR, LUN_NOT_SUPPORTED, RESET_OCCURRED
+from .sense import DATA_PHASE_ERROR, LUN_NOT_SUPPORTED, RESET_OCCURRED, TOO_MUCH_DATA_OUT
 from .session import MASK, QUEUE_DEPTH, Session, SessionTable
 from .text import Limits, TextError, encode, parse
 from .wire import (
+    LOGIN_MAX_DATA,
+    MAX_TEXT,
     NO_TAG,
     CommandFlag,
     DataDigestError,
@@ -119,6 +128,11 @@ class LogicalUnit(Protocol):
 # -- tasks ---------------------------------------------------------------------------------
 
 
+# Data-Out buffered per connection at most (plus what comes unasked: FirstBurstLength a
+# command). As large as the largest WRITE a LUN takes (65536 blocks of 512 bytes, VPD B0).
+WRITE_BUDGET = 32 << 20
+
+
 @dataclass(slots=True)
 class _R2T:
     offset: int
@@ -148,6 +162,8 @@ class _Task:
     solicit_next: int = 0  # first byte not yet asked for by an R2T
     r2tsn: int = 0
     r2ts: dict[int, _R2T] = field(default_factory=dict)
+    granted: bool = False  # holds its whole Data-Out buffer: R2Ts may go out
+    too_big: bool = False  # announced more Data-Out than a connection buffers: refused
     admitted: bool = False
     counted: bool = False  # holds a place in the session's window
     executing: bool = False
@@ -155,7 +171,7 @@ class _Task:
 
     @property
     def data_complete(self) -> bool:
-        return self.received >= self.edtl_out
+        return self.too_big or self.received >= self.edtl_out
 
 
 @dataclass(slots=True)
@@ -173,18 +189,24 @@ class Connection:
 
     def __init__(self, portal: TargetPortal, sessions: SessionTable, *,
                  limits: Limits | None = None, address: str = "127.0.0.1:3260",
-                 portal_group: int = 1, depth: int = QUEUE_DEPTH) -> None:
+                 portal_group: int = 1, depth: int = QUEUE_DEPTH,
+                 write_budget: int = WRITE_BUDGET) -> None:
         self.portal = portal
         self.sessions = sessions
         self.limits = limits or Limits()
         self.address = address
         self.portal_group = portal_group
         self.depth = depth
+        self.write_budget = write_budget
+        self._buffered = 0  # bytes of Data-Out buffers held by this connection's tasks
+        self._ungranted: deque[_Task] = deque()  # writes waiting for budget, oldest first
         self.login = Login(portal, self.limits, window=depth)
         self.session: Session | None = None
         self.closed = False
         self.wake: Callable[[], None] | None = None  # called when another connection acts
-        self._reader = PduReader(max(self.limits.max_recv_data_segment_length, 8192))
+        # login PDUs carry at most 8 KiB (RFC 7143 §6.1); the negotiated limit applies only
+        # once the login is accepted
+        self._reader = PduReader(LOGIN_MAX_DATA)
         self._digests = Digests()
         self._out: list = []
         self._events: list[Event] = []
@@ -266,6 +288,7 @@ class Connection:
         self._statsn = self.login.statsn
         params = info.params
         self._digests = Digests(params.header_digest, params.data_digest)
+        self._reader.max_data = max(self.limits.max_recv_data_segment_length, LOGIN_MAX_DATA)
         self._reader.header_digest = params.header_digest
         self._reader.data_digest = params.data_digest
         self.receive_data(b"")  # PDUs that arrived behind the last login request
@@ -425,14 +448,19 @@ class Connection:
                 self._reject(RejectReason.PROTOCOL_ERROR, pdu.bhs)
                 self._close("immediate data not allowed here")
                 return
-        if task.edtl_out:
-            task.buf = bytearray(task.edtl_out)
-            task.buf[: len(immediate)] = immediate
+        if task.edtl_out > self.write_budget:
+            task.too_big = True  # refused when its turn comes; its Data-Out is dropped
+        elif task.edtl_out:
             task.received = task.unsol_next = task.unsol_end = len(immediate)
             if not params.initial_r2t and not pdu.final:
                 task.unsol_open = True
                 task.unsol_end = min(params.first_burst_length, task.edtl_out)
             task.solicit_next = task.unsol_end
+            if not self._grant(task):
+                # what comes unasked (at most FirstBurstLength) is taken meanwhile
+                self._take(task, task.unsol_end)
+                self._ungranted.append(task)
+            task.buf[: len(immediate)] = immediate
         self._tasks[task.itt] = task
         if not task.unsol_open:
             self._solicit(task)
@@ -515,10 +543,40 @@ class Connection:
             task.aborted = True
             self._release(task)
 
+    def _take(self, task: _Task, size: int) -> None:
+        """Give `task` a Data-Out buffer of `size` bytes (keeping what it holds)."""
+        old = task.buf
+        task.buf = bytearray(size)
+        if old is not None:
+            task.buf[: len(old)] = old
+            self._buffered -= len(old)
+        self._buffered += size
+
+    def _grant(self, task: _Task) -> bool:
+        """Give `task` its whole buffer if the write budget has room (always when no other
+        task holds one, so a lone command never waits for ever)."""
+        others = self._buffered - (len(task.buf) if task.buf is not None else 0)
+        if others and others + task.edtl_out > self.write_budget:
+            return False
+        self._take(task, task.edtl_out)
+        task.granted = True
+        return True
+
+    def _grant_waiting(self) -> None:
+        while self._ungranted:
+            task = self._ungranted[0]
+            if task.aborted or self._tasks.get(task.itt) is not task:
+                self._ungranted.popleft()
+                continue
+            if not self._grant(task):
+                return
+            self._ungranted.popleft()
+            self._solicit(task)
+
     def _solicit(self, task: _Task) -> None:
         """Send R2Ts for data still missing, at most MaxOutstandingR2T at a time."""
         session = self.session
-        if task.unsol_open or session is None or task.aborted:
+        if task.unsol_open or not task.granted or session is None or task.aborted:
             return
         params = session.params
         while (task.solicit_next < task.edtl_out
@@ -550,6 +608,9 @@ class Connection:
                 self._finish(task, Status.GOOD, data=RESET_OCCURRED[:alloc])
             else:
                 self._finish(task, Status.CHECK_CONDITION, sense=RESET_OCCURRED)
+            return
+        if task.too_big:
+            self._finish(task, Status.CHECK_CONDITION, sense=TOO_MUCH_DATA_OUT)
             return
         task.executing = True
         # Data-Out that disagrees with the CDB goes to the LUN as it is (a WRITE writes the
@@ -617,6 +678,10 @@ class Connection:
         for ttt in task.r2ts:
             self._by_ttt.pop(ttt, None)
         task.r2ts.clear()
+        if task.buf is not None:
+            self._buffered -= len(task.buf)
+            task.buf = None
+            self._grant_waiting()
 
     def _drop(self, task: _Task) -> None:
         """End an aborted task that is not executing: no response is due for it."""
@@ -711,6 +776,14 @@ class Connection:
                 self._reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)
                 return
             self._send_text(pdu, rest)
+            return
+        # one text exchange at a time (RFC 7143 §11.10): a new request ends the last one,
+        # so what an initiator never asked the rest of is not kept
+        self._text_more.clear()
+        if len(self._text_in) + len(pdu.data) > MAX_TEXT:
+            self._text_in.clear()
+            self._reject(RejectReason.INVALID_PDU_FIELD, pdu.bhs)
+            self._close(f"text request continued past {MAX_TEXT} bytes")
             return
         self._text_in += pdu.data
         if pdu.flags & TextFlag.CONTINUE:

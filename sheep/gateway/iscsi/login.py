@@ -27,6 +27,7 @@ from sheep.errors import ProtocolError
 
 from .text import Limits, Params, TextError, encode, finish, negotiate_key, parse
 from .wire import (
+    MAX_TEXT,
     LoginFlag,
     LoginStatus,
     Opcode,
@@ -218,6 +219,9 @@ class Login:
         if transit and (nsg <= csg or nsg == 2):
             raise LoginFailed(LoginStatus.INITIATOR_ERROR, f"bad next stage {nsg}")
         self._stage = csg
+        if len(self._pending) + len(pdu.data) > MAX_TEXT:
+            raise LoginFailed(LoginStatus.INITIATOR_ERROR,
+                              f"login text continued past {MAX_TEXT} bytes")
         self._pending += pdu.data
         if more:  # the text continues in the next request: ask for it
             return self._respond(csg << 2, [])

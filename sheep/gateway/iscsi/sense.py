@@ -12,5 +12,7 @@ from sheep.gateway.scsi.sense import SenseKey, fixed_sense
 LUN_NOT_SUPPORTED = fixed_sense(SenseKey.ILLEGAL_REQUEST, scsi.LOGICAL_UNIT_NOT_SUPPORTED)
 # after a LOGICAL UNIT RESET / TARGET RESET (SAM-5)
 RESET_OCCURRED = fixed_sense(SenseKey.UNIT_ATTENTION, scsi.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+# a command announcing more Data-Out than a connection buffers (see connection.py)
+TOO_MUCH_DATA_OUT = fixed_sense(SenseKey.ILLEGAL_REQUEST, scsi.INVALID_FIELD_IN_CDB)
 # the Data-Out of a command came out of sequence (ERL 0 cannot recover)
 DATA_PHASE_ERROR = fixed_sense(SenseKey.ABORTED_COMMAND, scsi.DATA_PHASE_ERROR)

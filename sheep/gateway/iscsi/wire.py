@@ -40,6 +40,9 @@ BHS_SIZE = 48
 NO_TAG = 0xFFFFFFFF  # "reserved tag": no Initiator/Target Transfer Tag
 MAX_DATA_SEGMENT = (1 << 24) - 1
 LOGIN_MAX_DATA = 8192  # a login PDU's data segment is at most this (RFC 7143 §6.1)
+# one key=value text (login or Text request) continued over PDUs (C bit) is at most this:
+# every key we know fits a few hundred bytes, CHAP's largest a few KiB
+MAX_TEXT = 64 << 10
 
 # opcode, flags, byte 2, byte 3, (TotalAHSLength << 24 | DataSegmentLength), bytes 8-15 as
 # one u64, ITT, then the seven u32 slots at offsets 20, 24, ..., 44
