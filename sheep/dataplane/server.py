@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import deque
 from typing import Protocol
 
 from sheep.errors import ProtocolError
@@ -28,17 +29,26 @@ class ReplySink(Protocol):
     def send(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None: ...
 
 
+# Reply bytes a connection may have unsent (in the transport's buffer) before it stops
+# handling requests: a peer that sends READs and never takes the replies costs this much,
+# not an object per request it managed to send.
+REPLY_BACKLOG = 8 << 20
+
+
 class DataPlaneServerProtocol(asyncio.BufferedProtocol):
     def __init__(self, handler: FrameHandler) -> None:
         self._handler = handler
         self._decoder = FrameDecoder(replies=False)
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
+        self._waiting: deque[Frame] = deque()  # decoded, not yet handled
+        self._stalled = False  # the peer is not taking replies: requests wait
         self._batch: list | None = None  # replies produced by the frames of one recv
+        self._batched = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
-        self._peer = accept_transport(transport)
+        self._peer = accept_transport(transport, write_high=REPLY_BACKLOG)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer(sizehint)
@@ -48,27 +58,40 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
             self._decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
             # requests that arrived intact before the garbage still get their replies
-            for frame in self._decoder.messages():
-                self._handler.handle(frame, self)
+            self._waiting.extend(self._decoder.messages())
+            self._handle_waiting()
             log.warning("closing data-plane connection from %s: %s", self._peer, exc)
             self.close()
             return
-        batch = self._batch = []
+        self._waiting.extend(self._decoder.messages())
+        self._handle_waiting()
+
+    def _handle_waiting(self) -> None:
+        """Handle decoded requests until none is left or the peer stops taking replies
+        (then reading is paused, and resume_writing goes on from here)."""
+        self._batch, self._batched = [], 0
         try:
-            for frame in self._decoder.messages():
-                self._handler.handle(frame, self)
+            while self._waiting and not self._stalled:
+                self._handler.handle(self._waiting.popleft(), self)
         finally:
+            self._flush_batch()
             self._batch = None
-        if batch:
-            transport = self._transport
-            if transport is not None and not transport.is_closing():
-                transport.writelines(batch)
+
+    def _flush_batch(self) -> None:
+        batch, self._batch, self._batched = self._batch, [], 0
+        transport = self._transport
+        if batch and transport is not None and not transport.is_closing():
+            transport.writelines(batch)  # may pause_writing: that stalls the loop above
 
     def send(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
-        """Replies made while a recv is being handled go out in one write at its end;
-        later ones (after a group commit) go at once."""
+        """Replies made while a recv is being handled go out in one write at its end (or
+        whenever REPLY_BACKLOG of them piled up); later ones (after a group commit) go at
+        once."""
         if self._batch is not None:
             self._batch.extend(encode(header, payload))
+            self._batched += len(header) + len(payload)
+            if self._batched >= REPLY_BACKLOG:
+                self._flush_batch()
             return
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -76,11 +99,16 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
         transport.writelines(encode(header, payload))
 
     def pause_writing(self) -> None:
+        self._stalled = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        self._stalled = False
+        if self._batch is None:  # not from inside _handle_waiting's own write
+            self._handle_waiting()
+        if not self._stalled and self._transport is not None and \
+                not self._transport.is_closing():
             self._transport.resume_reading()
 
     def close(self) -> None:
@@ -89,6 +117,7 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._waiting.clear()
 
 
 async def serve(handler: FrameHandler, sock: socket.socket) -> asyncio.Server:

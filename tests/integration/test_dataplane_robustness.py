@@ -38,6 +38,7 @@ from sheep.etcd_server import EtcdServer
 from sheep.oid import data_oid
 
 from ..cluster import Cluster, SheepProcess, start_cluster
+from ..hostile import rss
 
 TIMEOUT = 5.0
 OBJECT_SIZE = 4 << 20  # the cluster's default
@@ -431,3 +432,33 @@ def test_fuzzed_headers_get_replies_or_a_close_and_never_hurt_the_node(target: T
         conn.close()
     target.assert_healthy()
     assert closed > 20 and replied > 100  # both outcomes were exercised
+
+
+# -- memory: a peer that does not take its replies ----------------------------------------------
+
+
+def test_reads_whose_replies_are_never_taken_cost_a_bounded_backlog(target: Target) -> None:
+    """150 READs of a whole object (7.2 KB of headers) once cost the node 600 MiB: every
+    request of one recv was answered into memory. Now it stops handling a connection's
+    requests while REPLY_BACKLOG of its replies are unsent, and serves others meanwhile."""
+    oid = next(target.oids)
+    writer = target.connect()
+    created = writer.call(Opcode.CREATE, next(target.ids), b"x" * 4096, epoch=target.epoch,
+                          oid=oid)
+    assert created.result == Result.OK
+    writer.close()
+    before = rss(target.node.proc.pid)  # type: ignore[union-attr]
+    hostile = target.connect()
+    hostile.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        hostile.send(b"".join(
+            pack_header(Opcode.READ, 1 << 20 | i, epoch=target.epoch, oid=oid,
+                        length=OBJECT_SIZE) for i in range(150)))
+        target.assert_healthy()  # handled after the hostile recv: it came first
+        grown = rss(target.node.proc.pid) - before  # type: ignore[union-attr]
+        assert grown < 64 << 20, f"the node grew by {grown >> 20} MiB"
+        first = hostile.recv_reply()  # and the hostile peer still gets its replies
+        assert (first.result, first.payload[:4096]) == (Result.OK, b"x" * 4096)
+    finally:
+        hostile.abort()
+    target.assert_healthy()
