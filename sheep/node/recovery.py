@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import struct
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from sheep.cluster.etcd import EtcdCluster
+from sheep.clock import SYSTEM, Clock
 from sheep.cluster.ring import Ring
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
@@ -35,6 +35,15 @@ from sheep.zeros import nonzero_runs
 
 log = logging.getLogger(__name__)
 
+
+class RecoveryLog(Protocol):
+    """Where members record the epochs they finished recovering: the part of
+    EtcdCluster recovery uses."""
+
+    async def mark_recovered(self, epoch: int, node_id: str) -> None: ...
+
+    async def recovered_members(self, epoch: int) -> set[str]: ...
+
 _GUARDED = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.READ, Opcode.DISCARD})
 
 
@@ -47,29 +56,36 @@ class RecoveryStatus:
     bytes: int = 0
     started: float = 0.0
     finished: float = 0.0
+    clock: Clock = field(default=SYSTEM, repr=False, compare=False)  # of started, finished
 
     @property
     def rate(self) -> float:
         """Objects per second over this epoch's recovery so far."""
-        end = self.finished or time.monotonic()
+        end = self.finished or self.clock.monotonic()
         return self.done / (end - self.started) if self.started and end > self.started else 0.0
 
 
 class Recovery:
+    """One node's recovery. `pool` reaches the other members (`call`, `read_replica`),
+    `etcd` records who finished an epoch (`RecoveryLog`), `clock` paces, polls and
+    retries: tests give fakes of all three."""
+
     def __init__(
         self,
         node_id: str,
         store: ObjectStore,
         view: ClusterView,
         pool: PeerPool,
-        etcd: EtcdCluster,
+        etcd: RecoveryLog,
         *,
         parallel: int = 4,
         throttle: int = 0,
         min_free: int = 0,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.node_id = node_id
-        self.status = RecoveryStatus()
+        self._clock = clock
+        self.status = RecoveryStatus(clock=clock)
         self._throttle = throttle  # bytes/s of recovery reads; 0 = unbounded
         self.min_free = min_free  # free bytes recovery must leave on the node
         self._store = store
@@ -132,7 +148,7 @@ class Recovery:
             self._listed = None
             self._pending = {}
             self._task = None
-            self.status = RecoveryStatus(epoch=record.epoch, state="idle")
+            self.status = RecoveryStatus(epoch=record.epoch, state="idle", clock=self._clock)
         else:
             self._begin(record.epoch)
         if old_listed is not None and not old_listed.done():
@@ -158,7 +174,8 @@ class Recovery:
         self._active = True
         self._listed = asyncio.get_running_loop().create_future()
         self._pending = {}
-        self.status = RecoveryStatus(epoch=epoch, state="listing", started=time.monotonic())
+        self.status = RecoveryStatus(epoch=epoch, state="listing",
+                                     started=self._clock.monotonic(), clock=self._clock)
         self._task = asyncio.ensure_future(self._run(epoch))
         return self._task
 
@@ -219,7 +236,7 @@ class Recovery:
             self.status.state = "recovering"
             await self._fetch_all()
             self.status.state = "waiting"
-            self.status.finished = time.monotonic()
+            self.status.finished = self._clock.monotonic()
             log.info("epoch %d: recovered %d object(s)", epoch, self.status.done)
             self._active = False
             await self._report_done(epoch)
@@ -272,7 +289,7 @@ class Recovery:
                 return list(zip(flat[::2], flat[1::2], strict=True))
             except (SheepError, OSError, TimeoutError) as exc:
                 log.info("epoch %d: cannot list %s yet (%s)", epoch, node.node_id[:8], exc)
-                await asyncio.sleep(1.0)
+                await self._clock.sleep(1.0)
 
     async def _fetch_all(self) -> None:
         async def worker() -> None:
@@ -282,7 +299,7 @@ class Recovery:
                     await self._start_fetch(oid)
                 except NoSpace:
                     self.status.state = "paused (free space below the floor)"
-                    await asyncio.sleep(2.0)
+                    await self._clock.sleep(2.0)
                     self.status.state = "recovering"
                 await self._pace()
 
@@ -306,7 +323,7 @@ class Recovery:
         # their data as it is, which this node then sums afresh
         attempts = [(node, False) for node in sources]
         for node, raw in attempts:
-            started = time.monotonic()
+            started = self._clock.monotonic()
             try:
                 data = await self._pool.read_replica(node.data_addr, oid, 0, size, raw=raw)
             except NoObject:
@@ -349,10 +366,10 @@ class Recovery:
         """A worker waits here, between fetches, until the budget allows the next one. A
         fetch that client I/O waits for is never held back: it is only charged."""
         while self.throttle > 0:
-            wait = self._paced_until - time.monotonic()
+            wait = self._paced_until - self._clock.monotonic()
             if wait <= 0:
                 return
-            await asyncio.sleep(min(wait, 0.5))  # a new throttle takes effect soon
+            await self._clock.sleep(min(wait, 0.5))  # a new throttle takes effect soon
 
     # -- after the epoch ------------------------------------------------------------------
 
@@ -369,7 +386,7 @@ class Recovery:
             done = await self._etcd.recovered_members(epoch)
             if all(n.node_id in done for n in record.nodes):
                 return True
-            await asyncio.sleep(0.5)
+            await self._clock.sleep(0.5)
 
     def _drop_unowned(self, epoch: int) -> int:
         record = self._view.record
