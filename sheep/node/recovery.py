@@ -318,10 +318,21 @@ class Recovery:
         return fut
 
     async def _fetch(self, oid: int, written: int, sources: list[NodeInfo]) -> None:
+        """Fetch `oid` from one of `sources`. Given up only when every source answers that
+        it has no such object (removed since it was listed): a source that fails otherwise
+        may hold the only copy, and once this node reported the epoch finished the others
+        drop theirs. It is asked again while the epoch lasts (a dead member leaves the
+        epoch when its lease expires, which restarts recovery)."""
+        while not await self._fetch_once(oid, written, sources):
+            await self._clock.sleep(1.0)
+
+    async def _fetch_once(self, oid: int, written: int, sources: list[NodeInfo]) -> bool:
+        """False when a source failed and none provided the object."""
         size = self._store.object_size
         # verified copies first; if every source holds bad blocks (see store/checksum.py),
         # their data as it is, which this node then sums afresh
         attempts = [(node, False) for node in sources]
+        failed = False
         for node, raw in attempts:
             started = self._clock.monotonic()
             try:
@@ -334,6 +345,7 @@ class Recovery:
             except (SheepError, OSError, TimeoutError) as exc:
                 log.warning("fetching %s from %s failed: %s", oid_str(oid), node.node_id[:8],
                             exc)
+                failed = True
                 continue
             _used, free = self._store.usage()
             if free - size < self.min_free:
@@ -345,8 +357,11 @@ class Recovery:
             self.status.done += 1
             self.status.bytes += size
             self._charge(size, started)
-            return
-        log.warning("no member could provide object %s", oid_str(oid))
+            return True
+        if failed:
+            return False
+        log.warning("no member holds object %s any more", oid_str(oid))
+        return True
 
     def _install(self, oid: int, data: bytes | bytearray | memoryview, written: int) -> None:
         """Write the fetched copy sparsely (all-zero ranges stay holes), stamped with the

@@ -352,6 +352,20 @@ async def test_a_copy_that_verifies_nowhere_is_fetched_raw(scene: Scene) -> None
     assert [bool(f.flags & 4) for f in source.seen(Opcode.READ)] == [False, True]
 
 
+async def test_a_fetch_that_fails_on_every_source_is_retried_not_skipped(
+        scene: Scene) -> None:
+    """The epoch is not reported finished while an object placed here is missing: once it
+    is, the other members drop their copies, which may be the only ones."""
+    [oid] = scene.oids(here=True)
+    source = scene.peer(NODES[1])
+    source.put(oid, blob(b"t"), written=1)
+    source.fail_next(Opcode.READ, Result.IO_ERROR, times=2)
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: ME.node_id in scene.etcd.recovered[2])
+    assert scene.store.read(oid, 0, 100) == blob(b"t")
+    assert len(source.seen(Opcode.READ)) == 3
+
+
 async def test_an_object_no_source_has_any_more_is_given_up(scene: Scene) -> None:
     [oid] = scene.oids(here=True)
     source = scene.peer(NODES[1])
