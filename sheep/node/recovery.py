@@ -267,6 +267,11 @@ class Recovery:
                     newest[oid] = (written, [node])
                 elif written == best[0]:
                     best[1].append(node)
+        # and as they are now: the guard let writes through meanwhile (ones that replace an
+        # object, ones to copies known current), and an older copy listed elsewhere must
+        # not be fetched over them; a copy removed meanwhile still counts as it was, or a
+        # member that has not removed its own yet would bring it back
+        mine.update(self._store.list_versions())
         ring = self._view.ring
         copies = self._view.config.copies if self._view.config else 1
         for oid, (written, nodes) in newest.items():

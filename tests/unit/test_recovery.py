@@ -223,6 +223,40 @@ async def test_a_fresh_write_needs_no_fetch(tmp_path: Path) -> None:
         scene.store.close()
 
 
+async def test_a_fresh_write_during_listing_is_not_overwritten_by_an_older_copy(
+        scene: Scene) -> None:
+    """A write that replaces the object passes the guard even while the plan is being
+    made; a copy some member listed meanwhile, older than it, must not be fetched over it
+    (the retry, in a new epoch, of a first write that reached only some old replicas)."""
+    [oid] = scene.oids(here=True)
+    stale = scene.peer(NODES[1])
+    stale.put(oid, blob(b"old"), written=1)
+    stale.hold(Opcode.LIST_EPOCHS)
+    await scene.epoch(2)
+    await settle()
+    assert scene.recovery.guard(oid, Opcode.CREATE, True) is None
+    scene.store.write(oid, 0, blob(b"new"), epoch=2, fresh=True)  # the service's CREATE
+    stale.release()
+    await scene.reported(2)
+    assert scene.store.read(oid, 0, 300) == blob(b"new")
+    assert not stale.seen(Opcode.READ)
+
+
+async def test_an_object_removed_during_listing_is_not_fetched_back(scene: Scene) -> None:
+    [oid] = scene.oids(here=True)
+    scene.store.write(oid, 0, blob(b"del"), epoch=1)
+    other = scene.peer(NODES[1])
+    other.put(oid, blob(b"del"), written=1)
+    other.hold(Opcode.LIST_EPOCHS)
+    await scene.epoch(2)
+    await settle()
+    scene.store.remove(oid)  # the service's REMOVE (which the guard lets through)
+    other.release()
+    await scene.reported(2)
+    assert not scene.store.exists(oid)
+    assert not other.seen(Opcode.READ)
+
+
 async def test_ops_that_change_no_data_pass_the_guard(scene: Scene) -> None:
     [oid] = scene.oids(here=True)
     scene.peer(NODES[1]).put(oid, blob(b"e"), written=1)
