@@ -44,6 +44,7 @@ class RecoveryLog(Protocol):
 
     async def recovered_members(self, epoch: int) -> set[str]: ...
 
+
 _GUARDED = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.READ, Opcode.DISCARD})
 
 
@@ -256,7 +257,7 @@ class Recovery:
     async def _list(self, epoch: int) -> None:
         record = self._view.record
         assert record is not None
-        mine = dict(self._store.list_versions())
+        mine = dict(self._store.list_versions())  # this node's copies as the epoch began
         newest: dict[int, tuple[int, list[NodeInfo]]] = {}
         for node in record.nodes:
             if node.node_id == self.node_id:
