@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import logging
 import struct
-import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from sheep.clock import SYSTEM, Clock
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
@@ -65,8 +65,11 @@ class ObjectClient:
         local: tuple[str, LocalReplica] | None = None,
         timeout: float = 5.0,
         deadline: float = 60.0,
+        clock: Clock = SYSTEM,
     ) -> None:
+        """`clock` times the deadline and the waits between tries (tests give a fake)."""
         self._view = view
+        self._clock = clock
         self._pool = pool
         self._etcd = etcd
         # this node's id and its own service: its replica costs no socket
@@ -152,7 +155,7 @@ class ObjectClient:
         reached (killed a moment ago, still in the epoch until its lease runs out) makes
         the flush wait for the next ring and flush its members: the acknowledged writes
         that count are on them."""
-        start = time.monotonic()
+        start = self._clock.monotonic()
         while True:
             record = self._view.record
             if record is None:
@@ -279,7 +282,7 @@ class ObjectClient:
         flags: int = 0,
         missing_ok: bool = False,
     ) -> None:
-        start = time.monotonic()
+        start = self._clock.monotonic()
         while True:
             epoch = self._view.epoch
             nodes = self.replicas(oid)
@@ -325,7 +328,7 @@ class ObjectClient:
             await self._await_new_ring(epoch, failure, start)
 
     async def _from_one(self, opcode: Opcode, oid: int, *, offset: int = 0, length: int = 0):
-        start = time.monotonic()
+        start = self._clock.monotonic()
         while True:
             epoch = self._view.epoch
             nodes = self.replicas(oid)
@@ -351,7 +354,7 @@ class ObjectClient:
             await self._await_new_ring(epoch, failure, start)
 
     async def _await_new_ring(self, epoch: int, failure: BaseException, start: float) -> None:
-        remaining = self._deadline - (time.monotonic() - start)
+        remaining = self._deadline - (self._clock.monotonic() - start)
         if remaining <= 0:
             raise ClusterError(f"request failed after {self._deadline:.0f}s: {failure}")
         log.debug("retrying after %s (epoch %d)", failure, epoch)
@@ -360,9 +363,10 @@ class ObjectClient:
             if self._view.epoch != epoch:
                 return
         if isinstance(failure, (NewEpoch, NotFormatted)):
-            await asyncio.sleep(0.05)  # the node has not caught up with the ring yet
+            await self._clock.sleep(0.05)  # the node has not caught up with the ring yet
             return
-        changed = await self._view.wait_for_change(epoch, min(1.0, remaining))
+        changed = await self._view.wait_for_change(epoch, min(1.0, remaining),
+                                                   clock=self._clock)
         if not changed and self._etcd is not None:
             await self._view.refresh(self._etcd)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sheep.clock import SYSTEM, Clock
 from sheep.errors import NotFormatted
 
 from .etcd import EtcdCluster
@@ -58,11 +59,13 @@ class ClusterView:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def wait_for_change(self, than_epoch: int, timeout: float) -> bool:
-        """Wait until the epoch differs from `than_epoch`; False on timeout."""
+    async def wait_for_change(self, than_epoch: int, timeout: float, *,
+                              clock: Clock = SYSTEM) -> bool:
+        """Wait until the epoch differs from `than_epoch`; False once `timeout` seconds
+        passed on `clock`."""
         async with self._changed:
             try:
-                async with asyncio.timeout(timeout):  # not wait_for: see EtcdCluster.watch
+                async with clock.timeout(timeout):  # not wait_for: see EtcdCluster.watch
                     await self._changed.wait_for(lambda: self.epoch != than_epoch)
             except TimeoutError:
                 return False

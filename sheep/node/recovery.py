@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import logging
 import struct
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from sheep.cluster.etcd import EtcdCluster
+from sheep.clock import SYSTEM, Clock
 from sheep.cluster.ring import Ring
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
@@ -35,6 +35,16 @@ from sheep.zeros import nonzero_runs
 
 log = logging.getLogger(__name__)
 
+
+class RecoveryLog(Protocol):
+    """Where members record the epochs they finished recovering: the part of
+    EtcdCluster recovery uses."""
+
+    async def mark_recovered(self, epoch: int, node_id: str) -> None: ...
+
+    async def recovered_members(self, epoch: int) -> set[str]: ...
+
+
 _GUARDED = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.READ, Opcode.DISCARD})
 
 
@@ -47,29 +57,36 @@ class RecoveryStatus:
     bytes: int = 0
     started: float = 0.0
     finished: float = 0.0
+    clock: Clock = field(default=SYSTEM, repr=False, compare=False)  # of started, finished
 
     @property
     def rate(self) -> float:
         """Objects per second over this epoch's recovery so far."""
-        end = self.finished or time.monotonic()
+        end = self.finished or self.clock.monotonic()
         return self.done / (end - self.started) if self.started and end > self.started else 0.0
 
 
 class Recovery:
+    """One node's recovery. `pool` reaches the other members (`call`, `read_replica`),
+    `etcd` records who finished an epoch (`RecoveryLog`), `clock` paces, polls and
+    retries: tests give fakes of all three."""
+
     def __init__(
         self,
         node_id: str,
         store: ObjectStore,
         view: ClusterView,
         pool: PeerPool,
-        etcd: EtcdCluster,
+        etcd: RecoveryLog,
         *,
         parallel: int = 4,
         throttle: int = 0,
         min_free: int = 0,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.node_id = node_id
-        self.status = RecoveryStatus()
+        self._clock = clock
+        self.status = RecoveryStatus(clock=clock)
         self._throttle = throttle  # bytes/s of recovery reads; 0 = unbounded
         self.min_free = min_free  # free bytes recovery must leave on the node
         self._store = store
@@ -132,7 +149,7 @@ class Recovery:
             self._listed = None
             self._pending = {}
             self._task = None
-            self.status = RecoveryStatus(epoch=record.epoch, state="idle")
+            self.status = RecoveryStatus(epoch=record.epoch, state="idle", clock=self._clock)
         else:
             self._begin(record.epoch)
         if old_listed is not None and not old_listed.done():
@@ -158,7 +175,8 @@ class Recovery:
         self._active = True
         self._listed = asyncio.get_running_loop().create_future()
         self._pending = {}
-        self.status = RecoveryStatus(epoch=epoch, state="listing", started=time.monotonic())
+        self.status = RecoveryStatus(epoch=epoch, state="listing",
+                                     started=self._clock.monotonic(), clock=self._clock)
         self._task = asyncio.ensure_future(self._run(epoch))
         return self._task
 
@@ -219,7 +237,7 @@ class Recovery:
             self.status.state = "recovering"
             await self._fetch_all()
             self.status.state = "waiting"
-            self.status.finished = time.monotonic()
+            self.status.finished = self._clock.monotonic()
             log.info("epoch %d: recovered %d object(s)", epoch, self.status.done)
             self._active = False
             await self._report_done(epoch)
@@ -239,7 +257,7 @@ class Recovery:
     async def _list(self, epoch: int) -> None:
         record = self._view.record
         assert record is not None
-        mine = dict(self._store.list_versions())
+        mine = dict(self._store.list_versions())  # this node's copies as the epoch began
         newest: dict[int, tuple[int, list[NodeInfo]]] = {}
         for node in record.nodes:
             if node.node_id == self.node_id:
@@ -250,6 +268,11 @@ class Recovery:
                     newest[oid] = (written, [node])
                 elif written == best[0]:
                     best[1].append(node)
+        # and as they are now: the guard let writes through meanwhile (ones that replace an
+        # object, ones to copies known current), and an older copy listed elsewhere must
+        # not be fetched over them; a copy removed meanwhile still counts as it was, or a
+        # member that has not removed its own yet would bring it back
+        mine.update(self._store.list_versions())
         ring = self._view.ring
         copies = self._view.config.copies if self._view.config else 1
         for oid, (written, nodes) in newest.items():
@@ -272,7 +295,7 @@ class Recovery:
                 return list(zip(flat[::2], flat[1::2], strict=True))
             except (SheepError, OSError, TimeoutError) as exc:
                 log.info("epoch %d: cannot list %s yet (%s)", epoch, node.node_id[:8], exc)
-                await asyncio.sleep(1.0)
+                await self._clock.sleep(1.0)
 
     async def _fetch_all(self) -> None:
         async def worker() -> None:
@@ -282,7 +305,7 @@ class Recovery:
                     await self._start_fetch(oid)
                 except NoSpace:
                     self.status.state = "paused (free space below the floor)"
-                    await asyncio.sleep(2.0)
+                    await self._clock.sleep(2.0)
                     self.status.state = "recovering"
                 await self._pace()
 
@@ -301,12 +324,23 @@ class Recovery:
         return fut
 
     async def _fetch(self, oid: int, written: int, sources: list[NodeInfo]) -> None:
+        """Fetch `oid` from one of `sources`. Given up only when every source answers that
+        it has no such object (removed since it was listed): a source that fails otherwise
+        may hold the only copy, and once this node reported the epoch finished the others
+        drop theirs. It is asked again while the epoch lasts (a dead member leaves the
+        epoch when its lease expires, which restarts recovery)."""
+        while not await self._fetch_once(oid, written, sources):
+            await self._clock.sleep(1.0)
+
+    async def _fetch_once(self, oid: int, written: int, sources: list[NodeInfo]) -> bool:
+        """False when a source failed and none provided the object."""
         size = self._store.object_size
         # verified copies first; if every source holds bad blocks (see store/checksum.py),
         # their data as it is, which this node then sums afresh
         attempts = [(node, False) for node in sources]
+        failed = False
         for node, raw in attempts:
-            started = time.monotonic()
+            started = self._clock.monotonic()
             try:
                 data = await self._pool.read_replica(node.data_addr, oid, 0, size, raw=raw)
             except NoObject:
@@ -317,6 +351,7 @@ class Recovery:
             except (SheepError, OSError, TimeoutError) as exc:
                 log.warning("fetching %s from %s failed: %s", oid_str(oid), node.node_id[:8],
                             exc)
+                failed = True
                 continue
             _used, free = self._store.usage()
             if free - size < self.min_free:
@@ -328,8 +363,11 @@ class Recovery:
             self.status.done += 1
             self.status.bytes += size
             self._charge(size, started)
-            return
-        log.warning("no member could provide object %s", oid_str(oid))
+            return True
+        if failed:
+            return False
+        log.warning("no member holds object %s any more", oid_str(oid))
+        return True
 
     def _install(self, oid: int, data: bytes | bytearray | memoryview, written: int) -> None:
         """Write the fetched copy sparsely (all-zero ranges stay holes), stamped with the
@@ -349,10 +387,10 @@ class Recovery:
         """A worker waits here, between fetches, until the budget allows the next one. A
         fetch that client I/O waits for is never held back: it is only charged."""
         while self.throttle > 0:
-            wait = self._paced_until - time.monotonic()
+            wait = self._paced_until - self._clock.monotonic()
             if wait <= 0:
                 return
-            await asyncio.sleep(min(wait, 0.5))  # a new throttle takes effect soon
+            await self._clock.sleep(min(wait, 0.5))  # a new throttle takes effect soon
 
     # -- after the epoch ------------------------------------------------------------------
 
@@ -369,7 +407,7 @@ class Recovery:
             done = await self._etcd.recovered_members(epoch)
             if all(n.node_id in done for n in record.nodes):
                 return True
-            await asyncio.sleep(0.5)
+            await self._clock.sleep(0.5)
 
     def _drop_unowned(self, epoch: int) -> int:
         record = self._view.record

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # bottom first; a module belongs to the first layer with a prefix of its name
 LAYERS: list[tuple[str, ...]] = [
     ("sheep.errors", "sheep.units", "sheep.oid", "sheep.zeros", "sheep.malloc",
-     "sheep.output", "sheep.framing", "sheep.tcp", "sheep.children", "sheep.futures"),
+     "sheep.output", "sheep.framing", "sheep.tcp", "sheep.children", "sheep.futures",
+     "sheep.clock"),
     # one node's store; the ring, membership and etcd; the wire protocols' cores
     ("sheep.store", "sheep.cluster", "sheep.etcd_server", "sheep.dataplane",
      "sheep.gateway.scsi", "sheep.gateway.nbd.wire", "sheep.gateway.nbd.handshake",
