@@ -194,6 +194,21 @@ def test_list_with_data_is_invalid_and_negotiation_continues() -> None:
     assert exchange(hs, opt(LIST)).endswith(rep(LIST, ACK))
 
 
+def test_options_wait_while_their_replies_are_not_taken_and_none_is_lost() -> None:
+    """A 16-byte NBD_OPT_LIST is answered with the whole list: options sent without
+    reading the answers must not queue answers without bound."""
+    hs = started()
+    one = exchange(hs, opt(LIST))
+    hs.receive_data(opt(LIST) * 10000)
+    first = hs.data_to_send()
+    assert 0 < len(first) <= 64 * KiB + len(one) and hs.input_waiting
+    total = len(first)
+    while hs.input_waiting:
+        total += len(exchange(hs, b""))
+    assert total == 10000 * len(one)
+    assert hs.next_event() == NeedData()
+
+
 # -- NBD_OPT_INFO / NBD_OPT_GO --------------------------------------------------------------
 
 

@@ -53,6 +53,11 @@ from .wire import (
 
 MAX_OPTION_DATA = 64 << 10  # largest option payload buffered for parsing
 MAX_OPTION_SKIP = 1 << 20  # larger announced payloads close the session instead of being read
+# Replies not yet taken by data_to_send() before no further option is parsed: a client that
+# sends options (a 16-byte NBD_OPT_LIST gets the whole export list) and never reads the
+# answers must not make us queue them without bound. Parsing goes on at the next
+# receive_data(), which may bring no bytes.
+MAX_PENDING_REPLIES = 64 << 10
 BASE_ALLOCATION_ID = 1  # context id handed out for base:allocation by SET_META_CONTEXT
 
 SERVER_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
@@ -184,7 +189,8 @@ class ServerHandshake:
         return GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_FLAGS)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes from the client; replies accumulate for data_to_send()."""
+        """Feed bytes from the client; replies accumulate for data_to_send(). Options
+        wait while MAX_PENDING_REPLIES of replies do: feed b"" after taking them."""
         if self._terminal is not None:
             if isinstance(self._terminal, HandshakeDone):
                 self._trailing += data  # early transmission requests: see trailing_data()
@@ -196,6 +202,11 @@ class ServerHandshake:
         """The client closed its side."""
         if self._terminal is None:
             self._close("client closed the connection during the handshake")
+
+    @property
+    def input_waiting(self) -> bool:
+        """Whether received option bytes wait for the replies to be taken."""
+        return self._terminal is None and bool(self._buf)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the client now (each returned once)."""
@@ -230,7 +241,7 @@ class ServerHandshake:
                 del buf[: CLIENT_FLAGS.size]
                 self._client_flags(flags)
             elif self._state is _State.OPTION_HEADER:
-                if len(buf) < OPTION_HEADER.size:
+                if len(buf) < OPTION_HEADER.size or len(self._out) >= MAX_PENDING_REPLIES:
                     return
                 magic, option, length = OPTION_HEADER.unpack_from(buf)
                 del buf[: OPTION_HEADER.size]

@@ -27,7 +27,7 @@ from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
 from sheep.tcp import accept_transport
 from sheep.vdi.volume import Volume
 
-from .handshake import Closed, ExportInfo, HandshakeDone, ServerHandshake
+from .handshake import Closed, ExportInfo, HandshakeDone, NeedData, ServerHandshake
 from .transmission import (
     Request,
     RequestDecoder,
@@ -43,6 +43,10 @@ from .wire import Cmd, CmdFlag, Errno, NbdProtocolError, StateFlag
 log = logging.getLogger(__name__)
 
 _MAX_INFLIGHT = 128  # requests in progress per connection before we stop reading
+# Bytes of READs and WRITEs in progress per connection before we take no more (one request
+# of any size is always taken): a read of blocks on other nodes holds its buffer while
+# their replies come, and 128 such reads of 32 MiB would be 4 GiB.
+_INFLIGHT_BYTES = 16 << 20
 # Replies waiting to go out, per connection, before we stop taking requests: a client that
 # sends requests but does not read the replies must not make us buffer without bound.
 _WRITE_HIGH = 4 << 20  # the transport's high-water mark (pause_writing above it)
@@ -51,6 +55,13 @@ _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _HOLE = int(StateFlag.HOLE | StateFlag.ZERO)
+
+
+def _bytes_of(req: Request) -> int:
+    """The memory a request holds while in progress: its data, read or to write."""
+    if req.command == Cmd.READ:
+        return req.length
+    return len(req.payload) if req.command == Cmd.WRITE else 0
 
 
 def nbd_errno(exc: BaseException) -> int:
@@ -103,6 +114,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._structured = False
         self._context: int | None = None
         self._inflight = 0
+        self._inflight_bytes = 0
         self._closing = False
         self._lost = False
         self._tasks: set[asyncio.Future] = set()
@@ -157,6 +169,16 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._decoder is None:  # in the handshake: options may wait for this
+            handshake, transport = self._handshake, self._transport
+            if handshake is None or transport is None or transport.is_closing() or \
+                    not isinstance(handshake.next_event(), NeedData):
+                return
+            handshake.receive_data(b"")
+            self._after_handshake_input()
+            if not self._write_paused and isinstance(handshake.next_event(), NeedData):
+                transport.resume_reading()
+            return
         self._pump()
 
     # -- handshake ------------------------------------------------------------------------
@@ -176,12 +198,21 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._transport.resume_reading()
 
     def _after_handshake_input(self) -> None:
+        """Send the handshake's replies; go on with options it held back, as long as the
+        client takes the replies (reading waits while it does not)."""
         handshake = self._handshake
         assert handshake is not None and self._transport is not None
-        out = handshake.data_to_send()
-        if out:
-            self._transport.write(out)
+        while True:
+            out = handshake.data_to_send()
+            if out:
+                self._transport.write(out)  # may pause_writing
+            if self._write_paused or not handshake.input_waiting or not out:
+                break
+            handshake.receive_data(b"")
         event = handshake.next_event()
+        if self._write_paused and isinstance(event, NeedData):
+            self._transport.pause_reading()  # resume_writing goes on
+            return
         if isinstance(event, Closed):
             self._transport.close()
         elif isinstance(event, HandshakeDone):
@@ -242,6 +273,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._send(self._read_reply(req, data))
                 return
         self._inflight += 1
+        self._inflight_bytes += _bytes_of(req)
         self._spawn(self._serve(req, vol))
 
     async def _serve(self, req: Request, vol: Volume) -> None:
@@ -253,6 +285,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             reply = error_reply(req.cookie, nbd_errno(exc), self._structured, str(exc)[:200])
         self._send(reply)
         self._inflight -= 1
+        self._inflight_bytes -= _bytes_of(req)
         if self._backlog or self._reading_paused:
             self._pump()
         if self._inflight == 0:
@@ -318,6 +351,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Take no more requests now: too many in progress, or too many replies waiting
         for the client to read them."""
         return (self._write_paused or self._inflight >= _MAX_INFLIGHT
+                or self._inflight_bytes >= _INFLIGHT_BYTES
                 or self._outbox_bytes >= _OUTBOX_HIGH)
 
     def _pump(self) -> None:
