@@ -30,6 +30,7 @@ from sheep.dataplane import server as dataplane
 from sheep.dataplane.client import PeerPool
 from sheep.dataplane.wire import MUTATIONS
 from sheep.errors import Fenced, SheepError
+from sheep.fdlimit import object_cache_size, raise_to_hard_limit
 from sheep.gateway.exports import VolumeCache
 from sheep.gateway.iscsi.login import Chap
 from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
@@ -177,6 +178,8 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
 async def open_node(opts: NodeOptions) -> Node:
     """Everything a node needs before it serves, checked in the order a user fixes them
     (its dir, its ports, its cluster); a StartupError leaves nothing open."""
+    limit = raise_to_hard_limit()
+    log.info("file descriptors: %d, up to %d objects kept open", limit, object_cache_size())
     data_dir = DataDir(opts.dir)
     etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
     data_sock = None

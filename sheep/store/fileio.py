@@ -17,6 +17,7 @@ CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 REPLACE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})  # not an I/O error: close some
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -69,7 +70,9 @@ def dup_or_none(fd: int | None) -> int | None:
         return None
     try:
         return os.dup(fd)
-    except OSError:
+    except OSError as e:
+        if e.errno in OUT_OF_DESCRIPTORS:
+            raise  # the store closes some and tries again
         return None
 
 

@@ -20,6 +20,7 @@ Nothing is cached that the page cache caches: no object data is kept in Python.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from sheep.errors import (
     SheepError,
     StoreIOError,
 )
+from sheep.fdlimit import object_cache_size
 from sheep.oid import DEFAULT_OBJECT_SIZE, oid_str
 from sheep.store import sumfile
 from sheep.store.checksum import SUM_BLOCK, SUM_SIZE, block_span, runs
@@ -40,6 +42,7 @@ from sheep.store.commit import CommitJob, GroupCommit, merge_batches
 from sheep.store.fileio import (
     CREATE_FLAGS,
     OPEN_FLAGS,
+    OUT_OF_DESCRIPTORS,
     REPLACE_FLAGS,
     deallocate,
     dup_or_none,
@@ -49,6 +52,8 @@ from sheep.store.fileio import (
     unlink_missing_ok,
 )
 from sheep.store.meta import NodeMeta
+
+log = logging.getLogger(__name__)
 
 MAX_OID = (1 << 64) - 1
 
@@ -65,10 +70,12 @@ class ObjectStore:
         root: Path,
         *,
         object_size: int = DEFAULT_OBJECT_SIZE,
-        max_open_files: int = 1024,
+        max_open_files: int | None = None,
     ) -> None:
         if object_size <= 0:
             raise InvalidParams(f"object size {object_size} must be positive")
+        if max_open_files is None:
+            max_open_files = object_cache_size()
         if max_open_files <= 0:
             raise InvalidParams(f"max_open_files {max_open_files} must be positive")
         self.root = Path(root)
@@ -168,23 +175,29 @@ class ObjectStore:
         if not 0 <= oid <= MAX_OID:
             raise InvalidParams(f"oid {oid} out of range")
         path = self._path(oid)
-        created = False
-        try:
+        while True:
+            created = False
             try:
-                fd = os.open(path, OPEN_FLAGS)
-            except FileNotFoundError:
-                if not create:
-                    raise NoObject(f"no object {oid_str(oid)}") from None
-                fd = os.open(path, CREATE_FLAGS, 0o644)
-                created = True
-            try:
-                blocks = 0 if created else os.fstat(fd).st_blocks
-                sfd = self._open_sums(oid, fd, created)
-            except OSError:
-                os.close(fd)
-                raise
-        except OSError as e:
-            raise io_error(e, f"open object {oid_str(oid)}") from e
+                try:
+                    fd = os.open(path, OPEN_FLAGS)
+                except FileNotFoundError:
+                    if not create:
+                        raise NoObject(f"no object {oid_str(oid)}") from None
+                    fd = os.open(path, CREATE_FLAGS, 0o644)
+                    created = True
+                try:
+                    blocks = 0 if created else os.fstat(fd).st_blocks
+                    sfd = self._open_sums(oid, fd, created)
+                except OSError:
+                    os.close(fd)
+                    if created:  # so that the retry creates it again, sums and all
+                        unlink_missing_ok(path)
+                    raise
+                break
+            except OSError as e:
+                if e.errno in OUT_OF_DESCRIPTORS and self._shed():
+                    continue
+                raise io_error(e, f"open object {oid_str(oid)}") from e
         if created:
             self._pending_drop.discard(oid)
             self._pending_new[oid] = (epoch, 1)
@@ -210,6 +223,27 @@ class ObjectStore:
         self._dirty.add(oid)
         self._dir_dirty = True
         return sfd
+
+    def _shed(self) -> bool:
+        """Out of descriptors: close half the cached objects (the least recently used);
+        False when none is cached, and the caller's error stands."""
+        if not self._fds:
+            return False
+        log.warning("out of file descriptors with %d objects open; closing half of them "
+                    "(raise the hard limit, ulimit -Hn)", len(self._fds))
+        for _ in range((len(self._fds) + 1) // 2):
+            self._evict()
+        self._max_open = max(1, min(self._max_open, len(self._fds)))
+        return True
+
+    def _dup(self, fd: int | None) -> int | None:
+        """A duplicate for the commit worker, or None (it then opens the file by path)."""
+        while True:
+            try:
+                return dup_or_none(fd)
+            except OSError as e:
+                if e.errno not in OUT_OF_DESCRIPTORS or not self._shed():
+                    return None
 
     def _evict(self) -> None:
         # A dirty evicted object stays in self._dirty; the commit reopens it by path (the
@@ -492,7 +526,7 @@ class ObjectStore:
             self._dirty -= take
         fds: list[tuple[int, int | None, int | None]] = []
         for oid in take:
-            fds.append((oid, dup_or_none(self._fds.get(oid)), dup_or_none(self._sum_fds.get(oid))))
+            fds.append((oid, self._dup(self._fds.get(oid)), self._dup(self._sum_fds.get(oid))))
         job = CommitJob(take, fds, self._pending_new, self._pending_drop, self._dir_dirty)
         self._pending_new = {}
         self._pending_drop = set()
