@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 
 from sheep.gateway.exports import Export, ExportTable, VolumeCache
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 3260
 _WRITE_HIGH = 8 << 20
+# Bytes of commands' data (Data-Out received, Data-In to read) executing per connection
+# before no more start (one always may): 128 READs of 32 MiB in the CmdSN window would
+# otherwise hold 4 GiB for an initiator that never reads them.
+_EXECUTING_BYTES = 16 << 20
 # the sense of a command the SCSI layer itself failed on
 _HARDWARE_ERROR_SENSE = fixed_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE)
 
@@ -149,6 +154,8 @@ class IscsiConnection(asyncio.Protocol):
         self._export: Export | None = None
         self._lun: LogicalUnit | None = None
         self._running = 0
+        self._running_bytes = 0
+        self._ready: deque[Execute] = deque()  # commands waiting for _EXECUTING_BYTES
         self._tasks: set[asyncio.Future] = set()
         self._lost = False
         self._closing = False
@@ -178,6 +185,7 @@ class IscsiConnection(asyncio.Protocol):
         self._lost = True
         self._transport = None
         self._gw.connections.discard(self)
+        self._ready.clear()  # nobody is left to answer
         if self._core is not None:
             self._core.connection_lost()
         self._maybe_release()
@@ -191,6 +199,7 @@ class IscsiConnection(asyncio.Protocol):
         self._write_paused = False
         if self._transport is not None and not self._closing:
             self._transport.resume_reading()
+        self._start_ready()
 
     # -- phases --------------------------------------------------------------------------
 
@@ -245,7 +254,7 @@ class IscsiConnection(asyncio.Protocol):
             self._maybe_release()
         self._pump()
 
-    async def _execute(self, event: Execute) -> None:
+    async def _execute(self, event: Execute, cost: int) -> None:
         core = self._core
         assert core is not None and self._lun is not None
         try:
@@ -258,6 +267,7 @@ class IscsiConnection(asyncio.Protocol):
             status, data, sense = Status.CHECK_CONDITION, b"", _HARDWARE_ERROR_SENSE
         finally:
             self._running -= 1
+            self._running_bytes -= cost
         core.complete(event.itt, status, data, sense)
         self._pump()
         self._maybe_release()
@@ -271,8 +281,7 @@ class IscsiConnection(asyncio.Protocol):
             return
         for event in core.events():
             if isinstance(event, Execute):
-                self._running += 1
-                self._spawn(self._execute(event))
+                self._ready.append(event)
             elif isinstance(event, LoginReady):
                 self._spawn(self._login(event.info))
             elif isinstance(event, Closed):
@@ -281,9 +290,25 @@ class IscsiConnection(asyncio.Protocol):
                 self._maybe_release()
             elif isinstance(event, Notice):
                 log.info("iscsi %s: %s", self._peer, event.text)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled:  # the flush starts waiting commands
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def _cost(self, event: Execute) -> int:
+        lun = self._lun
+        return len(event.data_out) + (lun.data_in_length(event.cdb) if lun is not None else 0)
+
+    def _start_ready(self) -> None:
+        """Run waiting commands while the connection's executing bytes allow and the
+        initiator takes what they answer (called after answers went to the transport,
+        so that one it does not take pauses this first)."""
+        while self._ready and not self._write_paused and (
+                self._running == 0 or self._running_bytes < _EXECUTING_BYTES):
+            event = self._ready.popleft()
+            cost = self._cost(event)
+            self._running += 1
+            self._running_bytes += cost
+            self._spawn(self._execute(event, cost))
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -292,9 +317,10 @@ class IscsiConnection(asyncio.Protocol):
             return
         out = core.data_to_send()
         if out and not transport.is_closing():
-            transport.writelines(out)
+            transport.writelines(out)  # may pause_writing
         if self._closing and not transport.is_closing():
             transport.close()
+        self._start_ready()
 
     def abort(self, why: str) -> None:
         log.info("iscsi %s: closing: %s", self._peer, why)

@@ -206,6 +206,7 @@ def count_field(opcode: int) -> int:
 
 
 READS = frozenset({Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16})
+READS = frozenset({Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16})
 WRITES = frozenset({Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16})
 WRITE_VERIFIES = frozenset({Op.WRITE_AND_VERIFY_10, Op.WRITE_AND_VERIFY_12,
                             Op.WRITE_AND_VERIFY_16})
@@ -219,6 +220,17 @@ BYTCHK_NONE, BYTCHK_COMPARE, BYTCHK_ONE_BLOCK = 0, 1, 3
 
 def bytchk(cdb: Buffer) -> int:
     return (cdb[1] >> 1) & 0x03
+
+
+def data_in_length(cdb: Buffer, block_size: int) -> int:
+    """Bytes of Data-In a READ's CDB asks for (what its buffer will hold); 0 for other
+    commands, whose answers are at most an allocation length (64 KiB)."""
+    if not cdb or cdb[0] not in READS:
+        return 0
+    try:
+        return lba_and_count(cdb)[1] * block_size
+    except (IndexError, KeyError):
+        return 0
 
 
 def data_out_length(cdb: Buffer, block_size: int) -> int:

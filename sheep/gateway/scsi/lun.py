@@ -175,6 +175,10 @@ class Lun:
         """Bytes of Data-Out the CDB announces; 0 for a CDB that execute() will refuse."""
         return c.data_out_length(cdb, self.block_size)
 
+    def data_in_length(self, cdb: bytes) -> int:
+        """Bytes a READ's CDB asks for: what executing it holds in memory."""
+        return c.data_in_length(cdb, self.block_size)
+
     # -- execution ------------------------------------------------------------------------
 
     async def execute(self, cdb: bytes, data_out: Buffer = b"", *,
