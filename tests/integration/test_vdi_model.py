@@ -233,7 +233,7 @@ class VdiMachine(RuleBasedStateMachine):
     def do_create(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(self.free_names()), label="name")
         blocks = data.draw(st.integers(1, MAX_BLOCKS), label="blocks")
-        tail = data.draw(st.sampled_from([0, 1, BS // 2, BS - 1]), label="tail")
+        tail = data.draw(st.sampled_from([0, 512, BS // 2, BS - 512]), label="tail")  # sectors
         size = blocks * BS if tail == 0 else (blocks - 1) * BS + tail
         rec = self.run(self.m.create(self.full(name), size))
         self.live[(name, None)] = Model(self.new_id(rec.id), bytearray(size),
@@ -353,7 +353,7 @@ class VdiMachine(RuleBasedStateMachine):
 
     def do_resize(self, data: st.DataObject) -> None:
         name = data.draw(st.sampled_from(self.working()), label="name")
-        grow = data.draw(st.sampled_from([1, BS // 2, BS, BS + 1, 2 * BS]), label="grow")
+        grow = data.draw(st.sampled_from([512, BS // 2, BS, BS + 512, 2 * BS]), label="grow")
         model = self.live[(name, None)]
         size = model.size + grow
         if self.is_held(name):
