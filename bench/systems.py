@@ -24,7 +24,6 @@ launch theirs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -81,17 +80,6 @@ def wait_port(port: int, procs: list[subprocess.Popen], what: str, log: Path,
             raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s:\n"
                                f"{tail(log)}")
         time.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a whole process (exited threads included), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def dog_binary() -> str:

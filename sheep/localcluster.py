@@ -315,6 +315,8 @@ class LocalCluster:
         """The last lines of every node's log, for a report of a failure."""
         out = []
         for node in self.nodes:
+            if node.proc is None:
+                continue
             text = node.log().splitlines()[-lines:]
             out.append(f"--- {node.log_path.name} (tail) ---\n" + "\n".join(text))
         return "\n".join(out)
