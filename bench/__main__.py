@@ -39,12 +39,12 @@ from pathlib import Path
 from sheep.units import parse_size
 
 from . import fio, report, vdi_rw
-from .objects import _machine_jiffies, busy_cores, filesystem_of
+from .cpu import cpu_seconds
+from .machine import busy_cores, filesystem_of, machine_info, machine_jiffies
 from .systems import (
     SYSTEMS,
     SheepSystem,
     System,
-    cpu_seconds,
     make_system,
     sheep_commit,
     tool_versions,
@@ -70,12 +70,12 @@ def measured_run(system: System, shape: fio.Shape, output: Path, seconds: float,
     pids = system.pids()
     server0 = sum(cpu_seconds(p) for p in pids)
     fio0 = _children_cpu()
-    jiffies0 = _machine_jiffies()
+    jiffies0 = machine_jiffies()
     t0 = time.perf_counter()
     numbers = fio.run(system.uri, shape, output, seconds, ramp,
                       timeout=seconds + ramp + 120)
     wall = time.perf_counter() - t0
-    jiffies = [b - a for a, b in zip(jiffies0, _machine_jiffies(), strict=True)]
+    jiffies = [b - a for a, b in zip(jiffies0, machine_jiffies(), strict=True)]
     total = sum(jiffies) or 1
     busy = (total - jiffies[3] - jiffies[4]) / total * len(os.sched_getaffinity(0))
     server = (sum(cpu_seconds(p) for p in pids) - server0) / wall
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    doc["machine"] = {**report.machine_info(), "versions": tool_versions(),
+    doc["machine"] = {**machine_info(), "versions": tool_versions(),
                       "sheep_commit": sheep_commit(), "data_fs": data_fs,
                       "busy_cores_before": before}
     doc["summary"] = report.summarize(doc["runs"])

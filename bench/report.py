@@ -10,10 +10,7 @@ by a C server, so for sheep it says how much replication and Python cost.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -36,26 +33,6 @@ METRICS = ("iops", "mb_per_s", "p50_us", "p99_us", "p999_us", "mean_us", "server
 
 
 # -- machine ---------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    info: dict = {
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_gib"] = round(int(line.split()[1]) / (1 << 20), 1)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    return info
 
 
 def machine_line(m: dict) -> str:

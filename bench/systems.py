@@ -15,73 +15,45 @@ data is not written back inside the next shape's window.
 
 Why a module of its own: every process is started here with bounded waits and stopped here,
 also on Ctrl-C (the servers run in their own sessions so the terminal's SIGINT reaches
-only the bench, which stops them) and if the bench dies (PR_SET_PDEATHSIG / nbdkit's
---exit-with-parent). Ports are free loopback ports chosen at run time.
+only the bench, which stops them) and if the bench dies (setpriv --pdeathsig / nbdkit's
+--exit-with-parent). Ports are free loopback ports chosen at run time. The sheep cluster
+is launched, waited for and stopped by sheep/localcluster.py, as `sheep up` and the tests
+launch theirs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from sheep.etcd_server import EtcdServer
+from sheep.children import die_with_parent
+from sheep.localcluster import LocalCluster, free_port, stop_processes
 
 NODES = 3
 COPIES = 3
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 15.0
-_PR_SET_PDEATHSIG = 1
 
 
 # -- process helpers -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the bench dies without cleaning up."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A server process in its own session, output to `log`, dying with the bench."""
     with open(log, "ab") as out:
         return subprocess.Popen(
-            cmd,
+            die_with_parent(cmd),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
             env=env,
         )
-
-
-def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def port_open(port: int) -> bool:
@@ -108,17 +80,6 @@ def wait_port(port: int, procs: list[subprocess.Popen], what: str, log: Path,
             raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s:\n"
                                f"{tail(log)}")
         time.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a whole process (exited threads included), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def dog_binary() -> str:
@@ -201,9 +162,7 @@ class SheepSystem(System):
 
     vdi: str = "bench"
     nbd: bool = True
-    etcd: EtcdServer | None = None
-    procs: list[subprocess.Popen] = field(default_factory=list)
-    control_ports: list[int] = field(default_factory=list)
+    cluster: LocalCluster | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or "sheep"
@@ -213,34 +172,23 @@ class SheepSystem(System):
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.control_ports[0]}"
-
-    def log_path(self, i: int) -> Path:
-        return self.root / f"node{i}.log"
+        assert self.cluster is not None
+        return self.cluster.address
 
     def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.etcd = EtcdServer(self.root / "etcd", free_port(), free_port(),
-                               self.root / "etcd.log")
-        self.etcd.start()
-        etcd_url = self.etcd.url + "/bench"
         if self.nbd:
             self.port = free_port()
-        for i in range(NODES):
-            port = free_port()
-            self.control_ports.append(port)
-            gateway = ["--nbd-port", str(self.port)] if self.nbd and i == 0 else []
-            self.procs.append(spawn(
-                [sys.executable, "-m", "sheep", "run", "--dir", str(self.root / f"node{i}"),
-                 "--port", str(port), "--etcd", etcd_url, *gateway],
-                self.log_path(i),
-            ))
-        for i, port in enumerate(self.control_ports):
-            wait_port(port, [self.procs[i]], f"sheep node {i}", self.log_path(i))
-        self._wait_members()
-        dog(self.address, "cluster", "format", "--copies", str(COPIES))
+        gateway = ["--nbd-port", str(self.port)] if self.nbd else []
+        self.cluster = LocalCluster(
+            self.root, NODES, prefix="/bench",
+            node_extra=lambda i: gateway if i == 0 else [],
+            node_names=lambda i: f"sheep node {i}",
+            own_session=True, die_with_parent=True,
+        )
+        self.cluster.start()
+        self.cluster.wait_ready(START_TIMEOUT)  # node 0 ready: its NBD gateway listens
+        self.cluster.format(COPIES)
         if self.nbd:
-            wait_port(self.port, [self.procs[0]], "the NBD gateway", self.log_path(0))
             dog(self.address, "vdi", "create", self.vdi, str(self.size))
 
     def ready(self, timeout: float = 60.0) -> None:
@@ -256,55 +204,22 @@ class SheepSystem(System):
                 raise RuntimeError(f"VDI {self.vdi} still locked after {timeout:.0f}s: {locks}")
             time.sleep(0.05)
 
-    def _wait_members(self) -> None:
-        import grpc
-
-        from sheep.control import sheep_pb2 as pb
-        from sheep.control import sheep_pb2_grpc as pb_grpc
-
-        deadline = time.monotonic() + START_TIMEOUT
-        with grpc.insecure_channel(self.address) as channel:
-            stub = pb_grpc.ControlStub(channel)
-            while True:
-                self.check_alive()
-                try:
-                    reply = stub.NodeList(pb.Empty(), timeout=3)
-                    if len(reply.nodes) == NODES and all(n.reachable for n in reply.nodes):
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{NODES} nodes did not join within "
-                                       f"{START_TIMEOUT:.0f}s; see {self.root}/node*.log")
-                time.sleep(0.2)
-
     def check_alive(self) -> None:
-        for i, proc in enumerate(self.procs):
-            if proc.poll() is not None:
-                raise RuntimeError(f"sheep node {i} exited with {proc.returncode}:\n"
-                                   f"{tail(self.log_path(i))}")
+        if self.cluster is not None:
+            self.cluster.check_alive()
 
     def pids(self) -> list[int]:
-        etcd = [self.etcd.proc.pid] if self.etcd is not None and self.etcd.proc else []
-        return [p.pid for p in self.procs] + etcd
+        if self.cluster is None:
+            return []
+        etcd = self.cluster.etcd_pid()
+        return self.cluster.pids() + ([etcd] if etcd else [])
 
     def logs(self) -> str:
-        return "\n".join(f"--- node{i}.log (tail) ---\n{tail(self.log_path(i))}"
-                         for i in range(len(self.procs)))
+        return self.cluster.logs() if self.cluster is not None else ""
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if self.etcd is not None:
-            self.etcd.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 @dataclass
@@ -344,7 +259,7 @@ class FileServer(System):
         return f"--- {self.log.name} (tail) ---\n{tail(self.log)}"
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        stop_processes([self.proc])
 
 
 @dataclass

@@ -31,6 +31,12 @@ def exit_reason(returncode: int) -> str:
         return f"killed by signal {-returncode}"
 
 
+def death_line(name: str, returncode: int, tail: str = "") -> str:
+    """'NAME died (why)', with `tail` (what it last logged) when there is one."""
+    why = exit_reason(returncode)
+    return f"{name} died ({why}" + (f": {tail})" if tail else ")")
+
+
 @dataclass
 class Backoff:
     """Seconds to wait before a restart: doubling at each death, at most `cap`, back to
@@ -89,6 +95,5 @@ class Child:
     def death(self) -> str:
         """'NAME died (why)': with what this run last logged when it exited on its own."""
         assert self.proc is not None and self.proc.returncode is not None
-        why = exit_reason(self.proc.returncode)
         tail = self.tail() if self.proc.returncode > 0 else ""
-        return f"{self.name} died ({why}" + (f": {tail})" if tail else ")")
+        return death_line(self.name, self.proc.returncode, tail)

@@ -1,5 +1,7 @@
 """The embedded default: a private etcd and N storage daemons on loopback, in the
-foreground, formatted on first start, reused on the next (`sheep up`, `make run`)."""
+foreground, formatted on first start, reused on the next (`sheep up`, `make run`). The
+processes are launched by sheep/localcluster.py; here they are supervised (a dead one is
+started again after a backoff, sheep/children.py) and the cluster's state is shown."""
 
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import grpc
 
-from sheep.children import Child, die_with_parent
+from sheep.children import Child
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
-from sheep.etcd_server import EtcdNotInstalled, EtcdServer
+from sheep.etcd_server import EtcdNotInstalled
+from sheep.localcluster import LocalCluster
 from sheep.output import unbreakable_output
 from sheep.units import format_size
 
@@ -27,6 +30,11 @@ ETCD_PEER_OFFSET = 380
 DATA_PORT_OFFSET = 100
 DEFAULT_NBD_PORT = 10809  # IANA's NBD port; node 0 is the gateway
 DEFAULT_ISCSI_PORT = 3260  # IANA's iSCSI port; node 0 is the portal
+JOIN_TIMEOUT = 30.0  # s for every node to serve and join, at start
+
+
+class _Stopped(Exception):
+    """Asked to stop (Ctrl-C, SIGTERM) while starting."""
 
 
 class EmbeddedCluster:
@@ -44,16 +52,22 @@ class EmbeddedCluster:
         self.iscsi_port = iscsi_port
         self.vm = vm  # boot the demo VM (qemu_driver.demo) once the cluster is up
         self.restart = restart  # start a dead node (or etcd) again, after a backoff
-        self.etcd = EtcdServer(
-            self.root / "etcd",
-            base_port + ETCD_CLIENT_OFFSET,
-            base_port + ETCD_PEER_OFFSET,
-            self.root / "etcd.log",
+        self.cluster = LocalCluster(
+            self.root, nodes,
+            etcd_ports=(base_port + ETCD_CLIENT_OFFSET, base_port + ETCD_PEER_OFFSET),
+            control_ports=[self.control_port(i) for i in range(nodes)],
+            data_ports=[self.data_port(i) for i in range(nodes)],
+            node_extra=lambda i: ["--nbd-port", str(nbd_port), "--iscsi-port",
+                                  str(iscsi_port)] if i == 0 else [],
+            node_names=lambda i: f"node {i}",
+            own_session=True,  # Ctrl-C reaches sheep up only, which stops them
+            die_with_parent=True,
         )
+        self.etcd = self.cluster.etcd
         self.etcd_child = Child("etcd", self.etcd.log_path, self._launch_etcd)
         self.node_children = [
-            Child(f"node {i}", self.root / f"node{i}.log", lambda i=i: self._launch_node(i))
-            for i in range(nodes)
+            Child(node.name, node.log_path, lambda node=node: node.start().proc)
+            for node in self.cluster.nodes
         ]
         self._stop = False
         self._demo_started = False
@@ -100,24 +114,6 @@ class EmbeddedCluster:
         assert self.etcd.proc is not None
         return self.etcd.proc
 
-    def _launch_node(self, i: int) -> subprocess.Popen:
-        with open(self.root / f"node{i}.log", "ab") as log:
-            return subprocess.Popen(
-                die_with_parent([
-                    sys.executable, "-m", "sheep", "run",
-                    "--dir", str(self.root / f"node{i}"),
-                    "--port", str(self.control_port(i)),
-                    "--data-port", str(self.data_port(i)),
-                    "--etcd", self.etcd.url,
-                    *(["--nbd-port", str(self.nbd_port)] if i == 0 else []),
-                    *(["--iscsi-port", str(self.iscsi_port)] if i == 0 else []),
-                ]),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C reaches sheep up only, which stops them
-            )
-
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.etcd_child.start()
@@ -126,40 +122,25 @@ class EmbeddedCluster:
             child.start()
 
     def stop(self) -> None:
-        procs = [c.proc for c in self.node_children if c.proc is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.etcd.stop()
+        self.cluster.stop()
 
-    async def _wait_and_format(self, stub: pb_grpc.ControlStub) -> pb.ClusterInfoReply | None:
-        """The formatted cluster's info; None when asked to stop first."""
-        deadline = time.monotonic() + 30
-        while True:
+    async def _wait_and_format(self) -> pb.ClusterInfoReply | None:
+        """The formatted cluster's info, once every node serves and has joined; None when
+        asked to stop first. The launcher's waits block: they run in a thread, so the
+        signal handlers of this loop still run."""
+
+        def check() -> None:
             if self._stop:
-                return None
+                raise _Stopped
             self._check_children()
-            try:
-                nodes = await stub.NodeList(pb.Empty(), timeout=3)
-                if len(nodes.nodes) >= self.nodes:
-                    break
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the nodes did not all join within 30s; see {self.root}/*.log")
-            await asyncio.sleep(0.2)
-        info = await stub.ClusterInfo(pb.Empty(), timeout=5)
+
+        try:
+            await asyncio.to_thread(self.cluster.wait_ready, JOIN_TIMEOUT, check)
+        except _Stopped:
+            return None
+        info = await asyncio.to_thread(self.cluster.info)
         if not info.cluster_id:
-            info = await stub.FormatCluster(
-                pb.FormatRequest(copies=self.copies, object_size=self.object_size), timeout=10
-            )
+            info = await asyncio.to_thread(self.cluster.format, self.copies, self.object_size)
             print(f"formatted cluster {info.cluster_id}: {info.copies} copies", flush=True)
         return info
 
@@ -214,7 +195,7 @@ class EmbeddedCluster:
             loop.add_signal_handler(sig, request_stop)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.control_port(0)}") as channel:
             stub = pb_grpc.ControlStub(channel)
-            if await self._wait_and_format(stub) is None:
+            if await self._wait_and_format() is None:
                 return
             etcd = self.etcd_child
             print(f"etcd: pid {etcd.proc.pid}  {self.etcd.url}  log {etcd.log}", flush=True)

@@ -21,15 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sheep.localcluster import LaunchError, NodeProcess, free_port, stop_processes
 from sheep.objclient import open_client
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
@@ -87,73 +82,23 @@ def reap_leftovers(text: str, grace: float = 15.0) -> dict[int, str]:
     return left
 
 
-@dataclass
-class SheepProcess:
-    dir: Path
-    port: int
-    etcd_url: str
-    extra: list[str] = field(default_factory=list)
-    proc: subprocess.Popen | None = None
-    log_start: int = 0  # where this run's lines begin in the log
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir.with_suffix(".log")
-
-    def start(self) -> SheepProcess:
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(BIN / "sheep"), "run",
-                    "--dir", str(self.dir),
-                    "--port", str(self.port),
-                    "--etcd", self.etcd_url,
-                    *self.extra,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+class SheepProcess(NodeProcess):
+    """A test's `sheep run` (sheep/localcluster.py), its failures as tests report them."""
 
     def wait_up(self, timeout: float = 20) -> None:
-        def up() -> bool:
+        """Until it serves (its ready file): AssertionError with its log if it exited,
+        TimeoutError if it is still not ready after `timeout`."""
+        try:
+            self.wait_ready(timeout)
+        except LaunchError as exc:
             if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"sheep exited with {self.proc.returncode}:\n{self.log()}")
-            return " up: " in self.log()[self.log_start :]
+                raise AssertionError(f"sheep exited with {self.proc.returncode}:\n"
+                                     f"{self.log()}") from None
+            raise TimeoutError(f"timed out after {timeout}s waiting for sheep on port "
+                               f"{self.port}: {exc}") from None
 
-        wait_until(up, timeout, f"sheep on port {self.port}")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive:
-            assert self.proc is not None
-            self.proc.send_signal(sig)
-            self.proc.wait(20)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+    def stop(self, timeout: float = 20) -> int | None:
+        return super().stop(timeout)
 
 
 @dataclass
@@ -220,9 +165,8 @@ class Cluster:
         return wait_until(settled, timeout, f"{count} members in the current epoch")
 
     def stop(self) -> None:
-        for node in self.nodes:
-            with contextlib.suppress(Exception):
-                node.stop()
+        with contextlib.suppress(Exception):
+            stop_processes([node.proc for node in self.nodes], 20)
 
 
 def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,

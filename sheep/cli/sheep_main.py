@@ -57,6 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         recovery_throttle=args.recovery_throttle,
         min_free=args.min_free,
         scrub_interval=args.scrub_interval,
+        ready_file=Path(args.ready_file) if args.ready_file else None,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scrub-interval", type=float, default=7 * 86400, metavar="SECONDS",
                      help="check every replica's checksums this often (default a week; "
                           "0: only on `dog node scrub start`); paced by --recovery-throttle")
+    run.add_argument("--ready-file", metavar="PATH",
+                     help="once the node serves, write PATH (JSON: pid and bound ports, "
+                          "written whole); removed when the node stops. Launchers wait for it")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 

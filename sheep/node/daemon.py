@@ -35,6 +35,7 @@ from sheep.gateway.exports import VolumeCache
 from sheep.gateway.iscsi.login import Chap
 from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
 from sheep.gateway.nbd.server import serve_nbd
+from sheep.node.ready import remove_ready_file, write_ready_file
 from sheep.node.recovery import Recovery
 from sheep.node.repair import Repairer
 from sheep.node.scrub import Scrubber
@@ -81,6 +82,7 @@ class NodeOptions:
     iscsi_port: int | None = None  # serve VDIs over iSCSI on this port (0: any free one)
     iscsi_chap: str = ""  # USER:SECRET initiators must prove (CHAP), for every target
     iscsi_mutual_chap: str = ""  # USER:SECRET we prove to initiators (mutual CHAP)
+    ready_file: Path | None = None  # written once the node serves (sheep/node/ready.py)
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
@@ -439,6 +441,10 @@ async def run_node(opts: NodeOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, node.stopped.set)
+    if opts.ready_file is not None:
+        write_ready_file(opts.ready_file, node.info)
     await node.stopped.wait()
+    if opts.ready_file is not None:
+        remove_ready_file(opts.ready_file)
     await node.stop()
     return 0

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sheep.vdi",),
     ("sheep.gateway", "sheep.control"),
     ("sheep.node",),
+    ("sheep.localcluster",),  # launches etcd and `sheep run` daemons; sheep up, bench, tests
     ("qemu_driver",),
     ("sheep.embedded", "sheep.cli", "sheep.__main__"),
 ]
