@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+from .cluster import SheepProcess
 from .unit.iscsi_initiator import TARGET, In, Initiator, split, text  # noqa: F401
 
 
@@ -15,6 +16,13 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) << 10
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class LimitedNode(SheepProcess):
+    """A node started with soft and hard descriptor limits of 1024 (many hosts' default)."""
+
+    def argv(self) -> list[str]:
+        return ["prlimit", "--nofile=1024:1024", "--", *super().argv()]
 
 
 class _SocketSink:

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Protocol
 
 from sheep.errors import ProtocolError
-from sheep.tcp import accept_transport
+from sheep.tcp import ConnectionCap, accept_transport
 
 from .codec import Frame, FrameDecoder, encode
 
@@ -33,11 +33,14 @@ class ReplySink(Protocol):
 # handling requests: a peer that sends READs and never takes the replies costs this much,
 # not an object per request it managed to send.
 REPLY_BACKLOG = 8 << 20
+MAX_CONNECTIONS = 256  # peers and clients at once (see sheep.fdlimit.RESERVED)
 
 
 class DataPlaneServerProtocol(asyncio.BufferedProtocol):
-    def __init__(self, handler: FrameHandler) -> None:
+    def __init__(self, handler: FrameHandler, cap: ConnectionCap | None = None) -> None:
         self._handler = handler
+        self._cap = cap
+        self._admitted = False
         self._decoder = FrameDecoder(replies=False)
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
@@ -47,6 +50,9 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
         self._batched = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._cap is not None and not self._cap.admit(transport):
+            return
+        self._admitted = True
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
         self._peer = accept_transport(transport, write_high=REPLY_BACKLOG)
 
@@ -116,12 +122,16 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
             self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted and self._cap is not None:
+            self._cap.release()
         self._transport = None
         self._waiting.clear()
 
 
-async def serve(handler: FrameHandler, sock: socket.socket) -> asyncio.Server:
+async def serve(handler: FrameHandler, sock: socket.socket,
+                max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
     """Serve the data plane on `sock`, bound and listening already (its port is part of
     what a node tells the cluster about itself before it serves)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: DataPlaneServerProtocol(handler), sock=sock)
+    cap = ConnectionCap(max_connections, "data plane")
+    return await loop.create_server(lambda: DataPlaneServerProtocol(handler, cap), sock=sock)

@@ -8,18 +8,12 @@ from pathlib import Path
 
 from sheep.etcd_server import EtcdServer
 
-from ..cluster import Cluster, SheepProcess, dog, free_port
+from ..cluster import Cluster, dog, free_port
+from ..hostile import LimitedNode
 from .test_nbd import NbdClient
 
 OBJ = 4 << 20
 OBJECTS = 4096
-
-
-class LimitedNode(SheepProcess):
-    """A node started with soft and hard descriptor limits of 1024."""
-
-    def argv(self) -> list[str]:
-        return ["prlimit", "--nofile=1024:1024", "--", *super().argv()]
 
 
 def test_a_node_limited_to_1024_descriptors_writes_and_reads_4096_objects(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from sheep.gateway.exports import Export, ExportTable, VolumeCache
 from sheep.gateway.scsi import Lun, SenseKey, Status, fixed_sense
 from sheep.gateway.scsi.sense import INTERNAL_TARGET_FAILURE
-from sheep.tcp import accept_transport
+from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
 
 from .connection import Closed, Connection, Execute, LogicalUnit, LoginReady, Notice
@@ -40,6 +40,8 @@ _WRITE_HIGH = 8 << 20
 # before no more start (one always may): 128 READs of 32 MiB in the CmdSN window would
 # otherwise hold 4 GiB for an initiator that never reads them.
 _EXECUTING_BYTES = 16 << 20
+MAX_CONNECTIONS = 128  # initiator connections at once (see sheep.fdlimit.RESERVED)
+LOGIN_TIMEOUT = 10.0  # s from connect to the full feature phase: idle sockets hold no slot
 # the sense of a command the SCSI layer itself failed on
 _HARDWARE_ERROR_SENSE = fixed_sense(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE)
 
@@ -110,6 +112,7 @@ class IscsiGateway:
         self.sessions = SessionTable()
         self._luns: dict[tuple[str, bool], _SharedLun] = {}
         self.connections: set[IscsiConnection] = set()
+        self.cap = ConnectionCap(MAX_CONNECTIONS, "iSCSI")
 
     async def open_lun(self, export: Export) -> LogicalUnit:
         """The export's volume (opened or shared) and the one Lun over it: one Lun per
@@ -161,12 +164,19 @@ class IscsiConnection(asyncio.Protocol):
         self._closing = False
         self._flush_scheduled = False
         self._write_paused = False
+        self._admitted = False
+        self._login_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._gw.cap.admit(transport):
+            return
+        self._admitted = True
         self._transport = transport  # type: ignore[assignment]
         self._peer = accept_transport(transport, _WRITE_HIGH)
+        self._login_timer = self._loop.call_later(
+            LOGIN_TIMEOUT, self._login_expired)
         self._gw.connections.add(self)
         transport.pause_reading()  # type: ignore[attr-defined]
         self._spawn(self._start(transport.get_extra_info("sockname")))
@@ -182,6 +192,11 @@ class IscsiConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._gw.cap.release()
+        if self._login_timer is not None:
+            self._login_timer.cancel()
         self._lost = True
         self._transport = None
         self._gw.connections.discard(self)
@@ -321,6 +336,11 @@ class IscsiConnection(asyncio.Protocol):
         if self._closing and not transport.is_closing():
             transport.close()
         self._start_ready()
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self._core is None or self._core.session is None:
+            self.abort(f"no login within {LOGIN_TIMEOUT:.0f} s")
 
     def abort(self, why: str) -> None:
         log.info("iscsi %s: closing: %s", self._peer, why)

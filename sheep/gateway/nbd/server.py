@@ -24,7 +24,7 @@ from sheep.errors import (
     VdiLocked,
 )
 from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
-from sheep.tcp import accept_transport
+from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
 
 from .handshake import Closed, ExportInfo, HandshakeDone, NeedData, ServerHandshake
@@ -42,6 +42,8 @@ from .wire import Cmd, CmdFlag, Errno, NbdProtocolError, StateFlag
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 256  # clients at once (see sheep.fdlimit.RESERVED)
+HANDSHAKE_TIMEOUT = 10.0  # s from connect to an export chosen: idle sockets hold no slot
 _MAX_INFLIGHT = 128  # requests in progress per connection before we stop reading
 # Bytes of READs and WRITEs in progress per connection before we take no more (one request
 # of any size is always taken): a read of blocks on other nodes holds its buffer while
@@ -100,8 +102,11 @@ class _Catalog:
 
 
 class NbdConnection(asyncio.BufferedProtocol):
-    def __init__(self, volumes: VolumeCache) -> None:
+    def __init__(self, volumes: VolumeCache, cap: ConnectionCap | None = None) -> None:
         self._volumes = volumes
+        self._cap = cap
+        self._admitted = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
@@ -128,8 +133,13 @@ class NbdConnection(asyncio.BufferedProtocol):
     # -- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._cap is not None and not self._cap.admit(transport):
+            return
+        self._admitted = True
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self._peer = accept_transport(transport, _WRITE_HIGH)
+        self._handshake_timer = self._loop.call_later(
+            HANDSHAKE_TIMEOUT, self._abort, f"no export chosen within {HANDSHAKE_TIMEOUT:.0f} s")
         transport.pause_reading()
         self._spawn(self._greet())
 
@@ -159,6 +169,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
+        if self._cap is not None:
+            self._cap.release()
+        self._end_handshake_timer()
         self._lost = True
         self._transport = None
         self._backlog.clear()  # nobody is left to answer
@@ -236,6 +251,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._structured = done.structured_replies
         self._context = done.meta_context_id
         self._decoder = RequestDecoder(max_payload=MAX_REQUEST)
+        self._end_handshake_timer()
         log.info("nbd %s: transmission on %s", self._peer, export.name)
         trailing = self._handshake.trailing_data()
         self._handshake = None
@@ -379,6 +395,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         finally:
             self._pumping = False
 
+    def _end_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
     def _abort(self, why: str) -> None:
         log.info("nbd %s: closing: %s", self._peer, why)
         if self._transport is not None:
@@ -393,7 +414,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._spawn(self._volumes.release(export))
 
 
-async def serve_nbd(volumes: VolumeCache, host: str, port: int) -> asyncio.Server:
+async def serve_nbd(volumes: VolumeCache, host: str, port: int,
+                    max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: NbdConnection(volumes), host, port,
+    cap = ConnectionCap(max_connections, "NBD")
+    return await loop.create_server(lambda: NbdConnection(volumes, cap), host, port,
                                     reuse_address=True)
