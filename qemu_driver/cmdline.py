@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sheep.gateway.iscsi.names import target_name
+from sheep.names import target_name
 
 from .accel import CPU, QEMU
 from .spec import Gateway, VmSpec, disk_id

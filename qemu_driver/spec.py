@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from sheep.vdi.registry import validate_name
+from sheep.names import validate_name
 
 from .errors import BadSpec
 

@@ -117,7 +117,7 @@ class Cluster:
     def iscsi_url(self, export: str = "", lun: int = 0, auth: str = "") -> str:
         """iscsi://[USER%SECRET@]127.0.0.1:PORT/IQN/LUN of an export (NAME or NAME@TAG);
         the portal alone without `export`."""
-        from sheep.gateway.iscsi.names import target_name
+        from sheep.names import target_name
 
         who = f"{auth}@" if auth else ""
         base = f"iscsi://{who}127.0.0.1:{self.iscsi_port}"

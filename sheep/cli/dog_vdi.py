@@ -15,9 +15,10 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 from sheep.control import sheep_pb2 as pb
-from sheep.gateway.iscsi.names import lun_identity, target_name
+from sheep.gateway.iscsi.names import lun_identity
 from sheep.gateway.loopback import loopback_nbd
 from sheep.gateway.scsi.inquiry import unit_serial
+from sheep.names import target_name
 from sheep.units import format_size, parse_size, round_up
 from sheep.vdi.check import check_vdi
 from sheep.vdi.images import (

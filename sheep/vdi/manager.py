@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiExists, VdiLocked
+from sheep.names import validate_label, validate_name
 from sheep.objclient import ObjectClient, open_client
 from sheep.oid import validate_copies
 from sheep.units import SECTOR
@@ -28,7 +29,6 @@ from .registry import (
     RegistryState,
     VdiRecord,
     VdiRegistry,
-    validate_name,
 )
 from .volume import Volume
 
@@ -97,7 +97,7 @@ class VdiManager:
         self, name: str, size: int, *, copies: int | None = None, prealloc: bool = False,
         incomplete: bool = False,
     ) -> VdiRecord:
-        validate_name(name)
+        validate_label(name)
         block_size = self._block_size()
         self.check_size(size, block_size)
         config = self.client.view.config
@@ -150,7 +150,7 @@ class VdiManager:
     async def snapshot(self, name: str, tag: str) -> VdiRecord:
         """Snapshot NAME as TAG. If a writer holds NAME open, it takes the snapshot itself
         (between two of its writes); otherwise this process opens NAME for writing to."""
-        validate_name(tag, "snapshot tag")
+        validate_label(name, tag)
         for attempt in range(3):
             state = await self.state()
             state.lookup(name)
@@ -173,7 +173,7 @@ class VdiManager:
         raise ClusterError(f"VDI {name!r}: its writers kept going away; try again")
 
     async def clone(self, name: str, tag: str, new_name: str) -> VdiRecord:
-        validate_name(new_name)
+        validate_label(new_name)
         for _ in range(_RETRIES):
             state = await self.state()
             source = state.lookup(name, tag)

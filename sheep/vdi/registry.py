@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 from sheep.cluster.etcd import EtcdCluster
-from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiLocked
+from sheep.errors import ClusterError, NoVdi, VdiLocked
 from sheep.oid import MAX_VDI_ID, inode_oid
 
 from .inode import InodeHeader, make_ref
@@ -36,20 +36,6 @@ from .inode import InodeHeader, make_ref
 log = logging.getLogger(__name__)
 
 LOCK_TTL = 10
-_FORBIDDEN = set("@/\\") | {chr(c) for c in range(33)} | {"\x7f"}
-
-
-def validate_name(name: str, what: str = "VDI name") -> str:
-    if not name:
-        raise InvalidParams(f"{what} is empty")
-    if len(name.encode()) > 255:
-        raise InvalidParams(f"{what} is longer than 255 bytes")
-    bad = sorted(set(name) & _FORBIDDEN)
-    if bad:
-        raise InvalidParams(f"{what} {name!r} contains {bad[0]!r} (no '@', '/', spaces)")
-    return name
-
-
 class HolderGone(ClusterError):
     """the lock holder a request was sent to let go of the lock without answering"""
 

@@ -22,12 +22,13 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from sheep.errors import InvalidParams, NoObject, ReadOnly, VdiExists, VdiLocked
+from sheep.names import validate_label
 from sheep.objclient import ObjectClient
 
 from .inode import allocation, block_oid, pack_entry, ref_vdi, spans, table_offset
 from .inodes import nblocks, read_table, write_header, write_inode
 from .reclaim import release_block
-from .registry import VdiLock, VdiRecord, VdiRegistry, validate_name
+from .registry import VdiLock, VdiRecord, VdiRegistry
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class Volume:
     async def snapshot(self, tag: str) -> VdiRecord:
         """Freeze the current content as NAME@TAG; this volume goes on writing a new working
         VDI that starts as a copy of the table. Returns the snapshot's record."""
-        validate_name(tag, "snapshot tag")
+        validate_label(self.name, tag)
         self._check_writable()
         async with self._quiesced():
             await self.client.flush()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 
-from sheep.gateway.iscsi.names import target_name
+from sheep.names import target_name
 
 from ..cluster import Cluster, dog
 from ..hostile import RawInitiator, rss

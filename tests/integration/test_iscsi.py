@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from sheep.etcd_server import EtcdServer
-from sheep.gateway.iscsi.names import target_name
+from sheep.names import target_name
 
 from ..cluster import Cluster, dog, recv_exact, start_cluster
 

@@ -561,6 +561,19 @@ async def test_the_api_refuses_sizes_that_are_not_whole_sectors(
     assert (await m.state()).lookup("odd").size == 512
 
 
+@pytest.mark.parametrize(("args", "why"), [
+    (("vdi", "create", "bad\udcff", "1M"), "VDI name 'bad\\udcff' is not valid UTF-8"),
+    (("vdi", "info", "bad\udcff"), "no VDI named 'bad\\udcff'"),
+    (("vdi", "create", "evil\u202etxt", "1M"), "contains U+202E"),
+    (("vdi", "create", "cafe\u0301", "1M"), "not in Unicode normal form C"),
+    (("vdi", "create", "X" * 101, "1M"), "too long for iSCSI"),
+])
+def test_bad_names_get_a_one_line_error_and_create_nothing(
+        cluster: Cluster, args: tuple[str, ...], why: str) -> None:
+    assert why in dog_error(*args, address=cluster.address)
+    assert dog_json("vdi", "list", address=cluster.address)["vdis"] == []
+
+
 # -- capacity -----------------------------------------------------------------------------
 
 

@@ -11,8 +11,8 @@ import crc32c
 
 from sheep.gateway.iscsi.connection import Connection, LoginReady
 from sheep.gateway.iscsi.login import AuthPolicy
-from sheep.gateway.iscsi.names import target_name
 from sheep.gateway.iscsi.session import SessionTable
+from sheep.names import target_name
 
 BHS = struct.Struct(">BBBBIQIIIIIIII")
 NO_TAG = 0xFFFFFFFF

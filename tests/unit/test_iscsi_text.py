@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sheep.gateway.iscsi.names import export_name, spelled_export, target_name
 from sheep.gateway.iscsi.text import Limits, Params, TextError, encode, negotiate_key, parse
+from sheep.names import export_name, spelled_export, target_name
 
 
 def answer(key: str, value: str, params: Params | None = None) -> tuple[str, str] | None:

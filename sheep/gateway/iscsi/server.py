@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from sheep.gateway.exports import Export, ExportTable, VolumeCache
 from sheep.gateway.scsi import Lun, SenseKey, Status, fixed_sense
 from sheep.gateway.scsi.sense import INTERNAL_TARGET_FAILURE
+from sheep.names import export_name, spelled_export, target_name
 from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
 
 from .connection import Closed, Connection, Execute, LogicalUnit, LoginReady, Notice
 from .login import AuthPolicy, Chap, LoginInfo
-from .names import export_name, lun_identity, spelled_export, target_name
+from .names import lun_identity
 from .session import SessionTable
 from .text import Limits
 from .wire import LoginStatus
