@@ -39,7 +39,8 @@ class EtcdServer:
             raise EtcdNotInstalled("etcd is not installed (apt-get install etcd-server)")
         client = f"http://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the cluster's registry: etcd itself wants 0700
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             die_with_parent([

@@ -42,6 +42,7 @@ from sheep.node.scrub import Scrubber
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
 from sheep.store import ObjectStore
+from sheep.store.fileio import private_dir
 from sheep.vdi.registry import VdiRegistry
 
 log = logging.getLogger("sheep.daemon")
@@ -118,8 +119,8 @@ class DataDir:
     would each believe its store is theirs."""
 
     def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(root / "sheep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        private_dir(root)
+        self._fd = os.open(root / "sheep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

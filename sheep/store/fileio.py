@@ -9,6 +9,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from pathlib import Path
 
 from sheep.errors import NoSpace, SheepError, StoreIOError
 
@@ -62,6 +63,13 @@ def deallocate(fd: int, offset: int, length: int) -> None:
     end = min(offset + length, os.fstat(fd).st_size)  # past the end it reads as 0 already
     if end > offset:
         pwrite_full(fd, memoryview(bytes(end - offset)), offset)
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and its parents) a directory only its owner may enter: the objects
+    in it are other people's disks. An existing one is closed up too."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def dup_or_none(fd: int | None) -> int | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import lmdb
 
 from sheep.errors import NoSpace, StoreIOError
+from sheep.store.fileio import private_dir
 
 ENV_NAME = "meta.lmdb"
 MAP_SIZE = 1 << 30
@@ -45,7 +46,7 @@ class NodeMeta:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path) / ENV_NAME
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)
         with _lmdb_errors():
             self._env = lmdb.open(
                 str(self.path),
@@ -54,6 +55,7 @@ class NodeMeta:
                 sync=True,
                 metasync=True,
                 max_dbs=8,
+                mode=0o600,
             )
             self._objects = self._env.open_db(b"objects")
             self._epochs = self._env.open_db(b"epochs")

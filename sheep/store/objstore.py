@@ -48,6 +48,7 @@ from sheep.store.fileio import (
     dup_or_none,
     io_error,
     pread_full,
+    private_dir,
     pwrite_full,
     unlink_missing_ok,
 )
@@ -84,8 +85,9 @@ class ObjectStore:
         self._max_open = max_open_files
         self._objdir = str(self.root / "obj")
         self._sumdir = str(self.root / "sum")
-        os.makedirs(self._objdir, exist_ok=True)
-        os.makedirs(self._sumdir, exist_ok=True)
+        private_dir(self.root)
+        private_dir(Path(self._objdir))
+        private_dir(Path(self._sumdir))
         self._dirfd = os.open(self._objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._sumdirfd = os.open(self._sumdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.meta = NodeMeta(self.root)
@@ -183,7 +185,7 @@ class ObjectStore:
                 except FileNotFoundError:
                     if not create:
                         raise NoObject(f"no object {oid_str(oid)}") from None
-                    fd = os.open(path, CREATE_FLAGS, 0o644)
+                    fd = os.open(path, CREATE_FLAGS, 0o600)
                     created = True
                 try:
                     blocks = 0 if created else os.fstat(fd).st_blocks
@@ -214,7 +216,7 @@ class ObjectStore:
         path = self._sum_path(oid)
         if created:
             self._dir_dirty = True
-            return os.open(path, REPLACE_FLAGS, 0o644)
+            return os.open(path, REPLACE_FLAGS, 0o600)
         try:
             return os.open(path, OPEN_FLAGS)
         except FileNotFoundError:

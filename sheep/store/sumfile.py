@@ -61,7 +61,7 @@ def rebuild(fd: int, path: str, object_size: int) -> int:
     an object older than checksums): sums of the data it holds, built aside and renamed
     into place. Its descriptor."""
     building = path + ".new"
-    sfd = os.open(building, REPLACE_FLAGS, 0o644)
+    sfd = os.open(building, REPLACE_FLAGS, 0o600)
     try:
         size = min(-(-os.fstat(fd).st_size // SUM_BLOCK) * SUM_BLOCK, object_size)
         buf = bytearray(CHECK_CHUNK)

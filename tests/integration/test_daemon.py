@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import signal
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
 from sheep.etcd_server import EtcdServer
 
-from ..cluster import BIN, Cluster, SheepProcess, free_port, wait_until
+from ..cluster import BIN, Cluster, SheepProcess, dog, free_port, wait_until
 
 
 def _run_sheep(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -93,3 +94,25 @@ def test_logs_are_readable_lines_with_time_level_and_source(empty_cluster: Clust
     assert date.count("-") == 2 and clock.count(":") == 2
     assert level in {"INFO", "WARNING", "ERROR", "DEBUG"}
     assert source.startswith("sheep.")
+
+
+def test_data_and_etcd_dirs_are_private_to_their_owner(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    """Objects, sum files and the registry are other people's disks: they were 0644 in
+    0755 directories. A node dir made by someone else (0755) is closed up at start."""
+    c = Cluster(tmp_path / "c", etcd.url)
+    (c.root / "node0").mkdir(parents=True, mode=0o755)
+    c.add_node()
+    try:
+        c.format(1)
+        dog("vdi", "create", "-P", "d", "4M", address=c.address)
+        node = c.nodes[0].dir
+        files = [p for p in node.rglob("*") if p.is_file()]
+        assert any(p.parent.name == "obj" for p in files)
+        for path in [node, *(p for p in node.rglob("*") if p.is_dir())]:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+        assert stat.S_IMODE(etcd.data_dir.stat().st_mode) == 0o700
+    finally:
+        c.stop()
