@@ -345,13 +345,14 @@ def test_whole_object_discard_uses_current_object_size(store: ObjectStore) -> No
     assert not store.exists(OID)
 
 
-def test_new_object_file_has_mode_0644(store: ObjectStore, tmp_path: Path) -> None:
+def test_new_object_file_is_private_to_its_owner(store: ObjectStore, tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         store.write(OID, 0, b"x")
     finally:
         os.umask(old)
-    assert obj_path(tmp_path, OID).stat().st_mode & 0o777 == 0o644
+    assert obj_path(tmp_path, OID).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "obj").stat().st_mode & 0o777 == 0o700
 
 
 # -- NodeMeta -------------------------------------------------------------------------------
