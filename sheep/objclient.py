@@ -133,11 +133,14 @@ class ObjectClient:
         flags = (_FUA if fua else 0) | (_FRESH if fresh and create else 0)
         await self._to_all(opcode, oid, offset=offset, payload=data, flags=flags)
 
-    async def remove(self, oid: int) -> None:
-        await self._to_all(Opcode.REMOVE, oid, missing_ok=True)
+    async def remove(self, oid: int, *, fua: bool = False) -> None:
+        await self._to_all(Opcode.REMOVE, oid, missing_ok=True,
+                           flags=_FUA if fua else 0)
 
-    async def discard(self, oid: int, offset: int, length: int) -> None:
-        await self._to_all(Opcode.DISCARD, oid, offset=offset, length=length)
+    async def discard(self, oid: int, offset: int, length: int, *, fua: bool = False) -> None:
+        """Make the range read as zeros; with `fua`, durably so before it returns."""
+        await self._to_all(Opcode.DISCARD, oid, offset=offset, length=length,
+                           flags=_FUA if fua else 0)
 
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         local = self.read_local(oid, offset, length)

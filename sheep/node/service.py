@@ -185,6 +185,8 @@ class ObjectService:
         self._ack_write(frame, conn)
 
     def _ack_write(self, frame: Frame, conn: ReplySink) -> None:
+        """The reply to a change: with FUA only once it is durable (a write, a discard's
+        hole, a removal alike)."""
         if frame.flags & _FUA:
             self._after_durable(frame, conn, [frame.oid])
         else:
@@ -204,11 +206,11 @@ class ObjectService:
 
     def _remove(self, frame: Frame, conn: ReplySink) -> None:
         self._store.remove(frame.oid)
-        self._reply(conn, frame)
+        self._ack_write(frame, conn)
 
     def _discard(self, frame: Frame, conn: ReplySink) -> None:
         self._store.discard(frame.oid, frame.offset, frame.length, epoch=self._epoch())
-        self._reply(conn, frame)
+        self._ack_write(frame, conn)
 
     def _flush(self, frame: Frame, conn: ReplySink) -> None:
         self._after_durable(frame, conn, None)

@@ -363,7 +363,7 @@ class Volume:
         whole = inner == 0 and (n == self.block_size or index * self.block_size + n == self.size)
         mine = await self._claim(index, exclusive=whole)
         if mine is not None:
-            await self.client.discard(block_oid(mine, index), inner, n)
+            await self.client.discard(block_oid(mine, index), inner, n, fua=fua)
             return
         try:
             old = self.table[index]
@@ -374,7 +374,7 @@ class Volume:
                 return
             await self._set_entry(index, 0, fua)
             if old == self.record.ref:
-                await self.client.remove(block_oid(old, index))
+                await self.client.remove(block_oid(old, index), fua=fua)
             else:
                 await self._release(old, index)
         finally:

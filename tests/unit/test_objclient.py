@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sheep.cluster.state import EpochRecord, NodeInfo
-from sheep.dataplane.wire import Opcode
+from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import ClusterError, NoObject, Result, StoreIOError
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
@@ -304,3 +304,19 @@ async def test_flush_with_an_unreachable_member_flushes_the_next_ring(scene: Sce
     await scene.clock.run_until(flush.done)
     flush.result()
     assert all(p.seen(Opcode.FLUSH) for p in scene.peers.values() if p is not dead)
+
+
+# -- FUA on every change -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["discard", "remove"])
+async def test_fua_reaches_every_replica_of_a_discard_or_remove(scene: Scene, call: str) -> None:
+    for peer in scene.replicas():
+        peer.put(OID, b"x" * 4096, 1)
+    if call == "discard":
+        await scene.client.discard(OID, 0, 4096, fua=True)
+    else:
+        await scene.client.remove(OID, fua=True)
+    opcode = Opcode.DISCARD if call == "discard" else Opcode.REMOVE
+    sent = [f for peer in scene.replicas() for f in peer.seen(opcode, OID)]
+    assert len(sent) == 3 and all(f.flags & Flags.FUA for f in sent)

@@ -1,0 +1,54 @@
+"""The node's ops table, through its in-process door (the very path network requests
+take): FUA means durable before the reply for every change, not for writes only. NBD's
+TRIM and hole-punching WRITE_ZEROES with FUA once replied before their holes were."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sheep.dataplane.wire import Flags, Opcode
+from sheep.errors import Result
+from sheep.node.service import InProcess, ObjectService
+from sheep.oid import data_oid
+from sheep.store import ObjectStore
+
+SIZE = 1 << 16
+OID = data_oid(7, 3)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[InProcess, ObjectStore]]:
+    store = ObjectStore(tmp_path, object_size=SIZE)
+    yield InProcess(ObjectService(store, lambda: 1)), store
+    store.close()
+
+
+async def written(node: InProcess, store: ObjectStore) -> int:
+    reply = await node.request(Opcode.CREATE, oid=OID, payload=b"x" * SIZE, epoch=1,
+                               flags=Flags.FUA)
+    assert reply.result == Result.OK
+    return store.commits
+
+
+@pytest.mark.parametrize("opcode", [Opcode.DISCARD, Opcode.REMOVE])
+async def test_a_change_with_fua_is_committed_before_its_reply(
+        node: tuple[InProcess, ObjectStore], opcode: Opcode) -> None:
+    door, store = node
+    before = await written(door, store)
+    reply = await door.request(opcode, oid=OID, offset=0, length=4096, epoch=1,
+                               flags=Flags.FUA)
+    assert reply.result == Result.OK
+    assert store.commits > before
+
+
+@pytest.mark.parametrize("opcode", [Opcode.DISCARD, Opcode.REMOVE])
+async def test_a_change_without_fua_replies_at_once(
+        node: tuple[InProcess, ObjectStore], opcode: Opcode) -> None:
+    door, store = node
+    before = await written(door, store)
+    reply = await door.request(opcode, oid=OID, offset=0, length=4096, epoch=1)
+    assert reply.result == Result.OK
+    assert store.commits == before
