@@ -97,6 +97,8 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
         print(f"Copies: {reply.copies}")
         print(f"Object size: {format_size(reply.object_size)}")
         print(f"Health: {reply.health}")
+        for warning in reply.warnings:
+            print(f"Warning: {warning}")
     print(f"Epoch: {reply.epoch}\n")
     if not args.all and reply.history and reply.history[0].epoch > 1:
         print(f"(the last {len(reply.history)} epochs; --all shows every one)")
@@ -118,8 +120,17 @@ async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
         used = format_size(s.used) if s.reachable else "?"
         free = format_size(s.free) if s.reachable else "?"
         rows.append([str(i), n.id[:12], f"{n.host}:{n.control_port}", f"{n.host}:{n.data_port}",
-                     n.zone or "-", str(n.vnodes), used, free])
-    print(table(rows, ["Idx", "Id", "Control", "Data", "Zone", "Vnodes", "Used", "Free"]))
+                     n.zone or "-", str(n.vnodes), used, free, _disk(s)])
+    print(table(rows, ["Idx", "Id", "Control", "Data", "Zone", "Vnodes", "Used", "Free",
+                       "Disk"]))
+
+
+def _disk(s: pb.NodeStats) -> str:
+    """How full a node's disk is, and whether that is past its nearfull or full ratio."""
+    if not s.reachable:
+        return "?"
+    state = {"nearfull": " nearfull", "full": " FULL"}.get(s.space, "")
+    return f"{s.space_used:.0%}{state}"
 
 
 async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:

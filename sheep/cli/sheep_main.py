@@ -56,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         iscsi_mutual_chap=args.iscsi_mutual_chap,
         recovery_throttle=args.recovery_throttle,
         min_free=args.min_free,
+        full_ratio=args.full_ratio,
         scrub_interval=args.scrub_interval,
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
@@ -87,6 +88,16 @@ def _up(args: argparse.Namespace) -> int:
         restart=not args.no_restart,
     )
     return cluster.run_foreground()
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share in (0, 1]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bound recovery reads per node (e.g. 50M; default unbounded)")
     run.add_argument("--min-free", type=parse_size, default=256 << 20, metavar="BYTES",
                      help="free space recovery leaves on this node (default 256M)")
+    run.add_argument("--full-ratio", type=_ratio, default=0.95, metavar="RATIO",
+                     help="past this share of its disk used, the node takes no new objects "
+                          "(reads, overwrites, discards and deletes go on); warnings start "
+                          "at 0.85 (default 0.95)")
     run.add_argument("--scrub-interval", type=float, default=7 * 86400, metavar="SECONDS",
                      help="check every replica's checksums this often (default a week; "
                           "0: only on `dog node scrub start`); paced by --recovery-throttle")

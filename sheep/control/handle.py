@@ -47,6 +47,8 @@ class NodeStatus:
     recovery: RecoveryStatus
     scrub: ScrubStatus
     filesystem: str  # host:st_dev of the data dir: nodes sharing one count it once
+    space: str = "ok"  # ok | nearfull | full
+    space_used: float = 0.0  # share of the data dir's filesystem in use
 
 
 class NodeHandle(Protocol):

@@ -44,7 +44,20 @@ def status_pb(status: NodeStatus) -> pb.NodeStats:
                         objects=status.objects, epoch=status.epoch, reachable=True,
                         recovery=pb.RecoveryStats(**asdict(status.recovery)),
                         scrub=pb.ScrubStats(**asdict(status.scrub)),
-                        filesystem=status.filesystem)
+                        filesystem=status.filesystem, space=status.space,
+                        space_used=status.space_used)
+
+
+def space_warnings(stats: list[pb.NodeStats]) -> list[str]:
+    """One line per node past its nearfull or full ratio."""
+    out = []
+    for s in stats:
+        if s.reachable and s.space in ("nearfull", "full"):
+            what = ("full: it takes no new objects" if s.space == "full"
+                    else "nearly full")
+            out.append(f"node {s.node.id[:12]} ({s.node.host}:{s.node.control_port}) is "
+                       f"{what} ({s.space_used:.0%} of its disk used)")
+    return out
 
 
 class ControlService(pb_grpc.ControlServicer):
@@ -86,6 +99,9 @@ class ControlService(pb_grpc.ControlServicer):
             done = await etcd.recovered_members(reply.epoch)
             finished = record is not None and all(n.node_id in done for n in record.nodes)
             reply.health = "healthy" if finished else "recovering"
+        if record is not None:
+            stats = await asyncio.gather(*(self._peer_stats(n) for n in record.nodes))
+            reply.warnings.extend(space_warnings(stats))
         return reply
 
     async def NodeInfo(self, request: pb.Empty, context) -> pb.NodeStats:

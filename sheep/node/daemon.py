@@ -43,6 +43,7 @@ from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
 from sheep.store import ObjectStore
 from sheep.store.fileio import private_dir
+from sheep.store.space import FULL_RATIO
 from sheep.vdi.registry import VdiRegistry
 
 log = logging.getLogger("sheep.daemon")
@@ -78,6 +79,7 @@ class NodeOptions:
     lease_ttl: int = 4  # a dead node stops writes for about this long (+ 0.5 s)
     recovery_throttle: int = 0  # bytes/s of recovery reads per node; 0 = unbounded
     min_free: int = 256 << 20  # recovery never fills the disk below this
+    full_ratio: float = FULL_RATIO  # past this share of the disk used, no new objects
     scrub_interval: float = 7 * 86400  # seconds between scrub passes; 0: on demand only
     nbd_port: int | None = None  # serve VDIs over NBD on this port (0: any free one)
     iscsi_port: int | None = None  # serve VDIs over iSCSI on this port (0: any free one)
@@ -118,7 +120,7 @@ class DataDir:
     """A node's data dir, held exclusively (flock) while open: two daemons on one dir
     would each believe its store is theirs."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, full_ratio: float = FULL_RATIO) -> None:
         private_dir(root)
         self._fd = os.open(root / "sheep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -127,7 +129,7 @@ class DataDir:
             os.close(self._fd)
             raise StartupError(f"data dir {root} is in use by another sheep daemon") from None
         try:
-            self.store = ObjectStore(root)
+            self.store = ObjectStore(root, full_ratio=full_ratio)
         except BaseException:
             os.close(self._fd)
             raise
@@ -182,8 +184,7 @@ async def open_node(opts: NodeOptions) -> Node:
     """Everything a node needs before it serves, checked in the order a user fixes them
     (its dir, its ports, its cluster); a StartupError leaves nothing open."""
     limit = raise_to_hard_limit()
-    log.info("file descriptors: %d, up to %d objects kept open", limit, object_cache_size())
-    data_dir = DataDir(opts.dir)
+    data_dir = DataDir(opts.dir, opts.full_ratio)
     etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
     data_sock = None
     try:
@@ -199,6 +200,8 @@ async def open_node(opts: NodeOptions) -> Node:
         data_dir.adopt(config.cluster_id if config else None, opts.etcd, refuse=True)
         if config is not None:
             data_dir.store.set_object_size(config.object_size)
+        log.info("file descriptors: %d, up to %d objects kept open", limit,
+                 object_cache_size())
         return Node(opts, data_dir, etcd, data_sock, iscsi_config)
     except BaseException:
         if data_sock is not None:
@@ -384,10 +387,12 @@ class Node:
 
     def status(self) -> NodeStatus:
         used, free = self.store.usage()
+        space = self.store.space()
         return NodeStatus(node=self.info, used=used, free=free,
                           objects=len(self.store.list_oids()), epoch=self.view.epoch,
                           recovery=self._recovery_status(), scrub=self._scrub_status(),
-                          filesystem=f"{socket.gethostname()}:{os.stat(self.store.root).st_dev}")
+                          filesystem=f"{socket.gethostname()}:{os.stat(self.store.root).st_dev}",
+                          space=space.state, space_used=space.ratio)
 
     def _guard(self, oid: int, opcode: int, fresh: bool) -> asyncio.Future[None] | None:
         """Every client operation on this node's store passes here: writes are refused while

@@ -30,6 +30,7 @@ from pathlib import Path
 from sheep.errors import (
     InvalidParams,
     NoObject,
+    NoSpace,
     OutOfRange,
     SheepError,
     StoreIOError,
@@ -53,6 +54,7 @@ from sheep.store.fileio import (
     unlink_missing_ok,
 )
 from sheep.store.meta import NodeMeta
+from sheep.store.space import FULL_RATIO, Space, space_of
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class ObjectStore:
         *,
         object_size: int = DEFAULT_OBJECT_SIZE,
         max_open_files: int | None = None,
+        full_ratio: float = FULL_RATIO,
     ) -> None:
         if object_size <= 0:
             raise InvalidParams(f"object size {object_size} must be positive")
@@ -82,6 +85,9 @@ class ObjectStore:
         self.root = Path(root)
         self.object_size = object_size
         self.commits = 0  # completed group commits (for tests and stats)
+        if not 0 < full_ratio <= 1:
+            raise InvalidParams(f"full ratio {full_ratio} must be in (0, 1]")
+        self.full_ratio = full_ratio
         self._max_open = max_open_files
         self._objdir = str(self.root / "obj")
         self._sumdir = str(self.root / "sum")
@@ -185,6 +191,7 @@ class ObjectStore:
                 except FileNotFoundError:
                     if not create:
                         raise NoObject(f"no object {oid_str(oid)}") from None
+                    self._check_room()
                     fd = os.open(path, CREATE_FLAGS, 0o600)
                     created = True
                 try:
@@ -225,6 +232,18 @@ class ObjectStore:
         self._dirty.add(oid)
         self._dir_dirty = True
         return sfd
+
+    def space(self) -> Space:
+        """How full this node's filesystem is."""
+        return space_of(self.root, self.full_ratio)
+
+    def _check_room(self) -> None:
+        """Past the full ratio, no new object: what is left is for overwrites, and for
+        etcd when it shares the disk."""
+        space = self.space()
+        if space.state == "full":
+            raise NoSpace(f"this node's disk is {space.ratio:.0%} full (full ratio "
+                          f"{self.full_ratio:.0%}): no new objects until space is freed")
 
     def _shed(self) -> bool:
         """Out of descriptors: close half the cached objects (the least recently used);
