@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from sheep.cluster import kv as tx
 from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.kv import Lease
 
 from .errors import NoVm, VmError, VmExists, VmRunning
 from .spec import VmExit, VmRuntime, VmSpec
@@ -22,7 +24,7 @@ from .spec import VmExit, VmRuntime, VmSpec
 class VmRegistry:
     def __init__(self, etcd: EtcdCluster) -> None:
         self.etcd = etcd
-        self.tx = etcd.client.transactions
+        self.kv = etcd.kv
         self._defs = etcd.target.key("vm", "defs") + b"/"
         self._run = etcd.target.key("vm", "run") + b"/"
         self._exit = etcd.target.key("vm", "exit") + b"/"
@@ -39,29 +41,27 @@ class VmRegistry:
     # -- definitions ----------------------------------------------------------------------
 
     async def list(self) -> list[VmSpec]:
-        kvs = await self.etcd.client.get_prefix(self._defs)
+        kvs = await self.kv.get_prefix(self._defs)
         return sorted((VmSpec.load(kv.value) for kv in kvs), key=lambda s: s.name)
 
     async def get(self, name: str) -> tuple[VmSpec, int]:
         """The definition and its mod revision (the guard of an update)."""
-        kv = await self.etcd.client.get(self.def_key(name))
+        kv = await self.kv.get(self.def_key(name))
         if kv is None:
             raise NoVm(f"no VM named {name!r}")
         return VmSpec.load(kv.value), kv.mod_revision
 
     async def create(self, spec: VmSpec) -> None:
         key = self.def_key(spec.name)
-        ok, _ = await self.etcd.client.transaction(
-            compare=[self.tx.version(key) == 0], success=[self.tx.put(key, spec.dump())],
-            failure=[])
+        ok = await self.kv.transaction(
+            compare=[tx.version(key) == 0], success=[tx.put(key, spec.dump())])
         if not ok:
             raise VmExists(f"VM {spec.name!r} already exists")
 
     async def update(self, spec: VmSpec, rev: int) -> None:
         key = self.def_key(spec.name)
-        ok, _ = await self.etcd.client.transaction(
-            compare=[self.tx.mod(key) == rev], success=[self.tx.put(key, spec.dump())],
-            failure=[])
+        ok = await self.kv.transaction(
+            compare=[tx.mod(key) == rev], success=[tx.put(key, spec.dump())])
         if not ok:
             raise VmError(f"VM {spec.name!r} changed or went away meanwhile; try again")
 
@@ -69,9 +69,9 @@ class VmRegistry:
         """Only a stopped VM: the runtime key's absence is part of the transaction."""
         key, run = self.def_key(name), self.run_key(name)
         await self.get(name)
-        ok, _ = await self.etcd.client.transaction(
-            compare=[self.tx.version(run) == 0, self.tx.version(key) > 0],
-            success=[self.tx.delete(key), self.tx.delete(self.exit_key(name))], failure=[])
+        ok = await self.kv.transaction(
+            compare=[tx.version(run) == 0, tx.version(key) > 0],
+            success=[tx.delete(key), tx.delete(self.exit_key(name))])
         if not ok:
             if await self.runtime(name) is not None:
                 raise VmRunning(f"VM {name!r} is running; stop it first (dog vm stop {name})")
@@ -80,38 +80,40 @@ class VmRegistry:
     # -- runtime --------------------------------------------------------------------------
 
     async def runtime(self, name: str) -> VmRuntime | None:
-        kv = await self.etcd.client.get(self.run_key(name))
+        kv = await self.kv.get(self.run_key(name))
         return VmRuntime.load(kv.value) if kv is not None else None
 
     async def runtimes(self) -> dict[str, VmRuntime]:
-        kvs = await self.etcd.client.get_prefix(self._run)
+        kvs = await self.kv.get_prefix(self._run)
         return {rt.name: rt for rt in (VmRuntime.load(kv.value) for kv in kvs)}
 
-    async def claim(self, runtime: VmRuntime, lease, extra_ops: list) -> None:
+    async def claim(self, runtime: VmRuntime, lease: Lease,
+                    extra_ops: list[tx.Put | tx.Delete]) -> None:
         """Publish `runtime` on `lease` if the VM is defined and not running yet; the last
         run's exit record goes in the same transaction."""
         key, spec = self.run_key(runtime.name), self.def_key(runtime.name)
-        ok, _ = await self.etcd.client.transaction(
-            compare=[self.tx.version(key) == 0, self.tx.version(spec) > 0],
-            success=[self.tx.put(key, runtime.dump(), lease=lease),
-                     self.tx.delete(self.exit_key(runtime.name)), *extra_ops], failure=[])
+        ok = await self.kv.transaction(
+            compare=[tx.version(key) == 0, tx.version(spec) > 0],
+            success=[tx.put(key, runtime.dump(), lease=lease),
+                     tx.delete(self.exit_key(runtime.name)), *extra_ops])
         if not ok:
             if await self.runtime(runtime.name) is not None:
                 raise VmRunning(f"VM {runtime.name!r} is already running")
             raise NoVm(f"no VM named {runtime.name!r}")
 
-    async def update_runtime(self, name: str, lease=None, **changes) -> VmRuntime | None:
+    async def update_runtime(self, name: str, lease: Lease | None = None,
+                             **changes) -> VmRuntime | None:
         """Change some fields of a running VM's record, keeping the others (its supervisor
         publishes run states while dog records hot-plugged disks); None when it is gone."""
         key = self.run_key(name)
         for _ in range(20):
-            kv = await self.etcd.client.get(key)
+            kv = await self.kv.get(key)
             if kv is None:
                 return None
             rt = replace(VmRuntime.load(kv.value), **changes)
-            ok, _ = await self.etcd.client.transaction(
-                compare=[self.tx.mod(key) == kv.mod_revision],
-                success=[self.tx.put(key, rt.dump(), lease=lease or kv.lease)], failure=[])
+            ok = await self.kv.transaction(
+                compare=[tx.mod(key) == kv.mod_revision],
+                success=[tx.put(key, rt.dump(), lease=lease or kv.lease)])
             if ok:
                 return rt
         raise VmError(f"VM {name!r}: its runtime record kept changing; try again")
@@ -120,23 +122,23 @@ class VmRegistry:
         """Record the disks a running VM has now (after a hot-plug), on the same lease."""
         await self.update_runtime(name, disks=disks)
 
-    async def put_runtime(self, runtime: VmRuntime, lease) -> None:
+    async def put_runtime(self, runtime: VmRuntime, lease: Lease) -> None:
         """Publish `runtime` again, on a new lease (the old one expired while etcd was
         away)."""
-        await self.etcd.client.put(self.run_key(runtime.name), runtime.dump(), lease=lease)
+        await self.kv.put(self.run_key(runtime.name), runtime.dump(), lease=lease)
 
     async def forget_runtime(self, name: str) -> None:
-        await self.etcd.client.delete(self.run_key(name))
+        await self.kv.delete(self.run_key(name))
 
     # -- how the last run ended -----------------------------------------------------------
 
     async def record_exit(self, name: str, ended: VmExit) -> None:
-        await self.etcd.client.put(self.exit_key(name), ended.dump())
+        await self.kv.put(self.exit_key(name), ended.dump())
 
     async def last_exit(self, name: str) -> VmExit | None:
-        kv = await self.etcd.client.get(self.exit_key(name))
+        kv = await self.kv.get(self.exit_key(name))
         return VmExit.load(kv.value) if kv is not None else None
 
     async def exits(self) -> dict[str, VmExit]:
-        kvs = await self.etcd.client.get_prefix(self._exit)
-        return {bytes(kv.key)[len(self._exit):].decode(): VmExit.load(kv.value) for kv in kvs}
+        kvs = await self.kv.get_prefix(self._exit)
+        return {kv.key[len(self._exit):].decode(): VmExit.load(kv.value) for kv in kvs}

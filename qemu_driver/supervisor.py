@@ -344,8 +344,8 @@ class Supervisor:
         while True:
             await asyncio.sleep(TICK)
             try:
-                reply = await self.lease.refresh()
-                if reply.TTL <= 0:  # etcd was away too long: publish again on a new lease
+                # etcd was away too long: publish again on a new lease
+                if await self.lease.refresh() <= 0:
                     self.lease = await self.etcd.lease(LEASE_TTL)
                     self.runtime = replace(self.runtime, lease=self.lease.id)
                     await self.vms.put_runtime(self.runtime, self.lease)

@@ -2,6 +2,9 @@
 
 Every change of membership is one etcd transaction guarded by the epoch key's revision,
 so two nodes that race to bump the epoch cannot both win; the loser re-reads and retries.
+
+`AetcdKv` is the `Kv` (sheep/cluster/kv.py) over a real etcd: the one module that imports
+aetcd. Everything else reads and writes etcd through `EtcdCluster.kv`.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aetcd
+import aetcd.exceptions
 
 from sheep.errors import ClusterError
 from sheep.oid import validate_copies, validate_object_size
 
+from . import kv as tx
+from .kv import KeyValue, Kv, Lease, LeaseGone, lease_id
 from .state import (
     ClusterConfig,
     EpochRecord,
@@ -40,22 +46,134 @@ class EtcdUnavailable(ClusterError):
     """etcd cannot be reached"""
 
 
-class EtcdCluster:
-    def __init__(self, target: EtcdTarget, *, timeout: float = 5.0) -> None:
-        self.target = target
-        self._client = aetcd.Client(host=target.host, port=target.port, timeout=timeout)
+def _lease_gone(exc: Exception) -> bool:
+    return "lease not found" in str(exc)
+
+
+class _AetcdLease:
+    def __init__(self, lease: aetcd.Lease) -> None:
+        self._lease = lease
 
     @property
-    def client(self) -> aetcd.Client:
-        return self._client
+    def id(self) -> int:
+        return self._lease.id
+
+    async def refresh(self) -> int:
+        return (await self._lease.refresh()).TTL
+
+    async def revoke(self) -> None:
+        try:
+            await self._lease.revoke()
+        except aetcd.exceptions.ClientError as exc:
+            if _lease_gone(exc):
+                raise LeaseGone(f"lease {self.id:x} is gone") from None
+            raise
+
+
+class _AetcdWatch:
+    def __init__(self, watch) -> None:
+        self._watch = watch
+
+    async def _keys(self) -> AsyncIterator[bytes]:
+        async for event in self._watch:
+            yield bytes(event.kv.key)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._keys()
+
+    async def cancel(self) -> None:
+        await self._watch.cancel()
+
+
+def _kv(raw) -> KeyValue:
+    return KeyValue(bytes(raw.key), bytes(raw.value), raw.create_revision, raw.mod_revision,
+                    raw.version, raw.lease)
+
+
+class AetcdKv:
+    """`Kv` over a real etcd, through aetcd: the one place its client and types are used."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 5.0) -> None:
+        self._client = aetcd.Client(host=host, port=port, timeout=timeout)
+
+    async def connect(self) -> None:
+        await self._client.connect()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def get(self, key: bytes) -> KeyValue | None:
+        raw = await self._client.get(key)
+        return _kv(raw) if raw is not None else None
+
+    async def get_prefix(self, prefix: bytes) -> list[KeyValue]:
+        return [_kv(raw) for raw in await self._client.get_prefix(prefix)]
+
+    async def put(self, key: bytes, value: bytes, *, lease: Lease | int | None = None) -> None:
+        try:
+            await self._client.put(key, value, lease=lease_id(lease) or None)
+        except aetcd.exceptions.ClientError as exc:
+            if _lease_gone(exc):
+                raise LeaseGone(f"lease {lease_id(lease):x} is gone") from None
+            raise
+
+    async def delete(self, key: bytes) -> bool:
+        return await self._client.delete(key) is not None
+
+    def _op(self, op: tx.Put | tx.Delete):
+        ops = self._client.transactions
+        if isinstance(op, tx.Put):
+            return ops.put(op.key, op.value, lease=op.lease or None)
+        return ops.delete(op.key)
+
+    def _compare(self, c: tx.Compare):
+        ops = self._client.transactions
+        target = {"version": ops.version, "mod": ops.mod, "create": ops.create,
+                  "value": ops.value}[c.field](c.key)
+        if c.op == "==":
+            return target == c.operand
+        if c.op == "!=":
+            return target != c.operand
+        return target < c.operand if c.op == "<" else target > c.operand
+
+    async def transaction(self, compare: Sequence[tx.Compare],
+                          success: Sequence[tx.Put | tx.Delete],
+                          failure: Sequence[tx.Put | tx.Delete] = ()) -> bool:
+        try:
+            ok, _ = await self._client.transaction(
+                compare=[self._compare(c) for c in compare],
+                success=[self._op(op) for op in success],
+                failure=[self._op(op) for op in failure])
+        except aetcd.exceptions.ClientError as exc:
+            if _lease_gone(exc):
+                raise LeaseGone("a lease of the transaction is gone") from None
+            raise
+        return bool(ok)
+
+    async def lease(self, ttl: int) -> Lease:
+        return _AetcdLease(await self._client.lease(ttl))
+
+    async def watch_prefix(self, prefix: bytes) -> _AetcdWatch:
+        return _AetcdWatch(await self._client.watch_prefix(prefix))
+
+
+class EtcdCluster:
+    """The cluster's records, over `kv` (default: the etcd at `target`, via AetcdKv)."""
+
+    def __init__(self, target: EtcdTarget, *, timeout: float = 5.0, kv: Kv | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.target = target
+        self.kv: Kv = kv if kv is not None else AetcdKv(target.host, target.port,
+                                                       timeout=timeout)
+        self._sleep = sleep
 
     async def connect(self, wait: float = 10.0) -> None:
         """Connect, retrying for `wait` seconds: etcd may still be starting."""
         deadline = time.monotonic() + wait
         while True:
             try:
-                await self._client.connect()
-                await self._client.get(self.target.config_key)
+                await self.kv.connect()
+                await self.kv.get(self.target.config_key)
                 return
             except Exception as exc:
                 if time.monotonic() >= deadline:
@@ -65,37 +183,37 @@ class EtcdCluster:
                 await asyncio.sleep(0.2)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self.kv.close()
 
     # -- reads ------------------------------------------------------------------------
 
     async def config(self) -> ClusterConfig | None:
-        kv = await self._client.get(self.target.config_key)
+        kv = await self.kv.get(self.target.config_key)
         return load_config(kv.value) if kv is not None else None
 
     async def epoch(self) -> tuple[EpochRecord | None, int]:
         """The current epoch record and its key's mod revision (0 when absent)."""
-        kv = await self._client.get(self.target.epoch_key)
+        kv = await self.kv.get(self.target.epoch_key)
         if kv is None:
             return None, 0
         return load_epoch(kv.value), kv.mod_revision
 
     async def live_nodes(self) -> list[NodeInfo]:
-        kvs = await self._client.get_prefix(self.target.nodes_prefix)
+        kvs = await self.kv.get_prefix(self.target.nodes_prefix)
         return sorted((load_node(kv.value) for kv in kvs), key=lambda n: n.node_id)
 
     async def epoch_history(self) -> list[EpochRecord]:
-        kvs = await self._client.get_prefix(self.target.epoch_log_prefix)
+        kvs = await self.kv.get_prefix(self.target.epoch_log_prefix)
         return sorted((load_epoch(kv.value) for kv in kvs), key=lambda r: r.epoch)
 
     async def recovered_members(self, epoch: int) -> set[str]:
         """Ids of the nodes that finished recovering `epoch`."""
         prefix = self.target.recovered_prefix(epoch)
-        kvs = await self._client.get_prefix(prefix)
+        kvs = await self.kv.get_prefix(prefix)
         return {bytes(kv.key)[len(prefix):].decode() for kv in kvs}
 
     async def mark_recovered(self, epoch: int, node_id: str) -> None:
-        await self._client.put(self.target.recovered_key(epoch, node_id), b"1")
+        await self.kv.put(self.target.recovered_key(epoch, node_id), b"1")
 
     # -- writes -----------------------------------------------------------------------
 
@@ -107,11 +225,9 @@ class EtcdCluster:
         config = ClusterConfig(
             cluster_id=uuid.uuid4().hex, copies=copies, object_size=object_size, created=time.time()
         )
-        tx = self._client.transactions
-        ok, _ = await self._client.transaction(
+        ok = await self.kv.transaction(
             compare=[tx.version(self.target.config_key) == 0],
             success=[tx.put(self.target.config_key, dump(config))],
-            failure=[],
         )
         if not ok:
             raise AlreadyFormatted("the cluster is already formatted")
@@ -122,7 +238,7 @@ class EtcdCluster:
         self,
         members: Callable[[list[NodeInfo]], list[NodeInfo]],
         *,
-        extra_success: Callable[[], list] | None = None,
+        extra_success: Callable[[], list[tx.Put | tx.Delete]] | None = None,
         only_if_changed: bool = False,
     ) -> EpochRecord | None:
         """Write epoch N+1 whose members are `members(live nodes)`, in one transaction.
@@ -131,7 +247,6 @@ class EtcdCluster:
         this node's own key). With `only_if_changed`, nothing is written when the current
         epoch already has exactly those members.
         """
-        tx = self._client.transactions
         for _ in range(100):
             current, rev = await self.epoch()
             nodes = sorted(members(await self.live_nodes()), key=lambda n: n.node_id)
@@ -151,7 +266,7 @@ class EtcdCluster:
             ]
             if extra_success is not None:
                 ops.extend(extra_success())
-            ok, _ = await self._client.transaction(compare=[guard], success=ops, failure=[])
+            ok = await self.kv.transaction(compare=[guard], success=ops)
             if ok:
                 log.info(
                     "epoch %d: %d node(s) %s",
@@ -160,12 +275,12 @@ class EtcdCluster:
                     ",".join(n.node_id[:8] for n in nodes),
                 )
                 return record
-            await asyncio.sleep(0.01)
+            await self._sleep(0.01)
         raise ClusterError("could not bump the epoch: too much contention")
 
-    async def lease(self, ttl: int) -> aetcd.Lease:
+    async def lease(self, ttl: int) -> Lease:
         """A lease of `ttl` seconds, kept alive by its holder's refresh()."""
-        return await self._client.lease(ttl)
+        return await self.kv.lease(ttl)
 
     # -- watching ---------------------------------------------------------------------
 
@@ -183,7 +298,7 @@ class EtcdCluster:
             changed = asyncio.Event()
             pump: asyncio.Future | None = None
             try:
-                watch = await self._client.watch_prefix(prefix)
+                watch = await self.kv.watch_prefix(prefix)
                 if (task := asyncio.current_task()) is not None and task.cancelling():
                     # aetcd creates the watch under asyncio.wait_for, which on 3.11 can
                     # swallow a cancel that lands just then: honour it here
@@ -209,7 +324,7 @@ class EtcdCluster:
                 raise
             except Exception as exc:
                 log.warning("etcd watch broke (%s); retrying", exc)
-                await asyncio.sleep(min(poll, 1.0))
+                await self._sleep(min(poll, 1.0))
             finally:
                 if pump is not None:
                     pump.cancel()

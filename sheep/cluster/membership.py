@@ -10,31 +10,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+from . import kv as tx
 from .etcd import EtcdCluster
+from .kv import Lease
 from .state import NodeInfo, dump
 
 log = logging.getLogger(__name__)
 
 
 class Membership:
-    def __init__(self, etcd: EtcdCluster, me: NodeInfo, *, lease_ttl: int = 4) -> None:
+    """`clock` and `sleep` time the lease (monotonic seconds): tests pass a fake pair."""
+
+    def __init__(self, etcd: EtcdCluster, me: NodeInfo, *, lease_ttl: int = 4,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._etcd = etcd
         self.me = me
         self._ttl = max(2, lease_ttl)
-        self._lease = None
-        self._refreshed = 0.0  # monotonic time of the last lease grant or refresh
+        self._clock = clock
+        self._sleep = sleep
+        self._lease: Lease | None = None
+        self._refreshed = -float("inf")  # clock time of the last lease grant or refresh
 
     @property
     def fenced(self) -> bool:
         """True when the lease may have run out: etcd may already have given this node's
         place in the ring to others, so it must not acknowledge writes. Judged well before
         the TTL is up (a refresh is due every third of it)."""
-        return time.monotonic() - self._refreshed > self._ttl * 2 / 3
+        return self._clock() - self._refreshed > self._ttl * 2 / 3
+
     async def join(self) -> None:
-        self._lease = await self._etcd.client.lease(self._ttl)
-        granted = time.monotonic()
-        tx = self._etcd.client.transactions
+        self._lease = await self._etcd.lease(self._ttl)
+        granted = self._clock()
         key = self._etcd.target.node_key(self.me.node_id)
         lease = self._lease
 
@@ -52,11 +61,10 @@ class Membership:
         assert me == self.me, "publish() cannot change what the ring knows of a node"
         self.me = me
         if self._lease is not None:
-            await self._etcd.client.put(self._etcd.target.node_key(me.node_id), dump(me),
-                                        lease=self._lease)
+            await self._etcd.kv.put(self._etcd.target.node_key(me.node_id), dump(me),
+                                    lease=self._lease)
 
     async def leave(self) -> None:
-        tx = self._etcd.client.transactions
         key = self._etcd.target.node_key(self.me.node_id)
 
         def members(live: list[NodeInfo]) -> list[NodeInfo]:
@@ -73,11 +81,11 @@ class Membership:
     async def keep_alive(self) -> None:
         """Refresh the lease forever; rejoin if it was lost (paused or partitioned node)."""
         while True:
-            await asyncio.sleep(self._ttl / 3)
+            await self._sleep(self._ttl / 3)
             try:
-                asked = time.monotonic()
-                reply = await self._lease.refresh() if self._lease is not None else None
-                if reply is None or reply.TTL <= 0:
+                asked = self._clock()
+                ttl = await self._lease.refresh() if self._lease is not None else 0
+                if ttl <= 0:
                     log.warning("lease lost; rejoining the cluster")
                     await self.join()
                 else:

@@ -27,7 +27,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
+from sheep.cluster import kv as tx
 from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.kv import Lease
 from sheep.errors import ClusterError, NoVdi, VdiLocked
 from sheep.oid import MAX_VDI_ID, inode_oid
 
@@ -36,6 +38,8 @@ from .inode import InodeHeader, make_ref
 log = logging.getLogger(__name__)
 
 LOCK_TTL = 10
+
+
 class HolderGone(ClusterError):
     """the lock holder a request was sent to let go of the lock without answering"""
 
@@ -180,7 +184,7 @@ class Change:
         self._state = state
         self._reg = registry
         self._guards: dict[bytes, int] = {}
-        self._ops: list = []
+        self._ops: list[tx.Put | tx.Delete] = []
 
     def _guard(self, key: bytes, rev: int) -> None:
         self._guards.setdefault(key, rev)
@@ -192,33 +196,31 @@ class Change:
 
     def put_record(self, record: VdiRecord) -> Change:
         self._guard(self._reg.record_key(record.id), self._state.record_revs.get(record.id, 0))
-        self._ops.append(self._reg.tx.put(self._reg.record_key(record.id), record.dump()))
+        self._ops.append(tx.put(self._reg.record_key(record.id), record.dump()))
         return self
 
     def delete_record(self, record: VdiRecord) -> Change:
         self.require(record)
-        self._ops.append(self._reg.tx.delete(self._reg.record_key(record.id)))
-        self._ops.append(self._reg.tx.put(self._reg.retired_key(record.id),
+        self._ops.append(tx.delete(self._reg.record_key(record.id)))
+        self._ops.append(tx.put(self._reg.retired_key(record.id),
                                           str(time.time()).encode()))
         return self
 
     def put_family(self, name: str, working: int) -> Change:
         key = self._reg.family_key(name)
         self._guard(key, self._state.family_revs.get(name, 0))
-        self._ops.append(self._reg.tx.put(key, json.dumps({"working": working}).encode()))
+        self._ops.append(tx.put(key, json.dumps({"working": working}).encode()))
         return self
 
     def delete_family(self, name: str) -> Change:
         key = self._reg.family_key(name)
         self._guard(key, self._state.family_revs.get(name, 0))
-        self._ops.append(self._reg.tx.delete(key))
+        self._ops.append(tx.delete(key))
         return self
 
     async def commit(self) -> bool:
-        compare = [self._reg.tx.mod(key) == rev for key, rev in self._guards.items()]
-        ok, _ = await self._reg.etcd.client.transaction(compare=compare, success=self._ops,
-                                                        failure=[])
-        return bool(ok)
+        compare = [tx.mod(key) == rev for key, rev in self._guards.items()]
+        return await self._reg.kv.transaction(compare=compare, success=self._ops)
 
 
 class HeldLease:
@@ -226,25 +228,27 @@ class HeldLease:
     (a process that dies or stalls past the TTL), never linger after it.
 
     If the lease goes away (the holder stalled past the TTL, or an admin revoked it),
-    `lost` is set.
+    `lost` is set. It is refreshed every third of its TTL, timed by `sleep`.
     """
 
-    def __init__(self, lease, ttl: int, what: str) -> None:
+    def __init__(self, lease: Lease, ttl: int, what: str, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.lost = asyncio.Event()
         self._lease = lease
         self._ttl = ttl
         self._what = what
+        self._sleep = sleep
         self._task = asyncio.ensure_future(self._keep_alive())
 
-    async def _still_held(self, reply) -> bool:
-        return reply.TTL > 0
+    async def _still_held(self, ttl: int) -> bool:
+        return ttl > 0
 
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(self._ttl / 3)
+            await self._sleep(self._ttl / 3)
             try:
-                reply = await self._lease.refresh()
-                if not await self._still_held(reply):
+                ttl = await self._lease.refresh()
+                if not await self._still_held(ttl):
                     log.warning("%s was lost", self._what)
                     self.lost.set()
                     return
@@ -270,20 +274,27 @@ class VdiLock(HeldLease):
     must stop writing, because someone else may now.
     """
 
-    def __init__(self, registry: VdiRegistry, name: str, lease, ttl: int) -> None:
+    def __init__(self, registry: VdiRegistry, name: str, lease: Lease, ttl: int) -> None:
         self.name = name
         self._reg = registry
-        super().__init__(lease, ttl, f"the lock on VDI {name} (further writes refused)")
+        super().__init__(lease, ttl, f"the lock on VDI {name} (further writes refused)",
+                         sleep=registry.sleep)
 
-    async def _still_held(self, reply) -> bool:
-        kv = await self._reg.etcd.client.get(self._reg.lock_key(self.name))
-        return reply.TTL > 0 and kv is not None and kv.lease == self._lease.id
+    async def _still_held(self, ttl: int) -> bool:
+        kv = await self._reg.kv.get(self._reg.lock_key(self.name))
+        return ttl > 0 and kv is not None and kv.lease == self._lease.id
 
 
 class VdiRegistry:
-    def __init__(self, etcd: EtcdCluster) -> None:
+    """`clock` and `sleep` (monotonic seconds) time lease refreshes and waits for a lock
+    holder's answer: tests pass a fake pair."""
+
+    def __init__(self, etcd: EtcdCluster, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.etcd = etcd
-        self.tx = etcd.client.transactions
+        self.kv = etcd.kv
+        self.clock = clock
+        self.sleep = sleep
         self._root = etcd.target.key("vdi")
 
     # -- keys -----------------------------------------------------------------------------
@@ -306,24 +317,24 @@ class VdiRegistry:
     def user_key(self, name: str, user: str) -> bytes:
         return self._key("users", name, user)
 
-    def add_user_op(self, name: str, user: str, label: str, lease):
+    def add_user_op(self, name: str, user: str, label: str, lease: Lease) -> tx.Put:
         """The transaction operation that records `user` of VDI `name` on `lease` (gone
         with its holder), for a transaction of the caller's (a VM's claim)."""
-        return self.tx.put(self.user_key(name, user), label.encode(), lease=lease)
+        return tx.put(self.user_key(name, user), label.encode(), lease=lease)
 
-    async def add_user(self, name: str, user: str, label: str, lease) -> None:
-        await self.etcd.client.put(self.user_key(name, user), label.encode(), lease=lease)
+    async def add_user(self, name: str, user: str, label: str, lease: Lease) -> None:
+        await self.kv.put(self.user_key(name, user), label.encode(), lease=lease)
 
     async def remove_user(self, name: str, user: str) -> None:
-        await self.etcd.client.delete(self.user_key(name, user))
+        await self.kv.delete(self.user_key(name, user))
 
     # -- reads ----------------------------------------------------------------------------
 
     async def load(self) -> RegistryState:
         state = RegistryState()
         ids, names, locks = self._key("ids", ""), self._key("names", ""), self._key("locks", "")
-        for kv in await self.etcd.client.get_prefix(self._root + b"/"):
-            key = bytes(kv.key)
+        for kv in await self.kv.get_prefix(self._root + b"/"):
+            key = kv.key
             if key.startswith(ids):
                 rec = VdiRecord.load(kv.value)
                 state.records[rec.id] = rec
@@ -340,11 +351,11 @@ class VdiRegistry:
     async def retired(self) -> set[int]:
         """The ids of every VDI deleted since the cluster was formatted."""
         prefix = self._key("retired", "")
-        return {int(bytes(kv.key)[len(prefix):], 16)
-                for kv in await self.etcd.client.get_prefix(prefix)}
+        return {int(kv.key[len(prefix):], 16)
+                for kv in await self.kv.get_prefix(prefix)}
 
     async def is_live(self, vdi_id: int) -> bool:
-        return await self.etcd.client.get(self.record_key(vdi_id)) is not None
+        return await self.kv.get(self.record_key(vdi_id)) is not None
 
     async def record_use(self, label: str, user: str, description: str, *,
                          ttl: int = LOCK_TTL) -> HeldLease:
@@ -353,14 +364,15 @@ class VdiRegistry:
         the blocks from under it."""
         lease = await self.etcd.lease(ttl)
         await self.add_user(label, user, description, lease)
-        return HeldLease(lease, ttl, f"the record of {description} reading {label}")
+        return HeldLease(lease, ttl, f"the record of {description} reading {label}",
+                         sleep=self.sleep)
 
     async def users(self, label: str) -> list[str]:
         """What uses `label` (NAME or NAME@TAG) beyond a write lock, one description each:
         a VM keeps using its disk across gateway restarts, when no lock may be held for a
         while, and a reader holds no lock at all."""
-        kvs = await self.etcd.client.get_prefix(self._key("users", label, ""))
-        return sorted(bytes(kv.value).decode() for kv in kvs)
+        kvs = await self.kv.get_prefix(self._key("users", label, ""))
+        return sorted(kv.value.decode() for kv in kvs)
 
     def change(self, state: RegistryState) -> Change:
         return Change(state, self)
@@ -370,37 +382,37 @@ class VdiRegistry:
         deleted VDI's id can only be a leftover of that VDI."""
         key = self._key("next_id")
         for _ in range(1000):
-            kv = await self.etcd.client.get(key)
+            kv = await self.kv.get(key)
             current = int(kv.value) if kv is not None else 1
             if current > MAX_VDI_ID:
                 raise ClusterError("VDI ids are exhausted")
-            ok, _ = await self.etcd.client.transaction(
-                compare=[self.tx.mod(key) == (kv.mod_revision if kv is not None else 0)],
-                success=[self.tx.put(key, str(current + 1).encode())], failure=[])
+            ok = await self.kv.transaction(
+                compare=[tx.mod(key) == (kv.mod_revision if kv is not None else 0)],
+                success=[tx.put(key, str(current + 1).encode())])
             if ok:
                 return current
-            await asyncio.sleep(0.001)
+            await self.sleep(0.001)
         raise ClusterError("could not allocate a VDI id: too much contention")
 
     # -- locks ----------------------------------------------------------------------------
 
     async def acquire_lock(self, name: str, holder: str, *, ttl: int = LOCK_TTL) -> VdiLock:
-        lease = await self.etcd.client.lease(ttl)
+        lease = await self.kv.lease(ttl)
         info = LockInfo(name, holder, socket.gethostname(), os.getpid(), time.time())
         key = self.lock_key(name)
-        ok, _ = await self.etcd.client.transaction(
-            compare=[self.tx.version(key) == 0],
-            success=[self.tx.put(key, info.dump(), lease=lease)], failure=[])
+        ok = await self.kv.transaction(
+            compare=[tx.version(key) == 0],
+            success=[tx.put(key, info.dump(), lease=lease)])
         if not ok:
             with contextlib.suppress(Exception):
                 await lease.revoke()
-            kv = await self.etcd.client.get(key)
+            kv = await self.kv.get(key)
             raise VdiLocked(LockInfo.load(name, kv.value).refusal() if kv is not None
                             else f"VDI {name!r} is open for writing by another writer")
         return VdiLock(self, name, lease, ttl)
 
     async def lock_holder(self, name: str) -> LockInfo | None:
-        kv = await self.etcd.client.get(self.lock_key(name))
+        kv = await self.kv.get(self.lock_key(name))
         return LockInfo.load(name, kv.value) if kv is not None else None
 
     async def break_lock(self, name: str, *, force: bool = False) -> LockInfo | None:
@@ -409,16 +421,16 @@ class VdiRegistry:
         would stop in the middle of its work. Only the lock that was checked is deleted,
         never one a new holder took meanwhile."""
         key = self.lock_key(name)
-        kv = await self.etcd.client.get(key)
+        kv = await self.kv.get(key)
         if kv is None:
             return None
         info = LockInfo.load(name, kv.value)
         if not force and info.holder_alive():
             raise VdiLocked(f"VDI {name!r} is locked by {info.who}, which is running; "
                             f"--force breaks the lock anyway, and that writer stops")
-        ok, _ = await self.etcd.client.transaction(
-            compare=[self.tx.mod(key) == kv.mod_revision],
-            success=[self.tx.delete(key)], failure=[])
+        ok = await self.kv.transaction(
+            compare=[tx.mod(key) == kv.mod_revision],
+            success=[tx.delete(key)])
         if not ok:
             raise VdiLocked(f"the lock on VDI {name!r} changed hands meanwhile; look again "
                             f"(dog vdi lock list)")
@@ -431,20 +443,20 @@ class VdiRegistry:
         req_id = uuid.uuid4().hex
         req_key = self._key("requests", name, req_id)
         reply_key = self._key("replies", req_id)
-        await self.etcd.client.put(req_key, json.dumps(request).encode())
-        deadline = time.monotonic() + timeout
+        await self.kv.put(req_key, json.dumps(request).encode())
+        deadline = self.clock() + timeout
         try:
-            while time.monotonic() < deadline:
-                kv = await self.etcd.client.get(reply_key)
+            while self.clock() < deadline:
+                kv = await self.kv.get(reply_key)
                 if kv is not None:
                     return json.loads(kv.value)
                 if await self.lock_holder(name) is None:
                     raise HolderGone(f"the writer of VDI {name!r} went away before answering")
-                await asyncio.sleep(0.05)
+                await self.sleep(0.05)
             raise ClusterError(f"the writer of VDI {name!r} did not answer in {timeout:.0f}s")
         finally:
-            await self.etcd.client.delete(req_key)
-            await self.etcd.client.delete(reply_key)
+            await self.kv.delete(req_key)
+            await self.kv.delete(reply_key)
 
     async def serve_requests(
         self, name: str, handler: Callable[[dict], Awaitable[dict]]
@@ -455,8 +467,8 @@ class VdiRegistry:
         done: set[bytes] = set()
 
         async def answer_new() -> None:
-            for kv in await self.etcd.client.get_prefix(prefix):
-                key = bytes(kv.key)
+            for kv in await self.kv.get_prefix(prefix):
+                key = kv.key
                 if key in done:
                     continue
                 done.add(key)
@@ -464,8 +476,7 @@ class VdiRegistry:
                     answer = await handler(json.loads(kv.value))
                 except Exception as exc:
                     answer = {"ok": False, "error": str(exc)}
-                await self.etcd.client.put(replies + key[len(prefix):],
-                                           json.dumps(answer).encode())
+                await self.kv.put(replies + key[len(prefix):], json.dumps(answer).encode())
 
         await self.etcd.watch(answer_new, poll=1.0, prefix=prefix)
 

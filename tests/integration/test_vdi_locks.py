@@ -65,7 +65,7 @@ async def test_an_open_writer_holds_a_leased_lock_that_lock_list_shows(
     await m.create("held", 8 * MiB)
     vol = await m.open("held", writable=True)
     try:
-        kv = await m.registry.etcd.client.get(m.registry.lock_key("held"))
+        kv = await m.registry.kv.get(m.registry.lock_key("held"))
         assert kv is not None and kv.lease != 0  # the lock lives and dies with a lease
         rc, out, _ = await _dog(cluster, "vdi", "lock", "list", "--json")
         assert rc == 0
@@ -80,7 +80,7 @@ async def test_an_open_writer_holds_a_leased_lock_that_lock_list_shows(
     finally:
         await vol.close()
     assert (await m.state()).locks == {}
-    assert await m.registry.etcd.client.get(m.registry.lock_key("held")) is None
+    assert await m.registry.kv.get(m.registry.lock_key("held")) is None
 
 
 async def test_a_second_writer_is_refused_while_readers_go_on(
