@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import aetcd
 import aetcd.exceptions
 
+from sheep.clock import SYSTEM, Clock
 from sheep.errors import ClusterError
 from sheep.oid import validate_copies, validate_object_size
 
@@ -161,11 +162,11 @@ class EtcdCluster:
     """The cluster's records, over `kv` (default: the etcd at `target`, via AetcdKv)."""
 
     def __init__(self, target: EtcdTarget, *, timeout: float = 5.0, kv: Kv | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 clock: Clock = SYSTEM) -> None:
         self.target = target
         self.kv: Kv = kv if kv is not None else AetcdKv(target.host, target.port,
                                                        timeout=timeout)
-        self._sleep = sleep
+        self._clock = clock
 
     async def connect(self, wait: float = 10.0) -> None:
         """Connect, retrying for `wait` seconds: etcd may still be starting."""
@@ -275,7 +276,7 @@ class EtcdCluster:
                     ",".join(n.node_id[:8] for n in nodes),
                 )
                 return record
-            await self._sleep(0.01)
+            await self._clock.sleep(0.01)
         raise ClusterError("could not bump the epoch: too much contention")
 
     async def lease(self, ttl: int) -> Lease:
@@ -324,7 +325,7 @@ class EtcdCluster:
                 raise
             except Exception as exc:
                 log.warning("etcd watch broke (%s); retrying", exc)
-                await self._sleep(min(poll, 1.0))
+                await self._clock.sleep(min(poll, 1.0))
             finally:
                 if pump is not None:
                     pump.cancel()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
+
+from sheep.clock import SYSTEM, Clock
 
 from . import kv as tx
 from .etcd import EtcdCluster
@@ -21,16 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class Membership:
-    """`clock` and `sleep` time the lease (monotonic seconds): tests pass a fake pair."""
+    """`clock` times the lease: tests pass a fake one (sheep/clock.py)."""
 
     def __init__(self, etcd: EtcdCluster, me: NodeInfo, *, lease_ttl: int = 4,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+                 clock: Clock = SYSTEM) -> None:
         self._etcd = etcd
         self.me = me
         self._ttl = max(2, lease_ttl)
         self._clock = clock
-        self._sleep = sleep
         self._lease: Lease | None = None
         self._refreshed = -float("inf")  # clock time of the last lease grant or refresh
 
@@ -39,11 +37,11 @@ class Membership:
         """True when the lease may have run out: etcd may already have given this node's
         place in the ring to others, so it must not acknowledge writes. Judged well before
         the TTL is up (a refresh is due every third of it)."""
-        return self._clock() - self._refreshed > self._ttl * 2 / 3
+        return self._clock.monotonic() - self._refreshed > self._ttl * 2 / 3
 
     async def join(self) -> None:
         self._lease = await self._etcd.lease(self._ttl)
-        granted = self._clock()
+        granted = self._clock.monotonic()
         key = self._etcd.target.node_key(self.me.node_id)
         lease = self._lease
 
@@ -81,9 +79,9 @@ class Membership:
     async def keep_alive(self) -> None:
         """Refresh the lease forever; rejoin if it was lost (paused or partitioned node)."""
         while True:
-            await self._sleep(self._ttl / 3)
+            await self._clock.sleep(self._ttl / 3)
             try:
-                asked = self._clock()
+                asked = self._clock.monotonic()
                 ttl = await self._lease.refresh() if self._lease is not None else 0
                 if ttl <= 0:
                     log.warning("lease lost; rejoining the cluster")

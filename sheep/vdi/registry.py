@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
+from sheep.clock import SYSTEM, Clock
 from sheep.cluster import kv as tx
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.kv import Lease
@@ -228,16 +229,15 @@ class HeldLease:
     (a process that dies or stalls past the TTL), never linger after it.
 
     If the lease goes away (the holder stalled past the TTL, or an admin revoked it),
-    `lost` is set. It is refreshed every third of its TTL, timed by `sleep`.
+    `lost` is set. It is refreshed every third of its TTL, timed by `clock`.
     """
 
-    def __init__(self, lease: Lease, ttl: int, what: str, *,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(self, lease: Lease, ttl: int, what: str, *, clock: Clock = SYSTEM) -> None:
         self.lost = asyncio.Event()
         self._lease = lease
         self._ttl = ttl
         self._what = what
-        self._sleep = sleep
+        self._clock = clock
         self._task = asyncio.ensure_future(self._keep_alive())
 
     async def _still_held(self, ttl: int) -> bool:
@@ -245,7 +245,7 @@ class HeldLease:
 
     async def _keep_alive(self) -> None:
         while True:
-            await self._sleep(self._ttl / 3)
+            await self._clock.sleep(self._ttl / 3)
             try:
                 ttl = await self._lease.refresh()
                 if not await self._still_held(ttl):
@@ -278,7 +278,7 @@ class VdiLock(HeldLease):
         self.name = name
         self._reg = registry
         super().__init__(lease, ttl, f"the lock on VDI {name} (further writes refused)",
-                         sleep=registry.sleep)
+                         clock=registry.clock)
 
     async def _still_held(self, ttl: int) -> bool:
         kv = await self._reg.kv.get(self._reg.lock_key(self.name))
@@ -286,15 +286,13 @@ class VdiLock(HeldLease):
 
 
 class VdiRegistry:
-    """`clock` and `sleep` (monotonic seconds) time lease refreshes and waits for a lock
-    holder's answer: tests pass a fake pair."""
+    """`clock` times lease refreshes and waits for a lock holder's answer: tests pass a
+    fake one (sheep/clock.py)."""
 
-    def __init__(self, etcd: EtcdCluster, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(self, etcd: EtcdCluster, *, clock: Clock = SYSTEM) -> None:
         self.etcd = etcd
         self.kv = etcd.kv
         self.clock = clock
-        self.sleep = sleep
         self._root = etcd.target.key("vdi")
 
     # -- keys -----------------------------------------------------------------------------
@@ -365,7 +363,7 @@ class VdiRegistry:
         lease = await self.etcd.lease(ttl)
         await self.add_user(label, user, description, lease)
         return HeldLease(lease, ttl, f"the record of {description} reading {label}",
-                         sleep=self.sleep)
+                         clock=self.clock)
 
     async def users(self, label: str) -> list[str]:
         """What uses `label` (NAME or NAME@TAG) beyond a write lock, one description each:
@@ -391,7 +389,7 @@ class VdiRegistry:
                 success=[tx.put(key, str(current + 1).encode())])
             if ok:
                 return current
-            await self.sleep(0.001)
+            await self.clock.sleep(0.001)
         raise ClusterError("could not allocate a VDI id: too much contention")
 
     # -- locks ----------------------------------------------------------------------------
@@ -444,15 +442,15 @@ class VdiRegistry:
         req_key = self._key("requests", name, req_id)
         reply_key = self._key("replies", req_id)
         await self.kv.put(req_key, json.dumps(request).encode())
-        deadline = self.clock() + timeout
+        deadline = self.clock.monotonic() + timeout
         try:
-            while self.clock() < deadline:
+            while self.clock.monotonic() < deadline:
                 kv = await self.kv.get(reply_key)
                 if kv is not None:
                     return json.loads(kv.value)
                 if await self.lock_holder(name) is None:
                     raise HolderGone(f"the writer of VDI {name!r} went away before answering")
-                await self.sleep(0.05)
+                await self.clock.sleep(0.05)
             raise ClusterError(f"the writer of VDI {name!r} did not answer in {timeout:.0f}s")
         finally:
             await self.kv.delete(req_key)

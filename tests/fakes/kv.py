@@ -9,10 +9,10 @@ tests/integration/test_kv_contract.py runs the same checks against this and a re
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from sheep.clock import SYSTEM, Clock
 from sheep.cluster.etcd import EtcdCluster, EtcdUnavailable
 from sheep.cluster.kv import Compare, Delete, KeyValue, Lease, LeaseGone, Put, lease_id
 from sheep.cluster.state import EtcdTarget
@@ -67,7 +67,7 @@ class FakeWatch:
 
 
 class FakeKv:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Clock = SYSTEM) -> None:
         self._clock = clock
         self.revision = 1  # a new etcd's
         self.down = False
@@ -104,7 +104,7 @@ class FakeKv:
         self._expire()
 
     def _expire(self) -> None:
-        now = self._clock()
+        now = self._clock.monotonic()
         for lease, state in sorted(self._leases.items()):
             if state.deadline <= now:
                 self._end_lease(lease)
@@ -123,7 +123,7 @@ class FakeKv:
         state = self._leases.get(lease)
         if state is None:
             return 0
-        state.deadline = self._clock() + state.ttl
+        state.deadline = self._clock.monotonic() + state.ttl
         return state.ttl
 
     def _notify(self, key: bytes) -> None:
@@ -194,7 +194,7 @@ class FakeKv:
     async def lease(self, ttl: int) -> Lease:
         self._check()
         lease, self._next_lease = self._next_lease, self._next_lease + 1
-        self._leases[lease] = _LeaseState(ttl, self._clock() + ttl)
+        self._leases[lease] = _LeaseState(ttl, self._clock.monotonic() + ttl)
         return FakeLease(self, lease)
 
     async def watch_prefix(self, prefix: bytes) -> FakeWatch:
@@ -207,4 +207,4 @@ class FakeKv:
 def fake_etcd(clock: FakeClock, prefix: str = "/sheep-test") -> tuple[EtcdCluster, FakeKv]:
     """An EtcdCluster over a new FakeKv, both timed by `clock`; and that FakeKv."""
     kv = FakeKv(clock)
-    return EtcdCluster(EtcdTarget("fake-etcd", 2379, prefix), kv=kv, sleep=clock.sleep), kv
+    return EtcdCluster(EtcdTarget("fake-etcd", 2379, prefix), kv=kv, clock=clock), kv

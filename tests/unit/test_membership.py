@@ -48,7 +48,7 @@ def kv(world: tuple[EtcdCluster, FakeKv]) -> FakeKv:
 @pytest.fixture
 def member(etcd: EtcdCluster, clock: FakeClock) -> Callable[[int], Membership]:
     def make(i: int) -> Membership:
-        return Membership(etcd, node(i), lease_ttl=TTL, clock=clock, sleep=clock.sleep)
+        return Membership(etcd, node(i), lease_ttl=TTL, clock=clock)
 
     return make
 

@@ -18,7 +18,8 @@ from sheep.objclient import ObjectClient
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
 
-from .fakes import NODES, FakeClock, FakeEtcd, FakePeer, FakePool, config, settle, view_of
+from ..fakes.clock import FakeClock, settle
+from .fakes import NODES, FakeEtcd, FakePeer, FakePool, config, view_of
 
 SIZE = 1 << 16
 OID = data_oid(7, 3)

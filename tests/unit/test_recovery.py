@@ -17,7 +17,8 @@ from sheep.node.recovery import Recovery
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
 
-from .fakes import NODES, FakeClock, FakeEtcd, FakePeer, FakePool, config, settle
+from ..fakes.clock import FakeClock, settle
+from .fakes import NODES, FakeEtcd, FakePeer, FakePool, config
 
 SIZE = 1 << 16
 ME = NODES[0]

@@ -29,7 +29,7 @@ def clock() -> FakeClock:
 @pytest.fixture
 def kv_registry(clock: FakeClock) -> tuple[FakeKv, VdiRegistry]:
     etcd, kv = fake_etcd(clock)
-    return kv, VdiRegistry(etcd, clock=clock, sleep=clock.sleep)
+    return kv, VdiRegistry(etcd, clock=clock)
 
 
 @pytest.fixture

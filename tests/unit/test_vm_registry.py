@@ -27,7 +27,7 @@ def clock() -> FakeClock:
 @pytest.fixture
 def world(clock: FakeClock) -> tuple[VmRegistry, VdiRegistry, FakeKv]:
     etcd, kv = fake_etcd(clock)
-    return VmRegistry(etcd), VdiRegistry(etcd, clock=clock, sleep=clock.sleep), kv
+    return VmRegistry(etcd), VdiRegistry(etcd, clock=clock), kv
 
 
 @pytest.fixture
