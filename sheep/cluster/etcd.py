@@ -20,7 +20,7 @@ import aetcd
 import aetcd.exceptions
 
 from sheep.clock import SYSTEM, Clock
-from sheep.errors import ClusterError
+from sheep.errors import ClusterError, InvalidParams
 from sheep.oid import validate_copies, validate_object_size
 
 from . import kv as tx
@@ -175,13 +175,35 @@ class EtcdCluster:
             try:
                 await self.kv.connect()
                 await self.kv.get(self.target.config_key)
-                return
+                break
             except Exception as exc:
                 if time.monotonic() >= deadline:
                     raise EtcdUnavailable(
                         f"cannot reach etcd at {self.target.host}:{self.target.port}: {exc}"
                     ) from None
                 await asyncio.sleep(0.2)
+
+        await self._refuse_nesting_inside()
+
+    async def _refuse_nesting_inside(self) -> None:
+        """A prefix inside another cluster's keys (`/a/vdi` under `/a`) would write node
+        and VDI keys that cluster reads as its own, breaking its registry for good."""
+        parts = self.target.prefix.strip("/").split("/")
+        for i in range(1, len(parts)):
+            outer = "/" + "/".join(parts[:i])
+            if await self.kv.get(f"{outer}/config".encode()) is not None:
+                raise InvalidParams(
+                    f"etcd prefix {self.target.prefix} lies inside the keys of the cluster at "
+                    f"{outer}: give this cluster a prefix beside it (e.g. {outer}-2)")
+
+    async def _refuse_nesting_below(self) -> None:
+        """Formatting a prefix that holds another cluster's keys would make them ours."""
+        for kv in await self.kv.get_prefix(self.target.key("").rstrip(b"/") + b"/"):
+            key = kv.key.decode(errors="replace")
+            if key.endswith("/config") and kv.key != self.target.config_key:
+                raise InvalidParams(
+                    f"etcd prefix {self.target.prefix} holds the keys of the cluster at "
+                    f"{key.removesuffix('/config')}: give this cluster a prefix of its own")
 
     async def close(self) -> None:
         await self.kv.close()
@@ -223,6 +245,8 @@ class EtcdCluster:
         object size the data plane can move."""
         validate_copies(copies)
         validate_object_size(object_size)
+        await self._refuse_nesting_inside()
+        await self._refuse_nesting_below()
         config = ClusterConfig(
             cluster_id=uuid.uuid4().hex, copies=copies, object_size=object_size, created=time.time()
         )
