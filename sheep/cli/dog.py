@@ -206,10 +206,10 @@ async def node_scrub(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> Non
         last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.finished))
                 if c.finished else "never")
         return [c.state, f"{c.done}/{c.total}", str(c.bad_blocks), str(c.repaired),
-                str(c.passes), last]
+                f"{c.diverged}/{c.reconciled}", str(c.passes), last]
 
     await _per_node_table(stub, args, ["Idx", "Id", "State", "Objects", "Bad", "Repaired",
-                                       "Passes", "Last pass"], row)
+                                       "Diverged/fixed", "Passes", "Last pass"], row)
 
 
 async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -240,11 +240,15 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
         await asyncio.sleep(0.5)
     bad = sum(s.scrub.bad_blocks for s in mine)
     repaired = sum(s.scrub.repaired for s in mine)
+    diverged = sum(s.scrub.diverged for s in mine)
+    reconciled = sum(s.scrub.reconciled for s in mine)
     if args.json:
-        print(json.dumps({"objects": total, "bad_blocks": bad, "repaired": repaired}))
+        print(json.dumps({"objects": total, "bad_blocks": bad, "repaired": repaired,
+                          "diverged": diverged, "reconciled": reconciled}))
     else:
         print(f"scrubbed {total} object(s) on {len(mine)} node(s): {bad} bad block(s), "
-              f"{repaired} repaired")
+              f"{repaired} repaired; {diverged} object(s) with unlike replicas, "
+              f"{reconciled} replica(s) reconciled")
 
 
 # -- argument parsing ----------------------------------------------------------------------

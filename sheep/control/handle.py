@@ -35,6 +35,8 @@ class ScrubStatus:
     interval: float = 0.0
     blocks_repaired: int = 0
     blocks_accepted: int = 0
+    diverged: int = 0
+    reconciled: int = 0
 
 
 @dataclass(frozen=True)

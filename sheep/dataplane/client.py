@@ -14,7 +14,7 @@ from sheep.errors import ProtocolError, SheepError, error_for
 from sheep.tcp import accept_transport
 
 from .codec import Frame, FrameDecoder, encode
-from .wire import Flags, Opcode, pack_header
+from .wire import DIGEST, Flags, Opcode, pack_header
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -186,6 +186,13 @@ class PeerPool:
                                 epoch=0, flags=Flags.RAW if raw else Flags.NONE,
                                 timeout=timeout)
         return frame.payload
+
+    async def digest_replica(self, addr: tuple[str, int], oid: int, *,
+                             timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """The digest of one node's replica (epoch 0, like read_replica): a scrub compares
+        replicas without moving their data."""
+        frame = await self.call(addr, Opcode.DIGEST, oid=oid, epoch=0, timeout=timeout)
+        return DIGEST.unpack(bytes(frame.payload))[0]
 
     def drop(self, addr: tuple[str, int]) -> None:
         conn = self._conns.pop(addr, None)

@@ -34,6 +34,7 @@ class Opcode(IntEnum):
     CREATE = 8  # create the object if absent, then write the payload (may be empty)
     EXISTS = 9  # reply `aux` = 1 if the object exists
     LIST_EPOCHS = 10  # reply payload: little-endian (u64 oid, u64 epoch of its last write)
+    DIGEST = 11  # reply payload: u64 little-endian xxh3 of the whole object (verified)
 
 
 class Flags(IntFlag):
@@ -44,7 +45,8 @@ class Flags(IntFlag):
 
 
 REQUEST_HAS_PAYLOAD = frozenset({Opcode.WRITE, Opcode.CREATE})
-REPLY_HAS_PAYLOAD = frozenset({Opcode.READ, Opcode.LIST, Opcode.LIST_EPOCHS})
+REPLY_HAS_PAYLOAD = frozenset({Opcode.READ, Opcode.LIST, Opcode.LIST_EPOCHS, Opcode.DIGEST})
+DIGEST = struct.Struct("<Q")
 MUTATIONS = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.REMOVE, Opcode.DISCARD})
 EPOCH_CHECKED = frozenset(
     {Opcode.WRITE, Opcode.READ, Opcode.REMOVE, Opcode.DISCARD, Opcode.CREATE, Opcode.EXISTS}

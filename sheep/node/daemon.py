@@ -38,7 +38,7 @@ from sheep.gateway.nbd.server import serve_nbd
 from sheep.node.ready import remove_ready_file, write_ready_file
 from sheep.node.recovery import Recovery
 from sheep.node.repair import Repairer
-from sheep.node.scrub import Scrubber
+from sheep.node.scrub import Replicas, Scrubber
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
 from sheep.store import ObjectStore
@@ -233,6 +233,7 @@ class Node:
             self.store, lambda: self.view.epoch if self.view.formatted else 0,
             guard=self._guard, repair=self.repairer.repair)
         self.scrubber = Scrubber(self.store, self.recovery, self.repairer,
+                                 Replicas(node_id, self.view, self._pool, VdiRegistry(etcd)),
                                  interval=opts.scrub_interval, throttle=opts.recovery_throttle)
         used, free = self.store.usage()
         self.info = NodeInfo(
@@ -412,7 +413,8 @@ class Node:
         return ScrubStatus(state=s.state, passes=s.passes, done=s.done, total=s.total,
                            bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
                            finished=s.finished, interval=self.scrubber.interval,
-                           blocks_repaired=r.repaired, blocks_accepted=r.accepted)
+                           blocks_repaired=r.repaired, blocks_accepted=r.accepted,
+                           diverged=s.diverged, reconciled=s.reconciled)
 
     def start_scrub(self) -> None:
         self.scrubber.request()

@@ -13,7 +13,15 @@ from collections.abc import Callable
 
 from sheep.dataplane.codec import Frame
 from sheep.dataplane.server import ReplySink
-from sheep.dataplane.wire import EPOCH_CHECKED, HEADER, MUTATIONS, Flags, Opcode, pack_header
+from sheep.dataplane.wire import (
+    DIGEST,
+    EPOCH_CHECKED,
+    HEADER,
+    MUTATIONS,
+    Flags,
+    Opcode,
+    pack_header,
+)
 from sheep.errors import (
     Corrupt,
     NewEpoch,
@@ -63,6 +71,7 @@ class ObjectService:
             Opcode.GET_EPOCH: self._get_epoch,
             Opcode.EXISTS: self._exists,
             Opcode.LIST_EPOCHS: self._list_epochs,
+            Opcode.DIGEST: self._digest,
         }
 
     def handle(self, frame: Frame, conn: ReplySink) -> None:
@@ -223,6 +232,10 @@ class ObjectService:
     def _list_epochs(self, frame: Frame, conn: ReplySink) -> None:
         pairs = self._store.list_versions()
         payload = struct.pack(f"<{2 * len(pairs)}Q", *(x for pair in pairs for x in pair))
+        self._reply(conn, frame, length=len(payload), payload=payload)
+
+    def _digest(self, frame: Frame, conn: ReplySink) -> None:
+        payload = DIGEST.pack(self._store.digest(frame.oid))
         self._reply(conn, frame, length=len(payload), payload=payload)
 
     def _get_epoch(self, frame: Frame, conn: ReplySink) -> None:

@@ -5,6 +5,7 @@ whose data and sum disagree on every replica (a crash mid-write everywhere) stay
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -13,10 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from sheep.dataplane.client import PeerPool
+from sheep.dataplane.wire import Opcode
 from sheep.oid import ObjType, oid_type
 from sheep.store.checksum import SUM_BLOCK
 
-from ..cluster import Cluster, dog, dog_bytes, dog_json, object_path, objects_on_disk
+from ..cluster import (
+    Cluster,
+    dog,
+    dog_bytes,
+    dog_json,
+    object_path,
+    objects_on_disk,
+    wait_until,
+)
+from .test_nbd import NbdClient
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +109,8 @@ def test_scrub_finds_and_repairs_rot_in_a_replica_no_read_touches(
 def test_scrub_of_a_clean_cluster_reports_nothing_and_counts_its_pass(
         nbd_cluster: Cluster, written: tuple[bytes, int]) -> None:
     report = _scrub(nbd_cluster)
-    assert report == {"objects": report["objects"], "bad_blocks": 0, "repaired": 0}
+    assert report == {"objects": report["objects"], "bad_blocks": 0, "repaired": 0,
+                      "diverged": 0, "reconciled": 0}
     assert report["objects"] >= 3 * 2  # a data object and an inode, on each of 3 nodes
     for node in dog_json("node", "scrub", address=nbd_cluster.address)["nodes"]:
         assert node["scrub"]["passes"] == 1 and node["scrub"]["state"] == "idle"
@@ -149,4 +162,54 @@ def test_write_into_a_rotten_block_lands_and_the_rest_of_the_block_is_repaired(
     at = 2 * SUM_BLOCK + 10
     expected = data[:at] + b"HELLO" + data[at + 5 :]
     assert _nbd_read(nbd_cluster, tmp_path, len(data)) == expected
+    assert _replicas_identical(nbd_cluster, oid)
+
+
+# -- replicas alike --------------------------------------------------------------------------
+
+
+def _write_one_replica(cluster: Cluster, node_index: int, oid: int, data: bytes) -> None:
+    """A write that reached one replica only (its client was told it failed): whole by its
+    checksums there, unlike the others."""
+    port = cluster.nodes[node_index].port
+    (entry,) = [n for n in cluster.node_list() if int(n["node"]["control_port"]) == port]
+    addr = (entry["node"]["host"], int(entry["node"]["data_port"]))
+    epoch = int(cluster.info()["epoch"])
+
+    async def write() -> None:
+        pool = PeerPool()
+        try:
+            await pool.call(addr, Opcode.WRITE, oid=oid, offset=0, length=len(data),
+                            payload=data, epoch=epoch)
+        finally:
+            await pool.close()
+
+    asyncio.run(write())
+
+
+def test_scrub_makes_replicas_that_diverged_alike_again(
+        nbd_cluster: Cluster, written: tuple[bytes, int]) -> None:
+    _data, oid = written
+    _write_one_replica(nbd_cluster, 1, oid, b"only here" * 100)
+    assert not _replicas_identical(nbd_cluster, oid)
+    report = _scrub(nbd_cluster)
+    # the primary's copy wins: one replica fixed, or two if the write reached the primary
+    assert report["bad_blocks"] == 0 and report["diverged"] == 1, report
+    assert report["reconciled"] in (1, 2), report
+    assert _replicas_identical(nbd_cluster, oid)
+    again = _scrub(nbd_cluster)
+    assert (again["diverged"], again["reconciled"]) == (0, 0), again
+
+
+def test_scrub_leaves_replicas_of_a_vdi_being_written_for_a_later_pass(
+        nbd_cluster: Cluster, written: tuple[bytes, int]) -> None:
+    _data, oid = written
+    _write_one_replica(nbd_cluster, 1, oid, b"only here" * 100)
+    with NbdClient(nbd_cluster.nbd_port, VDI):  # a writer holds the VDI
+        report = _scrub(nbd_cluster)
+        assert (report["diverged"], report["reconciled"]) == (1, 0), report
+        assert not _replicas_identical(nbd_cluster, oid)
+    wait_until(lambda: not dog_json("vdi", "lock", "list", address=nbd_cluster.address)["locks"],
+               10, "the writer's lock to go")
+    assert _scrub(nbd_cluster)["reconciled"] >= 1
     assert _replicas_identical(nbd_cluster, oid)

@@ -153,6 +153,7 @@ def test_opcode_numbers_are_fixed() -> None:
         "CREATE": 8,
         "EXISTS": 9,
         "LIST_EPOCHS": 10,
+        "DIGEST": 11,
     }
     assert int(Flags.FUA) == 1
     assert int(Flags.FRESH) == 2
@@ -711,7 +712,7 @@ def test_service_get_epoch_replies_the_node_epoch_whatever_the_request_epoch(
     ]
 
 
-@pytest.mark.parametrize("opcode", [0, 11, 200, 255])
+@pytest.mark.parametrize("opcode", [0, 12, 200, 255])
 def test_service_unknown_opcode_replies_unknown_op(service: ObjectService, opcode: int) -> None:
     assert call(service, request(opcode, 11, epoch=EPOCH, oid=OID, offset=9, length=4)) == [
         (
