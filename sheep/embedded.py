@@ -41,7 +41,7 @@ class EmbeddedCluster:
     def __init__(
         self, root: Path, *, nodes: int, copies: int, base_port: int, object_size: int,
         nbd_port: int = DEFAULT_NBD_PORT, iscsi_port: int = DEFAULT_ISCSI_PORT,
-        vm: bool = False, restart: bool = True,
+        vm: bool = False, restart: bool = True, iscsi_chap_file: str = "",
     ) -> None:
         self.root = root.resolve()
         self.nodes = nodes
@@ -57,8 +57,11 @@ class EmbeddedCluster:
             etcd_ports=(base_port + ETCD_CLIENT_OFFSET, base_port + ETCD_PEER_OFFSET),
             control_ports=[self.control_port(i) for i in range(nodes)],
             data_ports=[self.data_port(i) for i in range(nodes)],
-            node_extra=lambda i: ["--nbd-port", str(nbd_port), "--iscsi-port",
-                                  str(iscsi_port)] if i == 0 else [],
+            node_extra=lambda i: [
+                "--nbd-port", str(nbd_port), "--iscsi-port", str(iscsi_port),
+                *(["--iscsi-chap-file", str(Path(iscsi_chap_file).resolve())]
+                  if iscsi_chap_file else []),
+            ] if i == 0 else [],
             node_names=lambda i: f"node {i}",
             own_session=True,  # Ctrl-C reaches sheep up only, which stops them
             die_with_parent=True,

@@ -52,8 +52,8 @@ def _run(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         nbd_port=args.nbd_port,
         iscsi_port=args.iscsi_port,
-        iscsi_chap=args.iscsi_chap,
-        iscsi_mutual_chap=args.iscsi_mutual_chap,
+        iscsi_chap_file=args.iscsi_chap_file,
+        iscsi_mutual_chap_file=args.iscsi_mutual_chap_file,
         recovery_throttle=args.recovery_throttle,
         min_free=args.min_free,
         full_ratio=args.full_ratio,
@@ -86,6 +86,7 @@ def _up(args: argparse.Namespace) -> int:
         iscsi_port=args.iscsi_port,
         vm=args.vm,
         restart=not args.no_restart,
+        iscsi_chap_file=args.iscsi_chap_file,
     )
     return cluster.run_foreground()
 
@@ -125,12 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iscsi-port", type=int, default=None,
                      help="also serve every VDI as an iSCSI target on this port "
                           "(0: any free port; the standard port is 3260)")
-    run.add_argument("--iscsi-chap", default="", metavar="USER:SECRET",
-                     help="iSCSI initiators must log in with this CHAP user and secret "
-                          "(every target and discovery)")
-    run.add_argument("--iscsi-mutual-chap", default="", metavar="USER:SECRET",
-                     help="with --iscsi-chap: also prove ourselves to initiators with this "
-                          "CHAP user and secret (mutual CHAP, then required)")
+    run.add_argument("--iscsi-chap-file", default="", metavar="FILE",
+                     help="iSCSI initiators must log in with the CHAP user and secret in "
+                          "FILE (USER:SECRET, secret of 12+ bytes, mode 600; every target "
+                          "and discovery)")
+    run.add_argument("--iscsi-mutual-chap-file", default="", metavar="FILE",
+                     help="with --iscsi-chap-file: also prove ourselves to initiators with "
+                          "the CHAP user and (another) secret in FILE (mutual CHAP)")
     run.add_argument("--recovery-throttle", type=parse_size, default=0, metavar="BYTES/S",
                      help="bound recovery reads per node (e.g. 50M; default unbounded)")
     run.add_argument("--min-free", type=parse_size, default=256 << 20, metavar="BYTES",
@@ -160,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nbd-port", type=int, default=10809, help="NBD gateway port (node 0)")
     up.add_argument("--iscsi-port", type=int, default=3260,
                     help="iSCSI portal port (node 0)")
+    up.add_argument("--iscsi-chap-file", default="", metavar="FILE",
+                    help="require iSCSI CHAP with the USER:SECRET in FILE (mode 600, a "
+                         "secret of 12+ bytes)")
     up.add_argument("--vm", action="store_true",
                     help="also boot the demo VM (the small guest on VDI demo-disk) and show "
                          "its console")

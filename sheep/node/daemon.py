@@ -83,8 +83,8 @@ class NodeOptions:
     scrub_interval: float = 7 * 86400  # seconds between scrub passes; 0: on demand only
     nbd_port: int | None = None  # serve VDIs over NBD on this port (0: any free one)
     iscsi_port: int | None = None  # serve VDIs over iSCSI on this port (0: any free one)
-    iscsi_chap: str = ""  # USER:SECRET initiators must prove (CHAP), for every target
-    iscsi_mutual_chap: str = ""  # USER:SECRET we prove to initiators (mutual CHAP)
+    iscsi_chap_file: str = ""  # file: USER:SECRET initiators must prove (CHAP), every target
+    iscsi_mutual_chap_file: str = ""  # file: USER:SECRET we prove to them (mutual CHAP)
     ready_file: Path | None = None  # written once the node serves (sheep/node/ready.py)
 
 
@@ -107,12 +107,16 @@ def _bound_port(server: asyncio.Server) -> int:
 
 def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
     try:
-        chap = Chap.parse(opts.iscsi_chap) if opts.iscsi_chap else None
-        mutual = Chap.parse(opts.iscsi_mutual_chap) if opts.iscsi_mutual_chap else None
+        chap = Chap.load(opts.iscsi_chap_file) if opts.iscsi_chap_file else None
+        mutual = (Chap.load(opts.iscsi_mutual_chap_file) if opts.iscsi_mutual_chap_file
+                  else None)
     except ValueError as exc:
         raise StartupError(f"bad iSCSI CHAP setting: {exc}") from None
     if mutual is not None and chap is None:
-        raise StartupError("--iscsi-mutual-chap needs --iscsi-chap")
+        raise StartupError("--iscsi-mutual-chap-file needs --iscsi-chap-file")
+    if mutual is not None and chap is not None and mutual.secret == chap.secret:
+        raise StartupError("mutual CHAP needs two secrets: the target's must differ from "
+                           "the initiators' (RFC 7143 §12.1.3)")
     return IscsiConfig(chap, mutual)
 
 

@@ -8,6 +8,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from sheep.etcd_server import EtcdServer
 
 from ..cluster import BIN, Cluster, SheepProcess, dog, free_port, wait_until
@@ -116,3 +118,28 @@ def test_data_and_etcd_dirs_are_private_to_their_owner(
         assert stat.S_IMODE(etcd.data_dir.stat().st_mode) == 0o700
     finally:
         c.stop()
+
+
+def _secret(path: Path, text: str, mode: int = 0o600) -> str:
+    path.write_text(text + "\n")
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize(("files", "why"), [
+    ((("alice:a-long-enough-secret", 0o644),), "may be read by others (mode 644): chmod 600"),
+    ((("alice:short", 0o600),), "CHAP secrets must be at least 12 (96 bits)"),
+    ((("alice:a-long-enough-secret", 0o600), ("target:a-long-enough-secret", 0o600)),
+     "the target's must differ from the initiators'"),
+])
+def test_weak_or_exposed_chap_secrets_are_refused_at_start(
+        tmp_path: Path, etcd: EtcdServer, files: tuple, why: str) -> None:
+    """Secrets once came on the command line (visible in ps), and a 1-byte secret, or the
+    same secret both ways, was accepted."""
+    flags = ["--iscsi-chap-file", "--iscsi-mutual-chap-file"]
+    args = [arg for i, (text, mode) in enumerate(files)
+            for arg in (flags[i], _secret(tmp_path / f"chap{i}", text, mode))]
+    proc = _run_sheep("--dir", str(tmp_path / "n"), "--port", str(free_port()),
+                      "--etcd", etcd.url + "/chap", "--iscsi-port", "0", *args)
+    assert proc.returncode == 1
+    assert why in _reason(proc)

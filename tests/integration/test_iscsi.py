@@ -29,7 +29,7 @@ MiB = 1 << 20
 OBJ = 4 * MiB
 SIZE = 64 * MiB
 CLIENT_TIMEOUT = 120
-CHAP_USER, CHAP_SECRET = "alice", "alice-secret-1"
+CHAP_USER, CHAP_SECRET = "alice", "alice-secret-1"  # 14 bytes: secrets need 12
 
 # every family the gateway must pass with no failure (a skipped optional feature is fine)
 FAMILIES = [
@@ -59,9 +59,12 @@ def portal(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer) -> Iterat
 def chap_portal(tmp_path_factory: pytest.TempPathFactory, etcd: EtcdServer
                 ) -> Iterator[Cluster]:
     """The same, with CHAP required (one user, cluster-wide)."""
-    c = start_cluster(tmp_path_factory.mktemp("iscsi-chap") / "cluster", etcd.url, nodes=3,
-                      copies=3, iscsi=True,
-                      iscsi_args=("--iscsi-chap", f"{CHAP_USER}:{CHAP_SECRET}"))
+    root = tmp_path_factory.mktemp("iscsi-chap")
+    secret = root / "chap"
+    secret.write_text(f"{CHAP_USER}:{CHAP_SECRET}\n")
+    secret.chmod(0o600)
+    c = start_cluster(root / "cluster", etcd.url, nodes=3, copies=3, iscsi=True,
+                      iscsi_args=("--iscsi-chap-file", str(secret)))
     yield c
     c.stop()
 

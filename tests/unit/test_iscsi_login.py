@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -257,9 +258,28 @@ def test_chap_binary_values_are_hex_or_base64(value: str, expected: bytes | None
 
 
 def test_chap_parses_user_and_secret_and_keeps_colons_in_the_secret() -> None:
-    assert Chap.parse("bob:a:b") == Chap("bob", b"a:b")
+    assert Chap.parse("bob:a:b-long-secret") == Chap("bob", b"a:b-long-secret")
     with pytest.raises(ValueError):
         Chap.parse("nosecret")
+
+
+def test_a_chap_secret_under_12_bytes_is_refused() -> None:
+    """A 1-byte secret was accepted; RFC 7143 asks for 96 bits."""
+    with pytest.raises(ValueError, match="at least 12"):
+        Chap.parse("bob:elevenbytes")
+    assert Chap.parse("bob:twelve-bytes").secret == b"twelve-bytes"
+
+
+def test_chap_secrets_come_from_a_file_only_its_owner_reads(tmp_path: Path) -> None:
+    path = tmp_path / "chap"
+    path.write_text("bob:a-long-enough-secret\n")
+    path.chmod(0o600)
+    assert Chap.load(path) == Chap("bob", b"a-long-enough-secret")
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="may be read by others"):
+        Chap.load(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        Chap.load(tmp_path / "missing")
 
 
 # -- bounded input before authentication -----------------------------------------------------

@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +41,7 @@ from .wire import (
 
 CHAP_MD5 = 5
 CHALLENGE_BYTES = 16
+MIN_SECRET = 12  # bytes of a CHAP secret, at least (RFC 7143 §12.1.3: 96 bits)
 NORMAL, DISCOVERY = "Normal", "Discovery"
 _SECURITY_KEYS = ("AuthMethod", "CHAP_A", "CHAP_I", "CHAP_C", "CHAP_N", "CHAP_R")
 
@@ -52,11 +55,36 @@ class Chap:
 
     @classmethod
     def parse(cls, spec: str) -> Chap:
-        """USER:SECRET (the secret may contain ':')."""
+        """USER:SECRET (the secret may contain ':'), with a secret of at least
+        MIN_SECRET bytes: RFC 7143 §12.1.3 asks for 96 bits, and a short one is guessed
+        offline from one captured exchange."""
         user, sep, secret = spec.partition(":")
         if not sep or not user or not secret:
-            raise ValueError(f"expected USER:SECRET, not {spec!r}")
+            raise ValueError("expected USER:SECRET")
+        if len(secret.encode()) < MIN_SECRET:
+            raise ValueError(f"the secret of {user!r} is {len(secret.encode())} bytes; CHAP "
+                             f"secrets must be at least {MIN_SECRET} (96 bits)")
         return cls(user, secret.encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Chap:
+        """USER:SECRET from the first line of a file only its owner may read: secrets on
+        a command line are visible to every user in `ps`."""
+        try:
+            st = os.stat(path)
+            if st.st_mode & 0o077:
+                raise ValueError(f"{path} may be read by others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):o}): chmod 600 it")
+            with open(path, encoding="utf-8") as f:
+                line = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text") from None
+        try:
+            return cls.parse(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 @dataclass(frozen=True)
