@@ -62,6 +62,16 @@ async def keep_alive() -> AsyncIterator[Callable[[Membership], None]]:
         task.cancel()
 
 
+@pytest.fixture
+async def alive(member: Callable[[int], Membership],
+                keep_alive: Callable[[Membership], None]) -> Membership:
+    """Node 0, joined, its lease kept alive."""
+    m = member(0)
+    await m.join()
+    keep_alive(m)
+    return m
+
+
 async def members(etcd: EtcdCluster) -> tuple[int, list[str]]:
     """The current epoch and its members' ids."""
     record, _ = await etcd.epoch()
@@ -156,12 +166,9 @@ async def test_a_node_that_stops_refreshing_is_fenced_before_its_lease_runs_out(
 
 
 async def test_keep_alive_keeps_a_node_unfenced_in_its_epoch(
-    etcd: EtcdCluster, clock: FakeClock, member: Callable[[int], Membership],
-    keep_alive: Callable[[Membership], None],
+    etcd: EtcdCluster, clock: FakeClock, alive: Membership,
 ) -> None:
-    m = member(0)
-    await m.join()
-    keep_alive(m)
+    m = alive
     for _ in range(30):
         await clock.advance(TTL / 4)
         assert not m.fenced
@@ -169,12 +176,9 @@ async def test_keep_alive_keeps_a_node_unfenced_in_its_epoch(
 
 
 async def test_a_node_cut_off_from_etcd_fences_itself_while_its_lease_lives(
-    etcd: EtcdCluster, kv: FakeKv, clock: FakeClock, member: Callable[[int], Membership],
-    keep_alive: Callable[[Membership], None],
+    etcd: EtcdCluster, kv: FakeKv, clock: FakeClock, alive: Membership,
 ) -> None:
-    m = member(0)
-    await m.join()
-    keep_alive(m)
+    m = alive
     await clock.advance(0.1)
     kv.down = True
     await clock.advance(FENCE)
@@ -184,12 +188,9 @@ async def test_a_node_cut_off_from_etcd_fences_itself_while_its_lease_lives(
 
 
 async def test_one_missed_refresh_neither_fences_a_node_nor_changes_its_epoch(
-    etcd: EtcdCluster, kv: FakeKv, clock: FakeClock, member: Callable[[int], Membership],
-    keep_alive: Callable[[Membership], None],
+    etcd: EtcdCluster, kv: FakeKv, clock: FakeClock, alive: Membership,
 ) -> None:
-    m = member(0)
-    await m.join()
-    keep_alive(m)
+    m = alive
     await clock.advance(TICK + 0.1)  # refreshed once
     kv.down = True
     await clock.advance(TICK)  # the next refresh fails
