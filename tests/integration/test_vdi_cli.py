@@ -780,9 +780,9 @@ async def test_bad_input_gets_a_one_line_error_and_changes_nothing(
         (["clone", "disk", "new"], "needs a snapshot"),
         # names
         (["create", "bad@name", "1M"], "contains '@'"),
-        (["create", "a b", "1M"], "contains ' '"),
+        (["create", "a b", "1M"], "contains U+0020 (SPACE)"),
         (["create", "", "1M"], "VDI name is empty"),
-        (["create", "n" * 256, "1M"], "longer than 255"),
+        (["create", "n" * 256, "1M"], "256 bytes long, over the 255 allowed"),
         (["create", "disk", "1M"], "already exists"),
         (["clone", "disk@snap", "disk"], "already exists"),
     ]
