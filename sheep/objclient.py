@@ -339,7 +339,7 @@ class ObjectClient:
                 raise ClusterError("no storage nodes in the cluster")
             nodes.sort(key=lambda n: n.node_id != self._local_id)
             failure: BaseException | None = None
-            missing = 0
+            missing = corrupt = 0
             for node in nodes:
                 try:
                     fut = await self._connected_send(node, opcode, oid, offset, length, b"", 0)
@@ -348,11 +348,16 @@ class ObjectClient:
                     missing += 1
                     failure = exc
                 except Corrupt as exc:  # unrepaired on that replica: another may do
+                    corrupt += 1
                     failure = exc
                 except _RETRYABLE as exc:
                     failure = exc
             if missing == len(nodes):
                 raise NoObject(f"object {oid:016x} does not exist")
+            if corrupt and corrupt + missing == len(nodes):
+                # every replica that holds it tried to repair it and found no good copy:
+                # the data is lost, and that is an I/O error, never bytes
+                raise failure
             assert failure is not None
             await self._await_new_ring(epoch, failure, start)
 

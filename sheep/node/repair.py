@@ -7,10 +7,12 @@ While an object is being repaired, client operations on it wait (`guard`), so no
 fall between the fetch and the install; a block that a whole-block write healed meanwhile
 is left alone.
 
-If every other replica answers that its block is bad too, no good copy exists: this is the
-signature of a crash between data and sum writes on every replica (see
-store/checksum.py), and the data is accepted as it is rather than made unreadable. If some
-replica could not be asked at all, nothing is accepted: the operation fails and is retried.
+If every other replica answers that its block is bad too, no good copy exists. A block that
+a crash tore on this node (written when it stopped, found on open: store/checksum.py) held
+an unacknowledged write, and its data is accepted as it is. Any other block is lost: it is
+logged and stays bad, so reads of it fail (the gateways answer EIO / MEDIUM ERROR) and
+`dog vdi check` lists it; it is never re-stamped. If some replica could not be asked at
+all, nothing is decided: the operation fails and is retried.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RepairStats:
     repaired: int = 0  # blocks rewritten from another replica
-    accepted: int = 0  # blocks no replica had good: their data was kept and re-summed
+    accepted: int = 0  # torn blocks no replica had good: their data was kept and re-summed
+    lost: int = 0  # blocks bad on every replica and not torn: read errors until rewritten
     failed: int = 0  # repairs that could not ask every replica
 
 
@@ -97,11 +100,19 @@ class Repairer:
         if unreachable:
             raise StoreIOError(f"{unreachable} replica(s) of {oid_str(oid)} could not be asked")
         still_bad = self._still_bad(oid, first, count)
-        if still_bad:
-            log.warning("object %s: block(s) %s bad on every replica (a crash mid-write?); "
-                        "keeping this copy's data", oid_str(oid), still_bad)
-            self._store.restamp(oid, still_bad)
-            self.stats.accepted += len(still_bad)
+        if not still_bad:
+            return
+        accepted = self._store.accept_torn(oid, still_bad)
+        if accepted:
+            log.warning("object %s: block(s) %s torn by a crash mid-write and bad on every "
+                        "replica; keeping this copy's (unacknowledged) data", oid_str(oid),
+                        accepted)
+            self.stats.accepted += len(accepted)
+        lost = [b for b in still_bad if b not in accepted]
+        if lost:
+            log.error("object %s: block(s) %s fail their checksums on every replica: data "
+                      "lost, reads of them fail", oid_str(oid), lost)
+            self.stats.lost += len(lost)
 
     def _install(self, oid: int, first: int, good: bytes | bytearray | memoryview) -> None:
         """Write the good copy over the blocks that are still bad (synchronously: no

@@ -8,12 +8,20 @@ where an LMDB transaction per write would cost a sync of its own.
 A stored 0 means "never written": the block must read as zeros. A sum that happens to be 0
 is stored as 1, so the two never meet (a false match needs a 2^-64 collision anyway).
 
-Data and sum are written one after the other, so a crash can leave a block whose sum does
-not match its data. Only blocks written since the last flush can be in that state, and
-their contents were never promised. Readers treat a mismatch as "this replica's block is
-suspect": another replica's block is used if it verifies, and if none does (every replica
-crashed mid-write), the data is accepted and re-stamped. A crash never makes data
-unreadable; rot on one replica is found and repaired.
+Data and sum are written one after the other, with no barrier between them, so a crash can
+leave a block whose sum does not match its data (the kernel may write either page back
+first, or only part of a data block). Such a torn block is told apart from rot by the
+object's write-intent mark (objstore.py): an object is durably marked before its first
+change after it was last synced clean, and unmarked only once synced and idle. After a
+crash, the blocks of marked objects that fail their sums are torn writes, unacknowledged:
+another replica's block is used if it verifies, and if none does they are accepted and
+re-stamped. A mismatch anywhere else is rot (or lost writeback, see INVALID_SUM): repaired
+from a replica that verifies, and an I/O error when none does. Never re-stamped.
+
+INVALID_SUM is what an object whose fdatasync failed gets for every block it holds: the page
+cache no longer vouches for the data, so no block of it verifies (nor counts as torn) until
+it is rewritten from a good replica. A real sum equal to it still verifies; it only stops a
+mismatch from being taken for a torn write (a 2^-64 chance).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ def block_sum(data: bytes | bytearray | memoryview) -> int:
 
 
 ZERO_SUM = block_sum(bytes(SUM_BLOCK))
+INVALID_SUM = (1 << 64) - 1
 
 
 def pack_sums(view: memoryview) -> bytes:

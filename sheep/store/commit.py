@@ -23,7 +23,7 @@ IndexBatch = dict[int, tuple[int, int]]  # oid -> (epoch, version) to write in t
 class CommitJob:
     """One commit: what it syncs and writes, taken from the store's state when it starts."""
 
-    __slots__ = ("drop", "error", "fds", "finished", "new", "oids", "sync_dir")
+    __slots__ = ("drop", "error", "failed", "fds", "finished", "new", "oids", "sync_dir")
 
     def __init__(self, oids: set[int], fds: list[tuple[int, int | None, int | None]],
                  new: IndexBatch, drop: set[int], sync_dir: bool) -> None:
@@ -34,6 +34,7 @@ class CommitJob:
         self.sync_dir = sync_dir
         self.error: SheepError | None = None
         self.finished = False
+        self.failed: set[int] = set()  # objects whose fdatasync failed: their data is gone
 
 
 def merge_batches(old_new: IndexBatch, old_drop: set[int], new_new: IndexBatch,

@@ -14,6 +14,18 @@ DIR/sum (checksum.py says why there and how crashes are handled; sumfile.py keep
 reads verify them and raise Corrupt, which the node answers by repairing the block from
 another replica.
 
+Write intent (how a torn write is told from rot). Data and sums reach the disk in no
+particular order, so after a crash a block written since the last sync may fail its sum
+without being rot. Before the first change to an object that is not marked, the store
+durably creates DIR/intent/<oid> (an empty file and an fsync of the directory: one sync per
+object per busy spell, not per write); the mark is removed (lazily, no sync) once a commit
+synced the object and it stayed unwritten for `intent_idle` seconds, and on a clean close.
+On open, the marked objects are checked: their failing blocks are `torn` (unacknowledged
+writes the crash cut), which the repairer may accept when no replica has them good
+(`accept_torn`). Every other failing block is rot: an error unless a replica has it good.
+A failed fdatasync makes an object untrusted: every block it holds gets INVALID_SUM
+(checksum.py), so reads fail and are repaired from other replicas, never accepted.
+
 Nothing is cached that the page cache caches: no object data is kept in Python.
 """
 
@@ -23,12 +35,14 @@ import contextlib
 import logging
 import os
 import stat
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
 
+from sheep.clock import SYSTEM, Clock
 from sheep.errors import (
     InvalidParams,
     NoObject,
@@ -40,7 +54,14 @@ from sheep.errors import (
 from sheep.fdlimit import object_cache_size
 from sheep.oid import DEFAULT_OBJECT_SIZE, oid_str
 from sheep.store import sumfile
-from sheep.store.checksum import SUM_BLOCK, SUM_SIZE, block_span, runs
+from sheep.store.checksum import (
+    INVALID_SUM,
+    SUM_BLOCK,
+    SUM_SIZE,
+    block_span,
+    runs,
+    unpack_sums,
+)
 from sheep.store.commit import CommitJob, GroupCommit, merge_batches
 from sheep.store.fileio import (
     CREATE_FLAGS,
@@ -77,6 +98,8 @@ class ObjectStore:
         object_size: int = DEFAULT_OBJECT_SIZE,
         max_open_files: int | None = None,
         full_ratio: float = FULL_RATIO,
+        intent_idle: float = 10.0,
+        clock: Clock = SYSTEM,
     ) -> None:
         if object_size <= 0:
             raise InvalidParams(f"object size {object_size} must be positive")
@@ -98,6 +121,10 @@ class ObjectStore:
         private_dir(Path(self._sumdir))
         self._dirfd = os.open(self._objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._sumdirfd = os.open(self._sumdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._intentdir = str(self.root / "intent")
+        private_dir(Path(self._intentdir))
+        self._intentdirfd = os.open(self._intentdir,
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.meta = NodeMeta(self.root)
         self._closed = False
 
@@ -115,14 +142,26 @@ class ObjectStore:
         self._dir_dirty = False
         self._written: dict[int, int] = {}  # oid -> epoch of its last write, as known
 
+        # write intent (see the module's docstring)
+        self._marked: set[int] = set()  # objects whose intent file is durable
+        self._clean_since: dict[int, float] = {}  # marked, synced, unwritten since then
+        self._torn: dict[int, set[int]] = {}  # blocks a crash cut mid-write (found on open)
+        self._intent_idle = intent_idle
+        self._clock = clock
+        self._swept = clock.monotonic()
+
         self._commits = GroupCommit(self._take_job, self._run_job, self._finish_job)
 
         try:
             self._reconcile()
+            self._load_intents()
         except BaseException:
             self.meta.close()
+            for fd in (*self._fds.values(), *self._sum_fds.values()):
+                os.close(fd)
             os.close(self._dirfd)
             os.close(self._sumdirfd)
+            os.close(self._intentdirfd)
             self._commits.shutdown()
             raise
 
@@ -164,6 +203,82 @@ class ObjectStore:
                     orphan = True
                 if orphan:
                     unlink_missing_ok(entry.path)
+
+    def _load_intents(self) -> None:
+        """The objects marked when the store last stopped (a crash, or a failed sync) may
+        hold torn writes: find their failing blocks now, while nothing has changed since
+        the crash. They stay marked until synced and idle (and torn until resolved)."""
+        with os.scandir(self._intentdir) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            try:
+                oid = int(name, 16)
+                valid = oid_str(oid) == name
+            except ValueError:
+                valid = False
+            if not valid or not self.exists(oid):
+                unlink_missing_ok(os.path.join(self._intentdir, name))
+                continue
+            self._marked.add(oid)
+            self._dirty.add(oid)  # synced before it may be unmarked
+            fd = self._fd(oid)
+            sfd = self._sum_fds[oid]
+            bad = sumfile.check(oid, fd, sfd, self.object_size)
+            torn = {b for b in bad if self._stored_sum(sfd, b) != INVALID_SUM}
+            if torn:
+                self._torn[oid] = torn
+                log.warning("object %s: %d block(s) written when the store stopped do not "
+                            "match their sums (torn writes): %s", oid_str(oid), len(torn),
+                            sorted(torn))
+
+    @staticmethod
+    def _stored_sum(sfd: int, block: int) -> int:
+        return unpack_sums(os.pread(sfd, SUM_SIZE, block * SUM_SIZE), 1)[0]
+
+    def _mark(self, oid: int) -> None:
+        """Durably note that `oid` is about to change (before any of its pages may reach
+        the disk), so that a crash's torn blocks are not taken for rot."""
+        try:
+            os.close(os.open(os.path.join(self._intentdir, oid_str(oid)),
+                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.fsync(self._intentdirfd)
+        except OSError as e:
+            raise io_error(e, f"mark object {oid_str(oid)}") from e
+        self._marked.add(oid)
+
+    def _unmark(self, oid: int) -> None:
+        """No sync: a mark that survives a crash only makes the store more lenient."""
+        self._marked.discard(oid)
+        self._clean_since.pop(oid, None)
+        unlink_missing_ok(os.path.join(self._intentdir, oid_str(oid)))
+
+    def _sweep_intents(self) -> None:
+        """Unmark the objects synced (no write since the last commit took them) and idle
+        for `intent_idle` seconds (loop thread, when a commit starts)."""
+        now = self._clock.monotonic()
+        if now - self._swept < min(1.0, self._intent_idle):
+            return
+        self._swept = now
+        for oid in self._marked - self._dirty:
+            if oid in self._torn:
+                continue
+            since = self._clean_since.setdefault(oid, now)
+            if now - since >= self._intent_idle:
+                self._unmark(oid)
+
+    def _heal(self, oid: int, offset: int, length: int) -> None:
+        """Blocks a write or discard covers whole are no longer torn."""
+        torn = self._torn.get(oid)
+        if torn is None:
+            return
+        _first, _last, lo, hi = sumfile.whole_blocks(offset, offset + length, self.object_size)
+        torn.difference_update(range(lo, hi))
+        if not torn:
+            del self._torn[oid]
+
+    def torn_blocks(self, oid: int) -> set[int]:
+        """The blocks of `oid` found torn on open and not resolved since."""
+        return set(self._torn.get(oid, ()))
 
     def set_object_size(self, n: int) -> None:
         if n <= 0:
@@ -315,7 +430,10 @@ class ObjectStore:
             fd = self._open(oid, create=create, epoch=epoch)
         else:
             self._fds.move_to_end(oid)
+        if oid not in self._marked:
+            self._mark(oid)
         self._dirty.add(oid)
+        self._clean_since.pop(oid, None)
         self._stale.add(oid)
         if epoch and self._written.get(oid, 0) < epoch:
             self._note_write(oid, epoch)
@@ -323,6 +441,9 @@ class ObjectStore:
             if fresh:
                 os.ftruncate(fd, 0)
                 os.ftruncate(self._sum_fds[oid], 0)
+                self._torn.pop(oid, None)
+            if self._torn:
+                self._heal(oid, offset, n)
             if n:
                 view = memoryview(data).cast("B")
                 sfd = self._sum_fds[oid]
@@ -431,18 +552,56 @@ class ObjectStore:
         except OSError as e:
             raise io_error(e, f"check object {oid_str(oid)}") from e
 
-    def restamp(self, oid: int, blocks: list[int]) -> None:
-        """Accept the data of `blocks` as it is: store the sums of what they hold now (when
-        no replica has a block that verifies, see checksum.py)."""
+    def accept_torn(self, oid: int, blocks: list[int]) -> list[int]:
+        """Accept the data of those of `blocks` that a crash tore (found on open) as it
+        is: store the sums of what they hold now, when no replica has a block that
+        verifies (checksum.py). The blocks accepted; any other block is rot and stays bad:
+        its data is never re-stamped."""
+        torn = self._torn.get(oid)
+        accept = sorted(b for b in blocks if torn is not None and b in torn)
+        if not accept:
+            return []
         fd = self._fd(oid)
+        if oid not in self._marked:
+            self._mark(oid)
         try:
-            for first, count in runs(sorted(blocks)):
+            for first, count in runs(accept):
                 os.pwrite(self._sum_fds[oid],
                           sumfile.from_file(fd, first, count, self.object_size),
                           first * SUM_SIZE)
         except OSError as e:
             raise io_error(e, f"restamp object {oid_str(oid)}") from e
         self._dirty.add(oid)
+        self._clean_since.pop(oid, None)
+        assert torn is not None
+        torn.difference_update(accept)
+        if not torn:
+            del self._torn[oid]
+        return accept
+
+    def _invalidate(self, oid: int, *, sync: bool = False) -> None:
+        """The object's fdatasync failed: what its blocks hold is no longer known to be
+        on disk, so none of them verifies until rewritten from a good replica (loop
+        thread, or close: then synced at once, as no commit follows)."""
+        sfd = self._sum_fds.get(oid)
+        try:
+            own = os.open(self._sum_path(oid), OPEN_FLAGS) if sfd is None else None
+        except FileNotFoundError:  # removed since
+            return
+        try:
+            fd = sfd if own is None else own
+            count = -(-self.object_size // SUM_BLOCK)
+            sums = unpack_sums(os.pread(fd, count * SUM_SIZE, 0), count)
+            os.pwrite(fd, struct.pack(f"<{count}Q", *(INVALID_SUM if v else 0 for v in sums)),
+                      0)
+            if sync:
+                os.fdatasync(fd)
+        finally:
+            if own is not None:
+                os.close(own)
+        self._torn.pop(oid, None)
+        self._dirty.add(oid)
+        self._clean_since.pop(oid, None)
 
     def exists(self, oid: int) -> bool:
         return oid in self._fds or (0 <= oid <= MAX_OID and os.path.exists(self._path(oid)))
@@ -475,6 +634,9 @@ class ObjectStore:
             raise io_error(e, f"remove object {oid_str(oid)}") from e
         self._used_blocks -= blocks
         self._dirty.discard(oid)
+        self._torn.pop(oid, None)
+        if oid in self._marked:
+            self._unmark(oid)
         self._pending_new.pop(oid, None)
         self._written.pop(oid, None)
         self._pending_drop.add(oid)
@@ -496,10 +658,15 @@ class ObjectStore:
             fd = self._fd(oid)
         except NoObject:
             return
+        if oid not in self._marked:
+            self._mark(oid)
         self._dirty.add(oid)
+        self._clean_since.pop(oid, None)
         self._stale.add(oid)
         if epoch and self._written.get(oid, 0) < epoch:
             self._note_write(oid, epoch)
+        if self._torn:
+            self._heal(oid, offset, length)
         try:
             deallocate(fd, offset, length)
             sumfile.after_discard(fd, self._sum_fds[oid], offset, length, self.object_size)
@@ -539,6 +706,8 @@ class ObjectStore:
             raise StoreIOError("object store is closed")
         oids = None if fua_oids is None else set(fua_oids)
         if not self._has_work(oids):
+            if self._marked and self._commits.job is None:
+                self._sweep_intents()  # what the last commit synced may be unmarked
             # whatever was dirty is already covered by the commit running now, if any
             await self._commits.wait_running()
             return
@@ -546,6 +715,8 @@ class ObjectStore:
 
     def _take_job(self, full: bool, oids: set[int]) -> CommitJob:
         """Move what the next commit covers out of the store's state (loop thread)."""
+        if self._marked:
+            self._sweep_intents()
         if full:
             take = self._dirty
             self._dirty = set()
@@ -563,7 +734,14 @@ class ObjectStore:
 
     def _finish_job(self, job: CommitJob) -> None:
         """A commit is over (loop thread, or close): a failed one's work goes back to
-        pending."""
+        pending, and the objects whose sync failed are no longer trusted."""
+        for oid in sorted(job.failed):
+            log.error("object %s: fdatasync failed; its data is no longer trusted and must "
+                      "come back from another replica", oid_str(oid))
+            try:
+                self._invalidate(oid, sync=self._closed)
+            except (OSError, SheepError) as e:
+                log.error("object %s: cannot invalidate its sums: %s", oid_str(oid), e)
         if job.error is not None:
             self._dirty |= {oid for oid in job.oids if oid not in self._pending_drop}
             self._pending_new, self._pending_drop = merge_batches(
@@ -595,6 +773,7 @@ class ObjectStore:
                     os.fdatasync(dup)
                 except OSError as e:
                     first_error = first_error or e
+                    job.failed.add(oid)
                 finally:
                     if dup is not None:
                         os.close(dup)
@@ -617,6 +796,7 @@ class ObjectStore:
         waiters = self._commits.shutdown()
         job = self._take_job(True, set())
         self._run_job(job)
+        self._finish_job(job)
         job.finished = True
         if waiters is not None and not waiters.done():
             try:
@@ -626,6 +806,10 @@ class ObjectStore:
                     waiters.set_exception(job.error)
             except RuntimeError:  # its loop is closed: nobody is waiting any more
                 pass
+        if job.error is None and not self._dirty:  # everything synced: nothing is torn now
+            for oid in list(self._marked):
+                if oid not in self._torn:
+                    self._unmark(oid)
         for fd in (*self._fds.values(), *self._sum_fds.values()):
             os.close(fd)
         self._fds.clear()
@@ -633,6 +817,7 @@ class ObjectStore:
         self._blocks.clear()
         os.close(self._dirfd)
         os.close(self._sumdirfd)
+        os.close(self._intentdirfd)
         self.meta.close()
         if job.error is not None:
             raise job.error

@@ -4,6 +4,11 @@ with repair, bad or missing replicas are rewritten from a good one.
 A good copy is the content most replicas agree on; a replica that alone differs from an
 agreeing majority is the bad one. With no majority (all differ, or a 1-1 split) nothing can
 tell which is right, so the object is reported and left alone.
+
+A replica that fails its checksums is never a source. When no replica verifies, the object
+is read once as a client reads it (each node then repairs, or accepts a block a crash tore
+mid-write: node/repair.py) and checked again; what still verifies nowhere is lost data:
+reported, unrepairable, never rewritten from an unverified copy.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from sheep.cluster.state import NodeInfo
 from sheep.errors import Corrupt, NoObject
 from sheep.objclient import ObjectClient
 from sheep.oid import oid_str
@@ -94,12 +98,13 @@ async def check_objects(
 
 
 async def _check_object(
-    client: ObjectClient, oid: int, size: int, repair: bool, report: CheckReport
+    client: ObjectClient, oid: int, size: int, repair: bool, report: CheckReport,
+    *, again: bool = True,
 ) -> None:
     copies: dict[str, bytes | None] = {}
     problems: dict[str, str] = {}
     nodes = client.replicas(oid)
-    corrupt: dict[str, bytes | None] = {}
+    corrupt = False
     for node in nodes:
         try:
             copies[node.node_id] = await client.read_replica(node, oid, 0, size)
@@ -109,12 +114,18 @@ async def _check_object(
         except Corrupt:
             copies[node.node_id] = None
             problems[node.node_id] = "corrupt"
-            corrupt[node.node_id] = await _read_raw(client, node, oid, size)
+            corrupt = True
         except Exception:
             copies[node.node_id] = None
             problems[node.node_id] = "unreadable"
-    if corrupt and all(data is None for data in copies.values()):
-        copies.update(corrupt)  # no replica verifies: vote on the data as it is
+    if corrupt and again and all(data is None for data in copies.values()):
+        try:  # no replica verifies: let the nodes repair, or accept torn blocks
+            await client.read(oid, 0, size)
+        except Exception:
+            pass  # lost: reported below
+        else:
+            await _check_object(client, oid, size, repair, report, again=False)
+            return
     digests = {nid: xxhash.xxh3_64_intdigest(data) for nid, data in copies.items()
                if data is not None}
     votes = Counter(digests.values())
@@ -139,9 +150,3 @@ async def _check_object(
             finding.repaired = True
         report.findings.append(finding)
 
-
-async def _read_raw(client: ObjectClient, node: NodeInfo, oid: int, size: int) -> bytes | None:
-    try:
-        return await client.read_replica(node, oid, 0, size, raw=True)
-    except Exception:
-        return None

@@ -52,3 +52,39 @@ async def test_a_change_without_fua_replies_at_once(
     reply = await door.request(opcode, oid=OID, offset=0, length=4096, epoch=1)
     assert reply.result == Result.OK
     assert store.commits == before
+
+
+async def test_failed_fdatasync_fails_the_flush_and_the_data_is_never_read_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed fdatasync the page cache's copy is not trusted: the FLUSH fails
+    (NBD EIO), and with no other replica to repair from, reads fail too (CORRUPT: NBD
+    EIO), also after a later flush that succeeds."""
+    import errno
+    import os
+
+    from sheep.node.repair import Repairer
+
+    from .test_repair import ME, Pool, View
+
+    store = ObjectStore(tmp_path / "store", object_size=SIZE)
+    repairer = Repairer("me", store, View([ME]), Pool({}))  # type: ignore[arg-type]
+    door = InProcess(ObjectService(store, lambda: 1, repair=repairer.repair))
+    try:
+        reply = await door.request(Opcode.CREATE, oid=OID, payload=b"x" * SIZE, epoch=1)
+        assert reply.result == Result.OK
+        real, failed = os.fdatasync, []
+
+        def fail_once(fd: int) -> None:
+            if not failed:
+                failed.append(fd)
+                raise OSError(errno.EIO, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fail_once)
+        assert (await door.request(Opcode.FLUSH, epoch=1)).result == Result.IO_ERROR
+        assert (await door.request(Opcode.FLUSH, epoch=1)).result == Result.OK
+        reply = await door.request(Opcode.READ, oid=OID, offset=0, length=4096, epoch=1)
+        assert reply.result == Result.CORRUPT
+        assert repairer.stats.lost == 1 and repairer.stats.accepted == 0
+    finally:
+        store.close()

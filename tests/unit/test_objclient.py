@@ -12,7 +12,7 @@ import pytest
 
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.dataplane.wire import Flags, Opcode
-from sheep.errors import ClusterError, NoObject, Result, StoreIOError
+from sheep.errors import ClusterError, Corrupt, NoObject, Result, StoreIOError
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
 from sheep.oid import data_oid
@@ -217,6 +217,17 @@ async def test_a_read_falls_back_to_the_next_replica(scene: Scene, failure: str)
 async def test_a_read_no_replica_has_is_no_object_at_once(scene: Scene) -> None:
     with pytest.raises(NoObject):
         await scene.client.read(OID, 0, 10)
+    assert scene.clock.slept == []
+
+
+async def test_a_read_every_replica_finds_corrupt_is_an_error_at_once(scene: Scene) -> None:
+    """Each replica tried to repair the block and found no good copy: lost data is an
+    I/O error to the reader (NBD EIO), not a wait for a ring that will not help."""
+    await scene.client.write(OID, 0, b"rot")
+    for peer in scene.replicas():
+        peer.corrupt.add(OID)
+    with pytest.raises(Corrupt):
+        await scene.client.read(OID, 0, 3)
     assert scene.clock.slept == []
 
 

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from sheep.errors import NoSpace, ReadOnly
+from sheep.errors import Corrupt, NoSpace, ReadOnly
 from sheep.gateway.scsi import (
     BlockLimits,
     Lun,
@@ -738,6 +738,19 @@ async def test_backend_read_error_is_unrecovered_read_error():
     lun, backend = make()
     backend.fail = OSError("replica lost")
     assert sense_of(await lun.execute(rw10(0x28, 0, 1))) == (SenseKey.MEDIUM_ERROR, 0x11, 0)
+
+
+async def test_data_bad_on_every_replica_is_unrecovered_read_error():
+    lun, backend = make()
+    backend.fail = Corrupt("block(s) [0] fail their checksums on every replica", [0])
+    assert sense_of(await lun.execute(rw10(0x28, 0, 1))) == (SenseKey.MEDIUM_ERROR, 0x11, 0)
+
+
+def test_data_bad_on_every_replica_is_eio_over_nbd():
+    from sheep.gateway.nbd.server import nbd_errno
+    from sheep.gateway.nbd.wire import Errno
+
+    assert nbd_errno(Corrupt("lost", [0])) == Errno.EIO
 
 
 async def test_backend_write_error_is_write_error():

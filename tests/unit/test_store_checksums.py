@@ -3,14 +3,17 @@ mistaken for data loss, every write and discard keeps the sums true."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sheep.errors import Corrupt
+from sheep.errors import Corrupt, StoreIOError
 from sheep.oid import data_oid, oid_str
 from sheep.store import ObjectStore
 from sheep.store.checksum import SUM_BLOCK
@@ -65,12 +68,17 @@ def test_check_object_lists_every_bad_block(store: ObjectStore, tmp_path: Path) 
     assert store.check_object(OID) == [0, 9, 63]
 
 
-def test_restamp_accepts_the_data_a_block_holds(store: ObjectStore, tmp_path: Path) -> None:
+def test_rot_is_never_accepted(store: ObjectStore, tmp_path: Path) -> None:
+    """A block that rots while the store runs was not torn by any crash: its data is
+    never re-stamped, and it stays unreadable until rewritten from a good copy."""
     store.write(OID, 0, b"\x22" * 2 * SUM_BLOCK)
     flip(tmp_path, OID, SUM_BLOCK)
-    store.restamp(OID, [1])
-    assert store.read(OID, SUM_BLOCK, 1) == b"\xdd"
-    assert store.check_object(OID) == []
+    assert store.accept_torn(OID, [1]) == []
+    with pytest.raises(Corrupt):
+        store.read(OID, SUM_BLOCK, 1)
+    assert store.check_object(OID) == [1]
+    store.write(OID, SUM_BLOCK, b"\x33" * SUM_BLOCK)  # a repair's whole-block write
+    assert store.read(OID, SUM_BLOCK, 1) == b"\x33"
 
 
 def test_unaligned_writes_and_discards_keep_every_sum_true(store: ObjectStore) -> None:
@@ -101,16 +109,134 @@ def test_never_written_blocks_verify_as_zeros(store: ObjectStore) -> None:
     assert store.read(OID, 0, OBJECT)[: 10 * SUM_BLOCK] == bytes(10 * SUM_BLOCK)
 
 
-def test_data_written_without_its_sum_is_caught_then_restamped(store: ObjectStore,
-                                                               tmp_path: Path) -> None:
-    """A crash between the data and the sum write: the block is suspect, not lost."""
+def crash(root: Path, store: ObjectStore) -> Path:
+    """What a kill -9 of the store leaves on disk: its directory as it is now, with no
+    close (so no final commit, and its write-intent marks left in place)."""
+    copy = root.parent / (root.name + "-crashed")
+    shutil.copytree(root, copy)
+    return copy
+
+
+def test_data_written_without_its_sum_is_caught_then_accepted(store: ObjectStore,
+                                                              tmp_path: Path) -> None:
+    """A crash between the data and the sum write (new data, old sum): the block is a
+    torn write, suspect but not lost, and no replica having it good, it is accepted."""
     store.write(OID, 0, b"old!" * 1024)
     with open(tmp_path / "obj" / oid_str(OID), "r+b") as f:
         f.write(b"new!" * 1024)
+    with ObjectStore(crash(tmp_path, store), object_size=OBJECT) as after:
+        assert after.torn_blocks(OID) == {0}
+        with pytest.raises(Corrupt):
+            after.read(OID, 0, 4)
+        assert after.accept_torn(OID, [0]) == [0]
+        assert after.read(OID, 0, 4) == b"new!"
+        assert after.torn_blocks(OID) == set()
+
+
+def test_a_crash_tears_only_what_it_cut(store: ObjectStore, tmp_path: Path) -> None:
+    """After a crash, only the blocks that failed on open count as torn: rot found
+    later in the same object is still rot."""
+    store.write(OID, 0, b"old!" * 2048)
+    with open(tmp_path / "obj" / oid_str(OID), "r+b") as f:
+        f.write(b"new!" * 1024)
+    with ObjectStore(crash(tmp_path, store), object_size=OBJECT) as after:
+        flip(after.root, OID, SUM_BLOCK)
+        assert after.check_object(OID) == [0, 1]
+        assert after.accept_torn(OID, [0, 1]) == [0]
+        with pytest.raises(Corrupt):
+            after.read(OID, SUM_BLOCK, 4)
+
+
+def test_rot_in_an_object_synced_before_the_crash_is_rot(tmp_path: Path) -> None:
+    """An object synced and idle is unmarked: after a crash its mismatches are rot."""
+    s = ObjectStore(tmp_path, object_size=OBJECT, intent_idle=0)
+    try:
+        s.write(OID, 0, b"old!" * 1024)
+        asyncio.run(s.flush())
+        asyncio.run(s.flush())  # a later commit finds it synced and idle
+        assert not (tmp_path / "intent" / oid_str(OID)).exists()
+        flip(tmp_path, OID, 0)
+        with ObjectStore(crash(tmp_path, s), object_size=OBJECT) as after:
+            assert after.torn_blocks(OID) == set()
+            assert after.accept_torn(OID, [0]) == []
+            with pytest.raises(Corrupt):
+                after.read(OID, 0, 4)
+    finally:
+        s.close()
+
+
+def test_first_write_marks_the_object_durably_before_its_data(store: ObjectStore,
+                                                              tmp_path: Path,
+                                                              monkeypatch) -> None:
+    order: list[str] = []
+    real_fsync, real_pwrite = os.fsync, os.pwrite
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "pwrite",
+                        lambda fd, b, off: (order.append("pwrite"), real_pwrite(fd, b, off))[1])
+    store.write(OID, 0, b"x" * SUM_BLOCK)
+    assert (tmp_path / "intent" / oid_str(OID)).exists()
+    assert order[0] == "fsync" and "pwrite" in order
+    order.clear()
+    store.write(OID, SUM_BLOCK, b"y" * SUM_BLOCK)  # marked already: no sync on the way
+    assert "fsync" not in order
+
+
+def test_clean_close_leaves_no_marks(tmp_path: Path) -> None:
+    with ObjectStore(tmp_path, object_size=OBJECT) as s:
+        s.write(OID, 0, b"q" * 10)
+        assert list((tmp_path / "intent").iterdir()) != []
+    assert list((tmp_path / "intent").iterdir()) == []
+
+
+def test_failed_fdatasync_makes_the_object_untrusted(store: ObjectStore,
+                                                     monkeypatch) -> None:
+    """After a failed fdatasync the page cache no longer holds what was written: the
+    flush fails, and no block of the object verifies (reads raise Corrupt, so the node
+    repairs them from other replicas), even after a later sync succeeds."""
+    store.write(OID, 0, b"a" * 3 * SUM_BLOCK)
+    real = os.fdatasync
+    failed: list[int] = []
+
+    def fail_once(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fail_once)
+    with pytest.raises(StoreIOError):
+        asyncio.run(store.flush())
+    asyncio.run(store.flush())  # the retry "succeeds": the data is still not trusted
+    with pytest.raises(Corrupt) as caught:
+        store.read(OID, 0, 3 * SUM_BLOCK)
+    assert caught.value.blocks == [0, 1, 2]
+    assert store.accept_torn(OID, [0, 1, 2]) == []  # never accepted either
+    assert store.read(OID, 3 * SUM_BLOCK, 10) == bytes(10)  # never written: still zeros
+    store.write(OID, 0, b"b" * SUM_BLOCK)  # a repair rewrites a block whole: it verifies
+    assert store.read(OID, 0, 4) == b"bbbb"
     with pytest.raises(Corrupt):
-        store.read(OID, 0, 4)
-    store.restamp(OID, [0])
-    assert store.read(OID, 0, 4) == b"new!"
+        store.read(OID, SUM_BLOCK, 4)
+
+
+def test_untrusted_object_stays_untrusted_after_a_crash(store: ObjectStore, tmp_path: Path,
+                                                        monkeypatch) -> None:
+    store.write(OID, 0, b"a" * SUM_BLOCK)
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fail_first(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fail_first)
+    with pytest.raises(StoreIOError):
+        asyncio.run(store.flush())
+    with ObjectStore(crash(tmp_path, store), object_size=OBJECT) as after:
+        assert after.torn_blocks(OID) == set()  # invalidated is not torn
+        with pytest.raises(Corrupt):
+            after.read(OID, 0, 4)
 
 
 def test_fresh_write_forgets_the_old_sums(store: ObjectStore) -> None:
