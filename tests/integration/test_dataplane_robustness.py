@@ -285,7 +285,7 @@ def test_peer_gone_before_its_durable_write_is_acknowledged(target: Target) -> N
 # -- request errors are replies, and the connection stays usable ------------------------------
 
 
-@pytest.mark.parametrize("opcode", [0, 11, 99, 255])
+@pytest.mark.parametrize("opcode", [0, 12, 99, 255])
 def test_unknown_opcode_replies_unknown_op_and_the_connection_stays_usable(
     target: Target, opcode: int
 ) -> None:
