@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from sheep.localcluster import LaunchError, NodeProcess, free_port, stop_processes
 from sheep.objclient import open_client
+from sheep.oid import ObjType, oid_type
 
 BIN = Path(sys.executable).parent
 
@@ -328,6 +330,16 @@ def objects_on_disk(cluster: Cluster) -> dict[int, set[int]]:
         names = [p.name for p in objdir.iterdir()] if objdir.is_dir() else []
         found[i] = {int(n, 16) for n in names if len(n) == 16}
     return found
+
+
+def vdi_with_one_object(cluster: Cluster, name: str, seed: int) -> tuple[bytes, int]:
+    """A 16 MiB VDI whose first object holds 4 MiB of random data: (the data, its oid)."""
+    data = random.Random(seed).randbytes(4 << 20)
+    dog("vdi", "create", name, "16M", address=cluster.address)
+    dog_bytes("vdi", "write", name, address=cluster.address, input=data)
+    (oid,) = {o for o in set().union(*objects_on_disk(cluster).values())
+              if oid_type(o) == ObjType.DATA}
+    return data, oid
 
 
 def all_objects_on_disk(cluster: Cluster) -> set[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 
 from sheep.dataplane.client import PeerPool
 from sheep.dataplane.wire import Opcode
-from sheep.oid import ObjType, oid_type
 from sheep.store.checksum import SUM_BLOCK
 
 from ..cluster import (
@@ -26,7 +24,7 @@ from ..cluster import (
     dog_bytes,
     dog_json,
     object_path,
-    objects_on_disk,
+    vdi_with_one_object,
     wait_until,
 )
 from .test_nbd import NbdClient
@@ -40,12 +38,7 @@ VDI = "disk"
 @pytest.fixture
 def written(nbd_cluster: Cluster) -> tuple[bytes, int]:
     """A VDI whose first block holds random data: (the data, that block's oid)."""
-    data = random.Random(5).randbytes(4 * MiB)
-    dog("vdi", "create", VDI, "16M", address=nbd_cluster.address)
-    dog_bytes("vdi", "write", VDI, address=nbd_cluster.address, input=data)
-    (oid,) = {o for o in set().union(*objects_on_disk(nbd_cluster).values())
-              if oid_type(o) == ObjType.DATA}
-    return data, oid
+    return vdi_with_one_object(nbd_cluster, VDI, 5)
 
 
 def _rot(path: Path, offset: int, length: int = 16) -> None:

@@ -14,10 +14,15 @@ from pathlib import Path
 import pytest
 
 from sheep.etcd_server import EtcdServer
-from sheep.oid import ObjType, oid_type
 from sheep.store.checksum import SUM_BLOCK
 
-from ..cluster import Cluster, dog, dog_bytes, object_path, objects_on_disk, start_cluster
+from ..cluster import (
+    Cluster,
+    dog,
+    object_path,
+    start_cluster,
+    vdi_with_one_object,
+)
 from .test_nbd import NbdClient, NbdError
 
 pytestmark = pytest.mark.slow
@@ -38,16 +43,6 @@ def two_copies(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
     c = start_cluster(tmp_path / "cluster", etcd.url, nodes=2, copies=2, nbd=True)
     yield c
     c.stop()
-
-
-def write_vdi(cluster: Cluster) -> tuple[bytes, int]:
-    """A VDI whose first object holds random data: (the data, its oid)."""
-    data = random.Random(15).randbytes(4 * MiB)
-    dog("vdi", "create", VDI, "16M", address=cluster.address)
-    dog_bytes("vdi", "write", VDI, address=cluster.address, input=data)
-    (oid,) = {o for o in set().union(*objects_on_disk(cluster).values())
-              if oid_type(o) == ObjType.DATA}
-    return data, oid
 
 
 def flip(path: Path, offset: int) -> None:
@@ -85,7 +80,7 @@ ROT = 3 * SUM_BLOCK + 1234
 
 
 def test_rot_with_one_copy_is_eio_and_listed_by_check(one_copy: Cluster) -> None:
-    data, oid = write_vdi(one_copy)
+    data, oid = vdi_with_one_object(one_copy, VDI, 15)
     restart(one_copy, kill=False)  # a clean stop: nothing was being written
     flip(object_path(one_copy.nodes[0], oid), ROT)
     with pytest.raises(NbdError) as caught:
@@ -103,7 +98,7 @@ def test_rot_with_one_copy_is_eio_and_listed_by_check(one_copy: Cluster) -> None
 
 
 def test_rot_in_one_of_two_copies_is_repaired(two_copies: Cluster) -> None:
-    data, oid = write_vdi(two_copies)
+    data, oid = vdi_with_one_object(two_copies, VDI, 15)
     flip(object_path(two_copies.nodes[0], oid), ROT)
     assert nbd_read(two_copies, 0, 4 * MiB) == data
     copies = {object_path(n, oid).read_bytes().ljust(4 * MiB, b"\0") for n in two_copies.nodes}
@@ -111,7 +106,7 @@ def test_rot_in_one_of_two_copies_is_repaired(two_copies: Cluster) -> None:
 
 
 def test_rot_in_both_copies_is_eio(two_copies: Cluster) -> None:
-    _data, oid = write_vdi(two_copies)
+    _data, oid = vdi_with_one_object(two_copies, VDI, 15)
     for node in two_copies.nodes:
         flip(object_path(node, oid), ROT)
     with pytest.raises(NbdError) as caught:
@@ -124,7 +119,7 @@ def test_rot_in_both_copies_is_eio(two_copies: Cluster) -> None:
 def test_torn_write_after_kill_9_is_kept_not_reported_as_rot(one_copy: Cluster) -> None:
     """kill -9 while a block was being written, and the data page reached the disk but
     not its sum: new data, old sum. An unacknowledged write, readable afterwards."""
-    data, oid = write_vdi(one_copy)
+    data, oid = vdi_with_one_object(one_copy, VDI, 15)
     node = one_copy.nodes[0]
     node.kill()
     new = random.Random(16).randbytes(SUM_BLOCK)
