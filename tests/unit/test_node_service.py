@@ -15,6 +15,8 @@ from sheep.node.service import InProcess, ObjectService
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
 
+from ..fakes.faults import fail_fdatasync_once
+
 SIZE = 1 << 16
 OID = data_oid(7, 3)
 
@@ -59,8 +61,6 @@ async def test_failed_fdatasync_fails_the_flush_and_the_data_is_never_read_back(
     """After a failed fdatasync the page cache's copy is not trusted: the FLUSH fails
     (NBD EIO), and with no other replica to repair from, reads fail too (CORRUPT: NBD
     EIO), also after a later flush that succeeds."""
-    import errno
-    import os
 
     from sheep.node.repair import Repairer
 
@@ -72,15 +72,7 @@ async def test_failed_fdatasync_fails_the_flush_and_the_data_is_never_read_back(
     try:
         reply = await door.request(Opcode.CREATE, oid=OID, payload=b"x" * SIZE, epoch=1)
         assert reply.result == Result.OK
-        real, failed = os.fdatasync, []
-
-        def fail_once(fd: int) -> None:
-            if not failed:
-                failed.append(fd)
-                raise OSError(errno.EIO, "Input/output error")
-            real(fd)
-
-        monkeypatch.setattr(os, "fdatasync", fail_once)
+        fail_fdatasync_once(monkeypatch)
         assert (await door.request(Opcode.FLUSH, epoch=1)).result == Result.IO_ERROR
         assert (await door.request(Opcode.FLUSH, epoch=1)).result == Result.OK
         reply = await door.request(Opcode.READ, oid=OID, offset=0, length=4096, epoch=1)

@@ -18,6 +18,8 @@ from sheep.oid import data_oid, oid_str
 from sheep.store import ObjectStore
 from sheep.store.checksum import SUM_BLOCK
 
+from ..fakes.faults import fail_fdatasync_once
+
 OBJECT = 256 * 1024
 OID = data_oid(7, 3)
 
@@ -194,16 +196,7 @@ def test_failed_fdatasync_makes_the_object_untrusted(store: ObjectStore,
     flush fails, and no block of the object verifies (reads raise Corrupt, so the node
     repairs them from other replicas), even after a later sync succeeds."""
     store.write(OID, 0, b"a" * 3 * SUM_BLOCK)
-    real = os.fdatasync
-    failed: list[int] = []
-
-    def fail_once(fd: int) -> None:
-        if not failed:
-            failed.append(fd)
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fail_once)
+    fail_fdatasync_once(monkeypatch)
     with pytest.raises(StoreIOError):
         asyncio.run(store.flush())
     asyncio.run(store.flush())  # the retry "succeeds": the data is still not trusted
