@@ -4,7 +4,6 @@ mistaken for data loss, every write and discard keeps the sums true."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import random
 import shutil
@@ -214,16 +213,7 @@ def test_failed_fdatasync_makes_the_object_untrusted(store: ObjectStore,
 def test_untrusted_object_stays_untrusted_after_a_crash(store: ObjectStore, tmp_path: Path,
                                                         monkeypatch) -> None:
     store.write(OID, 0, b"a" * SUM_BLOCK)
-    real = os.fdatasync
-    calls: list[int] = []
-
-    def fail_first(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", fail_first)
+    fail_fdatasync_once(monkeypatch)
     with pytest.raises(StoreIOError):
         asyncio.run(store.flush())
     with ObjectStore(crash(tmp_path, store), object_size=OBJECT) as after:
