@@ -462,3 +462,26 @@ def test_reads_whose_replies_are_never_taken_cost_a_bounded_backlog(target: Targ
     finally:
         hostile.abort()
     target.assert_healthy()
+
+
+def test_digest_requests_never_read_cost_a_bounded_amount(target: Target) -> None:
+    """DIGEST reads a whole object for an 8-byte answer: a flood of them, none read back,
+    holds no more than one object's read at a time, and others are served meanwhile."""
+    oid = next(target.oids)
+    writer = target.connect()
+    assert writer.call(Opcode.CREATE, next(target.ids), b"d" * 4096, epoch=target.epoch,
+                       oid=oid).result == Result.OK
+    writer.close()
+    before = rss(target.node.proc.pid)  # type: ignore[union-attr]
+    hostile = target.connect()
+    try:
+        hostile.send(b"".join(pack_header(Opcode.DIGEST, 1 << 21 | i, oid=oid)
+                              for i in range(500)))
+        target.assert_healthy()
+        grown = rss(target.node.proc.pid) - before  # type: ignore[union-attr]
+        assert grown < 64 << 20, f"the node grew by {grown >> 20} MiB"
+        first = hostile.recv_reply()
+        assert first.result == Result.OK and len(first.payload) == 8
+    finally:
+        hostile.abort()
+    target.assert_healthy()
