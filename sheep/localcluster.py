@@ -26,6 +26,7 @@ from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.etcd_server import EtcdServer
 from sheep.node.ready import read_ready_file, remove_ready_file
+from sheep.security.local import LocalPki, node_args
 
 READY_TIMEOUT = 60.0  # s for nodes to serve and the cluster to list them all
 STOP_TIMEOUT = 15.0  # s from SIGTERM to SIGKILL
@@ -241,8 +242,12 @@ class LocalCluster:
         node_names: Callable[[int], str] = lambda i: "",
         own_session: bool = False,
         die_with_parent: bool = False,
+        secure: bool = False,
     ) -> None:
         self.root = root
+        # secure: a CA and certificates in ROOT/pki (sheep/security/local.py), each node
+        # started with its own, and ROOT/dog.conf naming the admin's
+        self.pki = LocalPki.ensure(root, nodes) if secure else None
         client, peer = etcd_ports or (free_port(), free_port())
         self.etcd = EtcdServer(root / "etcd", client, peer, root / "etcd.log")
         self.prefix = prefix
@@ -250,7 +255,9 @@ class LocalCluster:
         data_ports = data_ports or [0] * nodes
         self.nodes = [
             NodeProcess(root / f"node{i}", control_ports[i], self.etcd_url,
-                        extra=list(node_extra(i)), data_port=data_ports[i],
+                        extra=[*(node_args(self.pki.node(i)) if self.pki else []),
+                               *node_extra(i)],
+                        data_port=data_ports[i],
                         name=node_names(i), own_session=own_session,
                         die_with_parent=die_with_parent)
             for i in range(nodes)

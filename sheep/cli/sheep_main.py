@@ -38,6 +38,18 @@ def install_event_loop_policy() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sheep.node.daemon import NodeOptions, run_node
+    from sheep.security.identity import Identity
+    from sheep.security.pki import PkiError
+
+    given = [f for f in (args.ca, args.cert, args.key) if f]
+    if given and len(given) != 3:
+        print("sheep: --ca, --cert and --key go together", file=sys.stderr)
+        return 1
+    try:
+        identity = Identity.load(args.ca, args.cert, args.key) if given else None
+    except PkiError as exc:
+        print(f"sheep: {exc}", file=sys.stderr)
+        return 1
 
     opts = NodeOptions(
         dir=Path(args.dir),
@@ -59,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         full_ratio=args.full_ratio,
         scrub_interval=args.scrub_interval,
         ready_file=Path(args.ready_file) if args.ready_file else None,
+        identity=identity,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -147,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ready-file", metavar="PATH",
                      help="once the node serves, write PATH (JSON: pid and bound ports, "
                           "written whole); removed when the node stops. Launchers wait for it")
+    tls = run.add_argument_group(
+        "identity", "the node's certificate from its cluster's CA (`sheep up` makes them; "
+        "`dog cluster certs` for your own CA): every plane then authenticates its peers")
+    tls.add_argument("--ca", default="", metavar="FILE", help="the cluster CA's certificate")
+    tls.add_argument("--cert", default="", metavar="FILE", help="this node's certificate")
+    tls.add_argument("--key", default="", metavar="FILE", help="its key (mode 0600)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 

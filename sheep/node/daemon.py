@@ -41,6 +41,7 @@ from sheep.node.repair import Repairer
 from sheep.node.scrub import Replicas, Scrubber
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
+from sheep.security.identity import Identity
 from sheep.store import ObjectStore
 from sheep.store.fileio import private_dir
 from sheep.store.space import FULL_RATIO
@@ -86,6 +87,7 @@ class NodeOptions:
     iscsi_chap_file: str = ""  # file: USER:SECRET initiators must prove (CHAP), every target
     iscsi_mutual_chap_file: str = ""  # file: USER:SECRET we prove to them (mutual CHAP)
     ready_file: Path | None = None  # written once the node serves (sheep/node/ready.py)
+    identity: Identity | None = None  # None: an open node (loopback only)
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
