@@ -20,9 +20,11 @@ import grpc
 from sheep.children import Child
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.control.channel import aio_channel
 from sheep.etcd_server import EtcdNotInstalled
 from sheep.localcluster import LocalCluster
 from sheep.output import unbreakable_output
+from sheep.security import config
 from sheep.units import format_size
 
 ETCD_CLIENT_OFFSET = 379
@@ -65,6 +67,7 @@ class EmbeddedCluster:
             node_names=lambda i: f"node {i}",
             own_session=True,  # Ctrl-C reaches sheep up only, which stops them
             die_with_parent=True,
+            secure=True,  # its CA and certificates in ROOT/pki, made on first start
         )
         self.etcd = self.cluster.etcd
         self.etcd_child = Child("etcd", self.etcd.log_path, self._launch_etcd)
@@ -119,6 +122,7 @@ class EmbeddedCluster:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        self.cluster.write_dog_config()
         self.etcd_child.start()
         self._check_children()
         for child in self.node_children:
@@ -152,6 +156,14 @@ class EmbeddedCluster:
         for child in (self.etcd_child, *self.node_children):
             if child.dead():
                 raise RuntimeError(child.death())
+
+    def _dog_config(self) -> str:
+        """Where dog finds this cluster: said as `export SHEEP_CONFIG=...` unless dog finds
+        it by itself from here (./var/dog.conf)."""
+        path = self.root / "dog.conf"
+        if config.DEFAULT.exists() and config.DEFAULT.resolve() == path:
+            return f"{config.DEFAULT} (dog finds it from this directory)"
+        return f"{path} (export {config.ENV}={path})"
 
     def _console_attached(self) -> bool:
         return self._demo is not None and not self._demo.done()
@@ -196,7 +208,7 @@ class EmbeddedCluster:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: terminal closed
             loop.add_signal_handler(sig, request_stop)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.control_port(0)}") as channel:
+        async with aio_channel(self.cluster.address, self.cluster.admin) as channel:
             stub = pb_grpc.ControlStub(channel)
             if await self._wait_and_format() is None:
                 return
@@ -214,7 +226,9 @@ class EmbeddedCluster:
                   f"iqn.2026-11.io.sheep:VDI per VDI, LUN 0 (iqn.2026-11.io.sheep:VDI:TAG "
                   f"is a read-only snapshot; iscsi-ls iscsi://127.0.0.1:{self.iscsi_port})",
                   flush=True)
-            print(f"try: dog vdi create disk 10G -a 127.0.0.1:{self.control_port(0)}; "
+            print(f"dog: its address and the admin's certificate are in {self._dog_config()}",
+                  flush=True)
+            print(f"try: dog vdi create disk 10G; "
                   f"qemu-img info nbd://127.0.0.1:{self.nbd_port}/disk   (Ctrl-C stops)",
                   flush=True)
             if self.vm:

@@ -10,6 +10,7 @@ then SIGKILL after a deadline shared by all the processes being stopped). A node
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import subprocess
@@ -24,8 +25,10 @@ import grpc
 from sheep.children import death_line, die_with_parent
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.control.channel import sync_channel
 from sheep.etcd_server import EtcdServer
 from sheep.node.ready import read_ready_file, remove_ready_file
+from sheep.security.identity import Identity
 from sheep.security.local import LocalPki, node_args
 
 READY_TIMEOUT = 60.0  # s for nodes to serve and the cluster to list them all
@@ -184,17 +187,19 @@ def wait_ready(nodes: list[NodeProcess], timeout: float = READY_TIMEOUT,
         time.sleep(POLL)
 
 
-def _control(address: str) -> tuple[grpc.Channel, pb_grpc.ControlStub]:
-    channel = grpc.insecure_channel(address)
+def _control(address: str, identity: Identity | None) -> tuple[grpc.Channel,
+                                                                pb_grpc.ControlStub]:
+    channel = sync_channel(address, identity)
     return channel, pb_grpc.ControlStub(channel)
 
 
 def wait_members(address: str, count: int, timeout: float = READY_TIMEOUT,
-                 check: Callable[[], None] | None = None) -> pb.NodeListReply:
+                 check: Callable[[], None] | None = None,
+                 identity: Identity | None = None) -> pb.NodeListReply:
     """Until the node at `address` lists at least `count` members of the current epoch,
     every one of them reachable."""
     deadline = time.monotonic() + timeout
-    channel, stub = _control(address)
+    channel, stub = _control(address, identity)
     with channel:
         while True:
             if check is not None:
@@ -210,15 +215,16 @@ def wait_members(address: str, count: int, timeout: float = READY_TIMEOUT,
             time.sleep(0.2)
 
 
-def cluster_info(address: str) -> pb.ClusterInfoReply:
-    channel, stub = _control(address)
+def cluster_info(address: str, identity: Identity | None = None) -> pb.ClusterInfoReply:
+    channel, stub = _control(address, identity)
     with channel:
         return stub.ClusterInfo(pb.Empty(), timeout=5)
 
 
-def format_cluster(address: str, copies: int, object_size: int = 0) -> pb.ClusterInfoReply:
+def format_cluster(address: str, copies: int, object_size: int = 0,
+                   identity: Identity | None = None) -> pb.ClusterInfoReply:
     """`dog cluster format` (object_size 0: the default); the formatted cluster's info."""
-    channel, stub = _control(address)
+    channel, stub = _control(address, identity)
     with channel:
         info = stub.FormatCluster(pb.FormatRequest(copies=copies, object_size=object_size),
                                   timeout=10)
@@ -267,6 +273,17 @@ class LocalCluster:
     def etcd_url(self) -> str:
         return self.etcd.url + self.prefix
 
+    @functools.cached_property
+    def admin(self) -> Identity | None:
+        """The admin's identity on a secure cluster (what dog would use)."""
+        return Identity.from_files(self.pki.admin) if self.pki else None
+
+    def write_dog_config(self, path: Path | None = None) -> Path | None:
+        """ROOT/dog.conf (or `path`) naming node 0 and the admin's certificate."""
+        if self.pki is None:
+            return None
+        return self.pki.write_dog_config(path or self.root / "dog.conf", self.address)
+
     @property
     def address(self) -> str:
         """Node 0's control address."""
@@ -297,13 +314,13 @@ class LocalCluster:
                 check()
             self.check_alive()
 
-        wait_members(self.address, len(self.nodes), left, alive)
+        wait_members(self.address, len(self.nodes), left, alive, self.admin)
 
     def format(self, copies: int, object_size: int = 0) -> pb.ClusterInfoReply:
-        return format_cluster(self.address, copies, object_size)
+        return format_cluster(self.address, copies, object_size, self.admin)
 
     def info(self) -> pb.ClusterInfoReply:
-        return cluster_info(self.address)
+        return cluster_info(self.address, self.admin)
 
     def up(self, copies: int, object_size: int = 0,
            timeout: float = READY_TIMEOUT) -> pb.ClusterInfoReply:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,20 @@ import pytest
 from sheep.etcd_server import EtcdServer
 
 from .cluster import Cluster, free_port, start_cluster
+
+
+@pytest.fixture(autouse=True, scope="session")
+def dog_without_a_config() -> Iterator[None]:
+    """The tests' dogs talk to the clusters they are pointed at (-a), never to a `make run`
+    cluster whose ./var/dog.conf happens to lie in the working directory; tests of secure
+    clusters name their config."""
+    before = os.environ.get("SHEEP_CONFIG")
+    os.environ["SHEEP_CONFIG"] = "none"
+    yield
+    if before is None:
+        os.environ.pop("SHEEP_CONFIG", None)
+    else:
+        os.environ["SHEEP_CONFIG"] = before
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,12 @@ import grpc
 
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.control.channel import aio_channel
 from sheep.errors import SheepError
 from sheep.malloc import keep_freed_memory
 from sheep.oid import DEFAULT_OBJECT_SIZE
+from sheep.security import config
+from sheep.security.pki import PkiError
 from sheep.units import format_size, parse_size
 
 from .common import (
@@ -190,7 +193,8 @@ async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Names
         raise DogError(str(exc)) from None
     reply = await _node_list(stub)
     for s in reply.nodes:
-        async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
+        async with aio_channel(f"{s.node.host}:{s.node.control_port}",
+                               args.identity) as channel:
             await pb_grpc.ControlStub(channel).SetRecoveryThrottle(
                 pb.ThrottleRequest(bytes_per_second=rate), timeout=RPC_TIMEOUT)
     what = f"{format_size(rate)}/s" if rate else "unbounded"
@@ -217,7 +221,8 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
     reply = await _node_list(stub)
     before = {s.node.id: s.scrub.passes for s in reply.nodes if s.reachable}
     for s in reply.nodes:
-        async with grpc.aio.insecure_channel(f"{s.node.host}:{s.node.control_port}") as channel:
+        async with aio_channel(f"{s.node.host}:{s.node.control_port}",
+                               args.identity) as channel:
             await pb_grpc.ControlStub(channel).StartScrub(pb.Empty(), timeout=RPC_TIMEOUT)
     if not args.wait:
         if args.json:
@@ -257,9 +262,14 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-a", "--address", default=os.environ.get("SHEEP_ADDRESS", DEFAULT_ADDRESS),
-        help="control address of any node (HOST:PORT; default $SHEEP_ADDRESS or %(default)s)",
+        "-a", "--address", default=None,
+        help=f"control address of any node (HOST:PORT; default $SHEEP_ADDRESS, else the "
+             f"config file's, else {DEFAULT_ADDRESS})",
     )
+    common.add_argument(
+        "--config", default=None, metavar="FILE",
+        help=f"the cluster's address and dog's certificate (default ${config.ENV}, else "
+             f"{config.DEFAULT} if there: the file `sheep up` writes; '{config.NONE}': none)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     parser = Parser(prog="dog", description="sheep cluster administration")
@@ -311,8 +321,15 @@ async def _run(args: argparse.Namespace, func: Callable) -> None:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    async with grpc.aio.insecure_channel(args.address) as channel:
+    async with aio_channel(args.address, args.identity) as channel:
         await func(pb_grpc.ControlStub(channel), args)
+
+
+def _resolve_config(args: argparse.Namespace) -> None:
+    """args.address and args.identity, from -a, $SHEEP_ADDRESS and the config file."""
+    found = config.load_config(config.find_config(args.config), DEFAULT_ADDRESS)
+    args.identity = found.identity
+    args.address = args.address or os.environ.get("SHEEP_ADDRESS") or found.address
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     a traceback; a reader that stops reading (`| head`) ends dog quietly."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    try:
+        _resolve_config(args)
+    except PkiError as exc:
+        return report_error("dog", str(exc), "bad_config", args.json)
     try:
         asyncio.run(_run(args, args.func))
     except Interrupted as exc:  # a cancelled import says what it undid

@@ -10,6 +10,7 @@ from typing import Protocol
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
+from sheep.security.identity import Identity
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class NodeHandle(Protocol):
     view: ClusterView
     info: NodeInfo
     etcd_url: str  # as the node was given it: what dog connects its own clients to
+    identity: Identity | None  # its certificate: how it dials its peers' control services
 
     def status(self) -> NodeStatus: ...
 

@@ -15,9 +15,12 @@ from sheep.cluster.etcd import AlreadyFormatted
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.errors import InvalidParams
 from sheep.oid import DEFAULT_OBJECT_SIZE
+from sheep.security.identity import Identity
 
 from . import sheep_pb2 as pb
 from . import sheep_pb2_grpc as pb_grpc
+from .access import RoleCheck
+from .channel import aio_channel
 from .handle import NodeHandle, NodeStatus
 
 PEER_TIMEOUT = 3.0
@@ -128,16 +131,23 @@ class ControlService(pb_grpc.ControlServicer):
         if info.node_id == self._node.info.node_id:
             return self._stats()
         try:
-            async with grpc.aio.insecure_channel(info.control_addr) as channel:
+            async with aio_channel(info.control_addr, self._node.identity) as channel:
                 stub = pb_grpc.ControlStub(channel)
                 return await stub.NodeInfo(pb.Empty(), timeout=PEER_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             return pb.NodeStats(node=node_pb(info), reachable=False, error=exc.details() or "")
 
 
-async def serve(node: NodeHandle, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def serve(node: NodeHandle, host: str, port: int,
+                identity: Identity | None = None) -> grpc.aio.Server:
+    """Mutual TLS and the role table (access.py) with an identity; plain without (an open
+    loopback node)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                             interceptors=[RoleCheck()] if identity else [])
     pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
-    server.add_insecure_port(f"{host}:{port}")
+    if identity is None:
+        server.add_insecure_port(f"{host}:{port}")
+    else:
+        server.add_secure_port(f"{host}:{port}", identity.grpc_server_credentials())
     await server.start()
     return server

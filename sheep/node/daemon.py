@@ -224,6 +224,7 @@ class Node:
     def __init__(self, opts: NodeOptions, data_dir: DataDir, etcd: EtcdCluster,
                  data_sock: socket.socket, iscsi_config: IscsiConfig) -> None:
         self.opts = opts
+        self.identity = opts.identity
         self.etcd = etcd
         self.stopped = asyncio.Event()
         self._dir = data_dir
@@ -277,7 +278,7 @@ class Node:
         opts = self.opts
         self._data_server = await dataplane.serve(self._service, self._data_sock)
         try:
-            self._control_server = await control.serve(self, opts.bind, opts.port)
+            self._control_server = await control.serve(self, opts.bind, opts.port, opts.identity)
         except RuntimeError as exc:
             raise StartupError(f"cannot bind control port {opts.bind}:{opts.port}: {exc}") from None
         await self._membership.join()

@@ -1,5 +1,6 @@
 """Where dog finds its cluster and its credentials without flags: `--config FILE`, else
-$SHEEP_CONFIG, else ./var/dog.conf (the file `sheep up` writes with its default --dir).
+$SHEEP_CONFIG, else ./var/dog.conf (the file `sheep up` writes with its default --dir);
+`none` for either means no file.
 
 The file is JSON: {"address": "HOST:PORT", "ca": ..., "cert": ..., "key": ...}, paths
 relative to the file. It names the key, never holds it, so it may be shown or copied.
@@ -17,6 +18,7 @@ from .pki import CertFiles, PkiError
 
 ENV = "SHEEP_CONFIG"
 DEFAULT = Path("var") / "dog.conf"
+NONE = "none"  # as --config or $SHEEP_CONFIG: no file, even if ./var/dog.conf is there
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,9 @@ def write_config(path: Path, address: str, files: CertFiles) -> Path:
 def find_config(explicit: str | None = None) -> Path | None:
     """The file dog should read: the one asked for (which must exist), or the first of
     $SHEEP_CONFIG and ./var/dog.conf that exists."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env)
+    chosen = explicit or os.environ.get(ENV)
+    if chosen:
+        return None if chosen == NONE else Path(chosen)
     return DEFAULT if DEFAULT.exists() else None
 
 

@@ -23,6 +23,12 @@ from ..cluster import BIN, dog, dog_json, free_port, processes_mentioning, wait_
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def dog_finds_the_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dog as a user runs it beside `sheep up`: credentials from the dog.conf it wrote."""
+    monkeypatch.setenv("SHEEP_CONFIG", str(tmp_path / "var" / "dog.conf"))
+
+
 def _free_base_port() -> int:
     rnd = random.Random()
     for _ in range(200):
