@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sheep.etcd_server import EtcdServer
+from sheep.localcluster import LocalCluster
 
 from .cluster import Cluster, free_port, start_cluster
 
@@ -66,3 +67,16 @@ def empty_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
     c = Cluster(tmp_path / "cluster", etcd.url)
     yield c
     c.stop()
+
+
+@pytest.fixture
+def secure_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A formatted 2-node cluster, copies=2, made as `sheep up` makes one: its own CA,
+    each node with its certificate, ROOT/dog.conf naming the admin's."""
+    c = LocalCluster(tmp_path / "secure", 2, secure=True)
+    try:
+        c.up(copies=2)
+        c.write_dog_config()
+        yield c
+    finally:
+        c.stop()

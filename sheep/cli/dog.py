@@ -20,6 +20,7 @@ from sheep.errors import SheepError
 from sheep.malloc import keep_freed_memory
 from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.security import config
+from sheep.security.identity import Identity
 from sheep.security.pki import PkiError
 from sheep.units import format_size, parse_size
 
@@ -351,14 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     except (DogError, SheepError, grpc.aio.AioRpcError, OSError) as exc:
         if isinstance(exc, BrokenPipeError) and stdout_closed():
             return quiet_broken_pipe()
-        return report_error("dog", _error_line(exc, args.address), error_code(exc), args.json)
+        return report_error("dog", _error_line(exc, args.address, args.identity),
+                            error_code(exc), args.json)
     return 0
 
 
-def _error_line(exc: Exception, address: str) -> str:
+def _error_line(exc: Exception, address: str, identity: Identity | None) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         if error_code(exc) == "unreachable":
-            return f"cannot reach sheep at {address}: {exc.details()}"
+            hint = ("" if identity is not None else
+                    f" (a secure cluster needs dog's certificate: --config FILE or "
+                    f"${config.ENV})")
+            return f"cannot reach sheep at {address}: {exc.details()}{hint}"
         return exc.details() or exc.code().name
     if isinstance(exc, OSError):
         return os_error_line(exc)
