@@ -34,6 +34,7 @@ from .common import (
     table,
     when,
 )
+from .dog_certs import add_certs_commands
 from .dog_cluster import add_cluster_commands
 from .dog_vdi import add_vdi_commands
 from .dog_vm import add_vm_commands
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{RECENT_EPOCHS})")
     info.set_defaults(func=cluster_info)
     add_cluster_commands(cluster, common)
+    add_certs_commands(cluster, common)
 
     node = kinds.add_parser("node", help="storage nodes").add_subparsers(dest="cmd", required=True)
     node.add_parser("list", parents=[common], help="list nodes").set_defaults(func=node_list)
@@ -322,6 +324,9 @@ async def _run(args: argparse.Namespace, func: Callable) -> None:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    if getattr(args, "offline", False):
+        await func(None, args)
+        return
     async with aio_channel(args.address, args.identity) as channel:
         await func(pb_grpc.ControlStub(channel), args)
 

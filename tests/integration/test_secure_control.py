@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -11,11 +12,12 @@ import pytest
 from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.control.channel import sync_channel
+from sheep.etcd_server import EtcdServer
 from sheep.localcluster import LocalCluster
 from sheep.security.identity import Identity
 from sheep.security.pki import ClusterCA
 
-from ..cluster import dog
+from ..cluster import Cluster, dog
 
 
 def _call(cluster: LocalCluster, identity: Identity | None, method: str,
@@ -78,3 +80,28 @@ def test_dog_refuses_a_key_others_can_read(secure_cluster: LocalCluster, mode: i
     finally:
         secure_cluster.pki.admin.key.chmod(0o600)
     assert proc.returncode == 1 and "readable by others" in proc.stderr
+
+
+def test_certificates_from_an_operators_ca_make_a_secure_cluster(
+        tmp_path: Path, etcd: EtcdServer) -> None:
+    """`dog cluster certs` for a cluster of your own: a node started with the certificate
+    it issued serves mutual TLS, and dog with the admin's administers it."""
+    dog("cluster", "certs", "ca", str(tmp_path / "ca"))
+    issued = {}
+    for name, role in (("node0", "node"), ("ops", "admin")):
+        out = json.loads(dog("cluster", "certs", "issue", name, "--ca", str(tmp_path / "ca"),
+                             "--role", role, "--out", str(tmp_path / name), "--json").stdout)
+        issued[name] = out
+    node = issued["node0"]
+    cluster = Cluster(tmp_path / "c", etcd.url)
+    try:
+        cluster.add_node("--ca", node["ca"], "--cert", node["cert"], "--key", node["key"])
+        conf = tmp_path / "dog.conf"
+        conf.write_text(json.dumps({"address": cluster.address, **{
+            k: issued["ops"][k] for k in ("ca", "cert", "key")}}))
+        env = {"SHEEP_CONFIG": str(conf)}
+        assert json.loads(dog("cluster", "format", "--copies", "1", "--json",
+                              env=env).stdout)["copies"] == 1
+        assert dog("node", "list", address=cluster.address, check=False).returncode == 1
+    finally:
+        cluster.stop()
