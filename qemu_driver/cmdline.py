@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sheep.names import target_name
+from sheep.netaddr import host_port
 
 from .accel import CPU, QEMU
 from .spec import Gateway, VmSpec, disk_id
@@ -74,7 +75,7 @@ def blockdev(vdi: str, gateway: Gateway, *, reconnect_delay: int = DEFAULT_RECON
                 "reconnect-delay": reconnect_delay, "discard": "unmap"}
     if gateway.transport == "iscsi":
         spec = {"driver": "iscsi", "node-name": node, "transport": "tcp",
-                "portal": f"{gateway.host}:{gateway.port}", "target": target_name(vdi),
+                "portal": host_port(gateway.host, gateway.port), "target": target_name(vdi),
                 "lun": 0, "discard": "unmap"}
         if initiator:
             spec["initiator-name"] = initiator

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sheep.children import die_with_parent
+from sheep.netaddr import host_port
 from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import VdiRecord
 
@@ -190,7 +191,7 @@ class VmControl:
         plan = paths.dir / "plan.json"
         target = self.etcd.target
         plan.write_text(json.dumps({
-            "etcd": f"http://{target.host}:{target.port}{target.prefix}",
+            "etcd": f"http://{host_port(target.host, target.port)}{target.prefix}",
             "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
             "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, indent=1))
         # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and

@@ -16,6 +16,7 @@ from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
 from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.netaddr import host_port
 from sheep.units import parse_size
 
 from .common import DogError, cluster_manager, table, when
@@ -88,7 +89,7 @@ async def vm_start(stub, args) -> None:
     else:
         gw = rt.gateway
         print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport} "
-              f"via {gw.host}:{gw.port}; console: dog vm console {rt.name}")
+              f"via {host_port(gw.host, gw.port)}; console: dog vm console {rt.name}")
 
 
 async def vm_stop(stub, args) -> None:
@@ -152,7 +153,7 @@ async def vm_info(stub, args) -> None:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
         print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
-              f"Gateway: {rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}\n"
+              f"Gateway: {rt.gateway.transport} {host_port(rt.gateway.host, rt.gateway.port)}\n"
               f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from urllib.parse import urlsplit
 
+from sheep.netaddr import host_port
+
 from .ring import Ring, RingNode
 
 DEFAULT_PREFIX = "/sheep"
@@ -36,7 +38,7 @@ class NodeInfo:
 
     @property
     def control_addr(self) -> str:
-        return f"{self.host}:{self.control_port}"
+        return host_port(self.host, self.control_port)
 
     def ring_node(self) -> RingNode:
         return RingNode(self.node_id, self.zone, self.vnodes)

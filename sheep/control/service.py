@@ -14,6 +14,7 @@ import grpc
 from sheep.cluster.etcd import AlreadyFormatted
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.errors import InvalidParams
+from sheep.netaddr import host_port
 from sheep.oid import DEFAULT_OBJECT_SIZE
 
 from . import sheep_pb2 as pb
@@ -55,7 +56,7 @@ def space_warnings(stats: list[pb.NodeStats]) -> list[str]:
         if s.reachable and s.space in ("nearfull", "full"):
             what = ("full: it takes no new objects" if s.space == "full"
                     else "nearly full")
-            out.append(f"node {s.node.id[:12]} ({s.node.host}:{s.node.control_port}) is "
+            out.append(f"node {s.node.id[:12]} ({host_port(s.node.host, s.node.control_port)}) is "
                        f"{what} ({s.space_used:.0%} of its disk used)")
     return out
 
@@ -138,6 +139,6 @@ class ControlService(pb_grpc.ControlServicer):
 async def serve(node: NodeHandle, host: str, port: int) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
-    server.add_insecure_port(f"{host}:{port}")
+    server.add_insecure_port(host_port(host, port))
     await server.start()
     return server
