@@ -31,6 +31,8 @@ class NodeInfo:
     # published after the node joined, and must not make its epoch membership look changed.
     nbd_port: int | None = field(default=None, compare=False)
     iscsi_port: int | None = field(default=None, compare=False)
+    # its iSCSI portal admits only initiators that prove CHAP (dog vm must give QEMU some)
+    iscsi_chap: bool = field(default=False, compare=False)
 
     @property
     def data_addr(self) -> tuple[str, int]:

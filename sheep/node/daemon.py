@@ -316,7 +316,9 @@ class Node:
             iscsi = await self._start_iscsi(opts.iscsi_port)
         if nbd is not None or iscsi is not None:
             # clients (dog vm) find gateways in the node records: say which ones are up
-            self.info = replace(self.info, nbd_port=nbd, iscsi_port=iscsi)
+            self.info = replace(self.info, nbd_port=nbd, iscsi_port=iscsi,
+                                iscsi_chap=iscsi is not None
+                                and self._iscsi_config.chap is not None)
             await self._membership.publish(self.info)
         log.info(
             "node %s up: control %s, data %s, zone %r, vnodes %d, epoch %d",
