@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sheep.names import target_name
+from sheep.netaddr import host_port
 
 from .accel import CPU, QEMU
 from .spec import Gateway, VmSpec, disk_id
@@ -20,6 +21,7 @@ from .spec import Gateway, VmSpec, disk_id
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 AGENT_CHARDEV = "agent"  # the host end of that channel, as QMP's query-chardev names it
 DEFAULT_RECONNECT_DELAY = 60  # s QEMU holds guest I/O while its gateway is away
+CHAP_SECRET_ID = "iscsi-chap"  # the QEMU secret object holding the CHAP secret
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class RunPaths:
         return self.dir / "agent.sock"
 
     @property
+    def chap_secret(self) -> Path:
+        """The iSCSI CHAP secret alone (mode 0600), which QEMU reads into a secret object:
+        a secret on its command line would be visible to every user in `ps`."""
+        return self.dir / "iscsi-chap.secret"
+
+    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 
@@ -74,10 +82,13 @@ def blockdev(vdi: str, gateway: Gateway, *, reconnect_delay: int = DEFAULT_RECON
                 "reconnect-delay": reconnect_delay, "discard": "unmap"}
     if gateway.transport == "iscsi":
         spec = {"driver": "iscsi", "node-name": node, "transport": "tcp",
-                "portal": f"{gateway.host}:{gateway.port}", "target": target_name(vdi),
+                "portal": host_port(gateway.host, gateway.port), "target": target_name(vdi),
                 "lun": 0, "discard": "unmap"}
         if initiator:
             spec["initiator-name"] = initiator
+        if gateway.chap_user:
+            spec["user"] = gateway.chap_user
+            spec["password-secret"] = CHAP_SECRET_ID
         return spec
     raise ValueError(f"unknown transport {gateway.transport!r}")
 
@@ -130,6 +141,8 @@ def qemu_argv(spec: VmSpec, gateway: Gateway, paths: RunPaths, accel: str, *,
             argv += ["-initrd", spec.initrd]
         if spec.append:
             argv += ["-append", spec.append]
+    if gateway.chap_user:
+        argv += ["-object", f"secret,id={CHAP_SECRET_ID},file={paths.chap_secret},format=raw"]
     initiator = initiator_name(spec.name)
     for i, vdi in enumerate(spec.disks):
         argv += ["-blockdev", _device_arg(blockdev(vdi, gateway, reconnect_delay=reconnect_delay,

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sheep.children import die_with_parent
+from sheep.gateway.iscsi.login import Chap
+from sheep.netaddr import host_port
 from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import VdiRecord
 
@@ -161,15 +163,17 @@ class VmControl:
 
     async def start(self, name: str, *, run_root: Path | None = None,
                     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
-                    timeout: float = START_TIMEOUT, tied: bool = False) -> VmRuntime:
+                    timeout: float = START_TIMEOUT, tied: bool = False,
+                    chap: Chap | None = None) -> VmRuntime:
         """Start the VM under a supervisor of its own, which outlives this process (dog
         exits once the VM runs); `tied`: the VM is stopped when this process dies, even of
-        SIGKILL (the demo VM of `sheep up`)."""
+        SIGKILL (the demo VM of `sheep up`); `chap`: the CHAP user and secret QEMU logs in
+        to an iSCSI portal with (required when the portal requires CHAP)."""
         spec, _ = await self.vms.get(name)
         if await self.vms.runtime(name) is not None:
             raise VmError(f"VM {name!r} is already running")
         await self._check_vdis(spec.disks)
-        gateway = await self.gateway(spec.transport)
+        gateway = _with_chap(await self.gateway(spec.transport), chap)
         accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
         paths = RunPaths((run_root or await self.run_root()) / name)
         paths.dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +182,8 @@ class VmControl:
             stale.unlink(missing_ok=True)
         if len(str(paths.console)) > 100:
             raise BadSpec(f"run directory {paths.dir} is too long for unix sockets")
+        if chap is not None and gateway.chap_user:
+            _write_secret(paths.chap_secret, chap.secret)
         runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
                             run_dir=str(paths.dir), qmp=str(paths.qmp),
                             console=str(paths.console), console_log=str(paths.console_log),
@@ -190,7 +196,7 @@ class VmControl:
         plan = paths.dir / "plan.json"
         target = self.etcd.target
         plan.write_text(json.dumps({
-            "etcd": f"http://{target.host}:{target.port}{target.prefix}",
+            "etcd": f"http://{host_port(target.host, target.port)}{target.prefix}",
             "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
             "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, indent=1))
         # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and
@@ -342,3 +348,25 @@ async def _wait_gone(pid: int, timeout: float) -> bool:
             return False
         await asyncio.sleep(0.1)
     return True
+
+
+def _with_chap(gateway: Gateway, chap: Chap | None) -> Gateway:
+    """The gateway QEMU logs in to with `chap`; a portal that requires CHAP without one
+    is refused here, in one line, rather than by QEMU's login failing later."""
+    if gateway.transport != "iscsi":
+        return gateway
+    if chap is None:
+        if gateway.chap_required:
+            raise VmError(f"the iSCSI portal at {host_port(gateway.host, gateway.port)} "
+                          "requires CHAP: give dog vm start --iscsi-chap-file FILE "
+                          "(USER:SECRET, mode 600)")
+        return gateway
+    return replace(gateway, chap_user=chap.user)
+
+
+def _write_secret(path: Path, secret: bytes) -> None:
+    """`secret` alone in `path`, readable by its owner only from the first byte on."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)

@@ -7,6 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+from sheep.netaddr import host_port
 from sheep.vdi.manager import open_manager
 
 from . import console
@@ -41,7 +42,7 @@ async def run_demo(etcd_url: str, run_root: Path) -> None:
         if rt is None:
             rt = await ctl.start(VM, run_root=run_root, tied=True)
         print(f"vm: {VM} ({rt.accel}, pid {rt.pid}) with VDI {VDI} as /dev/vda over "
-              f"{rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}; its console "
+              f"{rt.gateway.transport} {host_port(rt.gateway.host, rt.gateway.port)}; its console "
               "follows (mke2fs /dev/vda, mount -t ext4 /dev/vda /mnt ...; `exit` powers "
               "it off, Ctrl-] detaches, Ctrl-C stops everything)", flush=True)
     await console.attach(rt.console, keep_signals=True)

@@ -30,4 +30,5 @@ def choose_gateway(nodes: Iterable[NodeInfo], transport: str,
                         f"`sheep run --{transport}-port PORT`)")
     serving.sort(key=lambda item: (item[0].host not in local, item[0].node_id))
     node, port = serving[0]
-    return Gateway(transport, node.host, port)
+    return Gateway(transport, node.host, port,
+                   chap_required=transport == "iscsi" and node.iscsi_chap)

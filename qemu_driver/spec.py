@@ -86,6 +86,8 @@ class Gateway:
     transport: str
     host: str
     port: int
+    chap_required: bool = False  # the portal admits only initiators proving CHAP
+    chap_user: str = ""  # QEMU logs in as this CHAP user (its secret: RunPaths.chap_secret)
 
 
 @dataclass(frozen=True)

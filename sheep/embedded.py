@@ -52,6 +52,7 @@ class EmbeddedCluster:
         self.object_size = object_size
         self.nbd_port = nbd_port
         self.iscsi_port = iscsi_port
+        self.iscsi_chap_file = iscsi_chap_file
         self.vm = vm  # boot the demo VM (qemu_driver.demo) once the cluster is up
         self.restart = restart  # start a dead node (or etcd) again, after a backoff
         self.cluster = LocalCluster(
@@ -222,10 +223,13 @@ class EmbeddedCluster:
                 )
             print(f"nbd: nbd://127.0.0.1:{self.nbd_port}/VDI  (every VDI by name; "
                   f"NAME@TAG is a read-only snapshot)", flush=True)
+            chap = (f"CHAP as the USER:SECRET in {self.iscsi_chap_file}; "
+                    if self.iscsi_chap_file else "")
+            who = "USER%SECRET@" if self.iscsi_chap_file else ""
             print(f"iscsi: portal 127.0.0.1:{self.iscsi_port}, target "
                   f"iqn.2026-11.io.sheep:VDI per VDI, LUN 0 (iqn.2026-11.io.sheep:VDI:TAG "
-                  f"is a read-only snapshot; iscsi-ls iscsi://127.0.0.1:{self.iscsi_port})",
-                  flush=True)
+                  f"is a read-only snapshot; {chap}iscsi-ls "
+                  f"iscsi://{who}127.0.0.1:{self.iscsi_port})", flush=True)
             print(f"dog: its address and the admin's certificate are in {self._dog_config()}",
                   flush=True)
             print(f"try: dog vdi create disk 10G; "

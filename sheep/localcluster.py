@@ -27,6 +27,7 @@ from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.control.channel import sync_channel
 from sheep.etcd_server import EtcdServer
+from sheep.netaddr import host_port
 from sheep.node.ready import read_ready_file, remove_ready_file
 from sheep.security.identity import Identity
 from sheep.security.local import LocalPki, node_args
@@ -79,6 +80,7 @@ class NodeProcess:
     # SIGTERM when the launcher dies, even of SIGKILL; the signal follows the thread that
     # started it, so start such a node from the main thread only (sheep/children.py)
     die_with_parent: bool = False
+    host: str = "127.0.0.1"  # the address it binds and is dialled at (--bind)
     proc: subprocess.Popen | None = None
     log_start: int = 0  # where this run's lines begin in the (appended) log
 
@@ -87,7 +89,7 @@ class NodeProcess:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def log_path(self) -> Path:
@@ -104,6 +106,7 @@ class NodeProcess:
             "--port", str(self.port),
             *(["--data-port", str(self.data_port)] if self.data_port else []),
             "--etcd", self.etcd_url,
+            *(["--bind", self.host] if self.host != "127.0.0.1" else []),
             *self.extra,
             "--ready-file", str(self.ready_path),
         ]

@@ -33,6 +33,7 @@ from sheep.errors import (
     error_for,
 )
 from sheep.futures import settle_when
+from sheep.netaddr import host_port
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ class ObjectClient:
             await self._pool.get(node.data_addr)
             fut = self._send(node, *args)
             if fut is None:
-                raise PeerUnavailable(f"connection to {node.host}:{node.data_port} broke")
+                raise PeerUnavailable(f"connection to {host_port(*node.data_addr)} broke")
         return fut
 
     async def _to_all(

@@ -8,6 +8,8 @@ import logging
 import socket
 import time
 
+from sheep.netaddr import host_port
+
 log = logging.getLogger(__name__)
 
 WARN_EVERY = 10.0  # seconds between two warnings of one full plane
@@ -23,7 +25,7 @@ def accept_transport(transport: asyncio.BaseTransport, write_high: int | None = 
     if write_high is not None:
         transport.set_write_buffer_limits(high=write_high)  # type: ignore[attr-defined]
     peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    return host_port(peer[0], peer[1]) if isinstance(peer, tuple) else "?"
 
 
 class ConnectionCap:

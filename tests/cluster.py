@@ -1,6 +1,6 @@
 """Real clusters for tests: a private etcd, `sheep run` processes, `dog`, and clients.
 
-Every port is chosen at run time on 127.0.0.1; every wait is bounded; every process is
+Every port is chosen at run time on 127.0.0.1 (or ::1); every wait is bounded; every process is
 stopped at the end (the fixtures in conftest.py own their lifetimes).
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sheep.localcluster import LaunchError, NodeProcess, free_port, stop_processes
+from sheep.netaddr import host_port
 from sheep.objclient import open_client
 from sheep.oid import ObjType, oid_type
 
@@ -112,17 +113,18 @@ class Cluster:
     lease_ttl: int = 3
     nbd_port: int = field(default_factory=free_port)
     iscsi_port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"  # every node binds it (an IPv6 literal is fine)
 
     def nbd_url(self, export: str = "") -> str:
-        return f"nbd://127.0.0.1:{self.nbd_port}/{export}"
+        return f"nbd://{host_port(self.host, self.nbd_port)}/{export}"
 
     def iscsi_url(self, export: str = "", lun: int = 0, auth: str = "") -> str:
-        """iscsi://[USER%SECRET@]127.0.0.1:PORT/IQN/LUN of an export (NAME or NAME@TAG);
+        """iscsi://[USER%SECRET@]HOST:PORT/IQN/LUN of an export (NAME or NAME@TAG);
         the portal alone without `export`."""
         from sheep.names import target_name
 
         who = f"{auth}@" if auth else ""
-        base = f"iscsi://{who}127.0.0.1:{self.iscsi_port}"
+        base = f"iscsi://{who}{host_port(self.host, self.iscsi_port)}"
         return f"{base}/{target_name(export)}/{lun}" if export else base
 
     @property
@@ -141,6 +143,7 @@ class Cluster:
             free_port(),
             self.etcd_url,
             ["--lease-ttl", str(self.lease_ttl), *extra],
+            host=self.host,
         )
         self.nodes.append(node.start())
         if wait:
@@ -173,10 +176,11 @@ class Cluster:
 
 def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
                   lease_ttl: int = 3, nbd: bool = False, iscsi: bool = False,
-                  iscsi_args: tuple[str, ...] = ()) -> Cluster:
+                  iscsi_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> Cluster:
     """With `nbd`, node 0 also serves NBD on `cluster.nbd_port`; with `iscsi`, iSCSI on
-    `cluster.iscsi_port` (`iscsi_args`: more options for it, e.g. CHAP)."""
-    cluster = Cluster(root, etcd_base, lease_ttl=lease_ttl)
+    `cluster.iscsi_port` (`iscsi_args`: more options for it, e.g. CHAP). Every node binds
+    `host`."""
+    cluster = Cluster(root, etcd_base, lease_ttl=lease_ttl, host=host)
     for i in range(nodes):
         extra = ["--nbd-port", str(cluster.nbd_port)] if nbd and i == 0 else []
         if iscsi and i == 0:

@@ -18,6 +18,7 @@ from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.control.channel import aio_channel
 from sheep.errors import SheepError
 from sheep.malloc import keep_freed_memory
+from sheep.netaddr import host_port
 from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.security import config
 from sheep.security.identity import Identity
@@ -108,7 +109,7 @@ async def cluster_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> N
     if not args.all and reply.history and reply.history[0].epoch > 1:
         print(f"(the last {len(reply.history)} epochs; --all shows every one)")
     rows = [
-        [str(e.epoch), when(e.time), ", ".join(f"{n.host}:{n.control_port}" for n in e.nodes)]
+        [str(e.epoch), when(e.time), ", ".join(host_port(n.host, n.control_port) for n in e.nodes)]
         for e in reversed(reply.history)
     ]
     print(table(rows, ["Epoch", "Time", "Nodes"]))
@@ -124,8 +125,9 @@ async def node_list(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
         n = s.node
         used = format_size(s.used) if s.reachable else "?"
         free = format_size(s.free) if s.reachable else "?"
-        rows.append([str(i), n.id[:12], f"{n.host}:{n.control_port}", f"{n.host}:{n.data_port}",
-                     n.zone or "-", str(n.vnodes), used, free, _disk(s)])
+        rows.append([str(i), n.id[:12], host_port(n.host, n.control_port),
+                     host_port(n.host, n.data_port), n.zone or "-", str(n.vnodes), used, free,
+                     _disk(s)])
     print(table(rows, ["Idx", "Id", "Control", "Data", "Zone", "Vnodes", "Used", "Free",
                        "Disk"]))
 
@@ -195,8 +197,8 @@ async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Names
         raise DogError(str(exc)) from None
     reply = await _node_list(stub)
     for s in reply.nodes:
-        async with aio_channel(f"{s.node.host}:{s.node.control_port}",
-                               args.identity) as channel:
+        address = host_port(s.node.host, s.node.control_port)
+        async with aio_channel(address, args.identity) as channel:
             await pb_grpc.ControlStub(channel).SetRecoveryThrottle(
                 pb.ThrottleRequest(bytes_per_second=rate), timeout=RPC_TIMEOUT)
     what = f"{format_size(rate)}/s" if rate else "unbounded"
@@ -223,8 +225,8 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
     reply = await _node_list(stub)
     before = {s.node.id: s.scrub.passes for s in reply.nodes if s.reachable}
     for s in reply.nodes:
-        async with aio_channel(f"{s.node.host}:{s.node.control_port}",
-                               args.identity) as channel:
+        address = host_port(s.node.host, s.node.control_port)
+        async with aio_channel(address, args.identity) as channel:
             await pb_grpc.ControlStub(channel).StartScrub(pb.Empty(), timeout=RPC_TIMEOUT)
     if not args.wait:
         if args.json:

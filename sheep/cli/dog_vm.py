@@ -16,6 +16,8 @@ from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
 from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
 from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.gateway.iscsi.login import Chap
+from sheep.netaddr import host_port
 from sheep.units import parse_size
 
 from .common import DogError, cluster_manager, table, when
@@ -80,15 +82,19 @@ async def vm_delete(stub, args) -> None:
 
 
 async def vm_start(stub, args) -> None:
+    try:
+        chap = Chap.load(args.iscsi_chap_file) if args.iscsi_chap_file else None
+    except ValueError as exc:
+        raise DogError(f"bad iSCSI CHAP file: {exc}") from None
     async with _control(stub, args) as ctl:
         rt = await ctl.start(args.name, run_root=Path(args.run_dir) if args.run_dir else None,
-                             reconnect_delay=args.reconnect_delay)
+                             reconnect_delay=args.reconnect_delay, chap=chap)
     if args.json:
         emit(_runtime_dict(rt))
     else:
         gw = rt.gateway
         print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport} "
-              f"via {gw.host}:{gw.port}; console: dog vm console {rt.name}")
+              f"via {host_port(gw.host, gw.port)}; console: dog vm console {rt.name}")
 
 
 async def vm_stop(stub, args) -> None:
@@ -152,7 +158,7 @@ async def vm_info(stub, args) -> None:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
         print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
-              f"Gateway: {rt.gateway.transport} {rt.gateway.host}:{rt.gateway.port}\n"
+              f"Gateway: {rt.gateway.transport} {host_port(rt.gateway.host, rt.gateway.port)}\n"
               f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:
@@ -265,6 +271,10 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                                      "$XDG_RUNTIME_DIR for other users)")
     p.add_argument("--reconnect-delay", type=int, default=60,
                    help="seconds QEMU holds guest I/O while its NBD gateway is away")
+    p.add_argument("--iscsi-chap-file", default="", metavar="FILE",
+                   help="QEMU logs in to the iSCSI portal with the CHAP user and secret in "
+                        "FILE (USER:SECRET, mode 600; the portal's --iscsi-chap-file); "
+                        "required when the portal requires CHAP")
     p = cmd("stop", vm_stop, "ACPI power-off, killed after --timeout")
     p.add_argument("--timeout", type=float, default=STOP_TIMEOUT,
                    help="seconds the guest has to power off before QEMU is told to quit")

@@ -126,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="data-plane port (default: any free port, published in etcd)")
     run.add_argument("--etcd", required=True,
                      help="etcd URL, optionally with a key prefix: http://HOST:PORT[/PREFIX]")
-    run.add_argument("--bind", default="127.0.0.1", help="address to listen on")
-    run.add_argument("--advertise", default="", help="address peers use (default: --bind)")
+    run.add_argument("--bind", default="127.0.0.1",
+                     help="address to listen on (IPv4 or IPv6); any but loopback needs "
+                          "--ca/--cert/--key, and --iscsi-chap-file with --iscsi-port")
+    run.add_argument("--advertise", default="",
+                     help="address peers dial (default: --bind; required with --bind "
+                          "0.0.0.0 or ::)")
     run.add_argument("--zone", default="", help="failure zone; replicas go to distinct zones")
     run.add_argument("--vnodes", type=int, default=0, help="ring vnodes (default: from weight)")
     run.add_argument("--weight", type=float, default=1.0,

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from urllib.parse import urlsplit
 
+from sheep.netaddr import host_port
+
 from .ring import Ring, RingNode
 
 DEFAULT_PREFIX = "/sheep"
@@ -29,6 +31,8 @@ class NodeInfo:
     # published after the node joined, and must not make its epoch membership look changed.
     nbd_port: int | None = field(default=None, compare=False)
     iscsi_port: int | None = field(default=None, compare=False)
+    # its iSCSI portal admits only initiators that prove CHAP (dog vm must give QEMU some)
+    iscsi_chap: bool = field(default=False, compare=False)
 
     @property
     def data_addr(self) -> tuple[str, int]:
@@ -36,7 +40,7 @@ class NodeInfo:
 
     @property
     def control_addr(self) -> str:
-        return f"{self.host}:{self.control_port}"
+        return host_port(self.host, self.control_port)
 
     def ring_node(self) -> RingNode:
         return RingNode(self.node_id, self.zone, self.vnodes)

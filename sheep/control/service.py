@@ -14,6 +14,7 @@ import grpc
 from sheep.cluster.etcd import AlreadyFormatted
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.errors import InvalidParams
+from sheep.netaddr import host_port
 from sheep.oid import DEFAULT_OBJECT_SIZE
 from sheep.security.identity import Identity
 
@@ -58,7 +59,7 @@ def space_warnings(stats: list[pb.NodeStats]) -> list[str]:
         if s.reachable and s.space in ("nearfull", "full"):
             what = ("full: it takes no new objects" if s.space == "full"
                     else "nearly full")
-            out.append(f"node {s.node.id[:12]} ({s.node.host}:{s.node.control_port}) is "
+            out.append(f"node {s.node.id[:12]} ({host_port(s.node.host, s.node.control_port)}) is "
                        f"{what} ({s.space_used:.0%} of its disk used)")
     return out
 
@@ -146,8 +147,8 @@ async def serve(node: NodeHandle, host: str, port: int,
                              interceptors=[RoleCheck()] if identity else [])
     pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
     if identity is None:
-        server.add_insecure_port(f"{host}:{port}")
+        server.add_insecure_port(host_port(host, port))
     else:
-        server.add_secure_port(f"{host}:{port}", identity.grpc_server_credentials())
+        server.add_secure_port(host_port(host, port), identity.grpc_server_credentials())
     await server.start()
     return server

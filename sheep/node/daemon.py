@@ -35,6 +35,8 @@ from sheep.gateway.exports import VolumeCache
 from sheep.gateway.iscsi.login import Chap
 from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
 from sheep.gateway.nbd.server import serve_nbd
+from sheep.netaddr import family, host_port
+from sheep.node.exposure import Exposure, refusal
 from sheep.node.ready import remove_ready_file, write_ready_file
 from sheep.node.recovery import Recovery
 from sheep.node.repair import Repairer
@@ -90,17 +92,33 @@ class NodeOptions:
     identity: Identity | None = None  # None: an open node (loopback only)
 
 
+def _check_exposure(opts: NodeOptions) -> None:
+    """Refuse, before anything binds, a node others could reach without authenticating
+    (sheep/node/exposure.py)."""
+    reason = refusal(Exposure(bind=opts.bind, advertise=opts.advertise,
+                              identity=opts.identity is not None,
+                              iscsi=opts.iscsi_port is not None,
+                              iscsi_chap=bool(opts.iscsi_chap_file)))
+    if reason is not None:
+        raise StartupError(reason)
+
+
+def _bind_error(what: str, host: str, port: int, exc: OSError) -> StartupError:
+    where = host_port(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{what} port {where} is already in use")
+    return StartupError(f"cannot bind {what} port {where}: {exc}")
+
+
 def _check_port_free(host: str, port: int, what: str) -> None:
     if port == 0:
         return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(family(host), socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartupError(f"{what} port {host}:{port} is already in use") from None
-            raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
+            raise _bind_error(what, host, port, exc) from None
 
 
 def _bound_port(server: asyncio.Server) -> int:
@@ -179,16 +197,17 @@ def _listen(host: str, port: int, what: str) -> socket.socket:
     """A listening socket, bound before the node's parts are built: the data port is part
     of what the node tells the cluster about itself."""
     try:
-        return socket.create_server((host, port), backlog=256, reuse_port=False)
+        return socket.create_server((host, port), family=family(host), backlog=256,
+                                    reuse_port=False)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"{what} port {host}:{port} is already in use") from None
-        raise StartupError(f"cannot bind {what} port {host}:{port}: {exc}") from None
+        raise _bind_error(what, host, port, exc) from None
 
 
 async def open_node(opts: NodeOptions) -> Node:
     """Everything a node needs before it serves, checked in the order a user fixes them
-    (its dir, its ports, its cluster); a StartupError leaves nothing open."""
+    (who may reach it, its dir, its ports, its cluster); a StartupError leaves nothing
+    open."""
+    _check_exposure(opts)
     limit = raise_to_hard_limit()
     data_dir = DataDir(opts.dir, opts.full_ratio)
     etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
@@ -280,7 +299,8 @@ class Node:
         try:
             self._control_server = await control.serve(self, opts.bind, opts.port, opts.identity)
         except RuntimeError as exc:
-            raise StartupError(f"cannot bind control port {opts.bind}:{opts.port}: {exc}") from None
+            raise StartupError(f"cannot bind control port {host_port(opts.bind, opts.port)}: "
+                               f"{exc}") from None
         await self._membership.join()
         self._joined = True
         await self.view.refresh(self.etcd)
@@ -297,15 +317,15 @@ class Node:
             iscsi = await self._start_iscsi(opts.iscsi_port)
         if nbd is not None or iscsi is not None:
             # clients (dog vm) find gateways in the node records: say which ones are up
-            self.info = replace(self.info, nbd_port=nbd, iscsi_port=iscsi)
+            self.info = replace(self.info, nbd_port=nbd, iscsi_port=iscsi,
+                                iscsi_chap=iscsi is not None
+                                and self._iscsi_config.chap is not None)
             await self._membership.publish(self.info)
         log.info(
-            "node %s up: control %s:%d, data %s:%d, zone %r, vnodes %d, epoch %d",
+            "node %s up: control %s, data %s, zone %r, vnodes %d, epoch %d",
             self.info.node_id[:8],
-            opts.bind,
-            opts.port,
-            opts.bind,
-            self.info.data_port,
+            host_port(opts.bind, opts.port),
+            host_port(opts.bind, self.info.data_port),
             self.info.zone,
             self.info.vnodes,
             self.view.epoch,
@@ -316,10 +336,10 @@ class Node:
         try:
             server = await serve_nbd(self._volumes, self.opts.bind, port)
         except OSError as exc:
-            raise StartupError(f"cannot bind NBD port {self.opts.bind}:{port}: {exc}") from None
+            raise _bind_error("NBD", self.opts.bind, port, exc) from None
         self._gateways.append(server)
         bound = _bound_port(server)
-        log.info("nbd gateway on nbd://%s:%d/", self.opts.bind, bound)
+        log.info("nbd gateway on nbd://%s/", host_port(self.opts.bind, bound))
         return bound
 
     async def _start_iscsi(self, port: int) -> int:
@@ -329,11 +349,10 @@ class Node:
             self._iscsi, server = await serve_iscsi(self._volumes, self.opts.bind, port,
                                                     self._iscsi_config)
         except OSError as exc:
-            raise StartupError(f"cannot bind iSCSI port {self.opts.bind}:{port}: {exc}"
-                               ) from None
+            raise _bind_error("iSCSI", self.opts.bind, port, exc) from None
         self._gateways.append(server)
         bound = _bound_port(server)
-        log.info("iscsi gateway on %s:%d (%s)", self.opts.bind, bound,
+        log.info("iscsi gateway on %s (%s)", host_port(self.opts.bind, bound),
                  "CHAP" if self._iscsi_config.chap else "no authentication")
         return bound
 

@@ -59,11 +59,12 @@ class Up:
                  ) -> None:
         self.root = root
         self.address = f"127.0.0.1:{base}"
+        self.iscsi_port = free_port()
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [str(BIN / "sheep"), "up", "--nodes", "3", "--copies", "3", "--dir", str(root),
              "--base-port", str(base), "--nbd-port", str(free_port()),
-             "--iscsi-port", str(free_port()), *extra],
+             "--iscsi-port", str(self.iscsi_port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
             if sigint_ignored else None,
@@ -134,6 +135,42 @@ def test_sheep_up_runs_three_nodes_and_sigint_stops_every_child(tmp_path: Path) 
         code = up.interrupt()
     assert code == 0
     assert _processes_using(root) == []
+
+
+def iscsi_ls(up: Up, auth: str = "") -> subprocess.CompletedProcess:
+    """iscsi-ls against sheep up's portal, as USER%SECRET when `auth` is given."""
+    who = f"{auth}@" if auth else ""
+    return subprocess.run(["iscsi-ls", "-s", f"iscsi://{who}127.0.0.1:{up.iscsi_port}"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_sheep_up_serves_iscsi_on_loopback_without_chap_by_default(root: Path) -> None:
+    up = Up(root, _free_base_port())
+    try:
+        up.wait_for("Ctrl-C stops")
+        dog("vdi", "create", "open", "8M", address=up.address)
+        listed = iscsi_ls(up)
+        assert listed.returncode == 0 and "open" in listed.stdout
+    finally:
+        assert up.interrupt() == 0
+
+
+def test_sheep_up_with_a_chap_file_lets_only_its_user_into_the_portal(root: Path) -> None:
+    root.mkdir(parents=True)
+    chap = root.parent / "chap"
+    chap.write_text("alice:alice-secret-1\n")
+    chap.chmod(0o600)
+    up = Up(root, _free_base_port(), "--iscsi-chap-file", str(chap))
+    try:
+        up.wait_for("Ctrl-C stops")
+        dog("vdi", "create", "guarded", "8M", address=up.address)
+        assert iscsi_ls(up).returncode != 0
+        assert iscsi_ls(up, "alice%wrong-secret-1").returncode != 0
+        listed = iscsi_ls(up, "alice%alice-secret-1")
+        assert listed.returncode == 0 and "guarded" in listed.stdout
+        assert any("CHAP" in line for line in up.lines if line.startswith("iscsi:"))
+    finally:
+        assert up.interrupt() == 0
 
 
 def test_sigint_stops_sheep_up_started_as_a_background_job_of_a_script(

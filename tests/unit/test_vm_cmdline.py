@@ -102,3 +102,24 @@ def test_a_guest_panic_reaches_qemu_through_pvpanic_and_holds_the_vm_for_the_sup
     argv = qemu_argv(VmSpec("web", ("root",)), NBD, PATHS, "tcg")
     assert "pvpanic-pci" in _values(argv, "-device")
     assert _values(argv, "-action") == ["panic=pause"]
+
+
+def test_an_iscsi_disk_logs_in_with_chap_from_a_secret_object_not_the_command_line() -> None:
+    gateway = Gateway("iscsi", "127.0.0.1", 3260, chap_required=True, chap_user="alice")
+    spec = VmSpec(name="web", disks=("disk",), transport="iscsi")
+    argv = qemu_argv(spec, gateway, PATHS, "tcg")
+    dev = json.loads(_values(argv, "-blockdev")[0])
+    assert (dev["user"], dev["password-secret"]) == ("alice", "iscsi-chap")
+    assert _values(argv, "-object") == [
+        f"secret,id=iscsi-chap,file={PATHS.chap_secret},format=raw"]
+
+
+def test_an_iscsi_disk_without_chap_has_no_secret() -> None:
+    argv = qemu_argv(VmSpec(name="web", disks=("disk",), transport="iscsi"), ISCSI, PATHS,
+                     "tcg")
+    assert "user" not in json.loads(_values(argv, "-blockdev")[0])
+    assert _values(argv, "-object") == []
+
+
+def test_an_ipv6_portal_is_bracketed() -> None:
+    assert blockdev("disk", Gateway("iscsi", "::1", 3260))["portal"] == "[::1]:3260"

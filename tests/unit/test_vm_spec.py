@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -77,3 +78,10 @@ def test_no_node_serving_the_transport_is_a_clear_error() -> None:
     with pytest.raises(NoGateway, match="no node serves iscsi"):
         choose_gateway([_node("a", "h", nbd=1)], "iscsi", local=set())
 
+
+
+def test_a_portal_requiring_chap_says_so_in_the_gateway_chosen() -> None:
+    node = replace(_node("a", "10.0.0.1", nbd=1, iscsi=2), iscsi_chap=True)
+    assert choose_gateway([node], "iscsi", local=set()).chap_required
+    assert not choose_gateway([node], "nbd", local=set()).chap_required
+    assert load_node(dump(node)).iscsi_chap
