@@ -255,7 +255,9 @@ class LocalCluster:
         # started with its own, and ROOT/dog.conf naming the admin's
         self.pki = LocalPki.ensure(root, nodes) if secure else None
         client, peer = etcd_ports or (free_port(), free_port())
-        self.etcd = EtcdServer(root / "etcd", client, peer, root / "etcd.log")
+        # secure: etcd too serves https only, to certificates of the cluster's CA
+        self.etcd = EtcdServer(root / "etcd", client, peer, root / "etcd.log",
+                               tls=self.pki.etcd if self.pki else None)
         self.prefix = prefix
         control_ports = control_ports or [free_port() for _ in range(nodes)]
         data_ports = data_ports or [0] * nodes
