@@ -55,6 +55,22 @@ class EtcdUnavailable(ClusterError):
     """etcd cannot be reached"""
 
 
+class EtcdRefused(ClusterError):
+    """etcd does not let us in: a wrong password, or a user (or certificate name) it does
+    not know or has not granted the keys. Trying again would not help."""
+
+
+_REFUSALS = ("authentication failed", "permission denied", "user name not found",
+             "user name is empty")
+
+
+def _refusal(exc: Exception) -> EtcdRefused | None:
+    detail = str(exc)
+    if any(r in detail for r in _REFUSALS):
+        return EtcdRefused(f"etcd refused us: {detail.removeprefix('etcdserver: ')}")
+    return None
+
+
 def _lease_gone(exc: Exception) -> bool:
     return "lease not found" in str(exc)
 
@@ -176,10 +192,11 @@ class AetcdKv:
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         """`op()`, and once more after logging in anew if etcd forgot our user's token:
         etcd keeps its tokens in memory only, so a restart of etcd (or a token idle past
-        its TTL) would otherwise lock this process out for good."""
+        its TTL) would otherwise lock this process out for good. EtcdRefused when etcd
+        will not let us in at all."""
         logins = self._logins
         try:
-            return await op()
+            return await self._refusing(op)
         except aetcd.exceptions.UnauthenticatedError as exc:
             if self._client._username is None or "invalid auth token" not in str(exc):
                 raise
@@ -187,12 +204,21 @@ class AetcdKv:
             if self._logins == logins:  # nobody else did it meanwhile
                 log.info("etcd forgot our auth token; logging in again")
                 await self._client.close()
-                await self._client.connect()
+                await self._refusing(self._client.connect)
                 self._logins += 1
-        return await op()
+        return await self._refusing(op)
+
+    @staticmethod
+    async def _refusing(op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except aetcd.exceptions.ClientError as exc:
+            if (refused := _refusal(exc)) is not None:
+                raise refused from None
+            raise
 
     async def connect(self) -> None:
-        await self._client.connect()
+        await self._refusing(self._client.connect)
 
     async def close(self) -> None:
         await self._client.close()
@@ -279,6 +305,9 @@ class EtcdCluster:
                 await self.kv.connect()
                 await self.kv.get(self.target.config_key)
                 break
+            except EtcdRefused:
+                await self.kv.close()
+                raise
             except Exception as exc:
                 if time.monotonic() >= deadline:
                     raise EtcdUnavailable(
