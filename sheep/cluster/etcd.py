@@ -288,6 +288,7 @@ class EtcdCluster:
         (the cluster's own); `access`, if given, says exactly what to present instead.
         EtcdAccessError (a ValueError) for an https etcd with neither."""
         self.target = target
+        self.identity = identity  # what a process this one starts shows etcd (a VM's)
         if kv is None:
             if access is None:
                 access = (EtcdAccess.of_identity(identity)
