@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from sheep.security.identity import GRPC_NAME_OPTION, Identity
 from sheep.security.pki import CertFiles, ClusterCA
 from sheep.vdi.manager import open_manager
 
-from ..cluster import vdi_read, vdi_write
+from ..cluster import dog_bytes, vdi_read, vdi_write
 
 MB = 1 << 20
 
@@ -288,3 +290,40 @@ def test_sheep_run_refuses_a_password_file_others_can_read(
     assert node.start().proc is not None
     assert node.proc.wait(30) == 1
     assert "is readable by others (mode 644): chmod 600 it" in node.tail(1)
+
+
+def _peer_get(cluster: LocalCluster, client_ssl: ssl.SSLContext) -> bytes:
+    """GET /version on etcd's peer port over TLS: what etcd answers, b"" if it hung up."""
+    with socket.create_connection(("127.0.0.1", cluster.etcd.peer_port), timeout=5) as raw, \
+            client_ssl.wrap_socket(raw, server_hostname="sheep") as tls:
+        tls.sendall(b"GET /version HTTP/1.1\r\nHost: sheep\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+        return answer
+
+
+def test_the_private_etcds_peer_port_wants_a_certificate_of_the_cluster_too(
+        secure_cluster: LocalCluster) -> None:
+    assert secure_cluster.pki is not None
+    node = Identity.from_files(secure_cluster.pki.node(0))
+    assert _peer_get(secure_cluster, node.client_ssl()).startswith(b"HTTP/1.1 200")
+    anonymous = ssl.create_default_context(cafile=str(secure_cluster.pki.node(0).ca))
+    anonymous.check_hostname = False
+    try:
+        answer = _peer_get(secure_cluster, anonymous)
+    except (ssl.SSLError, ConnectionResetError) as exc:
+        answer = repr(exc).encode()
+    assert not answer.startswith(b"HTTP"), answer
+
+
+def test_dog_reaches_the_https_etcd_with_the_admin_certificate_its_config_names(
+        secure_cluster: LocalCluster, tmp_path: Path) -> None:
+    conf = secure_cluster.write_dog_config(tmp_path / "dog.conf")
+    assert conf is not None
+    data = os.urandom(4096)
+    where = {"address": secure_cluster.address}
+    dog_bytes("vdi", "create", "by-dog", "4M", "--config", str(conf), **where)
+    dog_bytes("vdi", "write", "by-dog", "--config", str(conf), input=data, **where)
+    read = dog_bytes("vdi", "read", "by-dog", "0", "4096", "--config", str(conf), **where)
+    assert read.stdout == data
