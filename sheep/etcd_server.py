@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sheep.children import die_with_parent
+from sheep.etcd_users import EtcdUsers, grant_users
 from sheep.security.pki import CertFiles
 
 
@@ -29,12 +30,13 @@ def _port_open(port: int) -> bool:
 
 class EtcdServer:
     def __init__(self, data_dir: Path, client_port: int, peer_port: int, log_path: Path,
-                 *, tls: CertFiles | None = None) -> None:
+                 *, tls: CertFiles | None = None, users: EtcdUsers | None = None) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
         self.peer_port = peer_port
         self.log_path = log_path
         self.tls = tls  # etcd's certificate and the CA its clients' must chain to
+        self.users = users  # with tls: only these certificates' holders get in
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -93,6 +95,12 @@ class EtcdServer:
                 self.stop()
                 raise RuntimeError(f"etcd did not start within {timeout}s; see {self.log_path}")
             time.sleep(0.05)
+        if self.tls is not None and self.users is not None:
+            try:
+                grant_users(self.client_port, self.users, max(1.0, deadline - time.monotonic()))
+            except RuntimeError:
+                self.stop()
+                raise
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

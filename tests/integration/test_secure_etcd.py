@@ -43,7 +43,7 @@ def world_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def secure_cluster(world_root: Path) -> Iterator[LocalCluster]:
+def tls_cluster(world_root: Path) -> Iterator[LocalCluster]:
     """Two nodes of a secure cluster, formatted with 2 copies, on their private etcd."""
     cluster = LocalCluster(world_root / "cluster", 2, secure=True)
     try:
@@ -86,14 +86,14 @@ def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
 # -- the private etcd of a secure cluster ---------------------------------------------------
 
 
-async def test_a_secure_cluster_keeps_its_registry_in_an_https_etcd_and_serves_a_vdi(
-        secure_cluster: LocalCluster) -> None:
-    assert secure_cluster.pki is not None
-    assert secure_cluster.etcd_url.startswith("https://127.0.0.1:")
-    assert secure_cluster.info().etcd == secure_cluster.etcd_url
-    admin = Identity.from_files(secure_cluster.pki.admin)
+async def test_a_tls_cluster_keeps_its_registry_in_an_https_etcd_and_serves_a_vdi(
+        tls_cluster: LocalCluster) -> None:
+    assert tls_cluster.pki is not None
+    assert tls_cluster.etcd_url.startswith("https://127.0.0.1:")
+    assert tls_cluster.info().etcd == tls_cluster.etcd_url
+    admin = Identity.from_files(tls_cluster.pki.admin)
     data = os.urandom(MB)
-    async with open_manager(secure_cluster.etcd_url, holder="test", identity=admin) as m:
+    async with open_manager(tls_cluster.etcd_url, holder="test", identity=admin) as m:
         await m.create("disk", 8 * MB)
         await vdi_write(m, "disk", 3 * MB, data)
         assert await vdi_read(m, "disk", 3 * MB, MB) == data
@@ -101,61 +101,77 @@ async def test_a_secure_cluster_keeps_its_registry_in_an_https_etcd_and_serves_a
 
 
 async def test_the_private_etcd_refuses_a_plain_http_client(
-        secure_cluster: LocalCluster) -> None:
+        tls_cluster: LocalCluster) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await _raw_put(_endpoint(secure_cluster), None, b"/sheep/config")
+        await _raw_put(_endpoint(tls_cluster), None, b"/sheep/config")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert await _admin_get(secure_cluster, b"/sheep/config") != b"tampered"
+    assert await _admin_get(tls_cluster, b"/sheep/config") != b"tampered"
 
 
 async def test_the_private_etcd_refuses_a_tls_client_without_a_certificate(
-        secure_cluster: LocalCluster) -> None:
-    assert secure_cluster.pki is not None
-    ca = secure_cluster.pki.admin.ca.read_bytes()  # it trusts etcd, but shows nothing
+        tls_cluster: LocalCluster) -> None:
+    assert tls_cluster.pki is not None
+    ca = tls_cluster.pki.admin.ca.read_bytes()  # it trusts etcd, but shows nothing
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await _raw_put(_endpoint(secure_cluster), grpc.ssl_channel_credentials(ca),
+        await _raw_put(_endpoint(tls_cluster), grpc.ssl_channel_credentials(ca),
                        b"/sheep/no-cert")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert await _admin_get(secure_cluster, b"/sheep/no-cert") is None
+    assert await _admin_get(tls_cluster, b"/sheep/no-cert") is None
 
 
 async def test_the_private_etcd_refuses_a_certificate_of_another_ca(
-        secure_cluster: LocalCluster, tmp_path: Path) -> None:
-    assert secure_cluster.pki is not None
+        tls_cluster: LocalCluster, tmp_path: Path) -> None:
+    assert tls_cluster.pki is not None
     stranger = ClusterCA.create(tmp_path / "other-ca", cluster="other")
     files = stranger.issue(tmp_path / "admin", "admin", "admin")
-    ours = secure_cluster.pki.admin.ca.read_bytes()
+    ours = tls_cluster.pki.admin.ca.read_bytes()
     credentials = grpc.ssl_channel_credentials(ours, files.key.read_bytes(),
                                                files.cert.read_bytes())
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await _raw_put(_endpoint(secure_cluster), credentials, b"/sheep/other-ca")
+        await _raw_put(_endpoint(tls_cluster), credentials, b"/sheep/other-ca")
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert await _admin_get(secure_cluster, b"/sheep/other-ca") is None
+    assert await _admin_get(tls_cluster, b"/sheep/other-ca") is None
+
+
+async def test_the_private_etcd_refuses_a_client_certificate_of_the_cluster(
+        tls_cluster: LocalCluster) -> None:
+    """A `client` holder (a VM host, an NBD user) attaches disks; it must not rewrite the
+    registry or take a VDI's lock behind the nodes' backs."""
+    assert tls_cluster.pki is not None
+    client = Identity.from_files(tls_cluster.pki.client)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _raw_put(_endpoint(tls_cluster), client.grpc_channel_credentials(),
+                       b"/sheep/by-client")
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await _admin_get(tls_cluster, b"/sheep/by-client") is None
 
 
 async def test_the_private_etcd_takes_a_put_from_a_certificate_of_the_cluster(
-        secure_cluster: LocalCluster) -> None:
-    """The refusals above are for the credentials, not for every raw client."""
-    assert secure_cluster.pki is not None
-    admin = Identity.from_files(secure_cluster.pki.admin)
-    await _raw_put(_endpoint(secure_cluster), admin.grpc_channel_credentials(),
-                   b"/raw-admin")
-    assert await _admin_get(secure_cluster, b"/raw-admin") == b"tampered"
+        tls_cluster: LocalCluster) -> None:
+    """The refusals above are for the credentials, not for every raw client: the admin's
+    and the nodes' certificates get in."""
+    assert tls_cluster.pki is not None
+    admin = Identity.from_files(tls_cluster.pki.admin)
+    node = Identity.from_files(tls_cluster.pki.node(1))
+    await _raw_put(_endpoint(tls_cluster), admin.grpc_channel_credentials(), b"/raw-admin")
+    await _raw_put(_endpoint(tls_cluster), node.grpc_channel_credentials(), b"/raw-node")
+    assert await _admin_get(tls_cluster, b"/raw-admin") == b"tampered"
+    assert await _admin_get(tls_cluster, b"/raw-node") == b"tampered"
 
 
 def test_a_node_without_a_certificate_is_refused_by_an_https_etcd_in_one_line(
-        secure_cluster: LocalCluster, tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "stray", free_port(), secure_cluster.etcd_url)
+        tls_cluster: LocalCluster, tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "stray", free_port(), tls_cluster.etcd_url)
     assert node.start().proc is not None
     assert node.proc.wait(30) == 1
     assert "speaks TLS: give this process a certificate" in node.tail(1)
 
 
 def test_the_private_etcds_data_and_keys_are_private_to_their_owner(
-        secure_cluster: LocalCluster) -> None:
-    assert secure_cluster.pki is not None
-    root = secure_cluster.root
-    etcd_dir, etcd_key = root / "etcd", secure_cluster.pki.etcd.key
+        tls_cluster: LocalCluster) -> None:
+    assert tls_cluster.pki is not None
+    root = tls_cluster.root
+    etcd_dir, etcd_key = root / "etcd", tls_cluster.pki.etcd.key
     db = etcd_dir / "member" / "snap" / "db"
     assert oct(etcd_dir.stat().st_mode & 0o777) == oct(0o700)
     assert oct(etcd_key.stat().st_mode & 0o777) == oct(0o600)
@@ -165,7 +181,7 @@ def test_the_private_etcds_data_and_keys_are_private_to_their_owner(
     readable.write_text("anyone\n")
     readable.chmod(0o644)
     assert _as_nobody("cat", str(readable)).stdout == "anyone\n"
-    for secret in (db, etcd_key, secure_cluster.pki.admin.key):
+    for secret in (db, etcd_key, tls_cluster.pki.admin.key):
         denied = _as_nobody("cat", str(secret))
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, secret
 
@@ -304,25 +320,25 @@ def _peer_get(cluster: LocalCluster, client_ssl: ssl.SSLContext) -> bytes:
 
 
 def test_the_private_etcds_peer_port_wants_a_certificate_of_the_cluster_too(
-        secure_cluster: LocalCluster) -> None:
-    assert secure_cluster.pki is not None
-    node = Identity.from_files(secure_cluster.pki.node(0))
-    assert _peer_get(secure_cluster, node.client_ssl()).startswith(b"HTTP/1.1 200")
-    anonymous = ssl.create_default_context(cafile=str(secure_cluster.pki.node(0).ca))
+        tls_cluster: LocalCluster) -> None:
+    assert tls_cluster.pki is not None
+    node = Identity.from_files(tls_cluster.pki.node(0))
+    assert _peer_get(tls_cluster, node.client_ssl()).startswith(b"HTTP/1.1 200")
+    anonymous = ssl.create_default_context(cafile=str(tls_cluster.pki.node(0).ca))
     anonymous.check_hostname = False
     try:
-        answer = _peer_get(secure_cluster, anonymous)
+        answer = _peer_get(tls_cluster, anonymous)
     except (ssl.SSLError, ConnectionResetError) as exc:
         answer = repr(exc).encode()
     assert not answer.startswith(b"HTTP"), answer
 
 
 def test_dog_reaches_the_https_etcd_with_the_admin_certificate_its_config_names(
-        secure_cluster: LocalCluster, tmp_path: Path) -> None:
-    conf = secure_cluster.write_dog_config(tmp_path / "dog.conf")
+        tls_cluster: LocalCluster, tmp_path: Path) -> None:
+    conf = tls_cluster.write_dog_config(tmp_path / "dog.conf")
     assert conf is not None
     data = os.urandom(4096)
-    where = {"address": secure_cluster.address}
+    where = {"address": tls_cluster.address}
     dog_bytes("vdi", "create", "by-dog", "4M", "--config", str(conf), **where)
     dog_bytes("vdi", "write", "by-dog", "--config", str(conf), input=data, **where)
     read = dog_bytes("vdi", "read", "by-dog", "0", "4096", "--config", str(conf), **where)
