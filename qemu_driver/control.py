@@ -195,8 +195,12 @@ class VmControl:
 
         plan = paths.dir / "plan.json"
         target = self.etcd.target
+        identity = self.etcd.identity  # an https etcd asks the supervisor for it too
         plan.write_text(json.dumps({
-            "etcd": f"http://{host_port(target.host, target.port)}{target.prefix}",
+            "etcd": f"{target.url}{target.prefix}",
+            "identity": None if identity is None else {
+                "ca": str(identity.files.ca), "cert": str(identity.files.cert),
+                "key": str(identity.files.key)},
             "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
             "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, indent=1))
         # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and

@@ -36,6 +36,7 @@ from sheep.children import die_with_parent
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import EtcdTarget
 from sheep.output import to_devnull
+from sheep.security.identity import Identity
 from sheep.vdi.registry import VdiRegistry
 
 from .cmdline import RunPaths
@@ -234,7 +235,9 @@ class QemuRun:
 class Supervisor:
     def __init__(self, plan: dict, report) -> None:
         self.plan, self.report = plan, report
-        self.etcd = EtcdCluster(EtcdTarget.parse(plan["etcd"]))
+        files = plan.get("identity")  # the starter's certificate, for an https etcd
+        identity = Identity.load(files["ca"], files["cert"], files["key"]) if files else None
+        self.etcd = EtcdCluster(EtcdTarget.parse(plan["etcd"]), identity=identity)
         self.runtime = VmRuntime.load(json.dumps(plan["runtime"]).encode())
         self.paths = RunPaths(Path(self.runtime.run_dir))
         self.label = user_label(self.runtime.name)

@@ -238,7 +238,8 @@ class EmbeddedCluster:
             if self.vm:
                 from qemu_driver.demo import run_demo
 
-                self._demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm"))
+                self._demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm",
+                                                               self.cluster.admin))
                 self._demo_started = True
             last = ""
             while not self._stop:
@@ -293,7 +294,7 @@ class EmbeddedCluster:
             if self._demo_started:
                 from qemu_driver.demo import stop_demo
 
-                asyncio.run(stop_demo(self.etcd.url))
+                asyncio.run(stop_demo(self.etcd.url, identity=self.cluster.admin))
             self.stop()
             print("stopped", flush=True)
         return code

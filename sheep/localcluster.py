@@ -27,6 +27,7 @@ from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.control.channel import sync_channel
 from sheep.etcd_server import EtcdServer
+from sheep.etcd_users import EtcdUsers
 from sheep.netaddr import host_port
 from sheep.node.ready import read_ready_file, remove_ready_file
 from sheep.security.identity import Identity
@@ -258,7 +259,13 @@ class LocalCluster:
         # started with its own, and ROOT/dog.conf naming the admin's
         self.pki = LocalPki.ensure(root, nodes) if secure else None
         client, peer = etcd_ports or (free_port(), free_port())
-        self.etcd = EtcdServer(root / "etcd", client, peer, root / "etcd.log")
+        # secure: etcd too serves https only, to certificates of the cluster's CA
+        # (sheep/etcd_users.py: the admin and the nodes, not the cluster's other holders)
+        self.etcd = EtcdServer(
+            root / "etcd", client, peer, root / "etcd.log",
+            tls=self.pki.etcd if self.pki else None,
+            users=EtcdUsers(self.pki.admin, tuple(self.pki.node(i) for i in range(nodes)))
+            if self.pki else None)
         self.prefix = prefix
         control_ports = control_ports or [free_port() for _ in range(nodes)]
         data_ports = data_ports or [0] * nodes

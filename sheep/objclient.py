@@ -34,6 +34,7 @@ from sheep.errors import (
 )
 from sheep.futures import settle_when
 from sheep.netaddr import host_port
+from sheep.security.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -381,13 +382,15 @@ class ObjectClient:
 
 
 @contextlib.asynccontextmanager
-async def open_client(etcd_url: str, **kwargs: object) -> AsyncIterator[ObjectClient]:
+async def open_client(etcd_url: str, *, identity: Identity | None = None,
+                      **kwargs: object) -> AsyncIterator[ObjectClient]:
     """An ObjectClient that follows the cluster at `etcd_url` for as long as it is open:
-    what a gateway, a benchmark or a test holds."""
+    what a gateway, a benchmark or a test holds. `identity`: its certificate of the
+    cluster, which an https etcd asks for."""
     from sheep.cluster.state import EtcdTarget
     from sheep.cluster.view import follow
 
-    etcd = EtcdCluster(EtcdTarget.parse(etcd_url))
+    etcd = EtcdCluster(EtcdTarget.parse(etcd_url), identity=identity)
     await etcd.connect()
     view = ClusterView()
     await view.refresh(etcd)

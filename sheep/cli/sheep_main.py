@@ -37,6 +37,8 @@ def install_event_loop_policy() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sheep.cluster.access import resolve_access
+    from sheep.cluster.state import EtcdTarget
     from sheep.node.daemon import NodeOptions, run_node
     from sheep.security.identity import Identity
     from sheep.security.pki import PkiError
@@ -47,7 +49,10 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     try:
         identity = Identity.load(args.ca, args.cert, args.key) if given else None
-    except PkiError as exc:
+        etcd_access = resolve_access(
+            EtcdTarget.parse(args.etcd), identity, ca=args.etcd_ca, cert=args.etcd_cert,
+            key=args.etcd_key, user=args.etcd_user, password_file=args.etcd_password_file)
+    except (PkiError, ValueError) as exc:
         print(f"sheep: {exc}", file=sys.stderr)
         return 1
 
@@ -72,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         scrub_interval=args.scrub_interval,
         ready_file=Path(args.ready_file) if args.ready_file else None,
         identity=identity,
+        etcd_access=etcd_access,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -114,6 +120,17 @@ def _ratio(text: str) -> float:
     return value
 
 
+class _RefuseSecret(argparse.Action):
+    """An option that exists only to refuse a secret on the command line, where `ps` and
+    shell history show it to everyone (and so that no abbreviation of a *-file option
+    takes the secret for a file name)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} is not an option: a password on the command line is "
+                     f"visible to every user (ps); put it in a file of mode 600 and give "
+                     f"{option_string}-file FILE")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sheep", description="sheep storage daemon")
     add_version(parser)
@@ -125,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-port", type=int, default=0,
                      help="data-plane port (default: any free port, published in etcd)")
     run.add_argument("--etcd", required=True,
-                     help="etcd URL, optionally with a key prefix: http://HOST:PORT[/PREFIX]")
+                     help="etcd URL, optionally with a key prefix: http[s]://HOST:PORT[/PREFIX]")
     run.add_argument("--bind", default="127.0.0.1",
                      help="address to listen on (IPv4 or IPv6); any but loopback needs "
                           "--ca/--cert/--key, and --iscsi-chap-file with --iscsi-port")
@@ -170,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ca", default="", metavar="FILE", help="the cluster CA's certificate")
     tls.add_argument("--cert", default="", metavar="FILE", help="this node's certificate")
     tls.add_argument("--key", default="", metavar="FILE", help="its key (mode 0600)")
+    ext = run.add_argument_group(
+        "etcd credentials", "an https:// etcd is shown the node's identity (--ca/--cert/"
+        "--key) by default; an etcd with a CA of its own takes these instead")
+    ext.add_argument("--etcd-ca", default="", metavar="FILE",
+                     help="the CA etcd's certificate chains to (its name must match the "
+                          "URL's host)")
+    ext.add_argument("--etcd-cert", default="", metavar="FILE",
+                     help="a client certificate for etcd (with --etcd-key)")
+    ext.add_argument("--etcd-key", default="", metavar="FILE", help="its key (mode 0600)")
+    ext.add_argument("--etcd-user", default="", metavar="NAME",
+                     help="log in to etcd as NAME (etcd's user/password auth)")
+    ext.add_argument("--etcd-password-file", default="", metavar="FILE",
+                     help="NAME's password: the file's first line (mode 600; a password is "
+                          "never taken on the command line, where ps shows it)")
+    ext.add_argument("--etcd-password", action=_RefuseSecret, help=argparse.SUPPRESS)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=_run)
 

@@ -4,7 +4,8 @@ Every change of membership is one etcd transaction guarded by the epoch key's re
 so two nodes that race to bump the epoch cannot both win; the loser re-reads and retries.
 
 `AetcdKv` is the `Kv` (sheep/cluster/kv.py) over a real etcd: the one module that imports
-aetcd. Everything else reads and writes etcd through `EtcdCluster.kv`.
+aetcd. Everything else reads and writes etcd through `EtcdCluster.kv`. aetcd only dials
+plain channels; `_TlsClient` gives it TLS (sheep/cluster/access.py says with what).
 """
 
 from __future__ import annotations
@@ -15,15 +16,21 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
+import aetcd.watcher
+import grpc
 
 from sheep.clock import SYSTEM, Clock
 from sheep.errors import ClusterError, InvalidParams
 from sheep.oid import validate_copies, validate_object_size
+from sheep.security.identity import Identity
 
 from . import kv as tx
+from .access import EtcdAccess
 from .kv import KeyValue, Kv, Lease, LeaseGone, lease_id
 from .state import (
     ClusterConfig,
@@ -37,6 +44,7 @@ from .state import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class AlreadyFormatted(ClusterError):
@@ -47,24 +55,41 @@ class EtcdUnavailable(ClusterError):
     """etcd cannot be reached"""
 
 
+class EtcdRefused(ClusterError):
+    """etcd does not let us in: a wrong password, or a user (or certificate name) it does
+    not know or has not granted the keys. Trying again would not help."""
+
+
+_REFUSALS = ("authentication failed", "permission denied", "user name not found",
+             "user name is empty")
+
+
+def _refusal(exc: Exception) -> EtcdRefused | None:
+    detail = str(exc)
+    if any(r in detail for r in _REFUSALS):
+        return EtcdRefused(f"etcd refused us: {detail.removeprefix('etcdserver: ')}")
+    return None
+
+
 def _lease_gone(exc: Exception) -> bool:
     return "lease not found" in str(exc)
 
 
 class _AetcdLease:
-    def __init__(self, lease: aetcd.Lease) -> None:
+    def __init__(self, lease: aetcd.Lease, kv: AetcdKv) -> None:
         self._lease = lease
+        self._kv = kv
 
     @property
     def id(self) -> int:
         return self._lease.id
 
     async def refresh(self) -> int:
-        return (await self._lease.refresh()).TTL
+        return (await self._kv._call(self._lease.refresh)).TTL
 
     async def revoke(self) -> None:
         try:
-            await self._lease.revoke()
+            await self._kv._call(self._lease.revoke)
         except aetcd.exceptions.ClientError as exc:
             if _lease_gone(exc):
                 raise LeaseGone(f"lease {self.id:x} is gone") from None
@@ -91,35 +116,130 @@ def _kv(raw) -> KeyValue:
                     raw.version, raw.lease)
 
 
+class _TlsClient(aetcd.Client):
+    """aetcd's client over a TLS channel. aetcd 1.0's connect() only ever opens an
+    insecure one, so this is its connect with the channel made secure; the rest
+    (etcd's user/password token, the stubs, the watcher) is aetcd's as it is."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials, server_name: str,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+        if server_name:
+            self._options = {**self._options, "grpc.ssl_target_name_override": server_name}
+
+    async def connect(self) -> None:
+        try:
+            await self._connect_tls()
+        except aetcd.rpc.AioRpcError as exc:
+            aetcd.exceptions._handle_exception(exc)
+
+    async def _connect_tls(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = grpc.aio.secure_channel(target, self._credentials,
+                                                   options=list(self._options.items()))
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    aetcd.rpc.AuthenticateRequest(name=self._username,
+                                                  password=self._password),
+                    timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(aetcd.rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        except BaseException:
+            if self.channel is not None:
+                await self.channel.close()
+            self._init_channel_attrs()
+            raise
+        finally:
+            self._is_connecting = False
+
+
+def _client(host: str, port: int, access: EtcdAccess, timeout: float) -> aetcd.Client:
+    auth = {"username": access.user, "password": access.password} if access.user else {}
+    if not access.tls:
+        return aetcd.Client(host=host, port=port, timeout=timeout, **auth)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=access.ca_pem, private_key=access.key_pem or None,
+        certificate_chain=access.cert_pem or None)
+    return _TlsClient(host=host, port=port, timeout=timeout, credentials=credentials,
+                      server_name=access.server_name, **auth)
+
+
 class AetcdKv:
     """`Kv` over a real etcd, through aetcd: the one place its client and types are used."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 5.0) -> None:
-        self._client = aetcd.Client(host=host, port=port, timeout=timeout)
+    def __init__(self, host: str, port: int, *, timeout: float = 5.0,
+                 access: EtcdAccess | None = None) -> None:
+        self._client = _client(host, port, access or EtcdAccess(), timeout)
+        self._logins = 0  # how many times we logged in anew (see _call)
+        self._login_lock = asyncio.Lock()
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """`op()`, and once more after logging in anew if etcd forgot our user's token:
+        etcd keeps its tokens in memory only, so a restart of etcd (or a token idle past
+        its TTL) would otherwise lock this process out for good. EtcdRefused when etcd
+        will not let us in at all."""
+        logins = self._logins
+        try:
+            return await self._refusing(op)
+        except aetcd.exceptions.UnauthenticatedError as exc:
+            if self._client._username is None or "invalid auth token" not in str(exc):
+                raise
+        async with self._login_lock:
+            if self._logins == logins:  # nobody else did it meanwhile
+                log.info("etcd forgot our auth token; logging in again")
+                await self._client.close()
+                await self._refusing(self._client.connect)
+                self._logins += 1
+        return await self._refusing(op)
+
+    @staticmethod
+    async def _refusing(op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except aetcd.exceptions.ClientError as exc:
+            if (refused := _refusal(exc)) is not None:
+                raise refused from None
+            raise
 
     async def connect(self) -> None:
-        await self._client.connect()
+        await self._refusing(self._client.connect)
 
     async def close(self) -> None:
         await self._client.close()
 
     async def get(self, key: bytes) -> KeyValue | None:
-        raw = await self._client.get(key)
+        raw = await self._call(lambda: self._client.get(key))
         return _kv(raw) if raw is not None else None
 
     async def get_prefix(self, prefix: bytes) -> list[KeyValue]:
-        return [_kv(raw) for raw in await self._client.get_prefix(prefix)]
+        return [_kv(raw) for raw in await self._call(lambda: self._client.get_prefix(prefix))]
 
     async def put(self, key: bytes, value: bytes, *, lease: Lease | int | None = None) -> None:
         try:
-            await self._client.put(key, value, lease=lease_id(lease) or None)
+            await self._call(lambda: self._client.put(key, value, lease=lease_id(lease) or None))
         except aetcd.exceptions.ClientError as exc:
             if _lease_gone(exc):
                 raise LeaseGone(f"lease {lease_id(lease):x} is gone") from None
             raise
 
     async def delete(self, key: bytes) -> bool:
-        return await self._client.delete(key) is not None
+        return await self._call(lambda: self._client.delete(key)) is not None
 
     def _op(self, op: tx.Put | tx.Delete):
         ops = self._client.transactions
@@ -141,10 +261,10 @@ class AetcdKv:
                           success: Sequence[tx.Put | tx.Delete],
                           failure: Sequence[tx.Put | tx.Delete] = ()) -> bool:
         try:
-            ok, _ = await self._client.transaction(
+            ok, _ = await self._call(lambda: self._client.transaction(
                 compare=[self._compare(c) for c in compare],
                 success=[self._op(op) for op in success],
-                failure=[self._op(op) for op in failure])
+                failure=[self._op(op) for op in failure]))
         except aetcd.exceptions.ClientError as exc:
             if _lease_gone(exc):
                 raise LeaseGone("a lease of the transaction is gone") from None
@@ -152,20 +272,30 @@ class AetcdKv:
         return bool(ok)
 
     async def lease(self, ttl: int) -> Lease:
-        return _AetcdLease(await self._client.lease(ttl))
+        return _AetcdLease(await self._call(lambda: self._client.lease(ttl)), self)
 
     async def watch_prefix(self, prefix: bytes) -> _AetcdWatch:
-        return _AetcdWatch(await self._client.watch_prefix(prefix))
+        return _AetcdWatch(await self._call(lambda: self._client.watch_prefix(prefix)))
 
 
 class EtcdCluster:
     """The cluster's records, over `kv` (default: the etcd at `target`, via AetcdKv)."""
 
     def __init__(self, target: EtcdTarget, *, timeout: float = 5.0, kv: Kv | None = None,
-                 clock: Clock = SYSTEM) -> None:
+                 clock: Clock = SYSTEM, identity: Identity | None = None,
+                 access: EtcdAccess | None = None) -> None:
+        """`identity`: this process's certificate of the cluster, used for an https etcd
+        (the cluster's own); `access`, if given, says exactly what to present instead.
+        EtcdAccessError (a ValueError) for an https etcd with neither."""
         self.target = target
-        self.kv: Kv = kv if kv is not None else AetcdKv(target.host, target.port,
-                                                       timeout=timeout)
+        self.identity = identity  # what a process this one starts shows etcd (a VM's)
+        if kv is None:
+            if access is None:
+                access = (EtcdAccess.of_identity(identity)
+                          if identity is not None and target.secure else EtcdAccess())
+            access.check(target)
+            kv = AetcdKv(target.host, target.port, timeout=timeout, access=access)
+        self.kv: Kv = kv
         self._clock = clock
 
     async def connect(self, wait: float = 10.0) -> None:
@@ -176,10 +306,13 @@ class EtcdCluster:
                 await self.kv.connect()
                 await self.kv.get(self.target.config_key)
                 break
+            except EtcdRefused:
+                await self.kv.close()
+                raise
             except Exception as exc:
                 if time.monotonic() >= deadline:
                     raise EtcdUnavailable(
-                        f"cannot reach etcd at {self.target.host}:{self.target.port}: {exc}"
+                        f"cannot reach etcd at {self.target.url}: {exc}"
                     ) from None
                 await asyncio.sleep(0.2)
 

@@ -106,24 +106,35 @@ class EtcdTarget:
     """Where the cluster's coordination lives: an etcd endpoint and a key prefix.
 
     The URL's path selects the prefix, so several clusters (or tests) can share one etcd:
-    `http://127.0.0.1:2379/mycluster`.
+    `http://127.0.0.1:2379/mycluster`. `https://` is etcd over TLS: its clients must then
+    have credentials for it (sheep/cluster/access.py); `http://` stays plain.
     """
 
     host: str
     port: int
     prefix: str = DEFAULT_PREFIX
+    secure: bool = False  # https: TLS, and the credentials that go with it
 
     @classmethod
     def parse(cls, url: str) -> EtcdTarget:
         if "://" not in url:
             url = "http://" + url
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "etcd"):
+        if parts.scheme not in ("http", "etcd", "https"):
             raise ValueError(f"unsupported etcd URL scheme {parts.scheme!r} in {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"etcd URL {url!r} holds a user name or password: give them as "
+                             f"--etcd-user and --etcd-password-file")
         if not parts.hostname:
             raise ValueError(f"etcd URL {url!r} has no host")
         prefix = parts.path.rstrip("/") or DEFAULT_PREFIX
-        return cls(parts.hostname, parts.port or 2379, prefix)
+        return cls(parts.hostname, parts.port or 2379, prefix, parts.scheme == "https")
+
+    @property
+    def url(self) -> str:
+        """The endpoint without the prefix, as etcd's own tools take it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.secure else 'http'}://{host}:{self.port}"
 
     def key(self, *parts: str) -> bytes:
         return "/".join((self.prefix, *parts)).encode()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from sheep.cluster.access import EtcdAccess
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.membership import Membership
 from sheep.cluster.ring import DEFAULT_VNODES, vnodes_for_weight
@@ -90,6 +91,8 @@ class NodeOptions:
     iscsi_mutual_chap_file: str = ""  # file: USER:SECRET we prove to them (mutual CHAP)
     ready_file: Path | None = None  # written once the node serves (sheep/node/ready.py)
     identity: Identity | None = None  # None: an open node (loopback only)
+    # what to show etcd (sheep/cluster/access.py); None: `identity` on an https etcd
+    etcd_access: EtcdAccess | None = None
 
 
 def _check_exposure(opts: NodeOptions) -> None:
@@ -209,8 +212,12 @@ async def open_node(opts: NodeOptions) -> Node:
     open."""
     _check_exposure(opts)
     limit = raise_to_hard_limit()
+    try:
+        etcd = EtcdCluster(EtcdTarget.parse(opts.etcd), identity=opts.identity,
+                           access=opts.etcd_access)
+    except ValueError as exc:  # a bad URL, or an https etcd and nothing to show it
+        raise StartupError(str(exc)) from None
     data_dir = DataDir(opts.dir, opts.full_ratio)
-    etcd = EtcdCluster(EtcdTarget.parse(opts.etcd))
     data_sock = None
     try:
         _check_port_free(opts.bind, opts.port, "control")

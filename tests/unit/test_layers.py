@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
      "sheep.clock", "sheep.fdlimit", "sheep.names", "sheep.netaddr",
      "sheep.security"),  # the CA, identities, dog's config: every plane authenticates
     # one node's store; the ring, membership and etcd; the wire protocols' cores
-    ("sheep.store", "sheep.cluster", "sheep.etcd_server", "sheep.dataplane",
+    ("sheep.store", "sheep.cluster", "sheep.etcd_server", "sheep.etcd_users", "sheep.dataplane",
      "sheep.gateway.scsi", "sheep.gateway.nbd.wire", "sheep.gateway.nbd.handshake",
      "sheep.gateway.nbd.transmission", "sheep.gateway.iscsi.wire", "sheep.gateway.iscsi.text",
      "sheep.gateway.iscsi.login", "sheep.gateway.iscsi.session",

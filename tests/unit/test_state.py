@@ -72,7 +72,19 @@ def test_etcd_keys_live_under_the_prefix() -> None:
     assert target.nodes_prefix == b"/p/nodes/"
 
 
-@pytest.mark.parametrize("url", ["https://h:1", "http://:2379"])
+def test_https_etcd_url_is_a_secure_target_and_http_a_plain_one() -> None:
+    secure = EtcdTarget.parse("https://10.0.0.5:2379/prod")
+    assert (secure.secure, secure.url, secure.prefix) == (True, "https://10.0.0.5:2379", "/prod")
+    assert not EtcdTarget.parse("http://10.0.0.5:2379").secure
+    assert not EtcdTarget.parse("10.0.0.5:2379").secure
+
+
+def test_ipv6_etcd_url_keeps_its_brackets() -> None:
+    assert EtcdTarget.parse("https://[::1]:2379/p").url == "https://[::1]:2379"
+
+
+@pytest.mark.parametrize("url", ["ftp://h:1", "http://:2379", "https://root:pw@h:2379",
+                                 "https://root@h:2379"])
 def test_bad_etcd_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         EtcdTarget.parse(url)
