@@ -224,7 +224,8 @@ def test_a_plaintext_export_name_is_hung_up_on(gw: TlsGateway, vdi: str) -> None
         assert closed_by_server(sock)
 
 
-def test_plaintext_nbdinfo_is_refused_and_told_tls_is_required(gw: TlsGateway, vdi: str, tmp_path: Path) -> None:
+def test_plaintext_nbdinfo_is_refused_and_told_tls_is_required(gw: TlsGateway, vdi: str,
+                                                                tmp_path: Path) -> None:
     proc = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{gw.require_port}/{vdi}"], tmp_path,
                ok=False)
     assert proc.returncode != 0 and str(SIZE) not in proc.stdout
@@ -312,3 +313,60 @@ def test_require_without_an_identity_refuses_to_start_in_one_line(tmp_path: Path
     with pytest.raises(LaunchError) as err:
         node.start().wait_ready(30)
     assert "--nbd-tls require needs the node's certificate" in str(err.value)
+
+
+# -- a VDI's allow-list (dog vdi set NAME --nbd-allow) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vmhost2(gw: TlsGateway, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second client certificate of the cluster's own CA, named vmhost2."""
+    ca = ClusterCA.load(gw.pki.root / "ca")
+    files = ca.issue(tmp_path_factory.mktemp("vmhost2"), "vmhost2", "client")
+    return x509_client_dir(tmp_path_factory.mktemp("vmhost2-tls"), files.ca, files.cert,
+                           files.key)
+
+
+def allow(gw: TlsGateway, name: str, *options: str) -> None:
+    dog("vdi", "set", name, *options, address=gw.cluster.address,
+        env={"SHEEP_CONFIG": str(gw.config)})
+
+
+def test_an_allow_list_admits_the_named_certificate_only(
+        gw: TlsGateway, vdi: str, client_dir: Path, vmhost2: Path, tmp_path: Path) -> None:
+    allow(gw, vdi, "--nbd-allow", "client")
+    proc = run(["nbdinfo", "--size", nbds(gw.require_port, vdi, vmhost2)], tmp_path, ok=False)
+    assert proc.returncode != 0 and "server policy prevents" in proc.stderr  # ERR_POLICY
+    assert run(["nbdinfo", "--size", nbds(gw.require_port, vdi, client_dir)],
+               tmp_path).stdout.strip() == str(SIZE)
+    listed = run(["nbdinfo", "--list", "--json", nbds(gw.require_port, "", vmhost2)],
+                 tmp_path).stdout
+    assert f'"{vdi}"' not in listed  # NBD_OPT_LIST shows a client only what it may attach
+
+
+def test_a_snapshot_follows_its_vdis_allow_list(gw: TlsGateway, vdi: str, vmhost2: Path,
+                                               tmp_path: Path) -> None:
+    dog("vdi", "snapshot", vdi, "-s", "s1", address=gw.cluster.address,
+        env={"SHEEP_CONFIG": str(gw.config)})
+    allow(gw, vdi, "--nbd-allow", "client")
+    proc = run(["nbdinfo", "--size", nbds(gw.require_port, f"{vdi}@s1", vmhost2)], tmp_path,
+               ok=False)
+    assert proc.returncode != 0 and "server policy prevents" in proc.stderr
+
+
+def test_clearing_the_allow_list_admits_any_client_certificate_again(
+        gw: TlsGateway, vdi: str, vmhost2: Path, tmp_path: Path) -> None:
+    allow(gw, vdi, "--nbd-allow", "client")
+    allow(gw, vdi, "--nbd-allow-any")
+    assert run(["nbdinfo", "--size", nbds(gw.require_port, vdi, vmhost2)],
+               tmp_path).stdout.strip() == str(SIZE)
+
+
+def test_an_allow_listed_vdi_is_tls_only_on_an_allow_node(
+        gw: TlsGateway, vdi: str, client_dir: Path, tmp_path: Path) -> None:
+    allow(gw, vdi, "--nbd-allow", "client")
+    with connect(gw.allow_port) as sock:
+        rtype, message = option(sock, OPT_GO, go_request(vdi))
+        assert rtype == REP_ERR_TLS_REQD, message
+    assert run(["nbdinfo", "--size", nbds(gw.allow_port, vdi, client_dir)],
+               tmp_path).stdout.strip() == str(SIZE)

@@ -118,7 +118,7 @@ class _Catalog:
             export = self._table.find(name)
             if export is None:
                 continue
-            rule = access(self._mode, self.peer, None)
+            rule = access(self._mode, self.peer, export.nbd_allow)
             if not rule.denied and not rule.tls_only:
                 out.append((name, export.description))
         return out
@@ -128,7 +128,7 @@ class _Catalog:
         if export is None:
             return None
         self.chosen[name] = export
-        rule = access(self._mode, self.peer, None)
+        rule = access(self._mode, self.peer, export.nbd_allow)
         return ExportInfo(name=name, description=export.description, size=export.size,
                           read_only=export.read_only, can_multi_conn=True,
                           max_block=MAX_REQUEST, denied=rule.denied, tls_only=rule.tls_only)
