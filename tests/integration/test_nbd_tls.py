@@ -9,6 +9,7 @@ socket that speaks the handshake from the spec's numbers.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import ssl
@@ -370,3 +371,12 @@ def test_an_allow_listed_vdi_is_tls_only_on_an_allow_node(
         assert rtype == REP_ERR_TLS_REQD, message
     assert run(["nbdinfo", "--size", nbds(gw.allow_port, vdi, client_dir)],
                tmp_path).stdout.strip() == str(SIZE)
+
+
+def test_vdi_info_shows_the_allow_list(gw: TlsGateway, vdi: str) -> None:
+    env = {"SHEEP_CONFIG": str(gw.config)}
+    info = dog("vdi", "info", vdi, "--json", address=gw.cluster.address, env=env).stdout
+    assert json.loads(info)["nbd_allow"] is None
+    allow(gw, vdi, "--nbd-allow", "vmhost2,client")
+    text = dog("vdi", "info", vdi, address=gw.cluster.address, env=env).stdout
+    assert "NBD allow-list: client, vmhost2" in text
