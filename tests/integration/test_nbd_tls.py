@@ -380,3 +380,16 @@ def test_vdi_info_shows_the_allow_list(gw: TlsGateway, vdi: str) -> None:
     allow(gw, vdi, "--nbd-allow", "vmhost2,client")
     text = dog("vdi", "info", vdi, address=gw.cluster.address, env=env).stdout
     assert "NBD allow-list: client, vmhost2" in text
+
+
+def test_failed_tls_handshakes_give_their_connection_slots_back(
+        gw: TlsGateway, vdi: str, client_dir: Path, tmp_path: Path) -> None:
+    """More failed TLS handshakes than the gateway takes connections at once (256): had a
+    failure kept its slot, the client after them would be turned away."""
+    for _ in range(300):
+        with connect(gw.require_port) as sock:
+            assert option(sock, OPT_STARTTLS) == (REP_ACK, b"")
+            sock.sendall(b"\x16\x03\x01\x00\x05hello")  # a broken ClientHello
+            assert closed_by_server(sock)
+    assert run(["nbdinfo", "--size", nbds(gw.require_port, vdi, client_dir)],
+               tmp_path).stdout.strip() == str(SIZE)
