@@ -207,6 +207,21 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def x509_client_dir(out: Path, ca: Path, cert: Path | None = None,
+                    key: Path | None = None) -> Path:
+    """A directory laid out as QEMU's tls-creds-x509 (endpoint=client) and libnbd's
+    `tls-certificates=` want it: ca-cert.pem, and client-cert.pem/client-key.pem when the
+    client is to present a certificate (without them it presents none)."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (out / "ca-cert.pem").write_bytes(Path(ca).read_bytes())
+    if cert is not None and key is not None:
+        (out / "client-cert.pem").write_bytes(Path(cert).read_bytes())
+        key_out = out / "client-key.pem"
+        key_out.write_bytes(Path(key).read_bytes())
+        key_out.chmod(0o600)
+    return out
+
+
 class TcpProxy:
     """A loopback TCP relay that a test can cut (every connection dropped, new ones
     refused) and restore on the same port: a node behind it loses its etcd."""

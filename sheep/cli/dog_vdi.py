@@ -210,6 +210,8 @@ async def vdi_info(stub, args) -> None:
     info["locked_by"] = lock.holder if lock is not None and not rec.snapshot else ""
     info["iscsi_target"] = target_name(rec.label)
     info["scsi_serial"] = unit_serial(lun_identity(rec, rec.snapshot))
+    allow = state.nbd_allow.get(args.name)
+    info["nbd_allow"] = sorted(allow) if allow is not None else None
     # the snapshot a clone or a snapshotted VDI grows from, as the user names it
     parent = state.records.get(rec.parent)
     info["parent_name"] = parent.label if parent is not None else ""
@@ -226,7 +228,30 @@ async def vdi_info(stub, args) -> None:
           + (f"Snapshot time: {when(rec.snap_time)}\n" if rec.snapshot else "")
           + f"Snapshots: {', '.join(info['snapshots']) or '-'}\n"
           f"Locked by: {info['locked_by'] or '-'}\n"
-          f"iSCSI target: {info['iscsi_target']} (SCSI serial {info['scsi_serial']})")
+          f"iSCSI target: {info['iscsi_target']} (SCSI serial {info['scsi_serial']})\n"
+          f"NBD allow-list: {', '.join(info['nbd_allow']) if allow is not None else '-'}")
+
+
+async def vdi_set(stub, args) -> None:
+    """Settings kept with a VDI in the registry: for now who may attach it over NBD."""
+    if args.nbd_allow is None and not args.nbd_allow_any:
+        raise DogError("nothing to set: give --nbd-allow NAMES or --nbd-allow-any")
+    if args.nbd_allow is not None and args.nbd_allow_any:
+        raise DogError("--nbd-allow and --nbd-allow-any contradict each other")
+    names = None
+    if args.nbd_allow is not None:
+        names = frozenset(n.strip() for n in args.nbd_allow.split(","))
+        if not names or "" in names:
+            raise DogError("--nbd-allow takes certificate names separated by commas")
+    async with cluster_manager(stub, args, "vdi") as m:
+        await m.registry.set_nbd_allow(args.name, names)
+    if args.json:
+        emit({"name": args.name, "nbd_allow": sorted(names) if names is not None else None})
+    elif names is None:
+        print(f"VDI {args.name}: any client certificate of the cluster may attach it over NBD")
+    else:
+        print(f"VDI {args.name}: only {', '.join(sorted(names))} may attach it over NBD "
+              f"(over TLS)")
 
 
 async def vdi_snapshot(stub, args) -> None:
@@ -598,6 +623,13 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     p = cmd("info", vdi_info, "one VDI or snapshot")
     p.add_argument("name", help="the VDI's name")
     snap_opt(p)
+    p = cmd("set", vdi_set, "settings kept with a VDI (who may attach it over NBD)")
+    p.add_argument("name", help="the VDI (its snapshots follow it)")
+    p.add_argument("--nbd-allow", metavar="CN[,CN...]",
+                   help="only clients whose certificate has one of these names may attach "
+                        "it over NBD, and only over TLS (a node with --nbd-tls off refuses)")
+    p.add_argument("--nbd-allow-any", action="store_true",
+                   help="any client certificate of the cluster may attach it (the default)")
     p = cmd("snapshot", vdi_snapshot, "snapshot a VDI (also while it is in use)")
     p.add_argument("name", help="the VDI to snapshot")
     snap_opt(p, required=True)

@@ -78,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         ready_file=Path(args.ready_file) if args.ready_file else None,
         identity=identity,
         etcd_access=etcd_access,
+        nbd_tls=args.nbd_tls,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds after which a silent node leaves the cluster")
     run.add_argument("--nbd-port", type=int, default=None,
                      help="also serve every VDI over NBD on this port (0: any free port)")
+    run.add_argument("--nbd-tls", choices=("require", "allow", "off"), default=None,
+                     help="NBD over TLS (NBD_OPT_STARTTLS, client certificates of the "
+                          "cluster's CA): require it, allow it, or off. Default: require "
+                          "on a non-loopback --bind, allow on loopback with an identity, "
+                          "off without one")
     run.add_argument("--iscsi-port", type=int, default=None,
                      help="also serve every VDI as an iSCSI target on this port "
                           "(0: any free port; the standard port is 3260)")

@@ -35,6 +35,7 @@ class Export:
     size: int
     description: str
     read_only: bool
+    nbd_allow: frozenset[str] | None = None  # certificate names that may attach it over NBD
 
 
 def split_export(name: str) -> tuple[str, str | None]:
@@ -69,7 +70,8 @@ class ExportTable:
         what = "snapshot" if rec.snapshot else "VDI"
         note = ", in use elsewhere: read-only" if locked_elsewhere and not rec.snapshot else ""
         return Export(name, vdi, tag, rec.size,
-                      f"sheep {what} {rec.label}, {format_size(rec.size)}{note}", read_only)
+                      f"sheep {what} {rec.label}, {format_size(rec.size)}{note}", read_only,
+                      self._state.nbd_allow.get(vdi))
 
 
 class VolumeCache:

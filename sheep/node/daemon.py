@@ -35,7 +35,8 @@ from sheep.fdlimit import object_cache_size, raise_to_hard_limit
 from sheep.gateway.exports import VolumeCache
 from sheep.gateway.iscsi.login import Chap
 from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
-from sheep.gateway.nbd.server import serve_nbd
+from sheep.gateway.nbd.server import NbdTls, serve_nbd
+from sheep.gateway.nbd.tls import TlsMode, choose_mode
 from sheep.netaddr import family, host_port
 from sheep.node.exposure import Exposure, refusal
 from sheep.node.ready import remove_ready_file, write_ready_file
@@ -93,6 +94,7 @@ class NodeOptions:
     identity: Identity | None = None  # None: an open node (loopback only)
     # what to show etcd (sheep/cluster/access.py); None: `identity` on an https etcd
     etcd_access: EtcdAccess | None = None
+    nbd_tls: str | None = None  # require | allow | off; None: by the bind (gateway/nbd/tls.py)
 
 
 def _check_exposure(opts: NodeOptions) -> None:
@@ -126,6 +128,16 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 def _bound_port(server: asyncio.Server) -> int:
     return server.sockets[0].getsockname()[1]
+
+
+def _nbd_tls(opts: NodeOptions) -> NbdTls:
+    try:
+        mode = choose_mode(opts.nbd_tls, opts.bind, opts.identity is not None)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if mode is TlsMode.OFF or opts.identity is None:
+        return NbdTls()
+    return NbdTls(mode, opts.identity.server_ssl())
 
 
 def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
@@ -222,6 +234,8 @@ async def open_node(opts: NodeOptions) -> Node:
     try:
         _check_port_free(opts.bind, opts.port, "control")
         data_sock = _listen(opts.bind, opts.data_port, "data")
+        if opts.nbd_port is not None:
+            _nbd_tls(opts)  # a mode the node cannot serve stops it here, before anything
         if opts.nbd_port:
             _check_port_free(opts.bind, opts.nbd_port, "NBD")
         if opts.iscsi_port:
@@ -340,13 +354,15 @@ class Node:
 
     async def _start_gateway(self, port: int) -> int:
         """Serve VDIs over NBD from this node; returns the bound port."""
+        tls = _nbd_tls(self.opts)
         try:
-            server = await serve_nbd(self._volumes, self.opts.bind, port)
+            server = await serve_nbd(self._volumes, self.opts.bind, port, tls=tls)
         except OSError as exc:
             raise _bind_error("NBD", self.opts.bind, port, exc) from None
         self._gateways.append(server)
         bound = _bound_port(server)
-        log.info("nbd gateway on nbd://%s/", host_port(self.opts.bind, bound))
+        log.info("nbd gateway on nbd://%s/ (TLS %s)", host_port(self.opts.bind, bound),
+                 tls.mode.value)
         return bound
 
     async def _start_iscsi(self, port: int) -> int:

@@ -12,6 +12,8 @@ the loser re-reads and retries or gets a clear error. Layout under the cluster p
     vdi/replies/<id>       the holder's answers
     vdi/users/<name>/<who> who uses the VDI beyond a lock (a running VM), on the user's lease
     vdi/retired/<id>       a deleted VDI's id (when): its leftover objects are garbage (gc.py)
+    vdi/nbd-allow/<name>   the certificate names that may attach the family over NBD (JSON
+                           list); none: any client certificate of the cluster
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class RegistryState:
     working: dict[str, int] = field(default_factory=dict)  # family name -> working id (0)
     family_revs: dict[str, int] = field(default_factory=dict)
     locks: dict[str, LockInfo] = field(default_factory=dict)
+    nbd_allow: dict[str, frozenset[str]] = field(default_factory=dict)  # family -> names
 
     def family(self, name: str) -> list[VdiRecord]:
         """The name's snapshots, oldest first, then its working VDI if it has one."""
@@ -217,6 +220,7 @@ class Change:
         key = self._reg.family_key(name)
         self._guard(key, self._state.family_revs.get(name, 0))
         self._ops.append(tx.delete(key))
+        self._ops.append(tx.delete(self._reg.nbd_allow_key(name)))  # a new VDI starts open
         return self
 
     async def commit(self) -> bool:
@@ -309,6 +313,9 @@ class VdiRegistry:
     def family_key(self, name: str) -> bytes:
         return self._key("names", name)
 
+    def nbd_allow_key(self, name: str) -> bytes:
+        return self._key("nbd-allow", name)
+
     def lock_key(self, name: str) -> bytes:
         return self._key("locks", name)
 
@@ -331,6 +338,7 @@ class VdiRegistry:
     async def load(self) -> RegistryState:
         state = RegistryState()
         ids, names, locks = self._key("ids", ""), self._key("names", ""), self._key("locks", "")
+        allow = self.nbd_allow_key("")
         for kv in await self.kv.get_prefix(self._root + b"/"):
             key = kv.key
             if key.startswith(ids):
@@ -344,7 +352,24 @@ class VdiRegistry:
             elif key.startswith(locks):
                 name = key[len(locks):].decode()
                 state.locks[name] = LockInfo.load(name, kv.value)
+            elif key.startswith(allow):
+                state.nbd_allow[key[len(allow):].decode()] = frozenset(json.loads(kv.value))
         return state
+
+    async def set_nbd_allow(self, name: str, names: frozenset[str] | None) -> None:
+        """Who may attach VDI `name` (and its snapshots) over NBD, by certificate name;
+        None: any client certificate of the cluster. Written only while the family is
+        the one read (a VDI deleted meanwhile gets no list)."""
+        op = (tx.delete(self.nbd_allow_key(name)) if names is None
+              else tx.put(self.nbd_allow_key(name), json.dumps(sorted(names)).encode()))
+        for _ in range(5):
+            state = await self.load()
+            if name not in state.working:
+                raise NoVdi(f"no VDI named {name!r}")
+            guard = tx.mod(self.family_key(name)) == state.family_revs[name]
+            if await self.kv.transaction(compare=[guard], success=[op]):
+                return
+        raise ClusterError(f"VDI {name!r} kept changing; try again")
 
     async def retired(self) -> set[int]:
         """The ids of every VDI deleted since the cluster was formatted."""

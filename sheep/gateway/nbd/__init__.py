@@ -11,8 +11,10 @@ from .handshake import (
     HandshakeDone,
     NeedData,
     ServerHandshake,
+    StartTls,
     transmission_flags,
 )
+from .tls import TlsMode
 from .transmission import (
     Request,
     RequestDecoder,
@@ -42,6 +44,8 @@ __all__ = [
     "Request",
     "RequestDecoder",
     "ServerHandshake",
+    "StartTls",
+    "TlsMode",
     "error_reply",
     "simple_reply",
     "structured_block_status",

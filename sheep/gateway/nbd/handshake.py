@@ -12,6 +12,13 @@ is unsure of); broken framing (bad magic, unknown client flags, an option length
 that reading it would be a denial of service, an unknown name in NBD_OPT_EXPORT_NAME which
 has no error reply) ends the session with `Closed`.
 
+TLS (NBD_OPT_STARTTLS) follows the mode the server runs in (tls.py): under `require`
+every option but STARTTLS and ABORT is refused with ERR_TLS_REQD until TLS is up; after
+the ACK to STARTTLS the handshake waits (StartTls) until the adapter reports the TLS
+session established, then forgets what was negotiated before it, as the spec demands.
+Whether an export may be attached, and whether only over TLS, is the catalog's word
+(ExportInfo.denied, ExportInfo.tls_only), since it depends on who the client is.
+
 Option data is bounded: payloads this server has to parse are buffered up to
 MAX_OPTION_DATA, payloads it ignores are discarded as they arrive, and anything announcing
 more than MAX_OPTION_SKIP bytes closes the session at once, so garbage cannot make the
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
 
+from .tls import TlsMode
 from .wire import (
     BASE_ALLOCATION,
     CLIENT_FLAGS,
@@ -83,6 +91,8 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = DEFAULT_MAX_PAYLOAD
+    denied: str = ""  # why this client may not attach it (empty: it may)
+    tls_only: bool = False  # it may only once TLS is up
 
     def __post_init__(self) -> None:
         if not 0 <= self.size < 1 << 64:
@@ -149,7 +159,14 @@ class Closed:
     clean: bool = False
 
 
-Event = NeedData | HandshakeDone | Closed
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """The client's NBD_OPT_STARTTLS was acknowledged: send data_to_send() (the ACK), read
+    nothing more in plaintext, run the TLS handshake as the server, then call
+    tls_started() (or close the connection if TLS failed: the spec leaves no way back)."""
+
+
+Event = NeedData | StartTls | HandshakeDone | Closed
 
 
 # -- the state machine ----------------------------------------------------------------------
@@ -159,14 +176,17 @@ class _State(Enum):
     CLIENT_FLAGS = auto()
     OPTION_HEADER = auto()
     OPTION_DATA = auto()
+    TLS_PENDING = auto()  # STARTTLS acknowledged, the TLS handshake not yet done
     FINISHED = auto()
 
 
 class ServerHandshake:
     """One connection's negotiation, from the greeting to HandshakeDone or Closed."""
 
-    def __init__(self, exports: ExportCatalog) -> None:
+    def __init__(self, exports: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
         self._exports = exports
+        self._tls_mode = tls
+        self._tls_up = False
         self._state = _State.CLIENT_FLAGS
         self._buf = bytearray()
         self._out = bytearray()
@@ -195,6 +215,10 @@ class ServerHandshake:
             if isinstance(self._terminal, HandshakeDone):
                 self._trailing += data  # early transmission requests: see trailing_data()
             return
+        if self._state is _State.TLS_PENDING:
+            if data:
+                self._close("client sent data before the TLS handshake")
+            return
         self._buf += data
         self._advance()
 
@@ -215,8 +239,25 @@ class ServerHandshake:
         return out
 
     def next_event(self) -> Event:
-        """NeedData until the handshake ends, then its terminal event on every call."""
-        return self._terminal if self._terminal is not None else NeedData()
+        """NeedData until the handshake ends, then its terminal event on every call;
+        StartTls while a TLS handshake is due."""
+        if self._terminal is not None:
+            return self._terminal
+        return StartTls() if self._state is _State.TLS_PENDING else NeedData()
+
+    def tls_started(self) -> None:
+        """The TLS session is up: negotiation starts afresh inside it."""
+        if self._state is not _State.TLS_PENDING:
+            raise RuntimeError("tls_started() without a StartTls event")
+        self._tls_up = True
+        self._structured = False
+        self._meta_export = None
+        self._state = _State.OPTION_HEADER
+        self._advance()
+
+    @property
+    def tls_active(self) -> bool:
+        return self._tls_up
 
     def trailing_data(self) -> bytes:
         """Bytes received after the handshake ended: the start of the transmission phase,
@@ -264,7 +305,7 @@ class ServerHandshake:
                     data = b""
                 self._state = _State.OPTION_HEADER
                 self._on_data(data)
-            else:  # FINISHED
+            else:  # TLS_PENDING, FINISHED
                 return
         # ended: whatever follows belongs to the transmission phase (or is dropped)
         if isinstance(self._terminal, HandshakeDone):
@@ -293,6 +334,18 @@ class ServerHandshake:
                 self._close("server shutting down")
             else:
                 self._expect(length, False, self._refuse(Rep.ERR_SHUTDOWN, "server shutting down"))
+        elif option == Opt.STARTTLS and self._tls_mode is not TlsMode.OFF:
+            if self._tls_up:
+                self._expect(length, False, self._refuse(Rep.ERR_INVALID, "TLS already started"))
+            elif length:
+                self._expect(length, False, self._refuse(Rep.ERR_INVALID, "unexpected data"))
+            else:
+                self._expect(0, False, self._opt_starttls)
+        elif self._tls_mode is TlsMode.REQUIRE and not self._tls_up:
+            if option == Opt.EXPORT_NAME:  # cannot be answered with an error
+                self._close("NBD_OPT_EXPORT_NAME before TLS, which this server requires")
+            else:
+                self._expect(length, False, self._refuse(Rep.ERR_TLS_REQD, "TLS required"))
         elif option == Opt.EXPORT_NAME:
             if length > MAX_STRING:
                 self._close(f"export name of {length} bytes")
@@ -314,7 +367,7 @@ class ServerHandshake:
                 self._expect(length, True, self._opt_info_go)
             else:
                 self._expect(length, True, self._opt_meta_context)
-        else:  # STARTTLS (no TLS here) and every option this server does not know
+        else:  # STARTTLS (under `off`) and every option this server does not know
             self._expect(length, False, self._refuse(Rep.ERR_UNSUP, "unsupported option"))
 
     def _expect(self, length: int, collect: bool, on_data: Callable[[bytes], None]) -> None:
@@ -327,11 +380,21 @@ class ServerHandshake:
         self._reply(Rep.ACK)
         self._close("client sent NBD_OPT_ABORT", clean=True)
 
+    def _opt_starttls(self, _data: bytes) -> None:
+        self._reply(Rep.ACK)
+        self._state = _State.TLS_PENDING
+        if self._buf:  # a client must wait for the ACK: these bytes are no TLS of ours
+            self._close("client sent data before the TLS handshake")
+
     def _opt_export_name(self, data: bytes) -> None:
         name = _decode(data)
         export = self._exports.lookup(name) if name is not None else None
         if export is None:  # NBD_OPT_EXPORT_NAME has no error reply: the spec says hang up
             self._close(f"unknown export {name!r} in NBD_OPT_EXPORT_NAME")
+            return
+        refusal = self._refusal(export)
+        if refusal is not None:
+            self._close(f"export {name!r} in NBD_OPT_EXPORT_NAME: {refusal[1]}")
             return
         self._out += EXPORT_NAME_REPLY.pack(
             export.size, transmission_flags(export, self._structured)
@@ -362,6 +425,10 @@ class ServerHandshake:
         export = self._exports.lookup(name)
         if export is None:
             self._error(Rep.ERR_UNKNOWN, f"export {name!r} not found")
+            return
+        refusal = self._refusal(export)
+        if refusal is not None:
+            self._error(*refusal)
             return
         flags = transmission_flags(export, self._structured)
         self._reply(Rep.INFO, INFO_EXPORT.pack(InfoType.EXPORT, export.size, flags))
@@ -397,6 +464,10 @@ class ServerHandshake:
         if export is None:
             self._error(Rep.ERR_UNKNOWN, f"export {name!r} not found")
             return
+        refusal = self._refusal(export)
+        if refusal is not None:
+            self._error(*refusal)
+            return
         if setting:
             # "base:" is a wildcard only for LIST; SET selects exact names.
             selected = BASE_ALLOCATION in queries
@@ -408,6 +479,18 @@ class ServerHandshake:
             if setting:
                 self._meta_export = export.name
         self._reply(Rep.ACK)
+
+    def _refusal(self, export: ExportInfo) -> tuple[Rep, str] | None:
+        """Why this client may not use `export` now, as an error reply (None: it may).
+        ERR_TLS_REQD only where the spec allows it: never once TLS is up, never under
+        `off`."""
+        if export.denied:
+            return Rep.ERR_POLICY, export.denied
+        if export.tls_only and not self._tls_up:
+            if self._tls_mode is TlsMode.OFF:
+                return Rep.ERR_POLICY, "export needs TLS, which this server does not offer"
+            return Rep.ERR_TLS_REQD, f"export {export.name!r} needs TLS"
+        return None
 
     def _refuse(self, rep: Rep, message: str) -> Callable[[bytes], None]:
         return lambda _data: self._error(rep, message)

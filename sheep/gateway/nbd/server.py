@@ -7,13 +7,21 @@ request runs as one coroutine and its reply goes out in one writelines; replies 
 back out of order, as NBD allows. Errors become NBD errors on that request only: a bad
 request never costs other requests their replies, and a framing error ends only its own
 connection.
+
+TLS (NBD_OPT_STARTTLS) upgrades the same connection with loop.start_tls once the handshake
+has sent its ACK; the handshake then goes on inside TLS and the transmission phase runs
+over the TLS transport with the same code (uvloop's TLS transport feeds a BufferedProtocol
+as the TCP one does). Without TLS nothing here changes. The TLS handshake counts within
+HANDSHAKE_TIMEOUT and within the connection cap, like every other part of the handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
+from dataclasses import dataclass
 
 from sheep.errors import (
     InvalidParams,
@@ -24,10 +32,12 @@ from sheep.errors import (
     VdiLocked,
 )
 from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
+from sheep.security.identity import Peer, peer_of_ssl
 from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
 
-from .handshake import Closed, ExportInfo, HandshakeDone, NeedData, ServerHandshake
+from .handshake import Closed, ExportInfo, HandshakeDone, NeedData, ServerHandshake, StartTls
+from .tls import TlsMode, access
 from .transmission import (
     Request,
     RequestDecoder,
@@ -76,18 +86,40 @@ def nbd_errno(exc: BaseException) -> int:
     return Errno.EIO
 
 
-class _Catalog:
-    """The handshake's synchronous view of the exports (see ExportTable)."""
+@dataclass(frozen=True)
+class NbdTls:
+    """How a server offers TLS: its mode, and the context (the node's certificate, client
+    certificates of the cluster's CA required) unless the mode is `off`."""
 
-    def __init__(self, table: ExportTable) -> None:
+    mode: TlsMode = TlsMode.OFF
+    context: ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        if (self.mode is TlsMode.OFF) != (self.context is None):
+            raise ValueError("an NBD TLS context goes with a mode other than off")
+
+
+NO_TLS = NbdTls()
+
+
+class _Catalog:
+    """The handshake's synchronous view of the exports (see ExportTable), as this client
+    may see them: `peer` is who it proved to be over TLS (None before TLS or without)."""
+
+    def __init__(self, table: ExportTable, mode: TlsMode) -> None:
         self._table = table
+        self._mode = mode
+        self.peer: Peer | None = None
         self.chosen: dict[str, Export] = {}
 
     def list(self) -> list[tuple[str, str]]:
         out = []
         for name in self._table.names():
             export = self._table.find(name)
-            if export is not None:
+            if export is None:
+                continue
+            rule = access(self._mode, self.peer, export.nbd_allow)
+            if not rule.denied and not rule.tls_only:
                 out.append((name, export.description))
         return out
 
@@ -96,15 +128,21 @@ class _Catalog:
         if export is None:
             return None
         self.chosen[name] = export
+        rule = access(self._mode, self.peer, export.nbd_allow)
         return ExportInfo(name=name, description=export.description, size=export.size,
                           read_only=export.read_only, can_multi_conn=True,
-                          max_block=MAX_REQUEST)
+                          max_block=MAX_REQUEST, denied=rule.denied, tls_only=rule.tls_only)
 
 
 class NbdConnection(asyncio.BufferedProtocol):
-    def __init__(self, volumes: VolumeCache, cap: ConnectionCap | None = None) -> None:
+    def __init__(self, volumes: VolumeCache, cap: ConnectionCap | None = None,
+                 tls: NbdTls = NO_TLS) -> None:
         self._volumes = volumes
         self._cap = cap
+        self._tls = tls
+        self._deadline = 0.0  # loop time by which an export must be chosen
+        self._tls_setup = False  # between the ACK to STARTTLS and the handshake told
+        self._early = bytearray()  # options that came in TLS before we were told
         self._admitted = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -138,6 +176,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._admitted = True
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self._peer = accept_transport(transport, _WRITE_HIGH)
+        self._deadline = self._loop.time() + HANDSHAKE_TIMEOUT
         self._handshake_timer = self._loop.call_later(
             HANDSHAKE_TIMEOUT, self._abort, f"no export chosen within {HANDSHAKE_TIMEOUT:.0f} s")
         transport.pause_reading()
@@ -158,13 +197,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._backlog.extend(self._decoder.messages())
             self._pump()
             return
+        if self._tls_setup:  # the TLS layer may deliver before start_tls() returns
+            self._early += memoryview(self._scratch)[:nbytes]
+            return
         handshake = self._handshake
         assert handshake is not None
         handshake.receive_data(memoryview(self._scratch)[:nbytes])
         self._after_handshake_input()
 
     def eof_received(self) -> bool:
-        if self._handshake is not None and self._decoder is None:
+        if self._handshake is not None and self._decoder is None and not self._tls_setup:
             self._handshake.receive_eof()
         return False
 
@@ -207,8 +249,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         if self._transport is None:
             return
-        self._catalog = _Catalog(table)
-        self._handshake = ServerHandshake(self._catalog)
+        self._catalog = _Catalog(table, self._tls.mode)
+        self._handshake = ServerHandshake(self._catalog, self._tls.mode)
         self._transport.write(self._handshake.initial_bytes())
         self._transport.resume_reading()
 
@@ -230,9 +272,42 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         if isinstance(event, Closed):
             self._transport.close()
+        elif isinstance(event, StartTls):
+            self._transport.pause_reading()
+            self._tls_setup = True
+            self._spawn(self._start_tls())
         elif isinstance(event, HandshakeDone):
             self._transport.pause_reading()
             self._spawn(self._enter_transmission(event))
+
+    async def _start_tls(self) -> None:
+        """The TLS handshake, as the server, on the connection the ACK went out on; a
+        failure ends the connection (the spec leaves no way back to plaintext)."""
+        raw, context = self._transport, self._tls.context
+        assert raw is not None and context is not None
+        try:
+            transport = await self._loop.start_tls(
+                raw, self, context, server_side=True,
+                ssl_handshake_timeout=max(self._deadline - self._loop.time(), 0.1))
+        except OSError as exc:  # ssl.SSLError, a reset, the timeout
+            log.info("nbd %s: TLS handshake failed: %s", self._peer,
+                     str(exc) or type(exc).__name__)
+            raw.abort()  # type: ignore[attr-defined]
+            return
+        if transport is None or self._lost:
+            return
+        self._transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
+        peer = peer_of_ssl(transport.get_extra_info("ssl_object"))
+        assert self._catalog is not None and self._handshake is not None
+        self._catalog.peer = peer
+        log.info("nbd %s: TLS as %s (%s)", self._peer, peer.name if peer else "?",
+                 peer.role if peer else "?")
+        self._tls_setup = False
+        self._handshake.tls_started()
+        early, self._early = self._early, bytearray()
+        self._handshake.receive_data(early)
+        self._after_handshake_input()
 
     async def _enter_transmission(self, done: HandshakeDone) -> None:
         assert self._catalog is not None and self._handshake is not None
@@ -415,8 +490,9 @@ class NbdConnection(asyncio.BufferedProtocol):
 
 
 async def serve_nbd(volumes: VolumeCache, host: str, port: int,
-                    max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
+                    max_connections: int = MAX_CONNECTIONS,
+                    tls: NbdTls = NO_TLS) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     cap = ConnectionCap(max_connections, "NBD")
-    return await loop.create_server(lambda: NbdConnection(volumes, cap), host, port,
+    return await loop.create_server(lambda: NbdConnection(volumes, cap, tls), host, port,
                                     reuse_address=True)
