@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     # one node's store; the ring, membership and etcd; the wire protocols' cores
     ("sheep.store", "sheep.cluster", "sheep.etcd_server", "sheep.etcd_users", "sheep.dataplane",
      "sheep.gateway.scsi", "sheep.gateway.nbd.wire", "sheep.gateway.nbd.handshake",
+     "sheep.gateway.nbd.tls",
      "sheep.gateway.nbd.transmission", "sheep.gateway.iscsi.wire", "sheep.gateway.iscsi.text",
      "sheep.gateway.iscsi.login", "sheep.gateway.iscsi.session",
      "sheep.gateway.iscsi.connection", "sheep.gateway.iscsi.sense"),
