@@ -545,10 +545,15 @@ class ObjectStore:
         return fd
 
     def check_object(self, oid: int) -> list[int]:
-        """Every block of the object that fails its checksum (scrub)."""
+        """Every block of the object that fails its checksum."""
+        return self.scan_object(oid)[0]
+
+    def scan_object(self, oid: int) -> tuple[list[int], int]:
+        """(every block that fails its checksum, the object's `digest` as it reads, bad
+        blocks and all) from one read: what a scrub needs of each object."""
         fd = self._fd(oid)
         try:
-            return sumfile.check(oid, fd, self._sum_fds[oid], self.object_size)
+            return sumfile.scan(fd, self._sum_fds[oid], self.object_size)
         except OSError as e:
             raise io_error(e, f"check object {oid_str(oid)}") from e
 

@@ -10,11 +10,13 @@ import asyncio
 import struct
 from collections import defaultdict, deque
 
+import xxhash
+
 from sheep.cluster.state import ClusterConfig, EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool, PeerUnavailable
 from sheep.dataplane.codec import Frame
-from sheep.dataplane.wire import EPOCH_CHECKED, MUTATIONS, Flags, Opcode
+from sheep.dataplane.wire import DIGEST, EPOCH_CHECKED, MUTATIONS, Flags, Opcode
 from sheep.errors import Result
 
 from ..fakes.clock import FakeClock
@@ -160,6 +162,10 @@ class FakePeer:
             return reply()
         if f.opcode == Opcode.EXISTS:
             return reply(aux=int(held is not None))
+        if f.opcode == Opcode.DIGEST:
+            if held is None:
+                return reply(Result.NO_OBJECT)
+            return reply(payload=DIGEST.pack(xxhash.xxh3_64_intdigest(bytes(held[0]))))
         if f.opcode == Opcode.LIST:
             oids = sorted(self.objects)
             return reply(payload=struct.pack(f"<{len(oids)}Q", *oids))

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from sheep.errors import Corrupt, StoreIOError
 from sheep.oid import data_oid, oid_str
@@ -277,3 +278,12 @@ def test_whole_block_write_over_a_rotten_block_heals_it(store: ObjectStore,
     flip(tmp_path, OID, 0)
     store.write(OID, 0, b"\x44" * SUM_BLOCK)
     assert store.check_object(OID) == []
+
+
+def test_scanning_an_object_gives_its_bad_blocks_and_its_digest(store: ObjectStore,
+                                                                tmp_path: Path) -> None:
+    store.write(OID, 0, os.urandom(OBJECT))
+    flip(tmp_path, OID, 3 * SUM_BLOCK)
+    bad, digest = store.scan_object(OID)
+    assert bad == [3]
+    assert digest == xxhash.xxh3_64_intdigest(store.read(OID, 0, OBJECT, verify=False))
