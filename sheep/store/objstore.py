@@ -584,6 +584,27 @@ class ObjectStore:
             del self._torn[oid]
         return accept
 
+    def condemn(self, oid: int, blocks: list[int]) -> None:
+        """Make `blocks` of `oid` fail their checksums (INVALID_SUM) whatever they hold:
+        data that verified nowhere (recovery installed it as it came) is an error to read,
+        never data, and never accepted as torn, until a good copy or a write replaces it."""
+        if not blocks:
+            return
+        self._fd(oid)  # opens its sum file too
+        invalid = struct.pack("<Q", INVALID_SUM)
+        try:
+            for block in blocks:
+                os.pwrite(self._sum_fds[oid], invalid, block * SUM_SIZE)
+        except OSError as e:
+            raise io_error(e, f"condemn blocks of object {oid_str(oid)}") from e
+        torn = self._torn.get(oid)
+        if torn is not None:
+            torn.difference_update(blocks)
+            if not torn:
+                del self._torn[oid]
+        self._dirty.add(oid)
+        self._clean_since.pop(oid, None)
+
     def _invalidate(self, oid: int, *, sync: bool = False) -> None:
         """The object's fdatasync failed: what its blocks hold is no longer known to be
         on disk, so none of them verifies until rewritten from a good replica (loop
