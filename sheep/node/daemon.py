@@ -285,6 +285,7 @@ class Node:
             asyncio.ensure_future(self._membership.keep_alive()),
             asyncio.ensure_future(follow(self.view, self.etcd)),
             asyncio.ensure_future(self._reconcile_loop()),
+            asyncio.ensure_future(self.store.run_upkeep()),
         ]
         self.scrubber.start()
         nbd = iscsi = None

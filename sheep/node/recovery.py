@@ -388,6 +388,7 @@ class Recovery:
                 failed = True
                 continue
             self._check_floor(oid, written, sources)
+            await self._store.intend_now(oid)
             self._install(oid, data, written)
             self._fetched(size, started)
             return True
@@ -419,6 +420,7 @@ class Recovery:
             log.warning("fetching %s block by block failed: %s", oid_str(oid), exc)
             return False
         self._check_floor(oid, written, sources)
+        await self._store.intend_now(oid)
         self._install(oid, data, written)
         self._store.condemn(oid, bad)
         self._fetched(size, started)
@@ -482,6 +484,7 @@ class Recovery:
                     still = await fill_verified(self._pool, node.data_addr, oid, data, bad)
                 except (SheepError, OSError, TimeoutError):
                     continue
+                await self._store.intend_now(oid)
                 # synchronously from here: a block a client rewrote meanwhile is left alone
                 now_bad = set(self._store.check_object(oid))
                 for block in sorted(set(bad) - set(still)):

@@ -95,6 +95,7 @@ class Repairer:
                          node.node_id[:8], exc)
                 unreachable += 1
                 continue
+            await self._store.intend_now(oid)
             self._install(oid, first, data)
             return
         if unreachable:

@@ -4,6 +4,9 @@ TRIM and hole-punching WRITE_ZEROES with FUA once replied before their holes wer
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from sheep.node.service import InProcess, ObjectService
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
 
+from ..fakes.clock import settle
 from ..fakes.faults import fail_fdatasync_once
 
 SIZE = 1 << 16
@@ -80,3 +84,29 @@ async def test_failed_fdatasync_fails_the_flush_and_the_data_is_never_read_back(
         assert repairer.stats.lost == 1 and repairer.stats.accepted == 0
     finally:
         store.close()
+
+
+async def test_a_first_write_is_applied_only_once_its_objects_mark_is_durable(
+        node: tuple[InProcess, ObjectStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark's directory sync runs in a thread, batched; the write waits for it, so
+    none of its pages can reach the disk before the mark does."""
+    door, store = node
+    gate, real_fsync = threading.Event(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (gate.wait(10), real_fsync(fd))[1])
+    reply = door.request(Opcode.CREATE, oid=OID, payload=b"x" * SIZE, epoch=1)
+    await settle()
+    assert not reply.done()
+    assert not store.exists(OID)
+    gate.set()
+    assert (await asyncio.wait_for(reply, 10)).result == Result.OK
+    assert store.read(OID, 0, 1) == b"x"
+    assert store.mark_syncs == 1
+
+
+async def test_first_writes_to_many_objects_share_one_mark_sync(
+        node: tuple[InProcess, ObjectStore]) -> None:
+    door, store = node
+    replies = [door.request(Opcode.CREATE, oid=data_oid(7, i), payload=b"y" * 4096, epoch=1)
+               for i in range(32)]
+    assert {r.result for r in await asyncio.gather(*replies)} == {Result.OK}
+    assert store.mark_syncs == 1
