@@ -411,7 +411,7 @@ class Node:
     def _recovery_status(self) -> RecoveryStatus:
         s = self.recovery.status
         return RecoveryStatus(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
-                              rate=s.rate, throttle=self.recovery.throttle)
+                              rate=s.rate, throttle=self.recovery.throttle, lost=s.lost)
 
     def _scrub_status(self) -> ScrubStatus:
         s, r = self.scrubber.status, self.repairer.stats
@@ -419,7 +419,8 @@ class Node:
                            bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
                            finished=s.finished, interval=self.scrubber.interval,
                            blocks_repaired=r.repaired, blocks_accepted=r.accepted,
-                           diverged=s.diverged, reconciled=s.reconciled)
+                           diverged=s.diverged, reconciled=s.reconciled,
+                           blocks_lost=r.lost)
 
     def start_scrub(self) -> None:
         self.scrubber.request()
