@@ -141,13 +141,22 @@ class ObjectService:
         """Run `op`; one that changes an object's data first waits until the object's
         write-intent mark is durable (store/intent.py: batched with the other first writes
         of the moment, synced off the loop), so no page of it reaches the disk before."""
-        if frame.opcode in _MARKED and not (frame.opcode == Opcode.DISCARD and frame.offset == 0
-                                            and frame.length == self._store.object_size):
+        if frame.opcode in _MARKED and self._changes_in_place(frame):
             wait = self._store.intend(frame.oid)
             if wait is not None:
                 wait.add_done_callback(lambda f: self._after_mark(f, op, frame, conn))
                 return
         op(frame, conn)
+
+    def _changes_in_place(self, frame: Frame) -> bool:
+        """Whether the operation changes blocks of an object (a whole-object discard
+        removes it, and a WRITE to a missing object changes nothing: no mark for them)."""
+        if frame.opcode == Opcode.CREATE:
+            return True
+        if frame.opcode == Opcode.DISCARD and frame.offset == 0 and (
+                frame.length == self._store.object_size):
+            return False
+        return self._store.exists(frame.oid)
 
     def _after_mark(self, mark: asyncio.Future[None], op: Callable[[Frame, ReplySink], None],
                     frame: Frame, conn: ReplySink) -> None:

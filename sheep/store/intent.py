@@ -49,7 +49,8 @@ class IntentMarks:
     def wait(self, oid: int) -> asyncio.Future[None] | None:
         """None when `oid`'s mark is durable; else a future done when it is (failed with
         the store's error if the sync failed). Operations on one object that wait keep
-        their order: they wait on the same future."""
+        their order: they wait on the same future. With no event loop running (a tool, a
+        synchronous test) None too: the change then marks the object itself, at once."""
         fut = self._marking.get(oid)  # first: waiters of a batch just done still go first
         if fut is not None:
             return fut
@@ -58,7 +59,11 @@ class IntentMarks:
         if self._closed:
             raise StoreIOError("object store is closed")
         if self._next is None:
-            fut = asyncio.get_running_loop().create_future()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return None
+            fut = loop.create_future()
             self._next = (set(), fut)
             fut.add_done_callback(functools.partial(self._forget, self._next[0]))
             if not self._running:
