@@ -160,12 +160,23 @@ class ObjectService:
 
     def _after_mark(self, mark: asyncio.Future[None], op: Callable[[Frame, ReplySink], None],
                     frame: Frame, conn: ReplySink) -> None:
+        """Run an operation that waited for its object's mark, by the rules of `handle`
+        (a block to repair first included)."""
         exc = None if mark.cancelled() else mark.exception()
         if mark.cancelled() or exc is not None:
             log.error("write-intent mark of %s failed: %s", frame.oid, exc)
             self._reply(conn, frame, exc.code if isinstance(exc, SheepError) else Result.IO_ERROR)
             return
-        self._run(op, frame, conn)
+        try:
+            self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
+            op(frame, conn)
+        except Corrupt as corrupt:
+            self._repair_then_run(op, frame, conn, corrupt)
+        except SheepError as error:
+            self._reply(conn, frame, error.code)
+        except Exception:
+            log.exception("data-plane request %s failed", frame.opcode)
+            self._reply(conn, frame, Result.IO_ERROR)
 
     def _check_epoch(self, epoch: int, opcode: int) -> None:
         """Epoch 0 is for reads that do not depend on the ring (peers' recovery and

@@ -15,7 +15,7 @@ import pytest
 from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import Result
 from sheep.node.service import InProcess, ObjectService
-from sheep.oid import data_oid
+from sheep.oid import data_oid, oid_str
 from sheep.store import ObjectStore
 
 from ..fakes.clock import settle
@@ -110,3 +110,30 @@ async def test_first_writes_to_many_objects_share_one_mark_sync(
                for i in range(32)]
     assert {r.result for r in await asyncio.gather(*replies)} == {Result.OK}
     assert store.mark_syncs == 1
+
+
+async def test_a_first_write_into_a_rotten_block_repairs_it_then_applies(
+        tmp_path: Path) -> None:
+    """A partial write that waited for its object's mark and then met rot in its block
+    takes the same path as one that did not wait: repair from a replica, then apply."""
+    from sheep.node.repair import Repairer
+
+    from .test_repair import ME, PEER, Pool, View
+
+    good = bytes(range(256)) * (SIZE // 256)
+    store = ObjectStore(tmp_path / "store", object_size=SIZE, intent_idle=0)
+    repairer = Repairer("me", store, View([ME, PEER]),  # type: ignore[arg-type]
+                        Pool({PEER.data_addr: good}))  # type: ignore[arg-type]
+    door = InProcess(ObjectService(store, lambda: 1, repair=repairer.repair))
+    try:
+        store.write(OID, 0, good)
+        await store.flush()
+        assert await store.tidy_intents() == 1  # unmarked: the next write waits for a mark
+        with open(tmp_path / "store" / "obj" / oid_str(OID), "r+b") as f:
+            f.write(b"\xff")
+        reply = await door.request(Opcode.WRITE, oid=OID, offset=100, payload=b"new", epoch=1)
+        assert reply.result == Result.OK
+        assert store.read(OID, 0, 103) == good[:100] + b"new"
+        assert repairer.stats.repaired == 1
+    finally:
+        store.close()
