@@ -473,7 +473,12 @@ class Recovery:
         return sources + [n for n in owners if n.node_id not in ids]
 
     async def _reverify(self, oid: int, sources: list[NodeInfo]) -> bool:
-        """True once no block of `oid` fails here (or it is gone)."""
+        """True once no block of `oid` fails here (or it is gone, or no longer placed
+        here: then whether it verifies is its owners' concern)."""
+        config = self._view.config
+        if config is not None and not self._view.ring.places_on(oid, config.copies,
+                                                                self.node_id):
+            return True
         try:
             bad = self._store.check_object(oid)
             for node in sources:

@@ -439,6 +439,20 @@ async def test_the_epoch_is_reported_once_a_source_has_the_block_good_again(
     assert scene.store.read(oid, 0, SIZE) == full(7)
 
 
+async def test_an_object_no_longer_placed_here_holds_back_no_later_epoch(
+        scene: Scene) -> None:
+    wider = (*MEMBERS, NODES[4])
+    elsewhere = set(scene.oids(here=False, count=2000, members=wider))
+    oid = next(o for o in scene.oids(here=True, count=50) if o in elsewhere)
+    source = scene.peer(NODES[1])
+    source.put(oid, full(7), written=1)
+    source.rotten[oid] = {3}
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    await scene.epoch(3, wider)
+    await scene.reported(3)
+
+
 async def test_a_block_a_client_rewrote_is_not_fetched_over(scene: Scene) -> None:
     [oid] = scene.oids(here=True)
     source = scene.peer(NODES[1])
