@@ -162,20 +162,38 @@ async def node_info(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None
     rows.append(["Total", format_size(total_size), format_size(total_used),
                  format_size(total_free), pct, ""])
     print(table(rows, ["Id", "Size", "Used", "Avail", "Use%", "Objects"]))
+    _warn_lost(reply)
+
+
+def lost_blocks(s: pb.NodeStats) -> int:
+    """Blocks a node knows to be bad on every replica: found by reads and scrubs since it
+    started, and by its recovery of the current epoch."""
+    return s.scrub.blocks_lost + s.recovery.lost
+
+
+def _warn_lost(reply: pb.NodeListReply) -> None:
+    """A line per node that knows of lost blocks (they are read errors: never hidden)."""
+    for i, s in enumerate(reply.nodes):
+        if s.reachable and lost_blocks(s):
+            print(f"warning: node {i} ({s.node.id[:12]}) has {lost_blocks(s)} block(s) bad "
+                  "on every replica; reads of them fail (dog vdi check lists them)")
 
 
 async def _per_node_table(stub: pb_grpc.ControlStub, args: argparse.Namespace,
-                          header: list[str], row: Callable[[pb.NodeStats], list[str]]) -> None:
-    """One row per node of the cluster (`Idx`, `Id`, then `row`'s columns)."""
+                          header: list[str], row: Callable[[pb.NodeStats], list[str]]
+                          ) -> pb.NodeListReply:
+    """One row per node of the cluster (`Idx`, `Id`, then `row`'s columns); the nodes'
+    stats shown."""
     reply = await _node_list(stub)
     if args.json:
         _emit_json(reply)
-        return
+        return reply
     rows = []
     for i, s in enumerate(reply.nodes):
         cells = row(s) if s.reachable else ["unreachable"]
         rows.append([str(i), s.node.id[:12], *cells, *[""] * (len(header) - 2 - len(cells))])
     print(table(rows, header))
+    return reply
 
 
 async def node_recovery(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -183,10 +201,11 @@ async def node_recovery(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> 
         r = s.recovery
         pct = f"{100 * r.done / r.total:.0f}%" if r.total else "-"
         throttle = f"{format_size(r.throttle)}/s" if r.throttle else "unbounded"
-        return [str(r.epoch), r.state, f"{r.done}/{r.total}", pct, f"{r.rate:.1f}/s", throttle]
+        return [str(r.epoch), r.state, f"{r.done}/{r.total}", pct, f"{r.rate:.1f}/s", throttle,
+                str(r.lost)]
 
     await _per_node_table(stub, args, ["Idx", "Id", "Epoch", "State", "Objects", "Done",
-                                       "Rate", "Throttle"], row)
+                                       "Rate", "Throttle", "Lost"], row)
 
 
 async def node_recovery_throttle(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -214,10 +233,13 @@ async def node_scrub(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> Non
         last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.finished))
                 if c.finished else "never")
         return [c.state, f"{c.done}/{c.total}", str(c.bad_blocks), str(c.repaired),
-                f"{c.diverged}/{c.reconciled}", str(c.passes), last]
+                f"{c.diverged}/{c.reconciled}", str(c.passes), last, str(lost_blocks(s))]
 
-    await _per_node_table(stub, args, ["Idx", "Id", "State", "Objects", "Bad", "Repaired",
-                                       "Diverged/fixed", "Passes", "Last pass"], row)
+    reply = await _per_node_table(stub, args, ["Idx", "Id", "State", "Objects", "Bad",
+                                               "Repaired", "Diverged/fixed", "Passes",
+                                               "Last pass", "Lost"], row)
+    if not args.json:
+        _warn_lost(reply)
 
 
 async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) -> None:
@@ -251,13 +273,14 @@ async def node_scrub_start(stub: pb_grpc.ControlStub, args: argparse.Namespace) 
     repaired = sum(s.scrub.repaired for s in mine)
     diverged = sum(s.scrub.diverged for s in mine)
     reconciled = sum(s.scrub.reconciled for s in mine)
+    lost = sum(lost_blocks(s) for s in mine)
     if args.json:
         print(json.dumps({"objects": total, "bad_blocks": bad, "repaired": repaired,
-                          "diverged": diverged, "reconciled": reconciled}))
+                          "diverged": diverged, "reconciled": reconciled, "lost": lost}))
     else:
         print(f"scrubbed {total} object(s) on {len(mine)} node(s): {bad} bad block(s), "
               f"{repaired} repaired; {diverged} object(s) with unlike replicas, "
-              f"{reconciled} replica(s) reconciled")
+              f"{reconciled} replica(s) reconciled; {lost} block(s) lost")
 
 
 # -- argument parsing ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ class RecoveryStatus:
     total: int = 0
     rate: float = 0.0  # objects per second
     throttle: int = 0  # bytes per second, 0: unbounded
+    lost: int = 0  # blocks that verified on no source this epoch: reads of them fail
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ScrubStatus:
     blocks_accepted: int = 0
     diverged: int = 0
     reconciled: int = 0
+    blocks_lost: int = 0  # bad on every replica and not torn, found since the node started
 
 
 @dataclass(frozen=True)

@@ -329,6 +329,7 @@ class Node:
             asyncio.ensure_future(self._membership.keep_alive()),
             asyncio.ensure_future(follow(self.view, self.etcd)),
             asyncio.ensure_future(self._reconcile_loop()),
+            asyncio.ensure_future(self.store.run_upkeep()),
         ]
         self.scrubber.start()
         nbd = iscsi = None
@@ -455,7 +456,7 @@ class Node:
     def _recovery_status(self) -> RecoveryStatus:
         s = self.recovery.status
         return RecoveryStatus(epoch=s.epoch, state=s.state, done=s.done, total=s.total,
-                              rate=s.rate, throttle=self.recovery.throttle)
+                              rate=s.rate, throttle=self.recovery.throttle, lost=s.lost)
 
     def _scrub_status(self) -> ScrubStatus:
         s, r = self.scrubber.status, self.repairer.stats
@@ -463,7 +464,8 @@ class Node:
                            bad_blocks=s.bad_blocks, repaired=s.repaired, started=s.started,
                            finished=s.finished, interval=self.scrubber.interval,
                            blocks_repaired=r.repaired, blocks_accepted=r.accepted,
-                           diverged=s.diverged, reconciled=s.reconciled)
+                           diverged=s.diverged, reconciled=s.reconciled,
+                           blocks_lost=r.lost)
 
     def start_scrub(self) -> None:
         self.scrubber.request()

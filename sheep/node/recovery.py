@@ -7,6 +7,12 @@ for an object it should have but does not yet (`guard`) waits for that object's 
 jumps the queue; writes to an object being fetched wait until the fetched copy is in place
 and are applied on top of it, so a recovered copy never overwrites a newer write.
 
+A copy that verifies on no source is never installed as good: each block comes from a source
+where it verifies, and blocks that verify nowhere are installed condemned (reads of them
+fail), counted lost, and keep the epoch from being reported finished until a source has them
+good again (a torn write its node accepts, see store/checksum.py) or a client rewrites them.
+Such objects are asked for again in later epochs too: a copy condemned here is not current.
+
 A node reports each finished epoch in etcd. Once every member of the epoch has finished,
 copies that the ring no longer places on this node are removed: never before, because until
 then they may be the only source of some object.
@@ -29,11 +35,15 @@ from sheep.dataplane.client import PeerPool
 from sheep.dataplane.wire import Opcode
 from sheep.errors import Corrupt, NoObject, NoSpace, SheepError
 from sheep.futures import settle_when
+from sheep.node.verified import fill_verified
 from sheep.oid import oid_str
 from sheep.store import ObjectStore
+from sheep.store.checksum import SUM_BLOCK
 from sheep.zeros import nonzero_runs
 
 log = logging.getLogger(__name__)
+
+UNVERIFIED_RETRY = 10.0  # seconds between asks for blocks that verified on no source
 
 
 class RecoveryLog(Protocol):
@@ -55,6 +65,7 @@ class RecoveryStatus:
     done: int = 0
     total: int = 0
     bytes: int = 0
+    lost: int = 0  # blocks that verified on no source (installed unreadable)
     started: float = 0.0
     finished: float = 0.0
     clock: Clock = field(default=SYSTEM, repr=False, compare=False)  # of started, finished
@@ -97,9 +108,12 @@ class Recovery:
         self._task: asyncio.Task | None = None
         self._active = False
         self._listed: asyncio.Future[None] | None = None
+        self._fetch_done: asyncio.Future[None] | None = None
         # oid -> (epoch of the newest copy, members holding a copy that new)
         self._pending: dict[int, tuple[int, list[NodeInfo]]] = {}
         self._inflight: dict[int, asyncio.Future[None]] = {}
+        # objects installed with blocks that verified nowhere -> the sources to ask again
+        self._unverified: dict[int, list[NodeInfo]] = {}
         self._seen: EpochRecord | None = None  # the last epoch this process saw
         self._seen_ring: Ring | None = None  # and its ring
         self._may_be_stale = True  # our copies may have missed writes: wait for the plan
@@ -169,15 +183,21 @@ class Recovery:
         self._may_be_stale = False
         self._prev_ring = self._view.ring
         self._unsettled = frozenset()
-        return self._begin(record.epoch)
+        self._begin(record.epoch)
+        return self._fetch_done  # not the task: that may wait long for blocks to verify
 
     def _begin(self, epoch: int) -> asyncio.Task:
         self._active = True
-        self._listed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._listed = loop.create_future()
+        # done once every object is in, verified or not: what a scrub waits for before it
+        # checks (blocks that verify nowhere may keep the task itself waiting for long)
+        fetch_done = self._fetch_done = loop.create_future()
         self._pending = {}
         self.status = RecoveryStatus(epoch=epoch, state="listing",
                                      started=self._clock.monotonic(), clock=self._clock)
         self._task = asyncio.ensure_future(self._run(epoch))
+        self._task.add_done_callback(lambda _t: fetch_done.done() or fetch_done.set_result(None))
         return self._task
 
     async def close(self) -> None:
@@ -236,10 +256,14 @@ class Recovery:
             await self._list(epoch)
             self.status.state = "recovering"
             await self._fetch_all()
+            self._active = False
+            fetch_done = self._fetch_done
+            if fetch_done is not None and not fetch_done.done():
+                fetch_done.set_result(None)
+            await self._settle(epoch)
             self.status.state = "waiting"
             self.status.finished = self._clock.monotonic()
             log.info("epoch %d: recovered %d object(s)", epoch, self.status.done)
-            self._active = False
             await self._report_done(epoch)
             if not await self._wait_for_members(epoch):
                 return  # a newer epoch took over; its recovery drops what is unowned
@@ -307,11 +331,17 @@ class Recovery:
                     self.status.state = "paused (free space below the floor)"
                     await self._clock.sleep(2.0)
                     self.status.state = "recovering"
+                except (SheepError, OSError) as exc:  # back in the plan (_start_fetch)
+                    log.warning("recovering %s failed: %s", oid_str(oid), exc)
+                    await self._clock.sleep(1.0)
                 await self._pace()
 
-        await asyncio.gather(*(worker() for _ in range(self._parallel)))
-        while self._inflight:  # fetches that client I/O started
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        # a fetch that client I/O started and that fails goes back into the plan, maybe
+        # after the workers ran out of work: they start again until nothing is left
+        while self._pending or self._inflight:
+            await asyncio.gather(*(worker() for _ in range(self._parallel)))
+            while self._inflight:
+                await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     def _start_fetch(self, oid: int) -> asyncio.Future[None]:
         running = self._inflight.get(oid)
@@ -320,7 +350,13 @@ class Recovery:
         written, sources = self._pending.pop(oid, (0, []))
         fut = asyncio.ensure_future(self._fetch(oid, written, sources))
         self._inflight[oid] = fut
-        fut.add_done_callback(lambda _f: self._inflight.pop(oid, None))
+
+        def done(f: asyncio.Future[None]) -> None:
+            self._inflight.pop(oid, None)
+            if not f.cancelled() and f.exception() is not None:
+                self._pending.setdefault(oid, (written, sources))  # not in yet: again
+
+        fut.add_done_callback(done)
         return fut
 
     async def _fetch(self, oid: int, written: int, sources: list[NodeInfo]) -> None:
@@ -335,39 +371,135 @@ class Recovery:
     async def _fetch_once(self, oid: int, written: int, sources: list[NodeInfo]) -> bool:
         """False when a source failed and none provided the object."""
         size = self._store.object_size
-        # verified copies first; if every source holds bad blocks (see store/checksum.py),
-        # their data as it is, which this node then sums afresh
-        attempts = [(node, False) for node in sources]
+        corrupt: list[NodeInfo] = []
         failed = False
-        for node, raw in attempts:
+        for node in sources:
             started = self._clock.monotonic()
             try:
-                data = await self._pool.read_replica(node.data_addr, oid, 0, size, raw=raw)
+                data = await self._pool.read_replica(node.data_addr, oid, 0, size)
             except NoObject:
                 continue
             except Corrupt:
-                attempts.append((node, True))
+                corrupt.append(node)
                 continue
             except (SheepError, OSError, TimeoutError) as exc:
                 log.warning("fetching %s from %s failed: %s", oid_str(oid), node.node_id[:8],
                             exc)
                 failed = True
                 continue
-            _used, free = self._store.usage()
-            if free - size < self.min_free:
-                self._pending[oid] = (written, sources)  # retried when space comes back
-                log.warning("not recovering %s: %d bytes free, the floor is %d",
-                            oid_str(oid), free, self.min_free)
-                raise NoSpace("recovery would go below the free-space floor")
+            self._check_floor(oid, written, sources)
+            await self._store.intend_now(oid)
             self._install(oid, data, written)
-            self.status.done += 1
-            self.status.bytes += size
-            self._charge(size, started)
+            self._fetched(size, started)
             return True
         if failed:
-            return False
+            return False  # a source not heard may hold it good: nothing is decided yet
+        if corrupt:
+            return await self._fetch_blockwise(oid, written, sources, corrupt)
         log.warning("no member holds object %s any more", oid_str(oid))
         return True
+
+    async def _fetch_blockwise(self, oid: int, written: int, sources: list[NodeInfo],
+                               corrupt: list[NodeInfo]) -> bool:
+        """No source verifies as a whole: each block is taken from a source where it
+        verifies, and one that verifies nowhere is installed condemned (reads of it fail,
+        store.condemn), counted lost, and keeps the epoch from being reported finished
+        (`_settle`): the sources keep their copies meanwhile, and a source's own repair
+        may yet make its block good (a torn write it accepts under its own mark)."""
+        size = self._store.object_size
+        started = self._clock.monotonic()
+        try:
+            data = bytearray(await self._pool.read_replica(corrupt[0].data_addr, oid, 0, size,
+                                                           raw=True))
+            bad = list(range(-(-size // SUM_BLOCK)))
+            for node in corrupt:
+                bad = await fill_verified(self._pool, node.data_addr, oid, data, bad)
+                if not bad:
+                    break
+        except (SheepError, OSError, TimeoutError) as exc:
+            log.warning("fetching %s block by block failed: %s", oid_str(oid), exc)
+            return False
+        self._check_floor(oid, written, sources)
+        await self._store.intend_now(oid)
+        self._install(oid, data, written)
+        self._store.condemn(oid, bad)
+        self._fetched(size, started)
+        if bad:
+            log.error("object %s: block(s) %s verify on no source; installed unreadable, "
+                      "the epoch is not reported finished until they verify", oid_str(oid),
+                      bad)
+            self.status.lost += len(bad)
+            self._unverified[oid] = corrupt
+        return True
+
+    def _check_floor(self, oid: int, written: int, sources: list[NodeInfo]) -> None:
+        """NoSpace (and the object back in the plan) when installing it would take the
+        node below its free-space floor."""
+        size = self._store.object_size
+        _used, free = self._store.usage()
+        if free - size < self.min_free:
+            self._pending[oid] = (written, sources)  # retried when space comes back
+            log.warning("not recovering %s: %d bytes free, the floor is %d",
+                        oid_str(oid), free, self.min_free)
+            raise NoSpace("recovery would go below the free-space floor")
+
+    def _fetched(self, size: int, started: float) -> None:
+        self.status.done += 1
+        self.status.bytes += size
+        self._charge(size, started)
+
+    async def _settle(self, epoch: int) -> None:
+        """Until every block installed unverified verifies: taken from a source where it
+        now does, or rewritten by a client. Asked again every `UNVERIFIED_RETRY`
+        seconds while the epoch lasts (a new epoch cancels this)."""
+        while self._unverified:
+            self.status.state = (f"verifying ({len(self._unverified)} object(s) with blocks "
+                                 "that verify nowhere)")
+            for oid, sources in list(self._unverified.items()):
+                if await self._reverify(oid, self._with_owners(oid, sources)):
+                    del self._unverified[oid]
+                    log.info("epoch %d: object %s verifies again", epoch, oid_str(oid))
+            if self._unverified:
+                await self._clock.sleep(UNVERIFIED_RETRY)
+
+    def _with_owners(self, oid: int, sources: list[NodeInfo]) -> list[NodeInfo]:
+        """`sources` and the other owners of `oid` now (an earlier epoch's sources may
+        have left since, and a block a repair made good there is as good)."""
+        try:
+            owners = self._view.placement(oid)
+        except SheepError:
+            owners = []
+        ids = {n.node_id for n in sources} | {self.node_id}
+        return sources + [n for n in owners if n.node_id not in ids]
+
+    async def _reverify(self, oid: int, sources: list[NodeInfo]) -> bool:
+        """True once no block of `oid` fails here (or it is gone, or no longer placed
+        here: then whether it verifies is its owners' concern)."""
+        config = self._view.config
+        if config is not None and not self._view.ring.places_on(oid, config.copies,
+                                                                self.node_id):
+            return True
+        try:
+            bad = self._store.check_object(oid)
+            for node in sources:
+                if not bad:
+                    break
+                data = bytearray(self._store.object_size)
+                try:
+                    still = await fill_verified(self._pool, node.data_addr, oid, data, bad)
+                except (SheepError, OSError, TimeoutError):
+                    continue
+                await self._store.intend_now(oid)
+                # synchronously from here: a block a client rewrote meanwhile is left alone
+                now_bad = set(self._store.check_object(oid))
+                for block in sorted(set(bad) - set(still)):
+                    if block in now_bad:
+                        at = block * SUM_BLOCK
+                        self._store.write(oid, at, data[at : at + SUM_BLOCK], create=False)
+                bad = self._store.check_object(oid)
+        except NoObject:
+            return True
+        return not bad
 
     def _install(self, oid: int, data: bytes | bytearray | memoryview, written: int) -> None:
         """Write the fetched copy sparsely (all-zero ranges stay holes), stamped with the

@@ -38,6 +38,7 @@ class RepairStats:
     repaired: int = 0  # blocks rewritten from another replica
     accepted: int = 0  # torn blocks no replica had good: their data was kept and re-summed
     lost: int = 0  # blocks bad on every replica and not torn: read errors until rewritten
+    # (each counted once, however often it is read)
     failed: int = 0  # repairs that could not ask every replica
 
 
@@ -50,6 +51,7 @@ class Repairer:
         self._view = view
         self._pool = pool
         self._running: dict[int, asyncio.Future[None]] = {}
+        self._lost: set[tuple[int, int]] = set()  # (oid, block) counted in stats.lost
 
     def guard(self, oid: int) -> asyncio.Future[None] | None:
         """None when no repair of `oid` runs; else a future done when it ends, which the
@@ -95,6 +97,7 @@ class Repairer:
                          node.node_id[:8], exc)
                 unreachable += 1
                 continue
+            await self._store.intend_now(oid)
             self._install(oid, first, data)
             return
         if unreachable:
@@ -110,9 +113,12 @@ class Repairer:
             self.stats.accepted += len(accepted)
         lost = [b for b in still_bad if b not in accepted]
         if lost:
-            log.error("object %s: block(s) %s fail their checksums on every replica: data "
-                      "lost, reads of them fail", oid_str(oid), lost)
-            self.stats.lost += len(lost)
+            new = {(oid, b) for b in lost} - self._lost
+            if new:
+                log.error("object %s: block(s) %s fail their checksums on every replica: "
+                          "data lost, reads of them fail", oid_str(oid), lost)
+                self._lost |= new
+                self.stats.lost += len(new)
 
     def _install(self, oid: int, first: int, good: bytes | bytearray | memoryview) -> None:
         """Write the good copy over the blocks that are still bad (synchronously: no

@@ -21,6 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import xxhash
+
 from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool
@@ -116,17 +118,17 @@ class Scrubber:
         paced_until = time.monotonic()
         for oid in oids:
             try:
-                bad = self._store.check_object(oid)
+                bad, digest = self._store.scan_object(oid)
             except NoObject:  # removed since the listing
-                bad = []
+                bad, digest = [], None
             if bad:
                 status.bad_blocks += len(bad)
                 log.warning("scrub: object %s has %d bad block(s); repairing", oid_str(oid),
                             len(bad))
                 await self._repairer.repair(oid, bad)
                 status.repaired += len(bad) - len(self._store.check_object(oid))
-            else:
-                await self._compare(oid)
+            elif digest is not None:
+                await self._compare(oid, digest)
             status.done += 1
             paced_until += self._store.object_size / self.throttle if self.throttle else 0
             await asyncio.sleep(max(0.0, paced_until - time.monotonic()))
@@ -138,14 +140,15 @@ class Scrubber:
 
     # -- replicas alike ------------------------------------------------------------------
 
-    async def _compare(self, oid: int) -> None:
-        """Make the other replicas of `oid` read like this node's, if it is the primary."""
+    async def _compare(self, oid: int, mine: int) -> None:
+        """Make the other replicas of `oid` read like this node's (whose digest, as the
+        check read it, is `mine`), if it is the primary."""
         r = self._replicas
         try:
             placed = r.view.placement(oid)
             if not placed or placed[0].node_id != r.node_id or len(placed) < 2:
                 return
-            if not await self._unlike(oid, placed[1:]):
+            if not await self._unlike(oid, mine, placed[1:]):
                 return
         except (NotFormatted, NoObject, Corrupt):
             return  # not ours to judge now: recovery and repair see to it
@@ -157,8 +160,10 @@ class Scrubber:
                          oid_str(oid))
                 return
             try:
-                unlike = await self._unlike(oid, r.view.placement(oid)[1:])
+                # read afresh: it may have changed before the lock was ours
                 data = self._store.read(oid, 0, self._store.object_size)
+                unlike = await self._unlike(oid, xxhash.xxh3_64_intdigest(data),
+                                            r.view.placement(oid)[1:])
                 for node in unlike:
                     await r.pool.call(node.data_addr, Opcode.CREATE, flags=Flags.FRESH,
                                       oid=oid, offset=0, length=len(data), payload=data,
@@ -169,10 +174,9 @@ class Scrubber:
             except (SheepError, OSError, TimeoutError) as exc:
                 log.warning("scrub: reconciling %s failed: %s", oid_str(oid), exc)
 
-    async def _unlike(self, oid: int, others: list[NodeInfo]) -> list[NodeInfo]:
-        """The replicas among `others` that read otherwise than this node's (those that
-        cannot answer now are left to their own recovery or repair)."""
-        mine = self._store.digest(oid)
+    async def _unlike(self, oid: int, mine: int, others: list[NodeInfo]) -> list[NodeInfo]:
+        """The replicas among `others` whose digest is not `mine` (those that cannot
+        answer now are left to their own recovery or repair)."""
         unlike = []
         for node in others:
             try:

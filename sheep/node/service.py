@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _FUA = int(Flags.FUA)  # a plain int: IntFlag arithmetic costs µs per request
 _FRESH = int(Flags.FRESH)
 _RAW = int(Flags.RAW)
+_MARKED = frozenset({Opcode.WRITE, Opcode.CREATE, Opcode.DISCARD})  # change data in place
 
 # (oid, opcode, fresh) -> None to go ahead, or a future to wait for (recovery of the object)
 Guard = Callable[[int, int, bool], "asyncio.Future[None] | None"]
@@ -87,7 +88,7 @@ class ObjectService:
                     if wait is not None:
                         wait.add_done_callback(lambda _f: self._run(op, frame, conn))
                         return
-            op(frame, conn)
+            self._go(op, frame, conn)
         except Corrupt as exc:
             self._repair_then_run(op, frame, conn, exc)
         except SheepError as exc:
@@ -128,9 +129,51 @@ class ObjectService:
         """Run an operation that had to wait for recovery of its object."""
         try:
             self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
-            op(frame, conn)
+            self._go(op, frame, conn)
         except SheepError as exc:
             self._reply(conn, frame, exc.code)
+        except Exception:
+            log.exception("data-plane request %s failed", frame.opcode)
+            self._reply(conn, frame, Result.IO_ERROR)
+
+    def _go(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
+            ) -> None:
+        """Run `op`; one that changes an object's data first waits until the object's
+        write-intent mark is durable (store/intent.py: batched with the other first writes
+        of the moment, synced off the loop), so no page of it reaches the disk before."""
+        if frame.opcode in _MARKED and self._changes_in_place(frame):
+            wait = self._store.intend(frame.oid)
+            if wait is not None:
+                wait.add_done_callback(lambda f: self._after_mark(f, op, frame, conn))
+                return
+        op(frame, conn)
+
+    def _changes_in_place(self, frame: Frame) -> bool:
+        """Whether the operation changes blocks of an object (a whole-object discard
+        removes it, and a WRITE to a missing object changes nothing: no mark for them)."""
+        if frame.opcode == Opcode.CREATE:
+            return True
+        if frame.opcode == Opcode.DISCARD and frame.offset == 0 and (
+                frame.length == self._store.object_size):
+            return False
+        return self._store.exists(frame.oid)
+
+    def _after_mark(self, mark: asyncio.Future[None], op: Callable[[Frame, ReplySink], None],
+                    frame: Frame, conn: ReplySink) -> None:
+        """Run an operation that waited for its object's mark, by the rules of `handle`
+        (a block to repair first included)."""
+        exc = None if mark.cancelled() else mark.exception()
+        if mark.cancelled() or exc is not None:
+            log.error("write-intent mark of %s failed: %s", frame.oid, exc)
+            self._reply(conn, frame, exc.code if isinstance(exc, SheepError) else Result.IO_ERROR)
+            return
+        try:
+            self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
+            op(frame, conn)
+        except Corrupt as corrupt:
+            self._repair_then_run(op, frame, conn, corrupt)
+        except SheepError as error:
+            self._reply(conn, frame, error.code)
         except Exception:
             log.exception("data-plane request %s failed", frame.opcode)
             self._reply(conn, frame, Result.IO_ERROR)

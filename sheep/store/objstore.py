@@ -17,9 +17,11 @@ another replica.
 Write intent (how a torn write is told from rot). Data and sums reach the disk in no
 particular order, so after a crash a block written since the last sync may fail its sum
 without being rot. Before the first change to an object that is not marked, the store
-durably creates DIR/intent/<oid> (an empty file and an fsync of the directory: one sync per
-object per busy spell, not per write); the mark is removed (lazily, no sync) once a commit
-synced the object and it stayed unwritten for `intent_idle` seconds, and on a clean close.
+durably creates DIR/intent/<oid> (an empty file and an fsync of the directory, one per
+object per busy spell, not per write, and group-committed off the event loop: intent.py;
+the data plane and recovery wait for it with `intend`). The store itself (`run_upkeep`)
+syncs an object that stayed unwritten for `intent_idle` seconds and removes its mark (no
+sync), whether or not any client flushes it; a clean close removes them all.
 On open, the marked objects are checked: their failing blocks are `torn` (unacknowledged
 writes the crash cut), which the repairer may accept when no replica has them good
 (`accept_torn`). Every other failing block is rot: an error unless a replica has it good.
@@ -31,6 +33,7 @@ Nothing is cached that the page cache caches: no object data is kept in Python.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -76,6 +79,7 @@ from sheep.store.fileio import (
     pwrite_full,
     unlink_missing_ok,
 )
+from sheep.store.intent import IntentMarks
 from sheep.store.meta import NodeMeta
 from sheep.store.space import FULL_RATIO, Space, space_of
 
@@ -121,10 +125,8 @@ class ObjectStore:
         private_dir(Path(self._sumdir))
         self._dirfd = os.open(self._objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._sumdirfd = os.open(self._sumdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._intentdir = str(self.root / "intent")
-        private_dir(Path(self._intentdir))
-        self._intentdirfd = os.open(self._intentdir,
-                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        private_dir(self.root / "intent")
+        self._intents = IntentMarks(str(self.root / "intent"))
         self.meta = NodeMeta(self.root)
         self._closed = False
 
@@ -143,12 +145,11 @@ class ObjectStore:
         self._written: dict[int, int] = {}  # oid -> epoch of its last write, as known
 
         # write intent (see the module's docstring)
-        self._marked: set[int] = set()  # objects whose intent file is durable
+        self._marked = self._intents.marked  # objects whose intent file is durable
         self._clean_since: dict[int, float] = {}  # marked, synced, unwritten since then
         self._torn: dict[int, set[int]] = {}  # blocks a crash cut mid-write (found on open)
         self._intent_idle = intent_idle
         self._clock = clock
-        self._swept = clock.monotonic()
 
         self._commits = GroupCommit(self._take_job, self._run_job, self._finish_job)
 
@@ -161,7 +162,7 @@ class ObjectStore:
                 os.close(fd)
             os.close(self._dirfd)
             os.close(self._sumdirfd)
-            os.close(self._intentdirfd)
+            self._intents.close()
             self._commits.shutdown()
             raise
 
@@ -208,16 +209,14 @@ class ObjectStore:
         """The objects marked when the store last stopped (a crash, or a failed sync) may
         hold torn writes: find their failing blocks now, while nothing has changed since
         the crash. They stay marked until synced and idle (and torn until resolved)."""
-        with os.scandir(self._intentdir) as entries:
-            names = [entry.name for entry in entries]
-        for name in names:
+        for name in self._intents.names():
             try:
                 oid = int(name, 16)
                 valid = oid_str(oid) == name
             except ValueError:
                 valid = False
             if not valid or not self.exists(oid):
-                unlink_missing_ok(os.path.join(self._intentdir, name))
+                unlink_missing_ok(os.path.join(self._intents.directory, name))
                 continue
             self._marked.add(oid)
             self._dirty.add(oid)  # synced before it may be unmarked
@@ -237,34 +236,73 @@ class ObjectStore:
 
     def _mark(self, oid: int) -> None:
         """Durably note that `oid` is about to change (before any of its pages may reach
-        the disk), so that a crash's torn blocks are not taken for rot."""
-        try:
-            os.close(os.open(os.path.join(self._intentdir, oid_str(oid)),
-                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            os.fsync(self._intentdirfd)
-        except OSError as e:
-            raise io_error(e, f"mark object {oid_str(oid)}") from e
-        self._marked.add(oid)
+        the disk), so that a crash's torn blocks are not taken for rot. Synchronous: for
+        callers that did not wait for `intend` (the data plane and recovery do)."""
+        self._intents.mark_now(oid)
+
+    def intend(self, oid: int) -> asyncio.Future[None] | None:
+        """None when `oid` may be changed at once; else a future done once its write-intent
+        mark is durable (group-committed with the marks asked for alongside it, off the
+        event loop). Who changes an object calls this first and waits."""
+        return self._intents.wait(oid)
+
+    async def intend_now(self, oid: int) -> None:
+        """Until `oid` may be changed (`intend`, awaited)."""
+        await self._intents.ready(oid)
+
+    @property
+    def mark_syncs(self) -> int:
+        """Directory syncs made for write-intent marks so far."""
+        return self._intents.syncs
 
     def _unmark(self, oid: int) -> None:
         """No sync: a mark that survives a crash only makes the store more lenient."""
-        self._marked.discard(oid)
+        self._intents.unmark(oid)
         self._clean_since.pop(oid, None)
-        unlink_missing_ok(os.path.join(self._intentdir, oid_str(oid)))
 
-    def _sweep_intents(self) -> None:
-        """Unmark the objects synced (no write since the last commit took them) and idle
-        for `intent_idle` seconds (loop thread, when a commit starts)."""
+    async def tidy_intents(self) -> int:
+        """Sync and unmark the objects marked and unwritten for `intent_idle` seconds (by
+        the store's clock): an object no client flushes again must not keep its mark, or
+        rot found in it after a crash would pass for a torn write. How many were unmarked.
+
+        An object counts as idle from the first call that finds it unwritten, so call this
+        every `intent_idle / 2` seconds or so (`run_upkeep` does)."""
         now = self._clock.monotonic()
-        if now - self._swept < min(1.0, self._intent_idle):
-            return
-        self._swept = now
-        for oid in self._marked - self._dirty:
+        idle = []
+        for oid in list(self._marked):
             if oid in self._torn:
-                continue
-            since = self._clean_since.setdefault(oid, now)
-            if now - since >= self._intent_idle:
+                continue  # marked until resolved
+            if now - self._clean_since.setdefault(oid, now) >= self._intent_idle:
+                idle.append(oid)
+        dirty = [oid for oid in idle if oid in self._dirty]
+        if dirty:
+            try:
+                await self.flush(dirty)
+            except SheepError as e:
+                log.warning("syncing %d idle object(s) failed: %s", len(dirty), e)
+                return 0
+        job = self._commits.job
+        syncing = job.oids if job is not None and not job.finished else set()
+        unmarked = 0
+        for oid in idle:
+            # written, or failed to sync, since (a write drops it from _clean_since)
+            if (oid in self._marked and oid in self._clean_since and oid not in self._dirty
+                    and oid not in syncing and oid not in self._torn):
                 self._unmark(oid)
+                unmarked += 1
+        return unmarked
+
+    async def run_upkeep(self) -> None:
+        """What the store does on its own while it is open: unmark idle objects."""
+        period = self._intent_idle / 2 if self._intent_idle > 0 else 1.0
+        while not self._closed:
+            await self._clock.sleep(period)
+            if self._closed:
+                return
+            try:
+                await self.tidy_intents()
+            except (OSError, SheepError) as e:  # the next round tries again
+                log.warning("unmarking idle objects failed: %s", e)
 
     def _heal(self, oid: int, offset: int, length: int) -> None:
         """Blocks a write or discard covers whole are no longer torn."""
@@ -545,10 +583,15 @@ class ObjectStore:
         return fd
 
     def check_object(self, oid: int) -> list[int]:
-        """Every block of the object that fails its checksum (scrub)."""
+        """Every block of the object that fails its checksum."""
+        return self.scan_object(oid)[0]
+
+    def scan_object(self, oid: int) -> tuple[list[int], int]:
+        """(every block that fails its checksum, the object's `digest` as it reads, bad
+        blocks and all) from one read: what a scrub needs of each object."""
         fd = self._fd(oid)
         try:
-            return sumfile.check(oid, fd, self._sum_fds[oid], self.object_size)
+            return sumfile.scan(fd, self._sum_fds[oid], self.object_size)
         except OSError as e:
             raise io_error(e, f"check object {oid_str(oid)}") from e
 
@@ -578,6 +621,27 @@ class ObjectStore:
         if not torn:
             del self._torn[oid]
         return accept
+
+    def condemn(self, oid: int, blocks: list[int]) -> None:
+        """Make `blocks` of `oid` fail their checksums (INVALID_SUM) whatever they hold:
+        data that verified nowhere (recovery installed it as it came) is an error to read,
+        never data, and never accepted as torn, until a good copy or a write replaces it."""
+        if not blocks:
+            return
+        self._fd(oid)  # opens its sum file too
+        invalid = struct.pack("<Q", INVALID_SUM)
+        try:
+            for block in blocks:
+                os.pwrite(self._sum_fds[oid], invalid, block * SUM_SIZE)
+        except OSError as e:
+            raise io_error(e, f"condemn blocks of object {oid_str(oid)}") from e
+        torn = self._torn.get(oid)
+        if torn is not None:
+            torn.difference_update(blocks)
+            if not torn:
+                del self._torn[oid]
+        self._dirty.add(oid)
+        self._clean_since.pop(oid, None)
 
     def _invalidate(self, oid: int, *, sync: bool = False) -> None:
         """The object's fdatasync failed: what its blocks hold is no longer known to be
@@ -706,8 +770,6 @@ class ObjectStore:
             raise StoreIOError("object store is closed")
         oids = None if fua_oids is None else set(fua_oids)
         if not self._has_work(oids):
-            if self._marked and self._commits.job is None:
-                self._sweep_intents()  # what the last commit synced may be unmarked
             # whatever was dirty is already covered by the commit running now, if any
             await self._commits.wait_running()
             return
@@ -715,8 +777,6 @@ class ObjectStore:
 
     def _take_job(self, full: bool, oids: set[int]) -> CommitJob:
         """Move what the next commit covers out of the store's state (loop thread)."""
-        if self._marked:
-            self._sweep_intents()
         if full:
             take = self._dirty
             self._dirty = set()
@@ -817,7 +877,7 @@ class ObjectStore:
         self._blocks.clear()
         os.close(self._dirfd)
         os.close(self._sumdirfd)
-        os.close(self._intentdirfd)
+        self._intents.close()
         self.meta.close()
         if job.error is not None:
             raise job.error

@@ -104,7 +104,7 @@ def test_scrub_of_a_clean_cluster_reports_nothing_and_counts_its_pass(
         nbd_cluster: Cluster, written: tuple[bytes, int]) -> None:
     report = _scrub(nbd_cluster)
     assert report == {"objects": report["objects"], "bad_blocks": 0, "repaired": 0,
-                      "diverged": 0, "reconciled": 0}
+                      "diverged": 0, "reconciled": 0, "lost": 0}
     assert report["objects"] >= 3 * 2  # a data object and an inode, on each of 3 nodes
     for node in dog_json("node", "scrub", address=nbd_cluster.address)["nodes"]:
         assert node["scrub"]["passes"] == 1 and node["scrub"]["state"] == "idle"

@@ -19,6 +19,7 @@ from sheep.store.checksum import SUM_BLOCK
 from ..cluster import (
     Cluster,
     dog,
+    dog_json,
     object_path,
     start_cluster,
     vdi_with_one_object,
@@ -95,6 +96,20 @@ def test_rot_with_one_copy_is_eio_and_listed_by_check(one_copy: Cluster) -> None
     assert {(f["oid"], f["problem"]) for f in report["findings"]} == {(f"{oid:016x}",
                                                                       "corrupt")}
     assert "fail their checksums on every replica" in one_copy.nodes[0].log()
+
+
+def test_lost_blocks_show_in_the_nodes_status(one_copy: Cluster) -> None:
+    """A lost block is not only logged: dog node scrub and dog node info show it."""
+    _data, oid = vdi_with_one_object(one_copy, VDI, 15)
+    restart(one_copy, kill=False)
+    flip(object_path(one_copy.nodes[0], oid), ROT)
+    for _ in range(2):  # read twice, lost once
+        with pytest.raises(NbdError):
+            nbd_read(one_copy, 3 * SUM_BLOCK, SUM_BLOCK)
+    [node] = dog_json("node", "scrub", address=one_copy.address)["nodes"]
+    assert node["scrub"]["blocks_lost"] == 1
+    info = dog("node", "info", address=one_copy.address).stdout
+    assert "warning: node 0" in info and "1 block(s) bad on every replica" in info
 
 
 def test_rot_in_one_of_two_copies_is_repaired(two_copies: Cluster) -> None:

@@ -10,12 +10,15 @@ import asyncio
 import struct
 from collections import defaultdict, deque
 
+import xxhash
+
 from sheep.cluster.state import ClusterConfig, EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.client import PeerPool, PeerUnavailable
 from sheep.dataplane.codec import Frame
-from sheep.dataplane.wire import EPOCH_CHECKED, MUTATIONS, Flags, Opcode
+from sheep.dataplane.wire import DIGEST, EPOCH_CHECKED, MUTATIONS, Flags, Opcode
 from sheep.errors import Result
+from sheep.store.checksum import SUM_BLOCK
 
 from ..fakes.clock import FakeClock
 
@@ -33,7 +36,8 @@ class FakePeer:
 
     Adversity, set by the test: `down` (no connection, requests fail PeerUnavailable);
     `answers[opcode]`, result codes to answer the next requests of that opcode with;
-    `corrupt`, oids whose verified reads answer CORRUPT; `hold()`, replies (to all
+    `corrupt`, oids whose verified reads answer CORRUPT; `rotten[oid]`, the checksum
+    blocks of an object whose verified reads answer CORRUPT; `hold()`, replies (to all
     requests, or to those of some opcodes) wait for `release()`, or time out on the clock
     as a real connection's requests do."""
 
@@ -46,6 +50,7 @@ class FakePeer:
         self.down = False
         self.answers: dict[int, deque[int]] = defaultdict(deque)
         self.corrupt: set[int] = set()
+        self.rotten: dict[int, set[int]] = defaultdict(set)  # oid -> blocks that fail
         self.requests: list[Frame] = []  # what reached this node, in order
         self.request_times: list[float] = []  # and when, on the clock
         self._clock = clock
@@ -147,7 +152,9 @@ class FakePeer:
         if f.opcode == Opcode.READ:
             if held is None:
                 return reply(Result.NO_OBJECT)
-            if f.oid in self.corrupt and not f.flags & Flags.RAW:
+            if not f.flags & Flags.RAW and (f.oid in self.corrupt or any(
+                    f.offset // SUM_BLOCK <= b <= (f.offset + f.length - 1) // SUM_BLOCK
+                    for b in self.rotten.get(f.oid, ()))):
                 return reply(Result.CORRUPT)
             return reply(payload=bytes(held[0][f.offset:f.offset + f.length]))
         if f.opcode == Opcode.REMOVE:
@@ -160,6 +167,10 @@ class FakePeer:
             return reply()
         if f.opcode == Opcode.EXISTS:
             return reply(aux=int(held is not None))
+        if f.opcode == Opcode.DIGEST:
+            if held is None:
+                return reply(Result.NO_OBJECT)
+            return reply(payload=DIGEST.pack(xxhash.xxh3_64_intdigest(bytes(held[0]))))
         if f.opcode == Opcode.LIST:
             oids = sorted(self.objects)
             return reply(payload=struct.pack(f"<{len(oids)}Q", *oids))

@@ -602,6 +602,15 @@ def call(service: ObjectService, frame: Frame) -> list[tuple[bytes, bytes]]:
     return sink.replies
 
 
+async def answered(service: ObjectService, frame: Frame) -> list[tuple[bytes, bytes]]:
+    """The replies to `frame` once it has one (a first write waits for its object's
+    write-intent mark, synced in a thread, when an event loop runs)."""
+    sink = RecordingSink()
+    service.handle(frame, sink)
+    await asyncio.wait_for(sink.replied.wait(), 5)
+    return sink.replies
+
+
 def test_service_write_to_missing_object_replies_no_object(service: ObjectService) -> None:
     replies = call(
         service, request(Opcode.WRITE, 1, epoch=EPOCH, oid=OID, offset=4096, payload=b"data")
@@ -833,7 +842,7 @@ def test_service_list_of_an_empty_store_is_an_empty_payload(service: ObjectServi
 async def test_service_fua_write_replies_only_after_the_flush(
     service: ObjectService, store: ObjectStore
 ) -> None:
-    call(service, request(Opcode.CREATE, 1, oid=OID))
+    await answered(service, request(Opcode.CREATE, 1, oid=OID))
     await store.flush()
     commits = store.commits
     sink = RecordingSink(store)
@@ -861,7 +870,7 @@ async def test_service_fua_create_replies_only_after_the_flush(
 async def test_service_flush_replies_after_the_commit(
     service: ObjectService, store: ObjectStore
 ) -> None:
-    call(service, request(Opcode.CREATE, 1, oid=OID, payload=b"x"))
+    await answered(service, request(Opcode.CREATE, 1, oid=OID, payload=b"x"))
     sink = RecordingSink(store)
     service.handle(request(Opcode.FLUSH, 2), sink)
     assert sink.replies == []

@@ -4,6 +4,9 @@ TRIM and hole-punching WRITE_ZEROES with FUA once replied before their holes wer
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +15,10 @@ import pytest
 from sheep.dataplane.wire import Flags, Opcode
 from sheep.errors import Result
 from sheep.node.service import InProcess, ObjectService
-from sheep.oid import data_oid
+from sheep.oid import data_oid, oid_str
 from sheep.store import ObjectStore
 
+from ..fakes.clock import settle
 from ..fakes.faults import fail_fdatasync_once
 
 SIZE = 1 << 16
@@ -78,5 +82,58 @@ async def test_failed_fdatasync_fails_the_flush_and_the_data_is_never_read_back(
         reply = await door.request(Opcode.READ, oid=OID, offset=0, length=4096, epoch=1)
         assert reply.result == Result.CORRUPT
         assert repairer.stats.lost == 1 and repairer.stats.accepted == 0
+    finally:
+        store.close()
+
+
+async def test_a_first_write_is_applied_only_once_its_objects_mark_is_durable(
+        node: tuple[InProcess, ObjectStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark's directory sync runs in a thread, batched; the write waits for it, so
+    none of its pages can reach the disk before the mark does."""
+    door, store = node
+    gate, real_fsync = threading.Event(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (gate.wait(10), real_fsync(fd))[1])
+    reply = door.request(Opcode.CREATE, oid=OID, payload=b"x" * SIZE, epoch=1)
+    await settle()
+    assert not reply.done()
+    assert not store.exists(OID)
+    gate.set()
+    assert (await asyncio.wait_for(reply, 10)).result == Result.OK
+    assert store.read(OID, 0, 1) == b"x"
+    assert store.mark_syncs == 1
+
+
+async def test_first_writes_to_many_objects_share_one_mark_sync(
+        node: tuple[InProcess, ObjectStore]) -> None:
+    door, store = node
+    replies = [door.request(Opcode.CREATE, oid=data_oid(7, i), payload=b"y" * 4096, epoch=1)
+               for i in range(32)]
+    assert {r.result for r in await asyncio.gather(*replies)} == {Result.OK}
+    assert store.mark_syncs == 1
+
+
+async def test_a_first_write_into_a_rotten_block_repairs_it_then_applies(
+        tmp_path: Path) -> None:
+    """A partial write that waited for its object's mark and then met rot in its block
+    takes the same path as one that did not wait: repair from a replica, then apply."""
+    from sheep.node.repair import Repairer
+
+    from .test_repair import ME, PEER, Pool, View
+
+    good = bytes(range(256)) * (SIZE // 256)
+    store = ObjectStore(tmp_path / "store", object_size=SIZE, intent_idle=0)
+    repairer = Repairer("me", store, View([ME, PEER]),  # type: ignore[arg-type]
+                        Pool({PEER.data_addr: good}))  # type: ignore[arg-type]
+    door = InProcess(ObjectService(store, lambda: 1, repair=repairer.repair))
+    try:
+        store.write(OID, 0, good)
+        await store.flush()
+        assert await store.tidy_intents() == 1  # unmarked: the next write waits for a mark
+        with open(tmp_path / "store" / "obj" / oid_str(OID), "r+b") as f:
+            f.write(b"\xff")
+        reply = await door.request(Opcode.WRITE, oid=OID, offset=100, payload=b"new", epoch=1)
+        assert reply.result == Result.OK
+        assert store.read(OID, 0, 103) == good[:100] + b"new"
+        assert repairer.stats.repaired == 1
     finally:
         store.close()

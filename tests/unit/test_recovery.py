@@ -12,10 +12,11 @@ import pytest
 from sheep.cluster.state import EpochRecord, NodeInfo
 from sheep.cluster.view import ClusterView
 from sheep.dataplane.wire import Opcode
-from sheep.errors import Result
-from sheep.node.recovery import Recovery
+from sheep.errors import Corrupt, Result, StoreIOError
+from sheep.node.recovery import UNVERIFIED_RETRY, Recovery
 from sheep.oid import data_oid
 from sheep.store import ObjectStore
+from sheep.store.checksum import SUM_BLOCK
 
 from ..fakes.clock import FakeClock, settle
 from .fakes import NODES, FakeEtcd, FakePeer, FakePool, config
@@ -376,15 +377,123 @@ async def test_a_source_that_fails_gives_way_to_another_with_the_same_copy(
     assert (len(bad.seen(Opcode.READ)), len(good.seen(Opcode.READ))) == (1, 1)
 
 
-async def test_a_copy_that_verifies_nowhere_is_fetched_raw(scene: Scene) -> None:
+def full(seed: int) -> bytes:
+    """A whole object of distinct blocks."""
+    return bytes((seed + i) % 251 for i in range(SIZE))
+
+
+async def test_a_block_bad_on_one_source_is_taken_from_another_where_it_verifies(
+        scene: Scene) -> None:
     [oid] = scene.oids(here=True)
-    source = scene.peer(NODES[1])
-    source.put(oid, blob(b"c"), written=1)
-    source.corrupt.add(oid)
+    one, two = scene.peer(NODES[1]), scene.peer(NODES[2])
+    for peer in (one, two):
+        peer.put(oid, full(5), written=1)
+    one.rotten[oid] = {1}
+    two.rotten[oid] = {2}
     await scene.epoch(2)
     await scene.reported(2)
-    assert scene.store.read(oid, 0, 100) == blob(b"c")  # and summed afresh here
-    assert [bool(f.flags & 4) for f in source.seen(Opcode.READ)] == [False, True]
+    assert scene.store.read(oid, 0, SIZE) == full(5)
+    assert scene.recovery.status.lost == 0
+
+
+async def test_a_block_that_verifies_on_no_source_is_installed_unreadable(
+        scene: Scene) -> None:
+    """Never wrong bytes: what verifies nowhere is an error to read, not data, and the
+    blocks around it that verify are kept."""
+    [oid] = scene.oids(here=True)
+    source = scene.peer(NODES[1])
+    source.put(oid, full(7), written=1)
+    source.rotten[oid] = {3}
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    with pytest.raises(Corrupt):
+        scene.store.read(oid, 3 * SUM_BLOCK, 1)
+    assert scene.store.read(oid, 0, 3 * SUM_BLOCK) == full(7)[: 3 * SUM_BLOCK]
+    assert scene.store.read(oid, 4 * SUM_BLOCK, SIZE - 4 * SUM_BLOCK) == full(7)[4 * SUM_BLOCK :]
+    assert scene.recovery.status.lost == 1
+
+
+async def test_the_epoch_is_not_reported_while_a_block_verifies_nowhere(scene: Scene) -> None:
+    """Once reported, the sources would drop their copies: the block's only chance to
+    come back good (a torn write its node accepts) would go with them."""
+    [oid] = scene.oids(here=True)
+    source = scene.peer(NODES[1])
+    source.put(oid, full(7), written=1)
+    source.rotten[oid] = {3}
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    await scene.clock.advance(10 * UNVERIFIED_RETRY)
+    assert ME.node_id not in scene.etcd.recovered[2]
+
+
+async def test_the_epoch_is_reported_once_a_source_has_the_block_good_again(
+        scene: Scene) -> None:
+    [oid] = scene.oids(here=True)
+    source = scene.peer(NODES[1])
+    source.put(oid, full(7), written=1)
+    source.rotten[oid] = {3}
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    source.rotten[oid] = set()  # its node accepted a torn write, or repaired it
+    await scene.reported(2)
+    assert scene.store.read(oid, 0, SIZE) == full(7)
+
+
+async def test_an_object_no_longer_placed_here_holds_back_no_later_epoch(
+        scene: Scene) -> None:
+    wider = (*MEMBERS, NODES[4])
+    elsewhere = set(scene.oids(here=False, count=2000, members=wider))
+    oid = next(o for o in scene.oids(here=True, count=50) if o in elsewhere)
+    source = scene.peer(NODES[1])
+    source.put(oid, full(7), written=1)
+    source.rotten[oid] = {3}
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    await scene.epoch(3, wider)
+    await scene.reported(3)
+
+
+async def test_a_block_a_client_rewrote_is_not_fetched_over(scene: Scene) -> None:
+    [oid] = scene.oids(here=True)
+    source = scene.peer(NODES[1])
+    source.put(oid, full(7), written=1)
+    source.rotten[oid] = {3}
+    await scene.epoch(2)
+    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    scene.store.write(oid, 3 * SUM_BLOCK, b"\x99" * SUM_BLOCK, epoch=2)  # heals it
+    await scene.reported(2)
+    assert scene.store.read(oid, 3 * SUM_BLOCK, SUM_BLOCK) == b"\x99" * SUM_BLOCK
+
+
+async def test_a_fetch_client_io_started_that_fails_is_done_again_before_the_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scene = Scene(tmp_path, parallel=1)
+    try:
+        oids = scene.oids(here=True, count=2)
+        source = scene.peer(NODES[1])
+        for oid in oids:
+            source.put(oid, blob(b"k"), written=1)
+        source.hold(Opcode.READ)
+        await scene.epoch(2)
+        await scene.clock.run_until(lambda: bool(source.seen(Opcode.READ)))
+        [urgent] = [oid for oid in oids if not source.seen(Opcode.READ, oid)]
+        real_write, failed = scene.store.write, []
+
+        def write_failing_once(oid: int, *args, **kwargs) -> None:
+            if oid == urgent and not failed:
+                failed.append(oid)
+                raise StoreIOError("injected")
+            real_write(oid, *args, **kwargs)
+
+        monkeypatch.setattr(scene.store, "write", write_failing_once)
+        assert scene.recovery.guard(urgent, Opcode.READ, False) is not None
+        source.release()
+        await scene.reported(2)
+        assert failed == [urgent]
+        assert scene.store.read(urgent, 0, 100) == blob(b"k")
+    finally:
+        await scene.recovery.close()
+        scene.store.close()
 
 
 async def test_a_fetch_that_fails_on_every_source_is_retried_not_skipped(
@@ -449,8 +558,8 @@ async def test_a_fetch_a_client_waits_for_is_not_held_back_by_the_throttle(
         wait = scene.recovery.guard(urgent, Opcode.READ, False)
         assert wait is not None
         await settle()
-        assert wait.done()
-        assert source.times(Opcode.READ, urgent) == [asked]
+        assert source.times(Opcode.READ, urgent) == [asked]  # read at once
+        await scene.clock.run_until(wait.done)  # and installed (its mark syncs in a thread)
     finally:
         await scene.recovery.close()
         scene.store.close()

@@ -87,6 +87,17 @@ def test_rot_with_one_copy_is_lost_not_restamped(tmp_path: Path) -> None:
         assert store.check_object(OID) == [2]
 
 
+def test_a_lost_block_read_again_is_counted_once(tmp_path: Path) -> None:
+    """The node's count of lost blocks is of blocks, not of the reads that met them."""
+    with ObjectStore(tmp_path, object_size=OBJECT) as store:
+        store.write(OID, 0, os.urandom(OBJECT))
+        flip(tmp_path, 2 * SUM_BLOCK + 5)
+        r = repairer(store, None)
+        for _ in range(3):
+            asyncio.run(repair(r, [2]))
+        assert r.stats.lost == 1
+
+
 def test_rot_bad_on_every_replica_is_lost(tmp_path: Path) -> None:
     with ObjectStore(tmp_path, object_size=OBJECT) as store:
         store.write(OID, 0, os.urandom(OBJECT))

@@ -7,16 +7,19 @@ import asyncio
 import os
 import random
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from sheep.errors import Corrupt, StoreIOError
 from sheep.oid import data_oid, oid_str
 from sheep.store import ObjectStore
 from sheep.store.checksum import SUM_BLOCK
 
+from ..fakes.clock import FakeClock
 from ..fakes.faults import fail_fdatasync_once
 
 OBJECT = 256 * 1024
@@ -154,7 +157,7 @@ def test_rot_in_an_object_synced_before_the_crash_is_rot(tmp_path: Path) -> None
     try:
         s.write(OID, 0, b"old!" * 1024)
         asyncio.run(s.flush())
-        asyncio.run(s.flush())  # a later commit finds it synced and idle
+        assert asyncio.run(s.tidy_intents()) == 1
         assert not (tmp_path / "intent" / oid_str(OID)).exists()
         flip(tmp_path, OID, 0)
         with ObjectStore(crash(tmp_path, s), object_size=OBJECT) as after:
@@ -277,3 +280,92 @@ def test_whole_block_write_over_a_rotten_block_heals_it(store: ObjectStore,
     flip(tmp_path, OID, 0)
     store.write(OID, 0, b"\x44" * SUM_BLOCK)
     assert store.check_object(OID) == []
+
+
+def test_scanning_an_object_gives_its_bad_blocks_and_its_digest(store: ObjectStore,
+                                                                tmp_path: Path) -> None:
+    store.write(OID, 0, os.urandom(OBJECT))
+    flip(tmp_path, OID, 3 * SUM_BLOCK)
+    bad, digest = store.scan_object(OID)
+    assert bad == [3]
+    assert digest == xxhash.xxh3_64_intdigest(store.read(OID, 0, OBJECT, verify=False))
+
+
+# -- write-intent marks: batched, and cleared by the store itself ------------------------------
+
+
+async def test_marks_asked_for_together_cost_one_directory_sync_off_the_loop(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced_in: list[threading.Thread] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced_in.append(threading.current_thread()),
+                                                 real_fsync(fd))[1])
+    oids = [data_oid(7, i) for i in range(20)]
+    await asyncio.gather(*{store.intend(oid) for oid in oids})
+    assert store.mark_syncs == 1
+    assert len(synced_in) == 1 and synced_in[0] is not threading.current_thread()
+    assert sorted(p.name for p in (tmp_path / "intent").iterdir()) == sorted(map(oid_str, oids))
+    assert all(store.intend(oid) is None for oid in oids)
+
+
+async def test_marks_asked_for_while_a_batch_syncs_share_the_next_sync(
+        store: ObjectStore) -> None:
+    first = store.intend(data_oid(7, 1))
+    await asyncio.sleep(0)  # the first batch is under way
+    later = {store.intend(data_oid(7, i)) for i in range(2, 12)}
+    assert first not in later
+    await asyncio.gather(first, *later)
+    assert store.mark_syncs == 2
+
+
+def idle_store(root: Path, clock: FakeClock) -> ObjectStore:
+    return ObjectStore(root, object_size=OBJECT, intent_idle=10.0, clock=clock)
+
+
+async def test_an_object_nobody_flushes_is_synced_and_unmarked_once_idle(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = idle_store(tmp_path, clock)
+    upkeep = asyncio.ensure_future(s.run_upkeep())
+    try:
+        s.write(OID, 0, b"w" * SUM_BLOCK)
+        await clock.run_until(lambda: not (tmp_path / "intent" / oid_str(OID)).exists(),
+                              limit=30.0)
+        assert s.commits == 1  # synced before it was unmarked
+        assert clock.now - 1000.0 >= 10.0
+    finally:
+        upkeep.cancel()
+        s.close()
+
+
+async def test_an_object_written_within_the_idle_time_keeps_its_mark(tmp_path: Path) -> None:
+    clock = FakeClock()
+    s = idle_store(tmp_path, clock)
+    upkeep = asyncio.ensure_future(s.run_upkeep())
+    try:
+        for _ in range(6):
+            s.write(OID, 0, b"w" * SUM_BLOCK)
+            await clock.advance(6.0)
+        assert (tmp_path / "intent" / oid_str(OID)).exists()
+    finally:
+        upkeep.cancel()
+        s.close()
+
+
+async def test_rot_in_an_object_left_unflushed_and_idle_is_rot_after_a_crash(
+        tmp_path: Path) -> None:
+    """No client flushed it, yet it was idle: what fails in it after a crash is rot, not
+    a torn write to be accepted."""
+    clock = FakeClock()
+    s = idle_store(tmp_path, clock)
+    try:
+        s.write(OID, 0, b"old!" * 1024)
+        await s.tidy_intents()
+        await clock.advance(10.0)
+        assert await s.tidy_intents() == 1
+        flip(tmp_path, OID, 0)
+        with ObjectStore(crash(tmp_path, s), object_size=OBJECT) as after:
+            assert after.torn_blocks(OID) == set()
+            assert after.accept_torn(OID, [0]) == []
+    finally:
+        s.close()
