@@ -76,20 +76,31 @@ class ObjectService:
         }
 
     def handle(self, frame: Frame, conn: ReplySink) -> None:
+        op = self._ops.get(frame.opcode)
+        self._answering(op, frame, conn, lambda: self._start(op, frame, conn))
+
+    def _start(self, op: Callable[[Frame, ReplySink], None] | None, frame: Frame,
+               conn: ReplySink) -> None:
+        if op is None:
+            raise UnknownOp(f"unknown opcode {frame.opcode}")
+        if frame.opcode in EPOCH_CHECKED:
+            self._check_epoch(frame.epoch, frame.opcode)
+            if self._guard is not None and frame.epoch:  # epoch 0: peers' recovery reads
+                fresh = frame.opcode == Opcode.CREATE and bool(frame.flags & _FRESH)
+                wait = self._guard(frame.oid, frame.opcode, fresh)
+                if wait is not None:
+                    wait.add_done_callback(lambda _f: self._run(op, frame, conn))
+                    return
+        self._go(op, frame, conn)
+
+    def _answering(self, op: Callable[[Frame, ReplySink], None] | None, frame: Frame,
+                   conn: ReplySink, step: Callable[[], None]) -> None:
+        """Run a step of a request; what it raises is the request's reply (a bad block
+        is repaired first, then the request runs again)."""
         try:
-            op = self._ops.get(frame.opcode)
-            if op is None:
-                raise UnknownOp(f"unknown opcode {frame.opcode}")
-            if frame.opcode in EPOCH_CHECKED:
-                self._check_epoch(frame.epoch, frame.opcode)
-                if self._guard is not None and frame.epoch:  # epoch 0: peers' recovery reads
-                    fresh = frame.opcode == Opcode.CREATE and bool(frame.flags & _FRESH)
-                    wait = self._guard(frame.oid, frame.opcode, fresh)
-                    if wait is not None:
-                        wait.add_done_callback(lambda _f: self._run(op, frame, conn))
-                        return
-            self._go(op, frame, conn)
+            step()
         except Corrupt as exc:
+            assert op is not None
             self._repair_then_run(op, frame, conn, exc)
         except SheepError as exc:
             self._reply(conn, frame, exc.code)
@@ -127,14 +138,11 @@ class ObjectService:
     def _run(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
              ) -> None:
         """Run an operation that had to wait for recovery of its object."""
-        try:
+        def step() -> None:
             self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
             self._go(op, frame, conn)
-        except SheepError as exc:
-            self._reply(conn, frame, exc.code)
-        except Exception:
-            log.exception("data-plane request %s failed", frame.opcode)
-            self._reply(conn, frame, Result.IO_ERROR)
+
+        self._answering(op, frame, conn, step)
 
     def _go(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
             ) -> None:
@@ -167,16 +175,11 @@ class ObjectService:
             log.error("write-intent mark of %s failed: %s", frame.oid, exc)
             self._reply(conn, frame, exc.code if isinstance(exc, SheepError) else Result.IO_ERROR)
             return
-        try:
+        def step() -> None:
             self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
             op(frame, conn)
-        except Corrupt as corrupt:
-            self._repair_then_run(op, frame, conn, corrupt)
-        except SheepError as error:
-            self._reply(conn, frame, error.code)
-        except Exception:
-            log.exception("data-plane request %s failed", frame.opcode)
-            self._reply(conn, frame, Result.IO_ERROR)
+
+        self._answering(op, frame, conn, step)
 
     def _check_epoch(self, epoch: int, opcode: int) -> None:
         """Epoch 0 is for reads that do not depend on the ring (peers' recovery and
