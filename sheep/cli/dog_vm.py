@@ -88,13 +88,15 @@ async def vm_start(stub, args) -> None:
         raise DogError(f"bad iSCSI CHAP file: {exc}") from None
     async with _control(stub, args) as ctl:
         rt = await ctl.start(args.name, run_root=Path(args.run_dir) if args.run_dir else None,
-                             reconnect_delay=args.reconnect_delay, chap=chap)
+                             reconnect_delay=args.reconnect_delay, chap=chap,
+                             tls=getattr(args, "disk_identity", None))
     if args.json:
         emit(_runtime_dict(rt))
     else:
         gw = rt.gateway
-        print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport} "
-              f"via {host_port(gw.host, gw.port)}; console: dog vm console {rt.name}")
+        print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport}"
+              f"{'+TLS' if gw.tls else ''} via {host_port(gw.host, gw.port)}; console: "
+              f"dog vm console {rt.name}")
 
 
 async def vm_stop(stub, args) -> None:
@@ -158,7 +160,8 @@ async def vm_info(stub, args) -> None:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
         print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
-              f"Gateway: {rt.gateway.transport} {host_port(rt.gateway.host, rt.gateway.port)}\n"
+              f"Gateway: {rt.gateway.transport}{'+TLS' if rt.gateway.tls else ''} "
+              f"{host_port(rt.gateway.host, rt.gateway.port)}\n"
               f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:
