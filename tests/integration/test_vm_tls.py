@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from sheep.localcluster import LocalCluster, free_port
 from sheep.vdi.manager import open_manager
 
 from ..cluster import dog, reap_leftovers
-from .test_vm import CHECK_FILES, MAKE_FILES, SIZE, Vm
+from .test_vm import CHECK_FILES, CHECK_SUMS, MAKE_FILES, SIZE, WRITE_LOOP, Vm
 
 pytestmark = pytest.mark.slow
 
@@ -155,6 +157,23 @@ echo "sheep-test: wrote vdb"
         guest, ["tls-plug-extra"],
         "mount -t ext4 /dev/vda /mnt && echo \"found: $(cat /mnt/plugged)\"\n").start().finish()
     assert "found: hot" in out
+
+
+def test_the_guest_carries_on_over_tls_when_its_gateway_is_killed_and_restarted(
+        secure: SecureCluster, run_root: Path, guest: GuestImage) -> None:
+    """QEMU's reconnect starts TLS again with the credentials it loaded at start."""
+    vm = TlsVm(secure, run_root, "tls-reconnect").create(
+        guest, [secure.vdi("tls-reconnect")], WRITE_LOOP.format(count=12)).start()
+    vm.wait_console("sheep-test: wrote 3")
+    gateway = secure.local.nodes[0]
+    gateway.kill(signal.SIGKILL)
+    time.sleep(1)  # QEMU notices and starts its reconnect-delay
+    gateway.start()
+    gateway.wait_ready()
+    assert "sheep-test: verified 12" in vm.finish()
+    out = TlsVm(secure, run_root, "tls-reconnect-check").create(
+        guest, ["tls-reconnect"], CHECK_SUMS).start().finish()
+    assert "sheep-test: intact 12" in out
 
 
 def test_a_vm_without_a_certificate_is_refused_by_a_gateway_that_requires_tls(
