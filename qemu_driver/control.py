@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,6 +227,7 @@ class VmControl:
         finally:
             proc.stdout.close()
         if line != "ok":
+            shutil.rmtree(paths.tls, ignore_errors=True)  # no QEMU runs on this copy of the key
             raise QemuFailed(line.removeprefix("error: ") or
                              f"the VM's supervisor died; see {paths.dir}/supervisor.err")
         rt = await self.vms.runtime(name)

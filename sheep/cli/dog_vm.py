@@ -268,7 +268,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     p = cmd("start", vm_start, "start QEMU for the VM on this host")
     p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest here, else "
                 "TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in the environment overrides "
-                "the probe.")
+                "the probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with "
+                "the client certificate dog's config names (else dog's own); a gateway that "
+                "requires TLS refuses a start without one.")
     p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs "
                                      "(default /run/sheep/vm/CLUSTER, or under "
                                      "$XDG_RUNTIME_DIR for other users)")
