@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sheep.names import target_name
 from sheep.netaddr import host_port
+from sheep.security.pki import SERVER_NAME
 
 from .accel import CPU, QEMU
 from .spec import Gateway, VmSpec, disk_id
@@ -22,6 +23,7 @@ AGENT_CHANNEL = "org.qemu.guest_agent.0"
 AGENT_CHARDEV = "agent"  # the host end of that channel, as QMP's query-chardev names it
 DEFAULT_RECONNECT_DELAY = 60  # s QEMU holds guest I/O while its gateway is away
 CHAP_SECRET_ID = "iscsi-chap"  # the QEMU secret object holding the CHAP secret
+TLS_CREDS_ID = "nbd-tls"  # the QEMU tls-creds-x509 object NBD disks start TLS with
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class RunPaths:
         return self.dir / "iscsi-chap.secret"
 
     @property
+    def tls(self) -> Path:
+        """The NBD client's certificate as QEMU's tls-creds-x509 reads it (ca-cert.pem,
+        client-cert.pem, client-key.pem; the directory 0700, the key 0600): QEMU takes a
+        directory, so the key never shows on its command line."""
+        return self.dir / "tls"
+
+    @property
     def qemu_log(self) -> Path:
         return self.dir / "qemu.log"
 
@@ -77,9 +86,15 @@ def blockdev(vdi: str, gateway: Gateway, *, reconnect_delay: int = DEFAULT_RECON
     """The `-blockdev`/`blockdev-add` arguments of one VDI's disk."""
     node = disk_id(vdi)
     if gateway.transport == "nbd":
-        return {"driver": "nbd", "node-name": node, "export": vdi,
+        spec = {"driver": "nbd", "node-name": node, "export": vdi,
                 "server": {"type": "inet", "host": gateway.host, "port": str(gateway.port)},
                 "reconnect-delay": reconnect_delay, "discard": "unmap"}
+        if gateway.tls:
+            # every node's certificate names SERVER_NAME, whatever address it is reached
+            # on; QEMU would otherwise check the address it dials
+            spec["tls-creds"] = TLS_CREDS_ID
+            spec["tls-hostname"] = SERVER_NAME
+        return spec
     if gateway.transport == "iscsi":
         spec = {"driver": "iscsi", "node-name": node, "transport": "tcp",
                 "portal": host_port(gateway.host, gateway.port), "target": target_name(vdi),
@@ -143,6 +158,9 @@ def qemu_argv(spec: VmSpec, gateway: Gateway, paths: RunPaths, accel: str, *,
             argv += ["-append", spec.append]
     if gateway.chap_user:
         argv += ["-object", f"secret,id={CHAP_SECRET_ID},file={paths.chap_secret},format=raw"]
+    if gateway.tls:  # on the command line even for hot-plugged disks: they use it too
+        argv += ["-object", f"tls-creds-x509,id={TLS_CREDS_ID},dir={paths.tls},"
+                            "endpoint=client,verify-peer=on"]
     initiator = initiator_name(spec.name)
     for i, vdi in enumerate(spec.disks):
         argv += ["-blockdev", _device_arg(blockdev(vdi, gateway, reconnect_delay=reconnect_delay,

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from sheep.children import die_with_parent
 from sheep.gateway.iscsi.login import Chap
 from sheep.netaddr import host_port
+from sheep.security.identity import Identity
 from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import VdiRecord
 
@@ -164,16 +166,18 @@ class VmControl:
     async def start(self, name: str, *, run_root: Path | None = None,
                     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
                     timeout: float = START_TIMEOUT, tied: bool = False,
-                    chap: Chap | None = None) -> VmRuntime:
+                    chap: Chap | None = None, tls: Identity | None = None) -> VmRuntime:
         """Start the VM under a supervisor of its own, which outlives this process (dog
         exits once the VM runs); `tied`: the VM is stopped when this process dies, even of
         SIGKILL (the demo VM of `sheep up`); `chap`: the CHAP user and secret QEMU logs in
-        to an iSCSI portal with (required when the portal requires CHAP)."""
+        to an iSCSI portal with (required when the portal requires CHAP); `tls`: the
+        certificate QEMU's NBD client starts TLS with, wherever the gateway speaks TLS
+        (required when it requires TLS)."""
         spec, _ = await self.vms.get(name)
         if await self.vms.runtime(name) is not None:
             raise VmError(f"VM {name!r} is already running")
         await self._check_vdis(spec.disks)
-        gateway = _with_chap(await self.gateway(spec.transport), chap)
+        gateway = _with_tls(_with_chap(await self.gateway(spec.transport), chap), tls)
         accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
         paths = RunPaths((run_root or await self.run_root()) / name)
         paths.dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +188,8 @@ class VmControl:
             raise BadSpec(f"run directory {paths.dir} is too long for unix sockets")
         if chap is not None and gateway.chap_user:
             _write_secret(paths.chap_secret, chap.secret)
+        if tls is not None and gateway.tls:
+            write_tls_dir(paths.tls, tls)
         runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
                             run_dir=str(paths.dir), qmp=str(paths.qmp),
                             console=str(paths.console), console_log=str(paths.console_log),
@@ -221,6 +227,7 @@ class VmControl:
         finally:
             proc.stdout.close()
         if line != "ok":
+            shutil.rmtree(paths.tls, ignore_errors=True)  # no QEMU runs on this copy of the key
             raise QemuFailed(line.removeprefix("error: ") or
                              f"the VM's supervisor died; see {paths.dir}/supervisor.err")
         rt = await self.vms.runtime(name)
@@ -366,6 +373,33 @@ def _with_chap(gateway: Gateway, chap: Chap | None) -> Gateway:
                           "(USER:SECRET, mode 600)")
         return gateway
     return replace(gateway, chap_user=chap.user)
+
+
+def _with_tls(gateway: Gateway, tls: Identity | None) -> Gateway:
+    """The gateway QEMU starts TLS with, when it can: an NBD gateway that speaks TLS
+    (`require`, or `allow`: encrypted is better) and a certificate to show it. A gateway
+    that requires TLS without a certificate is refused here, in one line, rather than by
+    QEMU's handshake failing later."""
+    if gateway.transport != "nbd" or gateway.tls_mode not in ("require", "allow"):
+        return gateway
+    if tls is None:
+        if gateway.tls_mode == "require":
+            raise VmError(f"the NBD gateway at {host_port(gateway.host, gateway.port)} "
+                          "requires TLS: dog needs a certificate of the cluster (its config "
+                          "file: --config, $SHEEP_CONFIG or ./var/dog.conf)")
+        return gateway
+    return replace(gateway, tls=True)
+
+
+def write_tls_dir(where: Path, tls: Identity) -> None:
+    """`tls`'s CA, certificate and key as QEMU's tls-creds-x509 (endpoint=client) reads
+    them: copies (the identity's own files may sit where QEMU's names do not), the
+    directory 0700 and the key 0600 from their first byte."""
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(where, 0o700)
+    (where / "ca-cert.pem").write_bytes(tls.ca_pem)
+    (where / "client-cert.pem").write_bytes(tls.cert_pem)
+    _write_secret(where / "client-key.pem", tls.key_pem)
 
 
 def _write_secret(path: Path, secret: bytes) -> None:

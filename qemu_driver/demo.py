@@ -22,9 +22,12 @@ VDI = "demo-disk"
 VDI_SIZE = 1 << 30
 
 
-async def run_demo(etcd_url: str, run_root: Path, identity: Identity | None = None) -> None:
+async def run_demo(etcd_url: str, run_root: Path, identity: Identity | None = None, *,
+                   disk_identity: Identity | None = None) -> None:
     """Start (or reuse) the demo VM and relay the terminal to its console until the guest
-    powers off or Ctrl-] detaches."""
+    powers off or Ctrl-] detaches. `identity` is shown etcd; `disk_identity` is what
+    QEMU's NBD client starts TLS with (the loopback gateway allows TLS: encrypted is
+    better than plain, and a client certificate attaches disks, nothing more)."""
     try:
         image = guest_artifacts()
     except GuestNotBuilt as exc:
@@ -42,9 +45,11 @@ async def run_demo(etcd_url: str, run_root: Path, identity: Identity | None = No
                                     initrd=str(image.initrd), append=kernel_append()))
         rt = await ctl.vms.runtime(VM)
         if rt is None:
-            rt = await ctl.start(VM, run_root=run_root, tied=True)
+            rt = await ctl.start(VM, run_root=run_root, tied=True, tls=disk_identity)
+        gw = rt.gateway
         print(f"vm: {VM} ({rt.accel}, pid {rt.pid}) with VDI {VDI} as /dev/vda over "
-              f"{rt.gateway.transport} {host_port(rt.gateway.host, rt.gateway.port)}; its console "
+              f"{gw.transport}{'+TLS' if gw.tls else ''} {host_port(gw.host, gw.port)}; "
+              "its console "
               "follows (mke2fs /dev/vda, mount -t ext4 /dev/vda /mnt ...; `exit` powers "
               "it off, Ctrl-] detaches, Ctrl-C stops everything)", flush=True)
     await console.attach(rt.console, keep_signals=True)

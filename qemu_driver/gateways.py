@@ -31,4 +31,5 @@ def choose_gateway(nodes: Iterable[NodeInfo], transport: str,
     serving.sort(key=lambda item: (item[0].host not in local, item[0].node_id))
     node, port = serving[0]
     return Gateway(transport, node.host, port,
-                   chap_required=transport == "iscsi" and node.iscsi_chap)
+                   chap_required=transport == "iscsi" and node.iscsi_chap,
+                   tls_mode=node.nbd_tls if transport == "nbd" else "")

@@ -88,6 +88,8 @@ class Gateway:
     port: int
     chap_required: bool = False  # the portal admits only initiators proving CHAP
     chap_user: str = ""  # QEMU logs in as this CHAP user (its secret: RunPaths.chap_secret)
+    tls_mode: str = ""  # the NBD gateway's TLS mode as its node publishes it ("": no TLS)
+    tls: bool = False  # QEMU starts TLS with the certificate in RunPaths.tls
 
 
 @dataclass(frozen=True)

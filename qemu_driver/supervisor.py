@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -266,6 +267,8 @@ class Supervisor:
             ending = await self._run_qemu()
         finally:
             keepalive.cancel()
+            # QEMU's last run is over (a TCG restart needed them): no copy of the key stays
+            shutil.rmtree(self.paths.tls, ignore_errors=True)
         log.info("VM %s: %s", self.runtime.name, ending.reason)
         # bounded: an etcd that died with its cluster (sheep up killed) must not keep us
         with contextlib.suppress(Exception):

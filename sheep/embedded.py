@@ -238,8 +238,9 @@ class EmbeddedCluster:
             if self.vm:
                 from qemu_driver.demo import run_demo
 
-                self._demo = asyncio.ensure_future(run_demo(self.etcd.url, self.root / "vm",
-                                                               self.cluster.admin))
+                self._demo = asyncio.ensure_future(run_demo(
+                    self.etcd.url, self.root / "vm", self.cluster.admin,
+                    disk_identity=self.cluster.client))
                 self._demo_started = True
             last = ""
             while not self._stop:

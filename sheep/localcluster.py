@@ -288,6 +288,11 @@ class LocalCluster:
         """The admin's identity on a secure cluster (what dog would use)."""
         return Identity.from_files(self.pki.admin) if self.pki else None
 
+    @functools.cached_property
+    def client(self) -> Identity | None:
+        """The disks' clients' identity on a secure cluster (what QEMU shows NBD)."""
+        return Identity.from_files(self.pki.client) if self.pki else None
+
     def write_dog_config(self, path: Path | None = None) -> Path | None:
         """ROOT/dog.conf (or `path`) naming node 0 and the admin's certificate."""
         if self.pki is None:

@@ -357,9 +357,11 @@ async def _run(args: argparse.Namespace, func: Callable) -> None:
 
 
 def _resolve_config(args: argparse.Namespace) -> None:
-    """args.address and args.identity, from -a, $SHEEP_ADDRESS and the config file."""
+    """args.address and args.identity (and args.disk_identity, for the disks of VMs),
+    from -a, $SHEEP_ADDRESS and the config file."""
     found = config.load_config(config.find_config(args.config), DEFAULT_ADDRESS)
     args.identity = found.identity
+    args.disk_identity = found.disk_identity
     args.address = args.address or os.environ.get("SHEEP_ADDRESS") or found.address
 
 

@@ -88,13 +88,15 @@ async def vm_start(stub, args) -> None:
         raise DogError(f"bad iSCSI CHAP file: {exc}") from None
     async with _control(stub, args) as ctl:
         rt = await ctl.start(args.name, run_root=Path(args.run_dir) if args.run_dir else None,
-                             reconnect_delay=args.reconnect_delay, chap=chap)
+                             reconnect_delay=args.reconnect_delay, chap=chap,
+                             tls=getattr(args, "disk_identity", None))
     if args.json:
         emit(_runtime_dict(rt))
     else:
         gw = rt.gateway
-        print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport} "
-              f"via {host_port(gw.host, gw.port)}; console: dog vm console {rt.name}")
+        print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport}"
+              f"{'+TLS' if gw.tls else ''} via {host_port(gw.host, gw.port)}; console: "
+              f"dog vm console {rt.name}")
 
 
 async def vm_stop(stub, args) -> None:
@@ -158,7 +160,8 @@ async def vm_info(stub, args) -> None:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
         print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
-              f"Gateway: {rt.gateway.transport} {host_port(rt.gateway.host, rt.gateway.port)}\n"
+              f"Gateway: {rt.gateway.transport}{'+TLS' if rt.gateway.tls else ''} "
+              f"{host_port(rt.gateway.host, rt.gateway.port)}\n"
               f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:
@@ -265,7 +268,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     p = cmd("start", vm_start, "start QEMU for the VM on this host")
     p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest here, else "
                 "TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in the environment overrides "
-                "the probe.")
+                "the probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with "
+                "the client certificate dog's config names (else dog's own); a gateway that "
+                "requires TLS refuses a start without one.")
     p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs "
                                      "(default /run/sheep/vm/CLUSTER, or under "
                                      "$XDG_RUNTIME_DIR for other users)")

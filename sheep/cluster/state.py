@@ -33,6 +33,10 @@ class NodeInfo:
     iscsi_port: int | None = field(default=None, compare=False)
     # its iSCSI portal admits only initiators that prove CHAP (dog vm must give QEMU some)
     iscsi_chap: bool = field(default=False, compare=False)
+    # the TLS mode of its NBD gateway (require | allow | off; "": none, or a node from before
+    # NBD spoke TLS): dog vm gives QEMU a certificate, and refuses to start without one where
+    # the gateway requires TLS
+    nbd_tls: str = field(default="", compare=False)
 
     @property
     def data_addr(self) -> tuple[str, int]:

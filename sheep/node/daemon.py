@@ -306,6 +306,7 @@ class Node:
         self._data_server: asyncio.Server | None = None
         self._control_server: grpc.aio.Server | None = None
         self._gateways: list[asyncio.Server] = []
+        self._nbd_mode = TlsMode.OFF  # the NBD gateway's, once it serves
         self._joined = False
         self._iscsi: IscsiGateway | None = None
         self._tasks: list[asyncio.Task] = []
@@ -341,7 +342,8 @@ class Node:
             # clients (dog vm) find gateways in the node records: say which ones are up
             self.info = replace(self.info, nbd_port=nbd, iscsi_port=iscsi,
                                 iscsi_chap=iscsi is not None
-                                and self._iscsi_config.chap is not None)
+                                and self._iscsi_config.chap is not None,
+                                nbd_tls=self._nbd_mode.value if nbd is not None else "")
             await self._membership.publish(self.info)
         log.info(
             "node %s up: control %s, data %s, zone %r, vnodes %d, epoch %d",
@@ -361,6 +363,7 @@ class Node:
         except OSError as exc:
             raise _bind_error("NBD", self.opts.bind, port, exc) from None
         self._gateways.append(server)
+        self._nbd_mode = tls.mode  # published in the node's record, for dog vm
         bound = _bound_port(server)
         log.info("nbd gateway on nbd://%s/ (TLS %s)", host_port(self.opts.bind, bound),
                  tls.mode.value)

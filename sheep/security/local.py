@@ -49,7 +49,9 @@ class LocalPki:
         return self.holder("client")
 
     def write_dog_config(self, path: Path, address: str) -> Path:
-        return write_config(path, address, self.admin)
+        """dog's config: the admin's certificate for dog, the client's for the disks of
+        the VMs dog starts."""
+        return write_config(path, address, self.admin, client=self.client)
 
 
 def node_args(files: CertFiles) -> list[str]:

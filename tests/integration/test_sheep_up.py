@@ -214,6 +214,9 @@ def test_sheep_up_with_a_vm_shows_the_demo_guests_console_and_ctrl_c_powers_it_o
         up.wait_for("/ # ", timeout=90)  # the guest's shell prompt: typing earlier is lost
         vm = dog_json("vm", "info", "demo", address=up.address)
         assert vm["state"] == "running" and vm["disks"] == ["demo-disk"]
+        # its loopback gateway allows TLS: QEMU starts it, with the cluster's client cert
+        assert vm["runtime"]["gateway"]["tls"]
+        assert any("over nbd+TLS" in line for line in up.lines)
         up.type("echo $((6 * 7))")
         up.wait_for("42", timeout=30)  # typed on its console, answered on sheep up's output
         console = up.lines[next(i for i, line in enumerate(up.lines) if "console follows" in line):]

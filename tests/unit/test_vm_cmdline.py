@@ -9,12 +9,14 @@ import pytest
 
 from qemu_driver.cmdline import (
     AGENT_CHANNEL,
+    TLS_CREDS_ID,
     RunPaths,
     blockdev,
     disk_device,
     qemu_argv,
 )
 from qemu_driver.spec import Gateway, VmSpec, disk_id
+from sheep.security.pki import SERVER_NAME
 
 NBD = Gateway("nbd", "127.0.0.1", 10809)
 ISCSI = Gateway("iscsi", "127.0.0.1", 3260)
@@ -123,3 +125,34 @@ def test_an_iscsi_disk_without_chap_has_no_secret() -> None:
 
 def test_an_ipv6_portal_is_bracketed() -> None:
     assert blockdev("disk", Gateway("iscsi", "::1", 3260))["portal"] == "[::1]:3260"
+
+
+TLS = Gateway("nbd", "10.0.0.5", 10809, tls_mode="require", tls=True)
+
+
+def test_an_nbd_disk_over_tls_names_the_credentials_and_the_name_node_certificates_carry(
+) -> None:
+    dev = blockdev("disk", TLS)
+    assert dev["tls-creds"] == TLS_CREDS_ID
+    assert dev["tls-hostname"] == SERVER_NAME == "sheep"
+    assert dev["server"] == {"type": "inet", "host": "10.0.0.5", "port": "10809"}
+
+
+def test_qemus_tls_credentials_are_a_directory_in_the_run_dir_never_a_key() -> None:
+    argv = qemu_argv(VmSpec("web", ("root", "data")), TLS, PATHS, "tcg")
+    assert _values(argv, "-object") == [
+        f"tls-creds-x509,id={TLS_CREDS_ID},dir={PATHS.tls},endpoint=client,verify-peer=on"]
+    assert PATHS.tls == PATHS.dir / "tls"
+    assert not any("key" in a or "PRIVATE" in a for a in argv)
+    assert all(json.loads(b)["tls-creds"] == TLS_CREDS_ID for b in _values(argv, "-blockdev"))
+
+
+def test_a_plain_nbd_disk_has_no_tls() -> None:
+    argv = qemu_argv(VmSpec("web", ("root",)), Gateway("nbd", "127.0.0.1", 1,
+                                                       tls_mode="allow"), PATHS, "tcg")
+    assert _values(argv, "-object") == []
+    assert "tls-creds" not in json.loads(_values(argv, "-blockdev")[0])
+
+
+def test_a_hot_plugged_disk_uses_the_same_credentials_as_the_boot_disks() -> None:
+    assert blockdev("late", TLS)["tls-creds"] == blockdev("root", TLS)["tls-creds"]

@@ -85,3 +85,22 @@ def test_a_portal_requiring_chap_says_so_in_the_gateway_chosen() -> None:
     assert choose_gateway([node], "iscsi", local=set()).chap_required
     assert not choose_gateway([node], "nbd", local=set()).chap_required
     assert load_node(dump(node)).iscsi_chap
+
+
+def test_an_nbd_gateways_tls_mode_is_in_the_gateway_chosen() -> None:
+    node = replace(_node("a", "10.0.0.1", nbd=1, iscsi=2), nbd_tls="require")
+    assert choose_gateway([node], "nbd", local=set()).tls_mode == "require"
+    assert choose_gateway([node], "iscsi", local=set()).tls_mode == ""
+    assert load_node(dump(node)).nbd_tls == "require"
+
+
+def test_a_node_record_from_before_nbd_tls_has_no_tls_mode() -> None:
+    data = json.loads(dump(_node("a", "h", nbd=1)))
+    del data["nbd_tls"]
+    assert load_node(json.dumps(data).encode()).nbd_tls == ""
+
+
+def test_a_runtime_keeps_whether_its_disks_use_tls() -> None:
+    rt = VmRuntime("web", "h", 10, 9, "/r", "/r/q", "/r/c", "/r/c.log", "/r/a", "tcg",
+                   Gateway("nbd", "h", 1, tls_mode="allow", tls=True))
+    assert VmRuntime.load(rt.dump()).gateway.tls
