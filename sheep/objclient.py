@@ -33,6 +33,7 @@ from sheep.errors import (
     error_for,
 )
 from sheep.futures import settle_when
+from sheep.security.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -380,9 +381,11 @@ class ObjectClient:
 
 
 @contextlib.asynccontextmanager
-async def open_client(etcd_url: str, **kwargs: object) -> AsyncIterator[ObjectClient]:
+async def open_client(etcd_url: str, *, identity: Identity | None = None,
+                      **kwargs: object) -> AsyncIterator[ObjectClient]:
     """An ObjectClient that follows the cluster at `etcd_url` for as long as it is open:
-    what a gateway, a benchmark or a test holds."""
+    what a gateway, a benchmark or a test holds. A cluster whose nodes have identities
+    lets in only a node or admin `identity` of its CA (dog holds the admin's)."""
     from sheep.cluster.state import EtcdTarget
     from sheep.cluster.view import follow
 
@@ -391,7 +394,7 @@ async def open_client(etcd_url: str, **kwargs: object) -> AsyncIterator[ObjectCl
     view = ClusterView()
     await view.refresh(etcd)
     follower = asyncio.ensure_future(follow(view, etcd))
-    pool = PeerPool()
+    pool = PeerPool(identity=identity)
     try:
         yield ObjectClient(view, pool, etcd=etcd, **kwargs)  # type: ignore[arg-type]
     finally:

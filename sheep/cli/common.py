@@ -38,7 +38,8 @@ async def cluster_manager(stub: pb_grpc.ControlStub, args: argparse.Namespace, w
     if not info.cluster_id:
         raise DogError("the cluster is not formatted (dog cluster format)")
     holder = f"dog {what} {args.cmd}"
-    async with open_manager(info.etcd, holder=holder) as manager:
+    async with open_manager(info.etcd, holder=holder,
+                            identity=getattr(args, "identity", None)) as manager:
         yield manager
 
 

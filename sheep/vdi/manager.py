@@ -18,6 +18,7 @@ from sheep.errors import ClusterError, InvalidParams, NoVdi, VdiExists, VdiLocke
 from sheep.names import validate_label, validate_name
 from sheep.objclient import ObjectClient, open_client
 from sheep.oid import validate_copies
+from sheep.security.identity import Identity
 from sheep.units import SECTOR
 
 from .inode import block_oid, max_vdi_size
@@ -373,10 +374,13 @@ def snapshots_remain(state: RegistryState, name: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_manager(etcd_url: str, *, holder: str = "dog", **kwargs: object
+async def open_manager(etcd_url: str, *, holder: str = "dog",
+                       identity: Identity | None = None, **kwargs: object
                        ) -> AsyncIterator[VdiManager]:
-    """A VdiManager on the cluster at `etcd_url`, for as long as the block runs."""
-    async with open_client(etcd_url, **kwargs) as client:
+    """A VdiManager on the cluster at `etcd_url`, for as long as the block runs; its
+    objects go over the data plane as `identity` (dog's admin certificate; None on an
+    open cluster)."""
+    async with open_client(etcd_url, identity=identity, **kwargs) as client:
         if client.view.config is None:
             raise ClusterError("the cluster is not formatted")
         yield VdiManager(client, VdiRegistry(client.etcd), holder=holder)

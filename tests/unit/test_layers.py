@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, ...]] = [
     ("sheep.errors", "sheep.units", "sheep.oid", "sheep.zeros", "sheep.malloc",
      "sheep.output", "sheep.framing", "sheep.tcp", "sheep.children", "sheep.futures",
-     "sheep.clock", "sheep.fdlimit", "sheep.names"),
+     "sheep.clock", "sheep.fdlimit", "sheep.names",
+     "sheep.security"),  # the cluster CA and a process's identity: every plane uses them
     # one node's store; the ring, membership and etcd; the wire protocols' cores
     ("sheep.store", "sheep.cluster", "sheep.etcd_server", "sheep.dataplane",
      "sheep.gateway.scsi", "sheep.gateway.nbd.wire", "sheep.gateway.nbd.handshake",
