@@ -9,7 +9,7 @@ import pytest
 
 from sheep.etcd_server import EtcdServer
 
-from .cluster import Cluster, free_port, start_cluster
+from .cluster import Cluster, SecureCluster, free_port, start_cluster, start_secure_cluster
 
 
 @pytest.fixture(scope="session")
@@ -49,5 +49,15 @@ def iscsi_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
 def empty_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
     """No nodes yet: the test adds and formats what it needs."""
     c = Cluster(tmp_path / "cluster", etcd.url)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def secure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureCluster]:
+    """A formatted 3-node cluster, copies=3, with a private etcd, whose nodes hold
+    certificates of its own CA (`secure_cluster.pki`), node 0 an NBD gateway. One per
+    module: it takes a while to start."""
+    c = start_secure_cluster(tmp_path_factory.mktemp("secure"))
     yield c
     c.stop()
