@@ -173,7 +173,8 @@ def chart(doc: dict, path: Path) -> None:
     shapes = [SHAPES_BY_KEY[k] for k in doc["config"]["shapes"]]
     small = [s for s in shapes if s.metric == "iops"]
     large = [s for s in shapes if s.metric == "mb_per_s"]
-    colors = {"sheep": "#d62728", "nbdkit": "#1f77b4", "qemu-nbd": "#2ca02c"}
+    colors = {"sheep": "#d62728", "sheep-tls": "#ff9896", "nbdkit": "#1f77b4",
+              "qemu-nbd": "#2ca02c"}
     width = 0.8 / max(1, len(systems))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
 
