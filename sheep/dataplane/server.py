@@ -17,7 +17,7 @@ from sheep.errors import ProtocolError
 from sheep.security.identity import Identity, peer_of_ssl
 from sheep.tcp import ConnectionCap, accept_transport
 
-from .codec import Frame, FrameDecoder, encode
+from .codec import Frame, FrameDecoder, coalesced, encode
 from .tls import CLIENT_ROLES, HANDSHAKE_TIMEOUT, SecureListener, refusal
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,11 @@ class AuthenticatedServerProtocol(DataPlaneServerProtocol):
             self._decoder = _Refused()  # type: ignore[assignment]
             log.warning("data plane: refusing %s: %s", self._peer, why)
             transport.abort()  # type: ignore[attr-defined]
+
+    def _flush_batch(self) -> None:
+        if self._batch:  # the replies of one recv as few TLS records as they fit in
+            self._batch = coalesced(self._batch)
+        super()._flush_batch()
 
 
 class Listening(Protocol):
