@@ -7,6 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+from sheep.security.identity import Identity
 from sheep.vdi.manager import open_manager
 
 from . import console
@@ -20,15 +21,17 @@ VDI = "demo-disk"
 VDI_SIZE = 1 << 30
 
 
-async def run_demo(etcd_url: str, run_root: Path) -> None:
+async def run_demo(etcd_url: str, run_root: Path, identity: Identity | None = None) -> None:
     """Start (or reuse) the demo VM and relay the terminal to its console until the guest
-    powers off or Ctrl-] detaches."""
+    powers off or Ctrl-] detaches. `identity`: the admin's, for a cluster whose data plane
+    takes only certificates (its disk is written through it)."""
     try:
         image = guest_artifacts()
     except GuestNotBuilt as exc:
         print(f"no demo VM: {exc}", flush=True)
         return
-    async with open_manager(etcd_url, holder="sheep up (demo VM)") as manager:
+    async with open_manager(etcd_url, holder="sheep up (demo VM)",
+                            identity=identity) as manager:
         ctl = VmControl(manager)
         if VDI not in (await manager.state()).working:
             await manager.create(VDI, VDI_SIZE)
@@ -48,11 +51,13 @@ async def run_demo(etcd_url: str, run_root: Path) -> None:
     print("\r\nvm: console closed (the cluster keeps running; Ctrl-C stops it)", flush=True)
 
 
-async def stop_demo(etcd_url: str, timeout: float = 15.0) -> None:
+async def stop_demo(etcd_url: str, timeout: float = 15.0,
+                    identity: Identity | None = None) -> None:
     """The power button, as `dog vm stop` presses it; QEMU quits if the guest (slow under
     TCG on a busy machine) has not powered off within `timeout`."""
     with contextlib.suppress(VmError, OSError):
-        async with open_manager(etcd_url, holder="sheep up (demo VM)") as manager:
+        async with open_manager(etcd_url, holder="sheep up (demo VM)",
+                                identity=identity) as manager:
             ctl = VmControl(manager)
             if await ctl.vms.runtime(VM) is not None:
                 how = await ctl.stop(VM, timeout=timeout)
