@@ -67,7 +67,9 @@ def aims_report(results: list[Result]) -> list[str]:
 def print_report(results: list[Result], machine: dict, config: dict) -> None:
     """The summary printed at the end of a run (config: nodes, copies, seconds, warmup)."""
     print()
-    print(f"sheep objects: {config['nodes']} nodes, copies={config['copies']}, {OBJECTS} "
+    plane = "mutual TLS" if config.get("secure") else "plain TCP"
+    print(f"sheep objects: {config['nodes']} nodes, copies={config['copies']}, data plane "
+          f"{plane}, {OBJECTS} "
           f"objects x {OBJECT_SIZE // MiB} MiB, {config['seconds']:g} s per shape after "
           f"{config['warmup']:g} s warm-up; client in-process on {machine['event_loop']}; "
           f"data on {machine['data_fs']}")
@@ -96,6 +98,7 @@ def write_json(path: Path, results: list[Result], machine: dict, config: dict) -
         "config": {
             "nodes": config["nodes"],
             "copies": config["copies"],
+            "secure": config.get("secure", False),
             "object_size": OBJECT_SIZE,
             "objects": OBJECTS,
             "seconds": config["seconds"],

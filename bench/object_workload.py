@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sheep.objclient import open_client
+from sheep.security.identity import Identity
 
 from .cpu import CpuSample, cpu_usage
 
@@ -82,9 +83,10 @@ class Result:
     daemons_sys_share: float
 
 
-def object_client(etcd_url: str):
-    """The ObjectClient a gateway would hold, with bench-sized timeouts."""
-    return open_client(etcd_url, timeout=10.0, deadline=30.0)
+def object_client(etcd_url: str, identity: Identity | None = None):
+    """The ObjectClient a gateway would hold, with bench-sized timeouts (as `identity` on
+    a secure cluster)."""
+    return open_client(etcd_url, identity=identity, timeout=10.0, deadline=30.0)
 
 
 def _percentile(sorted_ns: list[int], q: float) -> float:

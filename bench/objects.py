@@ -1,6 +1,6 @@
 """Replicated object I/O against a real 3-node cluster: ops/s, MB/s and latency per shape.
 
-    python -m bench.objects [--seconds S] [--quick] [--json FILE] [--profile]
+    python -m bench.objects [--seconds S] [--quick] [--json FILE] [--profile] [--secure]
 
 Brings up, in a temporary directory, a private etcd and three `sheep run` daemons on
 loopback ports chosen at run time, formats the cluster with copies=3, and drives it with an
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from sheep.localcluster import LocalCluster
 from sheep.oid import data_oid
+from sheep.security.identity import Identity
 
 from .machine import busy_cores, filesystem_of
 from .object_report import object_machine_info, print_report, write_json
@@ -87,7 +88,8 @@ def start_cluster(cluster: LocalCluster) -> None:
 async def bench(cluster: LocalCluster, args: argparse.Namespace, shapes: list[Shape]
                 ) -> list[Result]:
     oids = [data_oid(BENCH_VDI, i) for i in range(OBJECTS)]
-    async with object_client(cluster.etcd_url) as client:
+    identity = Identity.from_files(cluster.pki.admin) if cluster.pki is not None else None
+    async with object_client(cluster.etcd_url, identity) as client:
         t = time.monotonic()
         await prefill(client, oids)
         await settle(client)
@@ -145,6 +147,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dir", help="where the cluster's temporary directory goes "
                                       "(default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
+    parser.add_argument("--secure", action="store_true",
+                        help="nodes with certificates of the cluster's own CA: every "
+                             "data-plane connection (this client's as the admin, and the "
+                             "nodes' own) is mutual TLS")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 1.0
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sheep-bench-", dir=args.dir))
     data_fs = filesystem_of(root)
     cluster = LocalCluster(root, NODES, prefix="/bench", own_session=True,
-                           die_with_parent=True)
+                           die_with_parent=True, secure=args.secure)
     keep = args.keep
     try:
         start_cluster(cluster)
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     machine = object_machine_info(loop_kind, before, data_fs)
-    config = {"nodes": NODES, "copies": COPIES, "seconds": args.seconds,
+    config = {"nodes": NODES, "copies": COPIES, "secure": args.secure, "seconds": args.seconds,
               "warmup": args.warmup, "profile": args.profile}
     print_report(results, machine, config)
     if args.json:

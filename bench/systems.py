@@ -2,6 +2,9 @@
 
 * sheep: a private etcd and three `sheep run` daemons (copies=3), node 0 serving NBD; the
   export is a thin VDI made with `dog vdi create`, so every write is replicated 3 times.
+* sheep-tls: the same with every node holding a certificate of the cluster's own CA, so the
+  data plane between the gateway and its peers is mutual TLS: beside `sheep`, what
+  authentication and encryption cost.
 * nbdkit: `nbdkit file` over a raw file of the same size in the same directory (one copy,
   the kernel page cache, no network between gateway and storage): the floor the NBD
   protocol and loopback leave for a server written in C.
@@ -23,6 +26,7 @@ launch theirs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -34,6 +38,7 @@ from pathlib import Path
 
 from sheep.children import die_with_parent
 from sheep.localcluster import LocalCluster, free_port, stop_processes
+from sheep.security.pki import CertFiles
 
 NODES = 3
 COPIES = 3
@@ -162,13 +167,17 @@ class SheepSystem(System):
 
     vdi: str = "bench"
     nbd: bool = True
+    secure: bool = False  # every node with a certificate: a mutual-TLS data plane
     cluster: LocalCluster | None = None
 
     def __post_init__(self) -> None:
-        self.name = self.name or "sheep"
+        self.name = self.name or ("sheep-tls" if self.secure else "sheep")
         self.export = self.vdi
         self.description = (f"{NODES} sheep daemons, copies={COPIES}, node 0 serving NBD; "
                             f"thin VDI made with `dog vdi create`")
+        if self.secure:
+            self.description += ("; every node holds a certificate of the cluster's CA: "
+                                 "the data plane between them is mutual TLS")
 
     @property
     def address(self) -> str:
@@ -183,12 +192,15 @@ class SheepSystem(System):
             self.root, NODES, prefix="/bench",
             node_extra=lambda i: gateway if i == 0 else [],
             node_names=lambda i: f"sheep node {i}",
-            own_session=True, die_with_parent=True,
+            own_session=True, die_with_parent=True, secure=self.secure,
         )
         self.cluster.start()
         self.cluster.wait_ready(START_TIMEOUT)  # node 0 ready: its NBD gateway listens
         self.cluster.format(COPIES)
-        if self.nbd:
+        if self.nbd and self.cluster.pki is not None:
+            asyncio.run(create_vdi(self.cluster.etcd_url, self.cluster.pki.admin, self.vdi,
+                                   self.size))
+        elif self.nbd:
             dog(self.address, "vdi", "create", self.vdi, str(self.size))
 
     def ready(self, timeout: float = 60.0) -> None:
@@ -220,6 +232,21 @@ class SheepSystem(System):
     def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
+
+
+@dataclass
+class SheepTlsSystem(SheepSystem):
+    secure: bool = True
+
+
+async def create_vdi(etcd_url: str, admin: CertFiles, name: str, size: int) -> None:
+    """`dog vdi create` as the cluster's admin, through the Python API (what dog does,
+    with the admin's certificate for the data plane)."""
+    from sheep.security.identity import Identity
+    from sheep.vdi.manager import open_manager
+
+    async with open_manager(etcd_url, identity=Identity.from_files(admin)) as manager:
+        await manager.create(name, size)
 
 
 @dataclass
@@ -287,7 +314,8 @@ class QemuNbdSystem(FileServer):
                 "--aio=threads", str(self.file)]
 
 
-SYSTEMS = {"sheep": SheepSystem, "nbdkit": NbdkitSystem, "qemu-nbd": QemuNbdSystem}
+SYSTEMS = {"sheep": SheepSystem, "sheep-tls": SheepTlsSystem, "nbdkit": NbdkitSystem,
+           "qemu-nbd": QemuNbdSystem}
 
 
 def make_system(name: str, root: Path, size: int) -> System:

@@ -386,7 +386,8 @@ async def open_client(etcd_url: str, *, identity: Identity | None = None,
                       **kwargs: object) -> AsyncIterator[ObjectClient]:
     """An ObjectClient that follows the cluster at `etcd_url` for as long as it is open:
     what a gateway, a benchmark or a test holds. `identity`: its certificate of the
-    cluster, which an https etcd asks for."""
+    cluster, which an https etcd asks for; a cluster whose nodes have identities lets in
+    only a node or admin identity of its CA on the data plane (dog holds the admin's)."""
     from sheep.cluster.state import EtcdTarget
     from sheep.cluster.view import follow
 
@@ -395,7 +396,7 @@ async def open_client(etcd_url: str, *, identity: Identity | None = None,
     view = ClusterView()
     await view.refresh(etcd)
     follower = asyncio.ensure_future(follow(view, etcd))
-    pool = PeerPool()
+    pool = PeerPool(identity=identity)
     try:
         yield ObjectClient(view, pool, etcd=etcd, **kwargs)  # type: ignore[arg-type]
     finally:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sheep.localcluster import LaunchError, NodeProcess, free_port, stop_processes
+from sheep.localcluster import LaunchError, LocalCluster, NodeProcess, free_port, stop_processes
 from sheep.netaddr import host_port
 from sheep.objclient import open_client
 from sheep.oid import ObjType, oid_type
@@ -193,6 +193,33 @@ def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
         cluster.format(copies)
     return cluster
 
+
+
+class SecureCluster(LocalCluster):
+    """A LocalCluster(secure=True), with its own etcd and CA (`pki`), whose node 0 also
+    serves NBD on `nbd_port`."""
+
+    def __init__(self, root: Path, nodes: int = 3) -> None:
+        self.nbd_port = free_port()
+        super().__init__(root, nodes, secure=True,
+                         node_extra=lambda i: ["--nbd-port", str(self.nbd_port)] if i == 0
+                         else [])
+
+    @property
+    def nbd_url(self) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}"
+
+
+def start_secure_cluster(root: Path, nodes: int = 3, copies: int = 3) -> SecureCluster:
+    """A SecureCluster, up and formatted."""
+    cluster = SecureCluster(root, nodes)
+    try:
+        cluster.up(copies)
+        cluster.write_dog_config()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from sheep.etcd_server import EtcdServer
-from sheep.localcluster import LocalCluster
 
-from .cluster import Cluster, free_port, start_cluster
+from .cluster import Cluster, SecureCluster, free_port, start_cluster, start_secure_cluster
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -69,14 +68,11 @@ def empty_cluster(tmp_path: Path, etcd: EtcdServer) -> Iterator[Cluster]:
     c.stop()
 
 
-@pytest.fixture
-def secure_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A formatted 2-node cluster, copies=2, made as `sheep up` makes one: its own CA,
-    each node with its certificate, ROOT/dog.conf naming the admin's."""
-    c = LocalCluster(tmp_path / "secure", 2, secure=True)
-    try:
-        c.up(copies=2)
-        c.write_dog_config()
-        yield c
-    finally:
-        c.stop()
+@pytest.fixture(scope="module")
+def secure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureCluster]:
+    """A formatted 3-node cluster, copies=3, with a private etcd, whose nodes hold
+    certificates of its own CA (`secure_cluster.pki`), node 0 an NBD gateway. One per
+    module: it takes a while to start."""
+    c = start_secure_cluster(tmp_path_factory.mktemp("secure"))
+    yield c
+    c.stop()

@@ -11,9 +11,12 @@ import asyncio
 import itertools
 
 from sheep.errors import ProtocolError, SheepError, error_for
+from sheep.security.identity import Identity, peer_of_ssl
+from sheep.security.pki import SERVER_NAME
 from sheep.tcp import accept_transport
 
-from .codec import Frame, FrameDecoder, encode
+from .codec import Frame, FrameDecoder, coalesced, encode
+from .tls import SERVER_ROLES, refusal
 from .wire import DIGEST, Flags, Opcode, pack_header
 
 DEFAULT_TIMEOUT = 10.0
@@ -126,6 +129,14 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._transport.close()
 
 
+class TlsPeerConnection(PeerConnection):
+    """A PeerConnection over TLS: the requests of one loop pass go out as few records."""
+
+    def _flush(self) -> None:
+        self._out = coalesced(self._out)
+        super()._flush()
+
+
 def check(frame: Frame) -> Frame:
     """Raise the typed error a failed reply stands for."""
     if frame.result:
@@ -135,12 +146,15 @@ def check(frame: Frame) -> Frame:
 
 class PeerPool:
     """Connections to storage nodes, one per address, made on first use and on demand
-    again after a failure."""
+    again after a failure. With an `identity`, every connection is mutual TLS and the
+    node dialed must present a node certificate of the same CA."""
 
-    def __init__(self, *, connect_timeout: float = 3.0) -> None:
+    def __init__(self, *, connect_timeout: float = 3.0,
+                 identity: Identity | None = None) -> None:
         self._conns: dict[tuple[str, int], PeerConnection] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[PeerConnection]] = {}
         self._connect_timeout = connect_timeout
+        self._ssl = identity.client_ssl() if identity is not None else None
 
     def cached(self, addr: tuple[str, int]) -> PeerConnection | None:
         conn = self._conns.get(addr)
@@ -159,12 +173,23 @@ class PeerPool:
 
     async def _connect(self, addr: tuple[str, int]) -> PeerConnection:
         loop = asyncio.get_running_loop()
+        if self._ssl is None:
+            connect = loop.create_connection(PeerConnection, addr[0], addr[1])
+        else:
+            connect = loop.create_connection(
+                TlsPeerConnection, addr[0], addr[1], ssl=self._ssl, server_hostname=SERVER_NAME,
+                ssl_handshake_timeout=self._connect_timeout)
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(PeerConnection, addr[0], addr[1]), self._connect_timeout
-            )
+            transport, conn = await asyncio.wait_for(connect, self._connect_timeout)
         except (OSError, TimeoutError) as exc:
-            raise PeerUnavailable(f"cannot connect to {addr[0]}:{addr[1]}: {exc}") from None
+            raise PeerUnavailable(f"cannot connect to {addr[0]}:{addr[1]}: "
+                                  f"{str(exc) or type(exc).__name__}") from None
+        if self._ssl is not None:
+            # no request went out yet: a peer that is not a node never sees one
+            why = refusal(peer_of_ssl(transport.get_extra_info("ssl_object")), SERVER_ROLES)
+            if why is not None:
+                transport.abort()
+                raise PeerUnavailable(f"refusing {addr[0]}:{addr[1]}: {why}")
         self._conns[addr] = conn
         return conn
 

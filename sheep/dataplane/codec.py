@@ -78,3 +78,23 @@ def encode(frame_header: bytes, payload: bytes | bytearray | memoryview = b"") -
 
 def is_known_opcode(opcode: int) -> bool:
     return opcode in Opcode._value2member_map_
+
+
+def coalesced(buffers: list) -> list:
+    """The same bytes with every run of small buffers joined into one. For a TLS
+    transport, where each buffer becomes at least one record (a header, a MAC, a cipher
+    call): a pass's replies or requests go out in a few records instead of one each.
+    Large payloads stay as they are (no copy)."""
+    out: list = []
+    run: list = []
+    for buf in buffers:
+        if len(buf) < DIRECT_THRESHOLD:
+            run.append(buf)
+            continue
+        if run:
+            out.append(b"".join(run) if len(run) > 1 else run[0])
+            run = []
+        out.append(buf)
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out

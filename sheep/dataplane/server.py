@@ -14,9 +14,11 @@ from collections import deque
 from typing import Protocol
 
 from sheep.errors import ProtocolError
+from sheep.security.identity import Identity, peer_of_ssl
 from sheep.tcp import ConnectionCap, accept_transport
 
-from .codec import Frame, FrameDecoder, encode
+from .codec import Frame, FrameDecoder, coalesced, encode
+from .tls import CLIENT_ROLES, HANDSHAKE_TIMEOUT, SecureListener, refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,18 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._cap is not None and not self._cap.admit(transport):
             return
+        self.adopt(transport)
+
+    def adopt(self, transport: asyncio.BaseTransport) -> None:
+        """Serve a connection counted under the cap already (by connection_made, or by a
+        TLS gate that authenticated it first)."""
         self._admitted = True
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
         self._peer = accept_transport(transport, write_high=REPLY_BACKLOG)
+
+    @property
+    def adopted(self) -> bool:
+        return self._admitted
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer(sizehint)
@@ -128,10 +139,58 @@ class DataPlaneServerProtocol(asyncio.BufferedProtocol):
         self._waiting.clear()
 
 
+class _Refused:
+    """The decoder of a connection refused after its handshake: what still arrives is
+    dropped unparsed."""
+
+    def __init__(self) -> None:
+        self._scratch = memoryview(bytearray(16 << 10))
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass
+
+    def messages(self) -> list[Frame]:
+        return []
+
+
+class AuthenticatedServerProtocol(DataPlaneServerProtocol):
+    """The frame protocol behind a SecureListener: the listener counted the connection
+    already, and the TLS handshake is over when connection_made runs; the peer must hold
+    a node or admin certificate, or the connection is closed before any frame is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.adopt(transport)
+        why = refusal(peer_of_ssl(transport.get_extra_info("ssl_object")), CLIENT_ROLES)
+        if why is not None:
+            self._decoder = _Refused()  # type: ignore[assignment]
+            log.warning("data plane: refusing %s: %s", self._peer, why)
+            transport.abort()  # type: ignore[attr-defined]
+
+    def _flush_batch(self) -> None:
+        if self._batch:  # the replies of one recv as few TLS records as they fit in
+            self._batch = coalesced(self._batch)
+        super()._flush_batch()
+
+
+class Listening(Protocol):
+    def close(self) -> None: ...
+
+
 async def serve(handler: FrameHandler, sock: socket.socket,
-                max_connections: int = MAX_CONNECTIONS) -> asyncio.Server:
+                max_connections: int = MAX_CONNECTIONS, *, identity: Identity | None = None,
+                handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Listening:
     """Serve the data plane on `sock`, bound and listening already (its port is part of
-    what a node tells the cluster about itself before it serves)."""
+    what a node tells the cluster about itself before it serves). With an `identity`,
+    only mutual-TLS peers holding a node or admin certificate of its CA get in
+    (sheep/dataplane/tls.py); without one, plain TCP, as fast as ever."""
     loop = asyncio.get_running_loop()
     cap = ConnectionCap(max_connections, "data plane")
-    return await loop.create_server(lambda: DataPlaneServerProtocol(handler, cap), sock=sock)
+    if identity is None:
+        return await loop.create_server(lambda: DataPlaneServerProtocol(handler, cap),
+                                        sock=sock)
+    return SecureListener(sock, identity.server_ssl(), cap,
+                          lambda: AuthenticatedServerProtocol(handler, cap),
+                          handshake_timeout=handshake_timeout)

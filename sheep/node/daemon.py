@@ -272,7 +272,7 @@ class Node:
         self.meta = self.store.meta
         self.view = ClusterView()
         node_id = data_dir.node_id
-        self._pool = PeerPool()
+        self._pool = PeerPool(identity=opts.identity)
         self.recovery = Recovery(node_id, self.store, self.view, self._pool, etcd,
                                  throttle=opts.recovery_throttle, min_free=opts.min_free)
         self.repairer = Repairer(node_id, self.store, self.view, self._pool)
@@ -303,7 +303,7 @@ class Node:
                          local=(node_id, InProcess(self._service))),
             VdiRegistry(etcd), f"the gateway of sheep node {node_id[:8]}")
         # what start() starts, as it does
-        self._data_server: asyncio.Server | None = None
+        self._data_server: dataplane.Listening | None = None
         self._control_server: grpc.aio.Server | None = None
         self._gateways: list[asyncio.Server] = []
         self._nbd_mode = TlsMode.OFF  # the NBD gateway's, once it serves
@@ -317,7 +317,8 @@ class Node:
 
     async def start(self) -> None:
         opts = self.opts
-        self._data_server = await dataplane.serve(self._service, self._data_sock)
+        self._data_server = await dataplane.serve(self._service, self._data_sock,
+                                                  identity=opts.identity)
         try:
             self._control_server = await control.serve(self, opts.bind, opts.port, opts.identity)
         except RuntimeError as exc:

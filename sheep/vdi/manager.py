@@ -377,8 +377,9 @@ def snapshots_remain(state: RegistryState, name: str) -> str:
 async def open_manager(etcd_url: str, *, holder: str = "dog",
                        identity: Identity | None = None, **kwargs: object
                        ) -> AsyncIterator[VdiManager]:
-    """A VdiManager on the cluster at `etcd_url`, for as long as the block runs;
-    `identity` is shown to the cluster (an https etcd asks for one)."""
+    """A VdiManager on the cluster at `etcd_url`, for as long as the block runs; it
+    shows `identity` to etcd and to the data plane (dog's admin certificate; None on an
+    open cluster)."""
     async with open_client(etcd_url, identity=identity, **kwargs) as client:
         if client.view.config is None:
             raise ClusterError("the cluster is not formatted")

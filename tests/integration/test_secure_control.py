@@ -62,7 +62,7 @@ def test_dog_finds_the_admin_certificate_in_its_config(secure_cluster: LocalClus
     listing = dog("node", "list", "--json", env={"SHEEP_CONFIG": str(conf)})
     assert '"reachable": true' in listing.stdout
     throttle = dog("node", "recovery", "set-throttle", "10M", env={"SHEEP_CONFIG": str(conf)})
-    assert "on 2 node(s)" in throttle.stdout
+    assert "on 3 node(s)" in throttle.stdout
 
 
 def test_dog_without_credentials_is_told_in_one_line(secure_cluster: LocalCluster) -> None:

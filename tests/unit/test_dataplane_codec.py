@@ -17,6 +17,7 @@ import pytest
 from sheep.dataplane.codec import (
     Frame,
     FrameDecoder,
+    coalesced,
     encode,
     is_known_opcode,
 )
@@ -911,3 +912,14 @@ async def test_a_read_now_answers_only_what_the_service_would_answer_at_once(
     assert local.read_now(oid, 0, 512, EPOCH) == b"z" * 512
     assert local.read_now(oid, 0, 512, EPOCH + 1) is None  # another epoch: ask properly
     assert local.read_now(data_oid(7, 2), 0, 512, EPOCH) is None  # missing: ask properly
+
+
+def test_coalescing_joins_runs_of_small_buffers_and_leaves_large_payloads_alone() -> None:
+    big = memoryview(bytearray(DIRECT_THRESHOLD))
+    out = coalesced([b"a", b"bc", big, b"d", b"e"])
+    assert out == [b"abc", big, b"de"] and out[1] is big
+
+
+def test_coalescing_keeps_a_lone_buffer_as_it_is() -> None:
+    one = bytearray(b"frame")
+    assert coalesced([one])[0] is one and coalesced([]) == []
