@@ -138,11 +138,14 @@ class ObjectService:
     def _run(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
              ) -> None:
         """Run an operation that had to wait for recovery of its object."""
-        def step() -> None:
+        try:
             self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
             self._go(op, frame, conn)
-
-        self._answering(op, frame, conn, step)
+        except SheepError as exc:
+            self._reply(conn, frame, exc.code)
+        except Exception:
+            log.exception("data-plane request %s failed", frame.opcode)
+            self._reply(conn, frame, Result.IO_ERROR)
 
     def _go(self, op: Callable[[Frame, ReplySink], None], frame: Frame, conn: ReplySink
             ) -> None:
