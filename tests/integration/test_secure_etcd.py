@@ -226,14 +226,19 @@ def _external_target(server: EtcdServer, prefix: str) -> EtcdTarget:
     return EtcdTarget.parse(f"{server.url}/{prefix}")
 
 
+def _root_with_password(target: EtcdTarget, client: CertFiles, password_file: Path
+                        ) -> EtcdAccess:
+    """What `sheep run --etcd-ca/--etcd-cert/--etcd-key --etcd-user root
+    --etcd-password-file` shows the external etcd."""
+    return resolve_access(target, None, ca=str(client.ca), cert=str(client.cert),
+                          key=str(client.key), user="root", password_file=str(password_file))
+
+
 async def test_an_external_etcd_with_users_takes_a_client_with_the_password_from_its_file(
         external: tuple[EtcdServer, CertFiles, Path]) -> None:
     server, client, password_file = external
     target = _external_target(server, "with-password")
-    access = resolve_access(target, None, ca=str(client.ca), cert=str(client.cert),
-                            key=str(client.key), user="root",
-                            password_file=str(password_file))
-    etcd = EtcdCluster(target, access=access)
+    etcd = EtcdCluster(target, access=_root_with_password(target, client, password_file))
     await etcd.connect()
     try:
         await etcd.format(copies=1, object_size=4 * MB)
@@ -260,10 +265,7 @@ async def test_a_client_logs_in_again_when_a_restarted_etcd_forgot_its_token(
         external: tuple[EtcdServer, CertFiles, Path]) -> None:
     server, client, password_file = external
     target = _external_target(server, "relogin")
-    access = resolve_access(target, None, ca=str(client.ca), cert=str(client.cert),
-                            key=str(client.key), user="root",
-                            password_file=str(password_file))
-    etcd = EtcdCluster(target, access=access)
+    etcd = EtcdCluster(target, access=_root_with_password(target, client, password_file))
     await etcd.connect()
     try:
         await etcd.kv.put(target.key("before"), b"1")

@@ -396,16 +396,23 @@ async def test_a_block_bad_on_one_source_is_taken_from_another_where_it_verifies
     assert scene.recovery.status.lost == 0
 
 
-async def test_a_block_that_verifies_on_no_source_is_installed_unreadable(
-        scene: Scene) -> None:
-    """Never wrong bytes: what verifies nowhere is an error to read, not data, and the
-    blocks around it that verify are kept."""
-    [oid] = scene.oids(here=True)
+async def _recover_with_block_3_rotten(scene: Scene, oid: int) -> FakePeer:
+    """Epoch 2 makes this node recover `oid` from its one source, whose block 3 is rot;
+    back once recovery is left verifying it. The source, to heal or leave."""
     source = scene.peer(NODES[1])
     source.put(oid, full(7), written=1)
     source.rotten[oid] = {3}
     await scene.epoch(2)
     await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    return source
+
+
+async def test_a_block_that_verifies_on_no_source_is_installed_unreadable(
+        scene: Scene) -> None:
+    """Never wrong bytes: what verifies nowhere is an error to read, not data, and the
+    blocks around it that verify are kept."""
+    [oid] = scene.oids(here=True)
+    await _recover_with_block_3_rotten(scene, oid)
     with pytest.raises(Corrupt):
         scene.store.read(oid, 3 * SUM_BLOCK, 1)
     assert scene.store.read(oid, 0, 3 * SUM_BLOCK) == full(7)[: 3 * SUM_BLOCK]
@@ -417,11 +424,7 @@ async def test_the_epoch_is_not_reported_while_a_block_verifies_nowhere(scene: S
     """Once reported, the sources would drop their copies: the block's only chance to
     come back good (a torn write its node accepts) would go with them."""
     [oid] = scene.oids(here=True)
-    source = scene.peer(NODES[1])
-    source.put(oid, full(7), written=1)
-    source.rotten[oid] = {3}
-    await scene.epoch(2)
-    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    await _recover_with_block_3_rotten(scene, oid)
     await scene.clock.advance(10 * UNVERIFIED_RETRY)
     assert ME.node_id not in scene.etcd.recovered[2]
 
@@ -429,11 +432,7 @@ async def test_the_epoch_is_not_reported_while_a_block_verifies_nowhere(scene: S
 async def test_the_epoch_is_reported_once_a_source_has_the_block_good_again(
         scene: Scene) -> None:
     [oid] = scene.oids(here=True)
-    source = scene.peer(NODES[1])
-    source.put(oid, full(7), written=1)
-    source.rotten[oid] = {3}
-    await scene.epoch(2)
-    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    source = await _recover_with_block_3_rotten(scene, oid)
     source.rotten[oid] = set()  # its node accepted a torn write, or repaired it
     await scene.reported(2)
     assert scene.store.read(oid, 0, SIZE) == full(7)
@@ -444,22 +443,14 @@ async def test_an_object_no_longer_placed_here_holds_back_no_later_epoch(
     wider = (*MEMBERS, NODES[4])
     elsewhere = set(scene.oids(here=False, count=2000, members=wider))
     oid = next(o for o in scene.oids(here=True, count=50) if o in elsewhere)
-    source = scene.peer(NODES[1])
-    source.put(oid, full(7), written=1)
-    source.rotten[oid] = {3}
-    await scene.epoch(2)
-    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    await _recover_with_block_3_rotten(scene, oid)
     await scene.epoch(3, wider)
     await scene.reported(3)
 
 
 async def test_a_block_a_client_rewrote_is_not_fetched_over(scene: Scene) -> None:
     [oid] = scene.oids(here=True)
-    source = scene.peer(NODES[1])
-    source.put(oid, full(7), written=1)
-    source.rotten[oid] = {3}
-    await scene.epoch(2)
-    await scene.clock.run_until(lambda: scene.recovery.status.state.startswith("verifying"))
+    await _recover_with_block_3_rotten(scene, oid)
     scene.store.write(oid, 3 * SUM_BLOCK, b"\x99" * SUM_BLOCK, epoch=2)  # heals it
     await scene.reported(2)
     assert scene.store.read(oid, 3 * SUM_BLOCK, SUM_BLOCK) == b"\x99" * SUM_BLOCK
