@@ -25,6 +25,19 @@ from .channel import aio_channel
 from .handle import NodeHandle, NodeStatus
 
 PEER_TIMEOUT = 3.0
+# What one peer can cost the control plane, as on the other planes: at most CONNECTIONS
+# sockets (more are closed at once), 10 s to finish the TLS and HTTP/2 handshakes, small
+# messages (every request is a few bytes), a bounded number of calls at a time.
+CONNECTIONS = 64
+HANDSHAKE_TIMEOUT_MS = 10_000
+MAX_MESSAGE = 1 << 20
+MAX_CALLS = 64
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_allowed_incoming_connections", CONNECTIONS),
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
 
 
 def node_pb(info: NodeInfo) -> pb.Node:
@@ -143,7 +156,7 @@ async def serve(node: NodeHandle, host: str, port: int,
                 identity: Identity | None = None) -> grpc.aio.Server:
     """Mutual TLS and the role table (access.py) with an identity; plain without (an open
     loopback node)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CALLS,
                              interceptors=[RoleCheck()] if identity else [])
     pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
     if identity is None:

@@ -91,3 +91,19 @@ def test_a_socket_that_never_finishes_its_handshake_is_closed(
         assert closed_by_peer(sock, 30)
     finally:
         sock.close()
+
+
+def test_idle_control_sockets_are_capped_and_dropped_and_dog_is_served_after(
+        limited: Cluster) -> None:
+    """The control plane (gRPC) caps its connections and drops those that never finish
+    their handshake (sheep/control/service.py: 64, 10 s), as the other planes do."""
+    c = limited
+    port = int(c.address.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10)
+            for _ in range(100)]
+    try:
+        assert all(closed_by_peer(sock, 30) for sock in idle)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert dog_json("node", "info", address=c.address)["nodes"]
