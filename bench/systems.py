@@ -26,8 +26,8 @@ launch theirs.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -38,7 +38,6 @@ from pathlib import Path
 
 from sheep.children import die_with_parent
 from sheep.localcluster import LocalCluster, free_port, stop_processes
-from sheep.security.pki import CertFiles
 
 NODES = 3
 COPIES = 3
@@ -97,10 +96,12 @@ def dog_binary() -> str:
     return found
 
 
-def dog(address: str, *args: str, timeout: float = 60.0) -> str:
+def dog(address: str, *args: str, config: Path | None = None, timeout: float = 60.0) -> str:
+    """dog at `address`, with the credentials `config` names (none for an open cluster)."""
     cmd = [dog_binary(), *args, "-a", address]
+    env = {**os.environ, "SHEEP_CONFIG": str(config) if config else "none"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -169,6 +170,7 @@ class SheepSystem(System):
     nbd: bool = True
     secure: bool = False  # every node with a certificate: a mutual-TLS data plane
     cluster: LocalCluster | None = None
+    dog_config: Path | None = None  # the admin's credentials on a secure cluster
 
     def __post_init__(self) -> None:
         self.name = self.name or ("sheep-tls" if self.secure else "sheep")
@@ -197,11 +199,10 @@ class SheepSystem(System):
         self.cluster.start()
         self.cluster.wait_ready(START_TIMEOUT)  # node 0 ready: its NBD gateway listens
         self.cluster.format(COPIES)
-        if self.nbd and self.cluster.pki is not None:
-            asyncio.run(create_vdi(self.cluster.etcd_url, self.cluster.pki.admin, self.vdi,
-                                   self.size))
-        elif self.nbd:
-            dog(self.address, "vdi", "create", self.vdi, str(self.size))
+        self.dog_config = self.cluster.write_dog_config()
+        if self.nbd:
+            dog(self.address, "vdi", "create", self.vdi, str(self.size),
+                config=self.dog_config)
 
     def ready(self, timeout: float = 60.0) -> None:
         """Wait until no one holds the VDI's write lock. The gateway gives up the lock of a
@@ -209,7 +210,8 @@ class SheepSystem(System):
         the export read-only (as to a second writer): fio would then fail on writes."""
         deadline = time.monotonic() + timeout
         while True:
-            locks = json.loads(dog(self.address, "vdi", "lock", "list", "--json"))
+            locks = json.loads(dog(self.address, "vdi", "lock", "list", "--json",
+                                   config=self.dog_config))
             if not any(lock.get("name") == self.vdi for lock in locks.get("locks", [])):
                 return
             if time.monotonic() > deadline:
@@ -237,16 +239,6 @@ class SheepSystem(System):
 @dataclass
 class SheepTlsSystem(SheepSystem):
     secure: bool = True
-
-
-async def create_vdi(etcd_url: str, admin: CertFiles, name: str, size: int) -> None:
-    """`dog vdi create` as the cluster's admin, through the Python API (what dog does,
-    with the admin's certificate for the data plane)."""
-    from sheep.security.identity import Identity
-    from sheep.vdi.manager import open_manager
-
-    async with open_manager(etcd_url, identity=Identity.from_files(admin)) as manager:
-        await manager.create(name, size)
 
 
 @dataclass
