@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from sheep.errors import StoreIOError
@@ -125,8 +126,11 @@ class IntentMarks:
         """Create the marks and make them durable (a worker thread, or `mark_now`)."""
         try:
             for oid in oids:
-                os.close(os.open(os.path.join(self.directory, oid_str(oid)),
-                                 os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                # mknod, not open: a mark takes no descriptor, so a node at its descriptor
+                # limit (which the store answers by closing cached objects, on the loop's
+                # thread, not this one) can still mark what it is about to change
+                with contextlib.suppress(FileExistsError):
+                    os.mknod(oid_str(oid), stat.S_IFREG | 0o600, dir_fd=self._dirfd)
             os.fsync(self._dirfd)
         except OSError as e:
             raise io_error(e, f"mark {len(oids)} object(s) about to change") from e

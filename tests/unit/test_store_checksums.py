@@ -4,6 +4,7 @@ mistaken for data loss, every write and discard keeps the sums true."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import shutil
@@ -306,6 +307,22 @@ async def test_marks_asked_for_together_cost_one_directory_sync_off_the_loop(
     assert len(synced_in) == 1 and synced_in[0] is not threading.current_thread()
     assert sorted(p.name for p in (tmp_path / "intent").iterdir()) == sorted(map(oid_str, oids))
     assert all(store.intend(oid) is None for oid in oids)
+
+
+async def test_marks_are_made_when_no_descriptor_is_left(
+        store: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the descriptor limit the store closes cached objects to go on, but only on the
+    loop's thread: the marking thread must not need a descriptor of its own."""
+    real_open = os.open
+
+    def out_of_descriptors(path, *args, **kwargs):
+        if "intent" in str(path) and not str(path).endswith("intent"):
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", out_of_descriptors)
+    await store.intend(data_oid(7, 1))
+    assert [p.name for p in (tmp_path / "intent").iterdir()] == [oid_str(data_oid(7, 1))]
 
 
 async def test_marks_asked_for_while_a_batch_syncs_share_the_next_sync(
