@@ -104,7 +104,8 @@ class Identity:
 
 
 @functools.lru_cache(maxsize=256)
-def _peer_from_der(der: bytes) -> Peer:
+def _peer(der: bytes) -> Peer:
+    """Parsed once per certificate: peers reconnect with the same one."""
     cert = x509.load_der_x509_certificate(der)
     return Peer(role_of(cert), name_of(cert))
 
@@ -114,16 +115,10 @@ def peer_of_ssl(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Peer | None
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
-    return _peer_from_der(der) if der else None
-
-
-@functools.lru_cache(maxsize=256)
-def _peer_from_pem(pem: bytes) -> Peer:
-    cert = x509.load_pem_x509_certificate(pem)
-    return Peer(role_of(cert), name_of(cert))
+    return _peer(der) if der else None
 
 
 def peer_of_grpc(context: grpc.aio.ServicerContext) -> Peer | None:
     """The verified peer of a gRPC call (None on an insecure port)."""
     pems = context.auth_context().get("x509_pem_cert")
-    return _peer_from_pem(pems[0]) if pems else None
+    return _peer(ssl.PEM_cert_to_DER_cert(pems[0].decode())) if pems else None
