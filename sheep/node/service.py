@@ -77,7 +77,10 @@ class ObjectService:
 
     def handle(self, frame: Frame, conn: ReplySink) -> None:
         op = self._ops.get(frame.opcode)
-        self._answering(op, frame, conn, lambda: self._start(op, frame, conn))
+        try:
+            self._start(op, frame, conn)
+        except Exception as exc:
+            self._failed(op, frame, conn, exc)
 
     def _start(self, op: Callable[[Frame, ReplySink], None] | None, frame: Frame,
                conn: ReplySink) -> None:
@@ -93,19 +96,16 @@ class ObjectService:
                     return
         self._go(op, frame, conn)
 
-    def _answering(self, op: Callable[[Frame, ReplySink], None] | None, frame: Frame,
-                   conn: ReplySink, step: Callable[[], None]) -> None:
-        """Run a step of a request; what it raises is the request's reply (a bad block
-        is repaired first, then the request runs again)."""
-        try:
-            step()
-        except Corrupt as exc:
-            assert op is not None
+    def _failed(self, op: Callable[[Frame, ReplySink], None] | None, frame: Frame,
+                conn: ReplySink, exc: Exception) -> None:
+        """What a request's failure answers: a bad block is repaired first and the request
+        runs again; a typed error is its code; anything else an I/O error, logged."""
+        if isinstance(exc, Corrupt) and op is not None:
             self._repair_then_run(op, frame, conn, exc)
-        except SheepError as exc:
+        elif isinstance(exc, SheepError):
             self._reply(conn, frame, exc.code)
-        except Exception:
-            log.exception("data-plane request %s failed", frame.opcode)
+        else:
+            log.error("data-plane request %s failed", frame.opcode, exc_info=exc)
             self._reply(conn, frame, Result.IO_ERROR)
 
     def read_now(self, oid: int, offset: int, length: int, epoch: int
@@ -178,11 +178,11 @@ class ObjectService:
             log.error("write-intent mark of %s failed: %s", frame.oid, exc)
             self._reply(conn, frame, exc.code if isinstance(exc, SheepError) else Result.IO_ERROR)
             return
-        def step() -> None:
+        try:
             self._check_epoch(frame.epoch, frame.opcode)  # it may have moved meanwhile
             op(frame, conn)
-
-        self._answering(op, frame, conn, step)
+        except Exception as error:
+            self._failed(op, frame, conn, error)
 
     def _check_epoch(self, epoch: int, opcode: int) -> None:
         """Epoch 0 is for reads that do not depend on the ring (peers' recovery and
