@@ -25,6 +25,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_syncfs = _libc.syncfs
+_syncfs.argtypes = [ctypes.c_int]
+_syncfs.restype = ctypes.c_int
 
 
 def io_error(e: OSError, what: str) -> SheepError:
@@ -63,6 +66,15 @@ def deallocate(fd: int, offset: int, length: int) -> None:
     end = min(offset + length, os.fstat(fd).st_size)  # past the end it reads as 0 already
     if end > offset:
         pwrite_full(fd, memoryview(bytes(end - offset)), offset)
+
+
+def syncfs(fd: int) -> None:
+    """Sync the whole file system `fd` lives on: the commit worker's way to make a file
+    durable when it has no descriptor left to open it by (Linux 5.8+ reports writeback
+    errors of the file system here, so a failed write is not missed)."""
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def private_dir(path: Path) -> None:

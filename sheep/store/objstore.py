@@ -77,6 +77,7 @@ from sheep.store.fileio import (
     pread_full,
     private_dir,
     pwrite_full,
+    syncfs,
     unlink_missing_ok,
 )
 from sheep.store.intent import IntentMarks
@@ -822,6 +823,7 @@ class ObjectStore:
     def _commit(self, job: CommitJob) -> None:
         """Sync data, then obj/, then write the index batch (worker thread, or close)."""
         first_error: OSError | None = None
+        unopened: set[int] = set()  # no descriptor left to open them by: synced with syncfs
         for oid, fd, sfd in job.fds:
             for path, dup in ((self._path(oid), fd), (self._sum_path(oid), sfd)):
                 try:
@@ -830,6 +832,11 @@ class ObjectStore:
                             dup = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                         except FileNotFoundError:  # removed since
                             continue
+                        except OSError as e:
+                            if e.errno not in OUT_OF_DESCRIPTORS:
+                                raise
+                            unopened.add(oid)
+                            continue
                     os.fdatasync(dup)
                 except OSError as e:
                     first_error = first_error or e
@@ -837,6 +844,13 @@ class ObjectStore:
                 finally:
                     if dup is not None:
                         os.close(dup)
+        if unopened:
+            try:
+                syncfs(self._dirfd)
+                syncfs(self._sumdirfd)
+            except OSError as e:  # it cannot say whose write failed: none of them is trusted
+                first_error = first_error or e
+                job.failed |= unopened
         if first_error is not None:
             raise first_error
         if job.sync_dir:

@@ -61,3 +61,23 @@ async def test_a_store_out_of_descriptors_closes_cached_ones_and_keeps_working(
         await store.flush()
         assert all(store.read(oid, 0, 8) == oid.to_bytes(8, "little") for oid in oids)
         assert len(store.list_oids()) == 400
+
+
+async def test_a_commit_with_no_descriptor_to_reopen_an_object_by_still_makes_it_durable(
+        tmp_path: Path) -> None:
+    """An object the cache closed is reopened by path to be synced; with no descriptor
+    left that open fails, and the store syncs the file system instead. Before, the failed
+    open counted as a failed sync: the object's data was thrown away as untrusted."""
+    oids = [data_oid(1, i) for i in range(4)]
+    with ObjectStore(tmp_path, max_open_files=1) as store:
+        for oid in oids:
+            store.write(oid, 0, oid.to_bytes(8, "little"), create=True)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            await store.flush()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert all(store.read(oid, 0, 8) == oid.to_bytes(8, "little") for oid in oids)
