@@ -2,9 +2,12 @@
 
 * sheep: a private etcd and three `sheep run` daemons (copies=3), node 0 serving NBD; the
   export is a thin VDI made with `dog vdi create`, so every write is replicated 3 times.
-* sheep-tls: the same with every node holding a certificate of the cluster's own CA, so the
-  data plane between the gateway and its peers is mutual TLS: beside `sheep`, what
-  authentication and encryption cost.
+* sheep-auth: the same with every node holding a certificate of the cluster's own CA, as
+  `sheep up` runs it: every data-plane link is authenticated by mutual TLS, then (being
+  loopback) carries its frames in the clear: beside `sheep`, what authentication alone
+  costs.
+* sheep-tls: the same with `--encrypt-loopback`, so every data-plane link stays inside TLS
+  as it would across a network: what authentication and encryption cost together.
 * nbdkit: `nbdkit file` over a raw file of the same size in the same directory (one copy,
   the kernel page cache, no network between gateway and storage): the floor the NBD
   protocol and loopback leave for a server written in C.
@@ -169,17 +172,21 @@ class SheepSystem(System):
     vdi: str = "bench"
     nbd: bool = True
     secure: bool = False  # every node with a certificate: a mutual-TLS data plane
+    encrypt: bool = False  # secure, and the loopback links encrypted too
     cluster: LocalCluster | None = None
     dog_config: Path | None = None  # the admin's credentials on a secure cluster
 
     def __post_init__(self) -> None:
-        self.name = self.name or ("sheep-tls" if self.secure else "sheep")
+        self.name = self.name or ("sheep-tls" if self.encrypt else
+                                  "sheep-auth" if self.secure else "sheep")
         self.export = self.vdi
         self.description = (f"{NODES} sheep daemons, copies={COPIES}, node 0 serving NBD; "
                             f"thin VDI made with `dog vdi create`")
         if self.secure:
             self.description += ("; every node holds a certificate of the cluster's CA: "
-                                 "the data plane between them is mutual TLS")
+                                 "the data-plane links are authenticated by mutual TLS")
+            self.description += (", and encrypted (--encrypt-loopback)" if self.encrypt else
+                                 ", then in the clear (loopback)")
 
     @property
     def address(self) -> str:
@@ -190,9 +197,10 @@ class SheepSystem(System):
         if self.nbd:
             self.port = free_port()
         gateway = ["--nbd-port", str(self.port)] if self.nbd else []
+        encrypt = ["--encrypt-loopback"] if self.encrypt else []
         self.cluster = LocalCluster(
             self.root, NODES, prefix="/bench",
-            node_extra=lambda i: gateway if i == 0 else [],
+            node_extra=lambda i: encrypt + (gateway if i == 0 else []),
             node_names=lambda i: f"sheep node {i}",
             own_session=True, die_with_parent=True, secure=self.secure,
         )
@@ -237,8 +245,14 @@ class SheepSystem(System):
 
 
 @dataclass
+class SheepAuthSystem(SheepSystem):
+    secure: bool = True
+
+
+@dataclass
 class SheepTlsSystem(SheepSystem):
     secure: bool = True
+    encrypt: bool = True
 
 
 @dataclass
@@ -306,8 +320,8 @@ class QemuNbdSystem(FileServer):
                 "--aio=threads", str(self.file)]
 
 
-SYSTEMS = {"sheep": SheepSystem, "sheep-tls": SheepTlsSystem, "nbdkit": NbdkitSystem,
-           "qemu-nbd": QemuNbdSystem}
+SYSTEMS = {"sheep": SheepSystem, "sheep-auth": SheepAuthSystem, "sheep-tls": SheepTlsSystem,
+           "nbdkit": NbdkitSystem, "qemu-nbd": QemuNbdSystem}
 
 
 def make_system(name: str, root: Path, size: int) -> System:

@@ -47,6 +47,10 @@ def _run(args: argparse.Namespace) -> int:
     if given and len(given) != 3:
         print("sheep: --ca, --cert and --key go together", file=sys.stderr)
         return 1
+    if args.encrypt_loopback and not given:
+        print("sheep: --encrypt-loopback needs the node's certificate (--ca/--cert/--key): "
+              "an open node neither authenticates nor encrypts", file=sys.stderr)
+        return 1
     try:
         identity = Identity.load(args.ca, args.cert, args.key) if given else None
         etcd_access = resolve_access(
@@ -77,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         scrub_interval=args.scrub_interval,
         ready_file=Path(args.ready_file) if args.ready_file else None,
         identity=identity,
+        encrypt_loopback=args.encrypt_loopback,
         etcd_access=etcd_access,
         nbd_tls=args.nbd_tls,
     )
@@ -193,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ca", default="", metavar="FILE", help="the cluster CA's certificate")
     tls.add_argument("--cert", default="", metavar="FILE", help="this node's certificate")
     tls.add_argument("--key", default="", metavar="FILE", help="its key (mode 0600)")
+    tls.add_argument("--encrypt-loopback", action="store_true",
+                     help="encrypt data-plane links between processes of this host too "
+                          "(default: authenticate them, then send in the clear, since "
+                          "loopback traffic never leaves the host; links across a "
+                          "network are always encrypted)")
     ext = run.add_argument_group(
         "etcd credentials", "an https:// etcd is shown the node's identity (--ca/--cert/"
         "--key) by default; an etcd with a CA of its own takes these instead")

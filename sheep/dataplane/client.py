@@ -8,14 +8,19 @@ so a replicated write costs one future per replica and nothing else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import socket
+import ssl
 
 from sheep.errors import ProtocolError, SheepError, error_for
+from sheep.netaddr import family
 from sheep.security.identity import Identity, peer_of_ssl
 from sheep.security.pki import SERVER_NAME
 from sheep.tcp import accept_transport
 
 from .codec import Frame, FrameDecoder, coalesced, encode
+from .link import ASK_CLEAR, authenticate_then_clear, check_answer, client_wish, recv_exact
 from .tls import SERVER_ROLES, refusal
 from .wire import DIGEST, Flags, Opcode, pack_header
 
@@ -39,6 +44,13 @@ class PeerConnection(asyncio.BufferedProtocol):
     @property
     def usable(self) -> bool:
         return not self.closed and self._transport is not None
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether frames go inside TLS (else in the clear: plain TCP, or a loopback link
+        authenticated by TLS first, link.py)."""
+        return self._transport is not None and \
+            self._transport.get_extra_info("ssl_object") is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment] - uvloop's is no subclass
@@ -144,17 +156,25 @@ def check(frame: Frame) -> Frame:
     return frame
 
 
+def _vet(addr: tuple[str, int], tls: ssl.SSLObject) -> None:
+    why = refusal(peer_of_ssl(tls), SERVER_ROLES)
+    if why is not None:
+        raise PeerUnavailable(f"refusing {addr[0]}:{addr[1]}: {why}")
+
+
 class PeerPool:
     """Connections to storage nodes, one per address, made on first use and on demand
     again after a failure. With an `identity`, every connection is mutual TLS and the
-    node dialed must present a node certificate of the same CA."""
+    node dialed must present a node certificate of the same CA; its frames are encrypted
+    unless the node is on this host and neither end has `encrypt_loopback` (link.py)."""
 
-    def __init__(self, *, connect_timeout: float = 3.0,
-                 identity: Identity | None = None) -> None:
+    def __init__(self, *, connect_timeout: float = 3.0, identity: Identity | None = None,
+                 encrypt_loopback: bool = False) -> None:
         self._conns: dict[tuple[str, int], PeerConnection] = {}
         self._connecting: dict[tuple[str, int], asyncio.Future[PeerConnection]] = {}
         self._connect_timeout = connect_timeout
         self._ssl = identity.client_ssl() if identity is not None else None
+        self._encrypt_loopback = encrypt_loopback
 
     def cached(self, addr: tuple[str, int]) -> PeerConnection | None:
         conn = self._conns.get(addr)
@@ -173,24 +193,48 @@ class PeerPool:
 
     async def _connect(self, addr: tuple[str, int]) -> PeerConnection:
         loop = asyncio.get_running_loop()
-        if self._ssl is None:
-            connect = loop.create_connection(PeerConnection, addr[0], addr[1])
-        else:
-            connect = loop.create_connection(
-                TlsPeerConnection, addr[0], addr[1], ssl=self._ssl, server_hostname=SERVER_NAME,
-                ssl_handshake_timeout=self._connect_timeout)
         try:
-            transport, conn = await asyncio.wait_for(connect, self._connect_timeout)
-        except (OSError, TimeoutError) as exc:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._ssl is None:
+                    _transport, conn = await loop.create_connection(
+                        PeerConnection, addr[0], addr[1])
+                else:
+                    conn = await self._connect_secure(addr)
+        except (OSError, TimeoutError, ProtocolError) as exc:
             raise PeerUnavailable(f"cannot connect to {addr[0]}:{addr[1]}: "
                                   f"{str(exc) or type(exc).__name__}") from None
-        if self._ssl is not None:
-            # no request went out yet: a peer that is not a node never sees one
-            why = refusal(peer_of_ssl(transport.get_extra_info("ssl_object")), SERVER_ROLES)
-            if why is not None:
-                transport.abort()
-                raise PeerUnavailable(f"refusing {addr[0]}:{addr[1]}: {why}")
         self._conns[addr] = conn
+        return conn
+
+    async def _connect_secure(self, addr: tuple[str, int]) -> PeerConnection:
+        """Mutual TLS, then frames encrypted or in the clear (link.py); the node dialed
+        must hold a node certificate, or no request goes out."""
+        assert self._ssl is not None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(family(addr[0]), socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, addr)
+            wish = client_wish(sock, self._encrypt_loopback)
+            await loop.sock_sendall(sock, wish)
+            mode = check_answer(wish, await recv_exact(sock, 1))
+            if mode == ASK_CLEAR:
+                await authenticate_then_clear(sock, self._ssl, functools.partial(_vet, addr),
+                                              server_side=False, server_hostname=SERVER_NAME)
+        except BaseException:
+            sock.close()
+            raise
+        if mode == ASK_CLEAR:
+            _transport, conn = await loop.create_connection(PeerConnection, sock=sock)
+            return conn
+        transport, conn = await loop.create_connection(
+            TlsPeerConnection, sock=sock, ssl=self._ssl, server_hostname=SERVER_NAME)
+        try:
+            _vet(addr, transport.get_extra_info("ssl_object"))
+        except PeerUnavailable:
+            transport.abort()
+            raise
         return conn
 
     async def call(

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Protocol
 
 from sheep.errors import ProtocolError
-from sheep.security.identity import Identity, peer_of_ssl
+from sheep.security.identity import Identity, Peer, peer_of_ssl
 from sheep.tcp import ConnectionCap, accept_transport
 
 from .codec import Frame, FrameDecoder, coalesced, encode
@@ -158,19 +158,26 @@ class _Refused:
 
 class AuthenticatedServerProtocol(DataPlaneServerProtocol):
     """The frame protocol behind a SecureListener: the listener counted the connection
-    already, and the TLS handshake is over when connection_made runs; the peer must hold
-    a node or admin certificate, or the connection is closed before any frame is read."""
+    already, and the handshake is over when connection_made runs; the peer must hold a
+    node or admin certificate, or the connection is closed before any frame is read.
+    `peer` is set by the listener for a link in the clear (its TLS is closed already);
+    an encrypted link's transport names the peer."""
+
+    peer: Peer | None = None
+    _encrypted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.adopt(transport)
-        why = refusal(peer_of_ssl(transport.get_extra_info("ssl_object")), CLIENT_ROLES)
+        tls = transport.get_extra_info("ssl_object")
+        self._encrypted = tls is not None
+        why = refusal(self.peer if tls is None else peer_of_ssl(tls), CLIENT_ROLES)
         if why is not None:
             self._decoder = _Refused()  # type: ignore[assignment]
             log.warning("data plane: refusing %s: %s", self._peer, why)
             transport.abort()  # type: ignore[attr-defined]
 
     def _flush_batch(self) -> None:
-        if self._batch:  # the replies of one recv as few TLS records as they fit in
+        if self._batch and self._encrypted:  # the replies of one recv as few TLS records
             self._batch = coalesced(self._batch)
         super()._flush_batch()
 
@@ -181,16 +188,22 @@ class Listening(Protocol):
 
 async def serve(handler: FrameHandler, sock: socket.socket,
                 max_connections: int = MAX_CONNECTIONS, *, identity: Identity | None = None,
+                encrypt_loopback: bool = False,
                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> Listening:
     """Serve the data plane on `sock`, bound and listening already (its port is part of
     what a node tells the cluster about itself before it serves). With an `identity`,
     only mutual-TLS peers holding a node or admin certificate of its CA get in
-    (sheep/dataplane/tls.py); without one, plain TCP, as fast as ever."""
+    (sheep/dataplane/tls.py), encrypted unless the link is loopback and not
+    `encrypt_loopback` (link.py); without one, plain TCP, as fast as ever."""
     loop = asyncio.get_running_loop()
     cap = ConnectionCap(max_connections, "data plane")
     if identity is None:
         return await loop.create_server(lambda: DataPlaneServerProtocol(handler, cap),
                                         sock=sock)
+    clear = None
+    if not encrypt_loopback:
+        clear = identity.server_ssl()
+        clear.num_tickets = 0  # a session closed after its handshake resumes nothing
     return SecureListener(sock, identity.server_ssl(), cap,
                           lambda: AuthenticatedServerProtocol(handler, cap),
-                          handshake_timeout=handshake_timeout)
+                          clear_context=clear, handshake_timeout=handshake_timeout)

@@ -1,5 +1,6 @@
 """Mutual TLS in front of the data plane: who may speak frames to a node, and the asyncio
-adapter that lets only them through.
+adapter that lets only them through (encrypted, or in the clear after authentication on a
+loopback link: link.py).
 
 A secure listener accepts sockets itself and counts each against the plane's cap before
 any TLS work (so a flood of handshakes that never finish holds at most the cap's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -25,8 +27,10 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from sheep.security.identity import Peer
+from sheep.security.identity import Peer, peer_of_ssl
 from sheep.tcp import ConnectionCap
+
+from .link import ASK_CLEAR, authenticate_then_clear, recv_exact, server_answer
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,25 @@ def refusal(peer: Peer | None, roles: frozenset[str]) -> str | None:
 
 class Gated(Protocol):
     """The frame protocol of a secure listener: `adopted` once connection_made ran (the
-    handshake succeeded), from when on it gives the connection's place back when lost."""
+    handshake succeeded), from when on it gives the connection's place back when lost;
+    `peer` is who a link in the clear authenticated as (an encrypted link's transport
+    tells it)."""
 
     adopted: bool
+    peer: Peer | None
+
+
+class Refused(Exception):
+    """A peer whose certificate may not use the data plane."""
+
+
+def _vet(protocol: Gated, obj: ssl.SSLObject) -> None:
+    """Check a clear link's peer before TLS closes, and tell the protocol who it is."""
+    peer = peer_of_ssl(obj)
+    why = refusal(peer, CLIENT_ROLES)
+    if why is not None:
+        raise Refused(why)
+    protocol.peer = peer
 
 
 class _Closer:
@@ -70,10 +90,12 @@ class SecureListener:
     TLS with `context` before `protocol()` (a Gated buffered protocol) gets it."""
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, cap: ConnectionCap,
-                 protocol: Callable[[], Gated], *, plane: str = "data plane",
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 protocol: Callable[[], Gated], *, clear_context: ssl.SSLContext | None = None,
+                 plane: str = "data plane", handshake_timeout: float = HANDSHAKE_TIMEOUT
+                 ) -> None:
         self._sock = sock
         self._context = context
+        self._clear_context = clear_context  # None: every link encrypted (link.py)
         self._cap = cap
         self._protocol = protocol
         self._plane = plane
@@ -102,15 +124,35 @@ class SecureListener:
         fails, by the protocol's connection_lost if it succeeded."""
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         protocol = self._protocol()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        handed = False  # the socket is the transport's to close from then on
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: protocol, conn, ssl=self._context,  # type: ignore[arg-type,return-value]
-                ssl_handshake_timeout=self._timeout)
+            async with asyncio.timeout_at(deadline):
+                mode = server_answer(await recv_exact(conn, 1), conn,
+                                     encrypt_loopback=self._clear_context is None)
+                await loop.sock_sendall(conn, mode)
+                if mode == ASK_CLEAR:
+                    assert self._clear_context is not None
+                    await authenticate_then_clear(
+                        conn, self._clear_context, functools.partial(_vet, protocol),
+                        server_side=True)
+            handed = True
+            if mode == ASK_CLEAR:
+                await loop.connect_accepted_socket(lambda: protocol, conn)  # type: ignore
+            else:
+                await loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self._context,  # type: ignore[arg-type,return-value]
+                    ssl_handshake_timeout=max(0.1, deadline - loop.time()))
         except BaseException as exc:
             if not protocol.adopted:
                 self._cap.release()
-            if isinstance(exc, Exception):
-                log.info("%s: TLS handshake with %s:%s failed: %s", self._plane, addr[0],
+                if not handed:
+                    conn.close()
+            if isinstance(exc, Refused):
+                log.warning("%s: refusing %s:%s: %s", self._plane, addr[0], addr[1], exc)
+            elif isinstance(exc, Exception):
+                log.info("%s: handshake with %s:%s failed: %s", self._plane, addr[0],
                          addr[1], str(exc) or type(exc).__name__)
             else:
                 raise

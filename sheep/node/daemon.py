@@ -92,6 +92,7 @@ class NodeOptions:
     iscsi_mutual_chap_file: str = ""  # file: USER:SECRET we prove to them (mutual CHAP)
     ready_file: Path | None = None  # written once the node serves (sheep/node/ready.py)
     identity: Identity | None = None  # None: an open node (loopback only)
+    encrypt_loopback: bool = False  # also encrypt data-plane links within this host
     # what to show etcd (sheep/cluster/access.py); None: `identity` on an https etcd
     etcd_access: EtcdAccess | None = None
     nbd_tls: str | None = None  # require | allow | off; None: by the bind (gateway/nbd/tls.py)
@@ -272,7 +273,7 @@ class Node:
         self.meta = self.store.meta
         self.view = ClusterView()
         node_id = data_dir.node_id
-        self._pool = PeerPool(identity=opts.identity)
+        self._pool = PeerPool(identity=opts.identity, encrypt_loopback=opts.encrypt_loopback)
         self.recovery = Recovery(node_id, self.store, self.view, self._pool, etcd,
                                  throttle=opts.recovery_throttle, min_free=opts.min_free)
         self.repairer = Repairer(node_id, self.store, self.view, self._pool)
@@ -318,7 +319,8 @@ class Node:
     async def start(self) -> None:
         opts = self.opts
         self._data_server = await dataplane.serve(self._service, self._data_sock,
-                                                  identity=opts.identity)
+                                                  identity=opts.identity,
+                                                  encrypt_loopback=opts.encrypt_loopback)
         try:
             self._control_server = await control.serve(self, opts.bind, opts.port, opts.identity)
         except RuntimeError as exc:

@@ -17,7 +17,7 @@ from bench.fio import SHAPES
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parents[2]
-SYSTEMS = ("sheep", "sheep-tls", "nbdkit", "qemu-nbd")
+SYSTEMS = ("sheep", "sheep-auth", "sheep-tls", "nbdkit", "qemu-nbd")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -53,9 +53,10 @@ def test_quick_nbd_bench_reports_every_shape_on_every_system(tmp_path: Path) -> 
         assert all(re.fullmatch(r"[\d,.]+x?", c) for c in cells), cells
     assert "dog vdi" in report and "| write |" in report and "| read |" in report
     assert "machine:" in report
-    cost = report.split("Cost of the mutual-TLS data plane", 1)[1].split("\n\n", 1)[0]
-    assert [line.split(":")[0] for line in cost.splitlines()[1:]] == [
-        f"- {s.label}" for s in SHAPES]
+    for title in ("Cost of authentication alone", "Cost of authentication and encryption"):
+        cost = report.split(title, 1)[1].split("\n\n", 1)[0]
+        assert [line.split(":")[0] for line in cost.splitlines()[1:]] == [
+            f"- {s.label}" for s in SHAPES]
 
     doc = json.loads((out / "results.json").read_text())
     assert doc["complete"] is True

@@ -20,6 +20,7 @@ import pytest
 
 from sheep.cluster.state import NodeInfo
 from sheep.dataplane.client import PeerPool
+from sheep.dataplane.link import ASK_ENCRYPTED
 from sheep.dataplane.tls import HANDSHAKE_TIMEOUT
 from sheep.dataplane.wire import MAGIC, Opcode, pack_header
 from sheep.oid import ObjType, oid_type
@@ -27,7 +28,7 @@ from sheep.security.identity import Identity
 from sheep.security.pki import ClusterCA
 from sheep.vdi.manager import open_manager
 
-from ..cluster import SecureCluster, qemu_io, vdi_read, vdi_write
+from ..cluster import SecureCluster, qemu_io, recv_exact, vdi_read, vdi_write
 
 TIMEOUT = 10.0
 SIZE = 4 << 20  # one object of the cluster's default size
@@ -107,9 +108,12 @@ def answer_until_closed(sock: socket.socket | ssl.SSLSocket) -> bytes:
 
 
 def tls_client(identity: Identity, addr: tuple[str, int]) -> ssl.SSLSocket | None:
-    """A python ssl connection as `identity`; None if the node ended the handshake."""
+    """A python ssl connection as `identity`, the link asked encrypted (link.py); None if
+    the node ended the handshake."""
     raw = socket.create_connection(addr, timeout=TIMEOUT)
     try:
+        raw.sendall(ASK_ENCRYPTED)
+        assert recv_exact(raw, 1) == ASK_ENCRYPTED
         return identity.client_ssl().wrap_socket(raw, server_hostname="sheep")
     except (ssl.SSLError, ConnectionResetError):
         raw.close()

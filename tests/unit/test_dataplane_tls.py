@@ -15,6 +15,7 @@ import uvloop
 
 from sheep.dataplane.client import PeerPool, PeerUnavailable
 from sheep.dataplane.codec import Frame
+from sheep.dataplane.link import ASK_CLEAR, ASK_ENCRYPTED
 from sheep.dataplane.server import Listening, serve
 from sheep.dataplane.tls import CLIENT_ROLES, SERVER_ROLES, refusal
 from sheep.dataplane.wire import HEADER_SIZE, Opcode, pack_header
@@ -72,12 +73,13 @@ class Listener:
 
 
 async def listen(identity: Identity, *, max_connections: int = 16,
-                 handshake_timeout: float = WAIT) -> Listener:
+                 handshake_timeout: float = WAIT, encrypt_loopback: bool = False) -> Listener:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
     recorder = Recorder()
     server = await serve(recorder, sock, max_connections, identity=identity,
+                         encrypt_loopback=encrypt_loopback,
                          handshake_timeout=handshake_timeout)
     return Listener(server, sock, recorder)
 
@@ -150,9 +152,10 @@ async def test_a_plaintext_frame_is_never_handled(node: Listener) -> None:
     assert node.recorder.frames == []
 
 
+@pytest.mark.parametrize("encrypt", [False, True], ids=["clear-link", "encrypted-link"])
 async def test_a_client_certificate_is_refused_before_any_frame(
-        pki: Pki, node: Listener) -> None:
-    pool = PeerPool(identity=pki.identity("qemu", "client"))
+        pki: Pki, node: Listener, encrypt: bool) -> None:
+    pool = PeerPool(identity=pki.identity("qemu", "client"), encrypt_loopback=encrypt)
     try:
         with pytest.raises((PeerUnavailable, TimeoutError)):
             await epoch_through(pool, node.addr)
@@ -161,8 +164,10 @@ async def test_a_client_certificate_is_refused_before_any_frame(
     assert node.recorder.frames == []
 
 
-async def test_a_certificate_of_another_ca_is_refused(pki: Pki, node: Listener) -> None:
-    pool = PeerPool(identity=pki.identity("node1", "node", other=True))
+@pytest.mark.parametrize("encrypt", [False, True], ids=["clear-link", "encrypted-link"])
+async def test_a_certificate_of_another_ca_is_refused(pki: Pki, node: Listener,
+                                                      encrypt: bool) -> None:
+    pool = PeerPool(identity=pki.identity("node1", "node", other=True), encrypt_loopback=encrypt)
     try:
         with pytest.raises((PeerUnavailable, TimeoutError)):
             await epoch_through(pool, node.addr)
@@ -176,17 +181,20 @@ async def test_a_request_sent_right_after_the_handshake_is_answered(
     """TLS 1.3: the client may write its first frame with its Finished, before the server
     has checked its role."""
     ctx = pki.identity("node1", "node").client_ssl()
-    reader, writer = await asyncio.open_connection(*node.addr, ssl=ctx,
-                                                   server_hostname="sheep")
+    reader, writer = await asyncio.open_connection(*node.addr)
+    writer.write(ASK_ENCRYPTED)
+    assert await asyncio.wait_for(reader.readexactly(1), WAIT) == ASK_ENCRYPTED
+    await writer.start_tls(ctx, server_hostname="sheep")
     writer.write(pack_header(Opcode.GET_EPOCH, 5))
     reply = await asyncio.wait_for(reader.readexactly(HEADER_SIZE), WAIT)
     writer.close()
     assert reply == pack_header(Opcode.GET_EPOCH, 5, epoch=EPOCH)
 
 
-async def test_the_dialer_refuses_a_peer_that_is_not_a_node(pki: Pki) -> None:
+@pytest.mark.parametrize("encrypt", [False, True], ids=["clear-link", "encrypted-link"])
+async def test_the_dialer_refuses_a_peer_that_is_not_a_node(pki: Pki, encrypt: bool) -> None:
     impostor = await listen(pki.identity("etcd", "etcd"))
-    pool = PeerPool(identity=pki.identity("node1", "node"))
+    pool = PeerPool(identity=pki.identity("node1", "node"), encrypt_loopback=encrypt)
     try:
         with pytest.raises(PeerUnavailable, match="'etcd' certificate"):
             await pool.get(impostor.addr)
@@ -224,3 +232,60 @@ async def test_unfinished_handshakes_count_against_the_connection_cap(pki: Pki) 
     finally:
         await pool.close()
         listener.close()
+
+
+# -- encrypted, or in the clear after authentication (link.py) ------------------------------
+
+
+async def test_a_loopback_link_is_authenticated_then_carries_frames_in_the_clear(
+        pki: Pki, node: Listener) -> None:
+    pool = PeerPool(identity=pki.identity("node1", "node"))
+    try:
+        assert await epoch_through(pool, node.addr) == EPOCH
+        conn = pool.cached(node.addr)
+        assert conn is not None and not conn.encrypted
+    finally:
+        await pool.close()
+
+
+async def test_a_dialer_that_encrypts_loopback_gets_an_encrypted_link(
+        pki: Pki, node: Listener) -> None:
+    pool = PeerPool(identity=pki.identity("node1", "node"), encrypt_loopback=True)
+    try:
+        assert await epoch_through(pool, node.addr) == EPOCH
+        conn = pool.cached(node.addr)
+        assert conn is not None and conn.encrypted
+    finally:
+        await pool.close()
+
+
+async def test_a_node_that_encrypts_loopback_encrypts_a_link_asked_in_the_clear(
+        pki: Pki) -> None:
+    listener = await listen(pki.identity("node0", "node"), encrypt_loopback=True)
+    pool = PeerPool(identity=pki.identity("node1", "node"))
+    try:
+        assert await epoch_through(pool, listener.addr) == EPOCH
+        conn = pool.cached(listener.addr)
+        assert conn is not None and conn.encrypted
+    finally:
+        await pool.close()
+        listener.close()
+
+
+async def test_frames_in_the_clear_without_the_tls_handshake_are_never_handled(
+        node: Listener) -> None:
+    """Asking for a clear link skips no authentication: the handshake still comes first."""
+    reader, writer = await asyncio.open_connection(*node.addr)
+    writer.write(ASK_CLEAR)
+    assert await asyncio.wait_for(reader.readexactly(1), WAIT) == ASK_CLEAR
+    writer.write(pack_header(Opcode.REMOVE, 1, epoch=EPOCH, oid=42))
+    assert await closed_without_reply(reader)
+    writer.close()
+    assert node.recorder.frames == []
+
+
+async def test_a_byte_that_is_no_link_mode_is_closed_unanswered(node: Listener) -> None:
+    reader, writer = await asyncio.open_connection(*node.addr)
+    writer.write(b"\x16")  # a TLS record's first byte, sent by a dialer that skips the ask
+    assert await closed_without_reply(reader)
+    writer.close()
