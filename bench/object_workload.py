@@ -83,10 +83,12 @@ class Result:
     daemons_sys_share: float
 
 
-def object_client(etcd_url: str, identity: Identity | None = None):
+def object_client(etcd_url: str, identity: Identity | None = None, *,
+                  encrypt_loopback: bool = False):
     """The ObjectClient a gateway would hold, with bench-sized timeouts (as `identity` on
-    a secure cluster)."""
-    return open_client(etcd_url, identity=identity, timeout=10.0, deadline=30.0)
+    a secure cluster, its links encrypted with `encrypt_loopback`)."""
+    return open_client(etcd_url, identity=identity, encrypt_loopback=encrypt_loopback,
+                       timeout=10.0, deadline=30.0)
 
 
 def _percentile(sorted_ns: list[int], q: float) -> float:

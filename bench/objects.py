@@ -1,6 +1,6 @@
 """Replicated object I/O against a real 3-node cluster: ops/s, MB/s and latency per shape.
 
-    python -m bench.objects [--seconds S] [--quick] [--json FILE] [--profile] [--secure]
+    python -m bench.objects [--seconds S] [--quick] [--json FILE] [--profile] [--secure|--encrypt]
 
 Brings up, in a temporary directory, a private etcd and three `sheep run` daemons on
 loopback ports chosen at run time, formats the cluster with copies=3, and drives it with an
@@ -89,7 +89,8 @@ async def bench(cluster: LocalCluster, args: argparse.Namespace, shapes: list[Sh
                 ) -> list[Result]:
     oids = [data_oid(BENCH_VDI, i) for i in range(OBJECTS)]
     identity = Identity.from_files(cluster.pki.admin) if cluster.pki is not None else None
-    async with object_client(cluster.etcd_url, identity) as client:
+    async with object_client(cluster.etcd_url, identity,
+                             encrypt_loopback=args.encrypt) as client:
         t = time.monotonic()
         await prefill(client, oids)
         await settle(client)
@@ -150,8 +151,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--secure", action="store_true",
                         help="nodes with certificates of the cluster's own CA: every "
                              "data-plane connection (this client's as the admin, and the "
-                             "nodes' own) is mutual TLS")
+                             "nodes' own) is authenticated by mutual TLS, then in the clear "
+                             "(loopback links are)")
+    parser.add_argument("--encrypt", action="store_true",
+                        help="--secure, with every link encrypted too (--encrypt-loopback), "
+                             "as links across a network are")
     args = parser.parse_args(argv)
+    args.secure = args.secure or args.encrypt
     if args.quick:
         args.seconds = 1.0
     if args.warmup is None:
@@ -175,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     root = Path(tempfile.mkdtemp(prefix="sheep-bench-", dir=args.dir))
     data_fs = filesystem_of(root)
+    encrypt = ["--encrypt-loopback"] if args.encrypt else []
     cluster = LocalCluster(root, NODES, prefix="/bench", own_session=True,
-                           die_with_parent=True, secure=args.secure)
+                           die_with_parent=True, secure=args.secure,
+                           node_extra=lambda _i: encrypt)
     keep = args.keep
     try:
         start_cluster(cluster)
@@ -200,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     machine = object_machine_info(loop_kind, before, data_fs)
-    config = {"nodes": NODES, "copies": COPIES, "secure": args.secure, "seconds": args.seconds,
+    config = {"nodes": NODES, "copies": COPIES, "secure": args.secure,
+              "encrypt": args.encrypt, "seconds": args.seconds,
               "warmup": args.warmup, "profile": args.profile}
     print_report(results, machine, config)
     if args.json:

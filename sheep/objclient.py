@@ -383,11 +383,13 @@ class ObjectClient:
 
 @contextlib.asynccontextmanager
 async def open_client(etcd_url: str, *, identity: Identity | None = None,
+                      encrypt_loopback: bool = False,
                       **kwargs: object) -> AsyncIterator[ObjectClient]:
     """An ObjectClient that follows the cluster at `etcd_url` for as long as it is open:
     what a gateway, a benchmark or a test holds. `identity`: its certificate of the
     cluster, which an https etcd asks for; a cluster whose nodes have identities lets in
-    only a node or admin identity of its CA on the data plane (dog holds the admin's)."""
+    only a node or admin identity of its CA on the data plane (dog holds the admin's).
+    `encrypt_loopback`: encrypt links to nodes of this host too (sheep/dataplane/link.py)."""
     from sheep.cluster.state import EtcdTarget
     from sheep.cluster.view import follow
 
@@ -396,7 +398,7 @@ async def open_client(etcd_url: str, *, identity: Identity | None = None,
     view = ClusterView()
     await view.refresh(etcd)
     follower = asyncio.ensure_future(follow(view, etcd))
-    pool = PeerPool(identity=identity)
+    pool = PeerPool(identity=identity, encrypt_loopback=encrypt_loopback)
     try:
         yield ObjectClient(view, pool, etcd=etcd, **kwargs)  # type: ignore[arg-type]
     finally:
