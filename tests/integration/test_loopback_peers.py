@@ -176,6 +176,8 @@ def test_iscsi_ls_of_another_user_with_chap_is_served(gw: Gateways) -> None:
 
 
 def test_qemu_img_over_iscsi_of_another_user_without_chap_is_refused(gw: Gateways) -> None:
+    start = len(gw.log(0))
     proc = run(["qemu-img", "info", f"iscsi://127.0.0.1:{gw.iscsi}/{target_name(VDI)}/0"],
                nobody=True)
     assert proc.returncode != 0 and "virtual size" not in proc.stdout
+    assert refused_as(gw.log(0)[start:])
