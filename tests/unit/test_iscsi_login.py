@@ -282,6 +282,32 @@ def test_chap_secrets_come_from_a_file_only_its_owner_reads(tmp_path: Path) -> N
         Chap.load(tmp_path / "missing")
 
 
+# -- an initiator refused without CHAP (a loopback client of another local user) --------------
+
+REFUSED = "iSCSI without CHAP on loopback is only for root (uid 0), not uid 65534"
+
+
+@pytest.mark.parametrize(("csg", "session"), [
+    (0, {"TargetName": TARGET}), (1, {"TargetName": TARGET}), (0, {"SessionType": "Discovery"}),
+])
+def test_a_refused_initiator_fails_authentication_at_its_first_request(
+        csg: int, session: dict[str, str]) -> None:
+    conn, ini = connect(AuthPolicy(refused=REFUSED))
+    ini.login(text(InitiatorName=NAME, AuthMethod="None", **session), csg=csg, nsg=3)
+    reply = ini.reply()
+    assert reply.login_status == 0x0201 and reply.data == b""
+    assert conn.closed and not any(isinstance(e, LoginReady) for e in conn.events())
+
+
+def test_chap_admits_an_initiator_that_would_be_refused_without_it() -> None:
+    conn, ini = connect(AuthPolicy(CHAP, refused=REFUSED))
+    ident, challenge = start_chap(conn, ini)
+    ini.login(text(CHAP_N="alice", CHAP_R=md5(ident, CHAP.secret, challenge)), csg=0, nsg=1)
+    assert ini.reply().login_status == 0
+    ini.login(b"", csg=1, nsg=3)
+    assert isinstance(conn.events()[0], LoginReady)
+
+
 # -- bounded input before authentication -----------------------------------------------------
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, ...]] = [
     ("sheep.errors", "sheep.units", "sheep.oid", "sheep.zeros", "sheep.malloc",
      "sheep.output", "sheep.framing", "sheep.tcp", "sheep.children", "sheep.futures",
-     "sheep.clock", "sheep.fdlimit", "sheep.names", "sheep.netaddr",
+     "sheep.clock", "sheep.fdlimit", "sheep.names", "sheep.netaddr", "sheep.netpeer",
      "sheep.security"),  # the CA, identities, dog's config: every plane authenticates
     # one node's store; the ring, membership and etcd; the wire protocols' cores
     ("sheep.store", "sheep.cluster", "sheep.etcd_server", "sheep.etcd_users", "sheep.dataplane",

@@ -91,10 +91,13 @@ class Chap:
 class AuthPolicy:
     """What a target demands at login. With `chap`, the initiator must prove it knows that
     secret; with `mutual` as well, the initiator must also challenge us, and we prove we
-    know this one (a login without the mutual challenge is refused)."""
+    know this one (a login without the mutual challenge is refused). Without `chap`,
+    `refused` says why this initiator may not log in at all (a loopback client of another
+    local user, sheep/netpeer.py): it is refused at its first request, discovery too."""
 
     chap: Chap | None = None
     mutual: Chap | None = None
+    refused: str = ""
 
 
 class Portal(Protocol):
@@ -295,6 +298,8 @@ class Login:
             info.target_name = target
             out.append(("TargetPortalGroupTag", "1"))
         self._policy = self.portal.auth(info.target_name)
+        if self._policy.chap is None and self._policy.refused:
+            raise LoginFailed(LoginStatus.AUTH_FAILED, self._policy.refused)
 
     # -- security negotiation ------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from sheep.gateway.exports import Export, ExportTable, VolumeCache
 from sheep.gateway.scsi import Lun, SenseKey, Status, fixed_sense
 from sheep.gateway.scsi.sense import INTERNAL_TARGET_FAILURE
 from sheep.names import export_name, spelled_export, target_name
+from sheep.netpeer import loopback_refusal
 from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
 
@@ -55,17 +56,19 @@ class IscsiConfig:
     chap: Chap | None = None
     mutual: Chap | None = None
 
-    def policy(self) -> AuthPolicy:
-        return AuthPolicy(self.chap, self.mutual if self.chap else None)
+    def policy(self, refused: str = "") -> AuthPolicy:
+        """`refused`: why this connection's initiator may not log in without CHAP."""
+        return AuthPolicy(self.chap, self.mutual if self.chap else None, refused)
 
 
 class _Portal:
     """The connection core's synchronous view of the targets: the registry as of the
     moment the initiator connected."""
 
-    def __init__(self, table: ExportTable, config: IscsiConfig) -> None:
+    def __init__(self, table: ExportTable, config: IscsiConfig, refused: str) -> None:
         self._table = table
         self._config = config
+        self._refused = refused
 
     def canonical_target(self, name: str) -> str | None:
         export = self.find(name)
@@ -86,7 +89,7 @@ class _Portal:
         return [target_name(name) for name in self._table.names()]
 
     def auth(self, target: str | None) -> AuthPolicy:
-        return self._config.policy()
+        return self._config.policy(self._refused)
 
     def random(self, n: int) -> bytes:
         return os.urandom(n)
@@ -153,6 +156,7 @@ class IscsiConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
+        self._refused = ""  # why this initiator may not log in without CHAP
         self._core: Connection | None = None
         self._early = bytearray()  # bytes that came before the registry was read
         self._export: Export | None = None
@@ -176,6 +180,7 @@ class IscsiConnection(asyncio.Protocol):
         self._admitted = True
         self._transport = transport  # type: ignore[assignment]
         self._peer = accept_transport(transport, _WRITE_HIGH)
+        self._refused = self._refusal(transport)
         self._login_timer = self._loop.call_later(
             LOGIN_TIMEOUT, self._login_expired)
         self._gw.connections.add(self)
@@ -230,7 +235,7 @@ class IscsiConnection(asyncio.Protocol):
             return
         host, port = (sockname[0], sockname[1]) if sockname else ("127.0.0.1", DEFAULT_PORT)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._portal = _Portal(table, self._gw.config)
+        self._portal = _Portal(table, self._gw.config, self._refused)
         self._core = Connection(self._portal, self._gw.sessions, limits=self._gw.limits,
                                 address=address)
         self._core.wake = self._pump
@@ -239,6 +244,18 @@ class IscsiConnection(asyncio.Protocol):
             early, self._early = bytes(self._early), bytearray()
             self._core.receive_data(early)
             self._pump()
+
+    def _refusal(self, transport: asyncio.BaseTransport) -> str:
+        """Any local user reaches a loopback port: without CHAP, only root and the
+        daemon's user may log in (sheep/netpeer.py), asked once here, at accept."""
+        if self._gw.config.chap is not None:  # every initiator proves itself anyway
+            return ""
+        why = loopback_refusal(transport.get_extra_info("sockname"),
+                               transport.get_extra_info("peername"), "iSCSI without CHAP",
+                               "give the portal --iscsi-chap-file to serve other users")
+        if why:
+            log.info("iscsi %s: %s", self._peer, why)
+        return why
 
     async def _login(self, info: LoginInfo) -> None:
         core = self._core

@@ -17,7 +17,10 @@ every option but STARTTLS and ABORT is refused with ERR_TLS_REQD until TLS is up
 the ACK to STARTTLS the handshake waits (StartTls) until the adapter reports the TLS
 session established, then forgets what was negotiated before it, as the spec demands.
 Whether an export may be attached, and whether only over TLS, is the catalog's word
-(ExportInfo.denied, ExportInfo.tls_only), since it depends on who the client is.
+(ExportInfo.denied, ExportInfo.tls_only), since it depends on who the client is. A client
+the adapter found may not speak plaintext at all (`plaintext_refused`: a loopback client
+of another local user, sheep/netpeer.py) is answered as under `require`, with that reason,
+until TLS is up; where no TLS is offered, with ERR_POLICY.
 
 Option data is bounded: payloads this server has to parse are buffered up to
 MAX_OPTION_DATA, payloads it ignores are discarded as they arrive, and anything announcing
@@ -183,9 +186,11 @@ class _State(Enum):
 class ServerHandshake:
     """One connection's negotiation, from the greeting to HandshakeDone or Closed."""
 
-    def __init__(self, exports: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
+    def __init__(self, exports: ExportCatalog, tls: TlsMode = TlsMode.OFF,
+                 plaintext_refused: str = "") -> None:
         self._exports = exports
         self._tls_mode = tls
+        self._plaintext_refused = plaintext_refused
         self._tls_up = False
         self._state = _State.CLIENT_FLAGS
         self._buf = bytearray()
@@ -346,6 +351,12 @@ class ServerHandshake:
                 self._close("NBD_OPT_EXPORT_NAME before TLS, which this server requires")
             else:
                 self._expect(length, False, self._refuse(Rep.ERR_TLS_REQD, "TLS required"))
+        elif self._plaintext_refused and not self._tls_up:
+            if option == Opt.EXPORT_NAME:
+                self._close(f"NBD_OPT_EXPORT_NAME refused: {self._plaintext_refused}")
+            else:  # ERR_TLS_REQD only where STARTTLS is offered
+                rep = Rep.ERR_POLICY if self._tls_mode is TlsMode.OFF else Rep.ERR_TLS_REQD
+                self._expect(length, False, self._refuse(rep, self._plaintext_refused))
         elif option == Opt.EXPORT_NAME:
             if length > MAX_STRING:
                 self._close(f"export name of {length} bytes")

@@ -32,6 +32,7 @@ from sheep.errors import (
     VdiLocked,
 )
 from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
+from sheep.netpeer import loopback_refusal
 from sheep.security.identity import Peer, peer_of_ssl
 from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
@@ -148,6 +149,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._peer = "?"
+        self._plaintext_refused = ""  # why this client may not negotiate without TLS
         self._handshake: ServerHandshake | None = None
         self._catalog: _Catalog | None = None
         self._scratch = bytearray(64 << 10)
@@ -176,6 +178,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._admitted = True
         self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self._peer = accept_transport(transport, _WRITE_HIGH)
+        self._plaintext_refused = self._plaintext_refusal(transport)
         self._deadline = self._loop.time() + HANDSHAKE_TIMEOUT
         self._handshake_timer = self._loop.call_later(
             HANDSHAKE_TIMEOUT, self._abort, f"no export chosen within {HANDSHAKE_TIMEOUT:.0f} s")
@@ -250,9 +253,23 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._transport is None:
             return
         self._catalog = _Catalog(table, self._tls.mode)
-        self._handshake = ServerHandshake(self._catalog, self._tls.mode)
+        self._handshake = ServerHandshake(self._catalog, self._tls.mode,
+                                          self._plaintext_refused)
         self._transport.write(self._handshake.initial_bytes())
         self._transport.resume_reading()
+
+    def _plaintext_refusal(self, transport: asyncio.BaseTransport) -> str:
+        """Any local user reaches a loopback port: plaintext is for root and the daemon's
+        user only (sheep/netpeer.py), asked once here, at accept."""
+        if self._tls.mode is TlsMode.REQUIRE:  # no plaintext for anyone
+            return ""
+        why = loopback_refusal(transport.get_extra_info("sockname"),
+                               transport.get_extra_info("peername"), "plaintext NBD",
+                               "use TLS" if self._tls.mode is TlsMode.ALLOW
+                               else "this node serves no TLS")
+        if why:
+            log.info("nbd %s: %s", self._peer, why)
+        return why
 
     def _after_handshake_input(self) -> None:
         """Send the handshake's replies; go on with options it held back, as long as the
