@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -455,3 +455,14 @@ class PatternImage:
             bad = sum(1 for a, b in zip(got, self.data, strict=True) if a != b)
             raise AssertionError(f"{bad} byte(s) differ; the first at {first}: read "
                                  f"{got[first]:#x}, expected {self.data[first]:#x}")
+
+
+@contextlib.contextmanager
+def nodes_stay_healthy(nodes: Sequence[NodeProcess]) -> Iterator[None]:
+    """Around a test: every node is still alive after it and logged no traceback during it."""
+    starts = [len(node.log()) for node in nodes]
+    yield
+    for node, start in zip(nodes, starts, strict=True):
+        assert node.alive, f"{node.dir.name} died"
+        new = node.log()[start:]
+        assert "Traceback" not in new, f"{node.dir.name} logged a traceback:\n{new[-5000:]}"

@@ -23,7 +23,7 @@ import pytest
 from sheep.localcluster import LocalCluster, free_port
 from sheep.names import target_name
 
-from ..cluster import dog, x509_client_dir
+from ..cluster import dog, nodes_stay_healthy, x509_client_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="clients of another user need root")
 
@@ -76,12 +76,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateways]:
 
 @pytest.fixture(autouse=True)
 def gateways_stay_healthy(gw: Gateways) -> Iterator[None]:
-    starts = [len(node.log()) for node in gw.cluster.nodes]
-    yield
-    for node, start in zip(gw.cluster.nodes, starts, strict=True):
-        assert node.alive, f"{node.dir.name} died"
-        new = node.log()[start:]
-        assert "Traceback" not in new, f"{node.dir.name} logged a traceback:\n{new[-5000:]}"
+    with nodes_stay_healthy(gw.cluster.nodes):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from sheep.localcluster import LaunchError, LocalCluster, NodeProcess, free_port
 from sheep.security.identity import Identity
 from sheep.security.pki import ClusterCA
 
-from ..cluster import dog, recv_exact, x509_client_dir
+from ..cluster import dog, nodes_stay_healthy, recv_exact, x509_client_dir
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -75,12 +75,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsGateway]:
 
 @pytest.fixture(autouse=True)
 def gateways_stay_healthy(gw: TlsGateway) -> Iterator[None]:
-    starts = [len(node.log()) for node in gw.cluster.nodes]
-    yield
-    for node, start in zip(gw.cluster.nodes, starts, strict=True):
-        assert node.alive, f"{node.dir.name} died"
-        new = node.log()[start:]
-        assert "Traceback" not in new, f"{node.dir.name} logged a traceback:\n{new[-5000:]}"
+    with nodes_stay_healthy(gw.cluster.nodes):
+        yield
 
 
 _names = itertools.count()

@@ -237,38 +237,36 @@ async def test_unfinished_handshakes_count_against_the_connection_cap(pki: Pki) 
 # -- encrypted, or in the clear after authentication (link.py) ------------------------------
 
 
-async def test_a_loopback_link_is_authenticated_then_carries_frames_in_the_clear(
-        pki: Pki, node: Listener) -> None:
-    pool = PeerPool(identity=pki.identity("node1", "node"))
+async def link_encrypted(pool: PeerPool, addr: tuple[str, int]) -> bool:
+    """Whether the link `pool` makes to `addr` (which must serve it) carries frames inside
+    TLS; the pool is closed after."""
     try:
-        assert await epoch_through(pool, node.addr) == EPOCH
-        conn = pool.cached(node.addr)
-        assert conn is not None and not conn.encrypted
+        assert await epoch_through(pool, addr) == EPOCH
+        conn = pool.cached(addr)
+        assert conn is not None
+        return conn.encrypted
     finally:
         await pool.close()
+
+
+async def test_a_loopback_link_is_authenticated_then_carries_frames_in_the_clear(
+        pki: Pki, node: Listener) -> None:
+    assert not await link_encrypted(PeerPool(identity=pki.identity("node1", "node")), node.addr)
 
 
 async def test_a_dialer_that_encrypts_loopback_gets_an_encrypted_link(
         pki: Pki, node: Listener) -> None:
     pool = PeerPool(identity=pki.identity("node1", "node"), encrypt_loopback=True)
-    try:
-        assert await epoch_through(pool, node.addr) == EPOCH
-        conn = pool.cached(node.addr)
-        assert conn is not None and conn.encrypted
-    finally:
-        await pool.close()
+    assert await link_encrypted(pool, node.addr)
 
 
 async def test_a_node_that_encrypts_loopback_encrypts_a_link_asked_in_the_clear(
         pki: Pki) -> None:
     listener = await listen(pki.identity("node0", "node"), encrypt_loopback=True)
-    pool = PeerPool(identity=pki.identity("node1", "node"))
     try:
-        assert await epoch_through(pool, listener.addr) == EPOCH
-        conn = pool.cached(listener.addr)
-        assert conn is not None and conn.encrypted
+        assert await link_encrypted(PeerPool(identity=pki.identity("node1", "node")),
+                                    listener.addr)
     finally:
-        await pool.close()
         listener.close()
 
 
