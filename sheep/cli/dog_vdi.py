@@ -242,7 +242,7 @@ async def vdi_set(stub, args) -> None:
     if args.nbd_allow is not None:
         names = frozenset(n.strip() for n in args.nbd_allow.split(","))
         if not names or "" in names:
-            raise DogError("--nbd-allow takes certificate names separated by commas")
+            raise DogError("--nbd-allow takes names separated by commas")
     async with cluster_manager(stub, args, "vdi") as m:
         await m.registry.set_nbd_allow(args.name, names)
     if args.json:
@@ -625,11 +625,14 @@ def add_vdi_commands(kinds: argparse._SubParsersAction, common: argparse.Argumen
     snap_opt(p)
     p = cmd("set", vdi_set, "settings kept with a VDI (who may attach it over NBD)")
     p.add_argument("name", help="the VDI (its snapshots follow it)")
-    p.add_argument("--nbd-allow", metavar="CN[,CN...]",
-                   help="only clients whose certificate has one of these names may attach "
-                        "it over NBD, and only over TLS (a node with --nbd-tls off refuses)")
+    p.add_argument("--nbd-allow", metavar="NAME[,NAME...]",
+                   help="only clients whose certificate has one of these names (or, as "
+                        "psk:IDENTITY, who prove that identity's pre-shared key: sheep run "
+                        "--nbd-tls-psk) may attach it over NBD, and only over TLS (a node "
+                        "with --nbd-tls off refuses)")
     p.add_argument("--nbd-allow-any", action="store_true",
-                   help="any client certificate of the cluster may attach it (the default)")
+                   help="any client certificate of the cluster (or PSK identity) may "
+                        "attach it (the default)")
     p = cmd("snapshot", vdi_snapshot, "snapshot a VDI (also while it is in use)")
     p.add_argument("name", help="the VDI to snapshot")
     snap_opt(p, required=True)

@@ -84,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         encrypt_loopback=args.encrypt_loopback,
         etcd_access=etcd_access,
         nbd_tls=args.nbd_tls,
+        nbd_tls_psk=args.nbd_tls_psk,
     )
     install_event_loop_policy()
     keep_freed_memory()
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "cluster's CA): require it, allow it, or off. Default: require "
                           "on a non-loopback --bind, allow on loopback with an identity, "
                           "off without one")
+    run.add_argument("--nbd-tls-psk", default="", metavar="FILE",
+                     help="NBD clients may also prove a pre-shared key instead of a "
+                          "certificate (TLS 1.3 PSK, as QEMU's tls-creds-psk and libnbd's "
+                          "tls-psk-file): FILE holds IDENTITY:HEXKEY lines as psktool writes "
+                          "them, keys of 128+ bits, mode 600; re-read when it changes. Such a "
+                          "client is named psk:IDENTITY in `dog vdi set --nbd-allow`")
     run.add_argument("--iscsi-port", type=int, default=None,
                      help="also serve every VDI as an iSCSI target on this port "
                           "(0: any free port; the standard port is 3260)")

@@ -35,7 +35,7 @@ from sheep.fdlimit import object_cache_size, raise_to_hard_limit
 from sheep.gateway.exports import VolumeCache
 from sheep.gateway.iscsi.login import Chap
 from sheep.gateway.iscsi.server import IscsiConfig, IscsiGateway, serve_iscsi
-from sheep.gateway.nbd.server import NbdTls, serve_nbd
+from sheep.gateway.nbd.server import NO_TLS, NbdTls, serve_nbd
 from sheep.gateway.nbd.tls import TlsMode, choose_mode
 from sheep.netaddr import family, host_port
 from sheep.node.exposure import Exposure, refusal
@@ -46,6 +46,8 @@ from sheep.node.scrub import Replicas, Scrubber
 from sheep.node.service import InProcess, ObjectService
 from sheep.objclient import ObjectClient
 from sheep.security.identity import Identity
+from sheep.security.psk import PskServerContext, PskUnavailable
+from sheep.security.pskfile import PskFileError, PskKeys
 from sheep.store import ObjectStore
 from sheep.store.fileio import private_dir
 from sheep.store.space import FULL_RATIO
@@ -96,6 +98,7 @@ class NodeOptions:
     # what to show etcd (sheep/cluster/access.py); None: `identity` on an https etcd
     etcd_access: EtcdAccess | None = None
     nbd_tls: str | None = None  # require | allow | off; None: by the bind (gateway/nbd/tls.py)
+    nbd_tls_psk: str = ""  # file: IDENTITY:HEXKEY lines, NBD clients' pre-shared keys
 
 
 def _check_exposure(opts: NodeOptions) -> None:
@@ -136,9 +139,22 @@ def _nbd_tls(opts: NodeOptions) -> NbdTls:
         mode = choose_mode(opts.nbd_tls, opts.bind, opts.identity is not None)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    if opts.nbd_tls_psk and (mode is TlsMode.OFF or opts.identity is None):
+        raise StartupError("--nbd-tls-psk needs NBD over TLS: the node's certificate "
+                           "(--ca/--cert/--key) and --nbd-tls require or allow")
     if mode is TlsMode.OFF or opts.identity is None:
         return NbdTls()
-    return NbdTls(mode, opts.identity.server_ssl())
+    if not opts.nbd_tls_psk:
+        return NbdTls(mode, opts.identity.server_ssl())
+    try:
+        keys = PskKeys(opts.nbd_tls_psk)
+        context = opts.identity.server_ssl(PskServerContext)
+        context.accept_psk(keys.key)
+    except (PskFileError, PskUnavailable) as exc:
+        raise StartupError(str(exc)) from None
+    log.info("NBD clients may also prove a pre-shared key of %s (%d identities)",
+             keys.path, len(keys))
+    return NbdTls(mode, context)
 
 
 def _iscsi_config(opts: NodeOptions) -> IscsiConfig:
@@ -235,8 +251,8 @@ async def open_node(opts: NodeOptions) -> Node:
     try:
         _check_port_free(opts.bind, opts.port, "control")
         data_sock = _listen(opts.bind, opts.data_port, "data")
-        if opts.nbd_port is not None:
-            _nbd_tls(opts)  # a mode the node cannot serve stops it here, before anything
+        # a mode the node cannot serve, or a bad PSK file, stops it here, before anything
+        nbd_tls = _nbd_tls(opts) if opts.nbd_port is not None else NO_TLS
         if opts.nbd_port:
             _check_port_free(opts.bind, opts.nbd_port, "NBD")
         if opts.iscsi_port:
@@ -249,7 +265,7 @@ async def open_node(opts: NodeOptions) -> Node:
             data_dir.store.set_object_size(config.object_size)
         log.info("file descriptors: %d, up to %d objects kept open", limit,
                  object_cache_size())
-        return Node(opts, data_dir, etcd, data_sock, iscsi_config)
+        return Node(opts, data_dir, etcd, data_sock, iscsi_config, nbd_tls)
     except BaseException:
         if data_sock is not None:
             data_sock.close()
@@ -263,7 +279,8 @@ class Node:
     puts them to work."""
 
     def __init__(self, opts: NodeOptions, data_dir: DataDir, etcd: EtcdCluster,
-                 data_sock: socket.socket, iscsi_config: IscsiConfig) -> None:
+                 data_sock: socket.socket, iscsi_config: IscsiConfig,
+                 nbd_tls: NbdTls) -> None:
         self.opts = opts
         self.identity = opts.identity
         self.etcd = etcd
@@ -296,6 +313,7 @@ class Node:
         self._membership = Membership(etcd, self.info, lease_ttl=opts.lease_ttl)
         self._data_sock = data_sock
         self._iscsi_config = iscsi_config
+        self._nbd_tls = nbd_tls
         # the volumes every gateway on this node shares: an NBD and an iSCSI client of one
         # VDI write through one Volume (one lock, one owner table); the gateways read and
         # write this node's own replicas in its own store, with no network hop
@@ -360,7 +378,7 @@ class Node:
 
     async def _start_gateway(self, port: int) -> int:
         """Serve VDIs over NBD from this node; returns the bound port."""
-        tls = _nbd_tls(self.opts)
+        tls = self._nbd_tls
         try:
             server = await serve_nbd(self._volumes, self.opts.bind, port, tls=tls)
         except OSError as exc:

@@ -14,6 +14,7 @@ import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography import x509
@@ -21,6 +22,7 @@ from cryptography import x509
 from .pki import SERVER_NAME, CertFiles, PkiError, name_of, role_of
 
 GRPC_NAME_OPTION = ("grpc.ssl_target_name_override", SERVER_NAME)
+C = TypeVar("C", bound=ssl.SSLContext)
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,10 @@ class Identity:
     def role(self) -> str:
         return role_of(self.certificate)
 
-    def _context(self, purpose: int) -> ssl.SSLContext:
+    def _context(self, purpose: int, kind: type[C]) -> C:
         side = (ssl.PROTOCOL_TLS_SERVER if purpose == ssl.Purpose.CLIENT_AUTH
                 else ssl.PROTOCOL_TLS_CLIENT)
-        ctx = ssl.SSLContext(side)
+        ctx = kind(side)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
             ctx.load_cert_chain(self.files.cert, self.files.key)
@@ -82,13 +84,14 @@ class Identity:
         ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def server_ssl(self) -> ssl.SSLContext:
-        """For a listening plane: the peer must present a certificate of our CA."""
-        return self._context(ssl.Purpose.CLIENT_AUTH)
+    def server_ssl(self, kind: type[C] = ssl.SSLContext) -> C:  # type: ignore[assignment]
+        """For a listening plane: the peer must present a certificate of our CA (or, with
+        a `kind` that knows other proofs, one of those: sheep/security/psk.py)."""
+        return self._context(ssl.Purpose.CLIENT_AUTH, kind)
 
     def client_ssl(self) -> ssl.SSLContext:
         """For dialing a peer of our cluster, by address (see the module text)."""
-        ctx = self._context(ssl.Purpose.SERVER_AUTH)
+        ctx = self._context(ssl.Purpose.SERVER_AUTH, ssl.SSLContext)
         ctx.check_hostname = False
         return ctx
 

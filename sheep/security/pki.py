@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROLES = ("node", "admin", "client", "etcd")
 SERVER_NAME = "sheep"  # the DNS name every serving certificate holds (see the module text)
+PSK_PREFIX = "psk:"  # names of NBD clients known by a pre-shared key (gateway/nbd/tls.py)
 CA_DAYS = 3650
 LEAF_DAYS = 825
 
@@ -145,6 +146,9 @@ class ClusterCA:
             raise PkiError(f"unknown role {role!r} (one of: {', '.join(ROLES)})")
         if not name or "/" in name or name.startswith("."):
             raise PkiError(f"bad certificate name {name!r}")
+        if name.startswith(PSK_PREFIX):
+            raise PkiError(f"certificate name {name!r}: names starting {PSK_PREFIX!r} are "
+                           "NBD clients' pre-shared key identities")
         out = _private_dir(Path(out))
         key = _new_key()
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sheep"),

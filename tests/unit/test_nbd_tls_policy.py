@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sheep.gateway.nbd.tls import OPEN, Access, TlsMode, access, choose_mode
+from sheep.gateway.nbd.tls import OPEN, Access, TlsMode, access, choose_mode, psk_peer
 from sheep.security.identity import Peer
 
 CLIENT = Peer("client", "vmhost1")
@@ -70,3 +70,13 @@ def test_the_allow_list_names_who_may_attach() -> None:
     assert access(TlsMode.REQUIRE, CLIENT, allow) == OPEN
     refused = access(TlsMode.REQUIRE, Peer("admin", "admin"), allow)
     assert refused.denied == "admin is not on the export's NBD allow-list"
+
+
+def test_a_psk_client_is_a_client_named_psk_and_its_identity() -> None:
+    assert psk_peer(b"vmhost1") == Peer("client", "psk:vmhost1")
+
+
+def test_an_allow_list_tells_a_psk_identity_from_a_certificate_of_the_same_name() -> None:
+    assert access(TlsMode.REQUIRE, psk_peer(b"vmhost1"), frozenset({"vmhost1"})).denied
+    assert access(TlsMode.REQUIRE, CLIENT, frozenset({"psk:vmhost1"})).denied
+    assert access(TlsMode.REQUIRE, psk_peer(b"vmhost1"), frozenset({"psk:vmhost1"})) == OPEN

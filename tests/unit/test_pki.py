@@ -35,6 +35,13 @@ def test_an_unknown_role_is_refused(ca: ClusterCA, tmp_path: Path) -> None:
         ca.issue(tmp_path / "x", "x", "root")
 
 
+def test_a_certificate_named_as_a_psk_identity_is_refused(ca: ClusterCA,
+                                                          tmp_path: Path) -> None:
+    """NBD allow-lists name PSK clients psk:IDENTITY: no certificate may pass for one."""
+    with pytest.raises(PkiError, match="pre-shared key identities"):
+        ca.issue(tmp_path / "x", "psk:vm1", "client")
+
+
 def test_a_second_ca_in_one_directory_is_refused(ca: ClusterCA) -> None:
     with pytest.raises(PkiError, match="already holds a CA"):
         ClusterCA.create(ca.dir)

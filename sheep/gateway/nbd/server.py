@@ -34,11 +34,12 @@ from sheep.errors import (
 from sheep.gateway.exports import MAX_REQUEST, Export, ExportTable, VolumeCache
 from sheep.netpeer import loopback_refusal
 from sheep.security.identity import Peer, peer_of_ssl
+from sheep.security.psk import PskServerContext
 from sheep.tcp import ConnectionCap, accept_transport
 from sheep.vdi.volume import Volume
 
 from .handshake import Closed, ExportInfo, HandshakeDone, NeedData, ServerHandshake, StartTls
-from .tls import TlsMode, access
+from .tls import TlsMode, access, psk_peer
 from .transmission import (
     Request,
     RequestDecoder,
@@ -90,7 +91,8 @@ def nbd_errno(exc: BaseException) -> int:
 @dataclass(frozen=True)
 class NbdTls:
     """How a server offers TLS: its mode, and the context (the node's certificate, client
-    certificates of the cluster's CA required) unless the mode is `off`."""
+    certificates of the cluster's CA required, or with --nbd-tls-psk a PskServerContext
+    that also admits a client by its pre-shared key) unless the mode is `off`."""
 
     mode: TlsMode = TlsMode.OFF
     context: ssl.SSLContext | None = None
@@ -98,6 +100,17 @@ class NbdTls:
     def __post_init__(self) -> None:
         if (self.mode is TlsMode.OFF) != (self.context is None):
             raise ValueError("an NBD TLS context goes with a mode other than off")
+
+    def peer_of(self, ssl_object: ssl.SSLObject | None) -> Peer | None:
+        """Who the client proved to be: its certificate's holder, or the PSK identity whose
+        key it proved (None: neither)."""
+        peer = peer_of_ssl(ssl_object)
+        if peer is None and ssl_object is not None and \
+                isinstance(self.context, PskServerContext):
+            identity = self.context.psk_identity(ssl_object)
+            if identity is not None:
+                peer = psk_peer(identity)
+        return peer
 
 
 NO_TLS = NbdTls()
@@ -315,11 +328,13 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self._transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
-        peer = peer_of_ssl(transport.get_extra_info("ssl_object"))
+        peer = self._tls.peer_of(transport.get_extra_info("ssl_object"))
+        if peer is None:  # TLS up, and nobody to know the client by: never as plaintext
+            self._abort("TLS without a client certificate or pre-shared key")
+            return
         assert self._catalog is not None and self._handshake is not None
         self._catalog.peer = peer
-        log.info("nbd %s: TLS as %s (%s)", self._peer, peer.name if peer else "?",
-                 peer.role if peer else "?")
+        log.info("nbd %s: TLS as %s (%s)", self._peer, peer.name, peer.role)
         self._tls_setup = False
         self._handshake.tls_started()
         early, self._early = self._early, bytearray()

@@ -7,7 +7,10 @@ before TLS existed here), `require` is FORCEDTLS (every option but STARTTLS and 
 refused until TLS is up), `allow` is SELECTIVETLS (plaintext clients are served, except
 exports with an allow-list, which are TLS-only). Once TLS is up the client is known by
 its certificate, which must chain to the cluster's CA (the TLS layer checks that) and
-carry a role that attaches disks.
+carry a role that attaches disks, or, on a node with --nbd-tls-psk, by the identity whose
+pre-shared key it proved (sheep/security/psk.py): a PSK client has role `client` and the
+name `psk:IDENTITY`, so that allow-lists tell the two kinds apart (`--nbd-allow
+vmhost1,psk:vmhost2`); the CA issues no certificate named `psk:...`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sheep.security.identity import Peer
+from sheep.security.identity import Peer
+from sheep.security.pki import PSK_PREFIX
 
 ATTACHING_ROLES = frozenset({"client", "admin", "node"})  # not `etcd`: it serves, never dials
+
+
+def psk_peer(identity: bytes) -> Peer:
+    """Who a client that proved the key of `identity` is (the file's identities are UTF-8
+    text: sheep/security/pskfile.py)."""
+    return Peer("client", PSK_PREFIX + identity.decode())
 
 
 class TlsMode(StrEnum):
