@@ -25,9 +25,19 @@ def ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def unmapped(addr: ipaddress.IPv4Address | ipaddress.IPv6Address
+             ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address an IPv4-mapped IPv6 one (::ffff:a.b.c.d, how a dual-stack socket
+    names an IPv4 peer) stands for; any other address as it is."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def is_loopback(host: str) -> bool:
+    """This host's own: 127/8, ::1 (also written IPv4-mapped), or `localhost`."""
     addr = ip(host)
-    return addr.is_loopback if addr is not None else host.lower() in LOOPBACK_NAMES
+    return unmapped(addr).is_loopback if addr is not None else host.lower() in LOOPBACK_NAMES
 
 
 def is_unspecified(host: str) -> bool:

@@ -26,6 +26,8 @@ import os
 import socket
 import struct
 
+from sheep.netaddr import unmapped
+
 log = logging.getLogger(__name__)
 
 NETLINK_SOCK_DIAG = 4
@@ -47,10 +49,7 @@ _MSG_TAIL_AT = _MSG_SOCKID_AT + _SOCKID.size + _SOCKID_TAIL.size
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address as the kernel keys the socket: an IPv4-mapped IPv6 address (a client of
     127.0.0.1 on a dual-stack listener) is the IPv4 socket it maps."""
-    addr = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    return unmapped(ipaddress.ip_address(host.split("%", 1)[0]))
 
 
 def _on_loopback(remote: tuple) -> bool:

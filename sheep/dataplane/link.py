@@ -25,13 +25,13 @@ its length), so not a byte of the frames that follow close_notify is read into T
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import ssl
 import struct
 from collections.abc import Callable
 
 from sheep.errors import ProtocolError
+from sheep.netaddr import is_loopback
 
 ASK_ENCRYPTED = b"E"
 ASK_CLEAR = b"A"  # authenticated, then clear
@@ -41,23 +41,10 @@ _RECORD_HEADER = struct.Struct(">BHH")  # content type, legacy version, length
 MAX_RECORD = (1 << 14) + 256  # TLSCiphertext.length limit (RFC 8446, 5.2)
 
 
-def is_loopback_address(host: str) -> bool:
-    """Whether a socket address (as getsockname/getpeername give it) is this host's own:
-    127/8, ::1, or 127/8 written as an IPv4-mapped IPv6 address."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
-
-
 def is_loopback_link(sock: socket.socket) -> bool:
     """Both ends of a connected socket on this host."""
     try:
-        return is_loopback_address(sock.getsockname()[0]) and \
-            is_loopback_address(sock.getpeername()[0])
+        return is_loopback(sock.getsockname()[0]) and is_loopback(sock.getpeername()[0])
     except OSError:
         return False
 

@@ -11,10 +11,10 @@ from sheep.dataplane.link import (
     ASK_ENCRYPTED,
     check_answer,
     client_wish,
-    is_loopback_address,
     server_answer,
 )
 from sheep.errors import ProtocolError
+from sheep.netaddr import is_loopback
 
 
 class Sock:
@@ -36,12 +36,12 @@ NETWORK = Sock("10.0.0.1", "10.0.0.2")
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"])
 def test_loopback_addresses(host: str) -> None:
-    assert is_loopback_address(host)
+    assert is_loopback(host)
 
 
 @pytest.mark.parametrize("host", ["10.0.0.1", "::ffff:10.0.0.1", "fe80::1%eth0", "name"])
 def test_addresses_that_are_not_loopback(host: str) -> None:
-    assert not is_loopback_address(host)
+    assert not is_loopback(host)
 
 
 def test_a_dialer_asks_for_the_clear_only_on_loopback() -> None:
