@@ -26,7 +26,9 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-HEADER = 48
+from sheep.dataplane.wire import HEADER_SIZE
+
+HEADER = HEADER_SIZE
 SIZES = (HEADER + (4 << 10), HEADER + (1 << 20))
 
 

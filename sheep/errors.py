@@ -32,6 +32,7 @@ class Result(IntEnum):
     READ_ONLY = 16
     FENCED = 17
     CORRUPT = 18
+    STALE_LOCK = 19
 
 
 class SheepError(Exception):
@@ -121,6 +122,12 @@ class Fenced(SheepError):
     code = Result.FENCED
 
 
+class StaleLock(SheepError):
+    """the VDI's write lock moved to a newer holder; this writer's changes are refused"""
+
+    code = Result.STALE_LOCK
+
+
 class Corrupt(SheepError):
     """the replica's data does not match its checksums"""
 
@@ -183,6 +190,7 @@ _BY_CODE: dict[int, type[SheepError]] = {
         Busy,
         ShuttingDown,
         Fenced,
+        StaleLock,
         Corrupt,
         NoVdi,
         VdiExists,

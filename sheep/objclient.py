@@ -50,8 +50,8 @@ class LocalReplica(Protocol):
 
     def request(self, opcode: int, *, oid: int = ..., offset: int = ..., length: int = ...,
                 payload: bytes | bytearray | memoryview = ..., flags: int = ...,
-                epoch: int = ..., aux: int = ..., timeout: float | None = ...
-                ) -> asyncio.Future[Frame]: ...
+                epoch: int = ..., aux: int = ..., timeout: float | None = ...,
+                token: int = ...) -> asyncio.Future[Frame]: ...
 
     def read_now(self, oid: int, offset: int, length: int, epoch: int
                  ) -> bytes | bytearray | None: ...
@@ -128,21 +128,50 @@ class ObjectClient:
         fua: bool = False,
         create: bool = True,
         fresh: bool = False,
+        token: int = 0,
     ) -> None:
         """`create=False` fails on a replica that lacks the object; `fresh` (with create)
-        empties an existing object before writing."""
+        empties an existing object before writing. `token`: the writer's fencing token
+        (its VDI lock's; 0: no lock, sheep/node/fences.py); a node that knows a newer
+        holder refuses the write with StaleLock."""
         opcode = Opcode.CREATE if create else Opcode.WRITE
         flags = (_FUA if fua else 0) | (_FRESH if fresh and create else 0)
-        await self._to_all(opcode, oid, offset=offset, payload=data, flags=flags)
+        await self._to_all(opcode, oid, offset=offset, payload=data, flags=flags, token=token)
 
-    async def remove(self, oid: int, *, fua: bool = False) -> None:
+    async def remove(self, oid: int, *, fua: bool = False, token: int = 0) -> None:
         await self._to_all(Opcode.REMOVE, oid, missing_ok=True,
-                           flags=_FUA if fua else 0)
+                           flags=_FUA if fua else 0, token=token)
 
-    async def discard(self, oid: int, offset: int, length: int, *, fua: bool = False) -> None:
+    async def discard(self, oid: int, offset: int, length: int, *, fua: bool = False,
+                      token: int = 0) -> None:
         """Make the range read as zeros; with `fua`, durably so before it returns."""
         await self._to_all(Opcode.DISCARD, oid, offset=offset, length=length,
-                           flags=_FUA if fua else 0)
+                           flags=_FUA if fua else 0, token=token)
+
+    async def fence(self, oid: int, token: int) -> None:
+        """Tell every node of the cluster that `oid`'s VDI has a lock holder with `token`,
+        and return once all of them said they refuse older tokens. Sent to the members of
+        one epoch; a member that cannot be reached makes it wait for the next ring (a
+        node that joins later reads the fence records from etcd before it serves, see
+        sheep/node/fences.py), and a ring that moved meanwhile is fenced again."""
+        start = self._clock.monotonic()
+        while True:
+            record = self._view.record
+            if record is None:
+                raise NotFormatted()
+            results = await asyncio.gather(*(self._fence_node(n, oid, token)
+                                             for n in record.nodes),
+                                           return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is None:
+                if self._etcd is not None:
+                    await self._view.refresh(self._etcd)
+                if self._view.epoch == record.epoch:
+                    return
+                continue
+            if not isinstance(failure, (*_RETRYABLE, OSError)):
+                raise failure
+            await self._await_new_ring(record.epoch, failure, start)
 
     async def read(self, oid: int, offset: int, length: int) -> bytes | bytearray:
         local = self.read_local(oid, offset, length)
@@ -211,6 +240,13 @@ class ObjectClient:
 
     # -- internals --------------------------------------------------------------------
 
+    async def _fence_node(self, node: NodeInfo, oid: int, token: int) -> None:
+        if node.node_id == self._local_id and self._local is not None:
+            check(await self._local.request(Opcode.FENCE, oid=oid, token=token))
+            return
+        await self._pool.call(node.data_addr, Opcode.FENCE, oid=oid, token=token,
+                              timeout=self._timeout)
+
     async def _flush_node(self, node: NodeInfo) -> None:
         if node.node_id == self._local_id and self._local is not None:
             check(await self._local.request(Opcode.FLUSH, epoch=self._view.epoch))
@@ -244,9 +280,10 @@ class ObjectClient:
         length: int,
         payload,
         flags: int,
+        token: int = 0,
     ) -> asyncio.Future[Frame] | None:
         if node.node_id == self._local_id and self._local is not None:
-            return self._send_local(opcode, oid, offset, length, payload, flags)
+            return self._send_local(opcode, oid, offset, length, payload, flags, token)
         conn = self._pool.cached(node.data_addr)
         if conn is None:
             return None
@@ -259,13 +296,15 @@ class ObjectClient:
             flags=flags,
             epoch=self._view.epoch,
             timeout=self._timeout,
+            token=token,
         )
 
     def _send_local(self, opcode: Opcode, oid: int, offset: int, length: int, payload,
-                    flags: int) -> asyncio.Future[Frame]:
+                    flags: int, token: int = 0) -> asyncio.Future[Frame]:
         assert self._local is not None
         return self._local.request(opcode, oid=oid, offset=offset, length=length,
-                                   payload=payload, flags=flags, epoch=self._view.epoch)
+                                   payload=payload, flags=flags, epoch=self._view.epoch,
+                                   token=token)
 
     async def _connected_send(self, node: NodeInfo, *args) -> asyncio.Future[Frame]:
         fut = self._send(node, *args)
@@ -286,6 +325,7 @@ class ObjectClient:
         payload=b"",
         flags: int = 0,
         missing_ok: bool = False,
+        token: int = 0,
     ) -> None:
         start = self._clock.monotonic()
         while True:
@@ -300,14 +340,15 @@ class ObjectClient:
                     if node.node_id == self._local_id and self._local is not None:
                         here = True
                         continue
-                    fut = self._send(node, opcode, oid, offset, length, payload, flags)
+                    fut = self._send(node, opcode, oid, offset, length, payload, flags, token)
                     if fut is None:
                         fut = await self._connected_send(
-                            node, opcode, oid, offset, length, payload, flags
+                            node, opcode, oid, offset, length, payload, flags, token
                         )
                     futs.append(fut)
                 if here:
-                    futs.append(self._local_later(opcode, oid, offset, length, payload, flags))
+                    futs.append(self._local_later(opcode, oid, offset, length, payload, flags,
+                                                  token))
                 # the replicas work in parallel already; awaiting each in turn costs less
                 # than gather's bookkeeping, and a finished one (the local replica) is free
                 results: list = []

@@ -107,6 +107,7 @@ class PeerConnection(asyncio.BufferedProtocol):
         epoch: int = 0,
         aux: int = 0,
         timeout: float | None = DEFAULT_TIMEOUT,
+        token: int = 0,
     ) -> asyncio.Future[Frame]:
         """Send one request; the future resolves to the reply frame (any result code)."""
         fut: asyncio.Future[Frame] = self._loop.create_future()
@@ -118,8 +119,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         if payload:
             length = len(payload)
         header = pack_header(
-            opcode, req_id, flags=flags, epoch=epoch, oid=oid, offset=offset, length=length, aux=aux
-        )
+            opcode, req_id, flags=flags, epoch=epoch, oid=oid, offset=offset, length=length,
+            aux=aux, token=token)
         timer = self._loop.call_later(timeout, self._expire, req_id) if timeout else None
         self._pending[req_id] = (fut, timer)
         out = self._out

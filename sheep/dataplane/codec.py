@@ -35,6 +35,7 @@ class Frame:
     length: int
     aux: int
     payload: bytes | bytearray | memoryview = b""
+    token: int = 0  # the writer's fencing token (wire.py)
 
 
 class FrameDecoder(PayloadDecoder[Frame]):
@@ -55,16 +56,16 @@ class FrameDecoder(PayloadDecoder[Frame]):
         self._max_length = max_length
 
     def decode_header(self, buf: bytearray, start: int) -> tuple[Frame, int]:
-        (magic, opcode, flags, _pad, epoch, result, req_id, oid, offset, length, aux) = (
-            HEADER.unpack_from(buf, start)
-        )
+        (magic, opcode, flags, _pad, epoch, result, req_id, oid, offset, length, aux,
+         token) = HEADER.unpack_from(buf, start)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {magic:#010x}")
         carries = opcode in self._payload_ops and (not self._replies or result == 0)
         size = length if carries else 0
         if size > self._max_length:
             raise ProtocolError(f"payload of {size} bytes over the limit {self._max_length}")
-        return Frame(opcode, flags, epoch, result, req_id, oid, offset, length, aux), size
+        return Frame(opcode, flags, epoch, result, req_id, oid, offset, length, aux,
+                     token=token), size
 
 
 def encode(frame_header: bytes, payload: bytes | bytearray | memoryview = b"") -> list:

@@ -1,10 +1,14 @@
 """The data-plane wire format: the one place that defines it.
 
-Every frame is a fixed 48-byte little-endian header, followed by a payload whose size is
+Every frame is a fixed 56-byte little-endian header, followed by a payload whose size is
 the header's `length` when the (opcode, direction) pair carries one:
 
     magic u32 | opcode u8 | flags u8 | pad u16 | epoch u32 | result u32 |
-    req_id u64 | oid u64 | offset u64 | length u32 | aux u32
+    req_id u64 | oid u64 | offset u64 | length u32 | aux u32 | token u64
+
+`token` is the writer's fencing token (sheep/node/fences.py): on a mutation of a VDI's
+objects, the etcd revision that granted the writer the VDI's lock (0: a writer with no
+lock); on FENCE, the token to refuse older ones below.
 
 Requests and replies share the header so a reply can echo the request's fields; replies
 are matched to requests by `req_id` and may arrive in any order (pipelining).
@@ -18,7 +22,7 @@ from enum import IntEnum, IntFlag
 from sheep.oid import MAX_OBJECT_SIZE
 
 MAGIC = 0x50454853  # b"SHEP" read as little-endian u32
-HEADER = struct.Struct("<IBBHIIQQQII")
+HEADER = struct.Struct("<IBBHIIQQQIIQ")
 HEADER_SIZE = HEADER.size
 MAX_LENGTH = MAX_OBJECT_SIZE  # largest payload a peer may announce: one whole object
 
@@ -35,6 +39,7 @@ class Opcode(IntEnum):
     EXISTS = 9  # reply `aux` = 1 if the object exists
     LIST_EPOCHS = 10  # reply payload: little-endian (u64 oid, u64 epoch of its last write)
     DIGEST = 11  # reply payload: u64 little-endian xxh3 of the whole object (verified)
+    FENCE = 12  # refuse mutations of oid's VDI with a token below `token` from now on
 
 
 class Flags(IntFlag):
@@ -64,5 +69,7 @@ def pack_header(
     offset: int = 0,
     length: int = 0,
     aux: int = 0,
+    token: int = 0,
 ) -> bytes:
-    return HEADER.pack(MAGIC, opcode, flags, 0, epoch, result, req_id, oid, offset, length, aux)
+    return HEADER.pack(MAGIC, opcode, flags, 0, epoch, result, req_id, oid, offset, length, aux,
+                       token)

@@ -39,6 +39,7 @@ from sheep.gateway.nbd.server import NO_TLS, NbdTls, serve_nbd
 from sheep.gateway.nbd.tls import TlsMode, choose_mode
 from sheep.netaddr import family, host_port
 from sheep.node.exposure import Exposure, refusal
+from sheep.node.fences import Fences
 from sheep.node.ready import remove_ready_file, write_ready_file
 from sheep.node.recovery import Recovery
 from sheep.node.repair import Repairer
@@ -294,9 +295,11 @@ class Node:
         self.recovery = Recovery(node_id, self.store, self.view, self._pool, etcd,
                                  throttle=opts.recovery_throttle, min_free=opts.min_free)
         self.repairer = Repairer(node_id, self.store, self.view, self._pool)
+        self._registry = VdiRegistry(etcd)
+        self._fences = Fences()
         self._service = ObjectService(
             self.store, lambda: self.view.epoch if self.view.formatted else 0,
-            guard=self._guard, repair=self.repairer.repair)
+            guard=self._guard, repair=self.repairer.repair, fences=self._fences)
         self.scrubber = Scrubber(self.store, self.recovery, self.repairer,
                                  Replicas(node_id, self.view, self._pool, VdiRegistry(etcd)),
                                  interval=opts.scrub_interval, throttle=opts.recovery_throttle)
@@ -346,8 +349,14 @@ class Node:
                                f"{exc}") from None
         await self._membership.join()
         self._joined = True
+        # the VDI lock tokens, read after joining and before the view takes an epoch
+        # (until then every write is refused): a holder that fenced while this node was
+        # away recorded its token before, or fences this node's new ring (vdi/fence.py)
+        await self._load_fences()
         await self.view.refresh(self.etcd)
         self._tasks = [
+            asyncio.ensure_future(self.etcd.watch(self._load_fences, poll=5.0,
+                                                  prefix=self._registry.fences_prefix())),
             asyncio.ensure_future(self._membership.keep_alive()),
             asyncio.ensure_future(follow(self.view, self.etcd)),
             asyncio.ensure_future(self._reconcile_loop()),
@@ -444,6 +453,12 @@ class Node:
             self.store.set_object_size(view.config.object_size)
         if view.record is not None:
             self.meta.put_epoch(view.record.epoch, dump(view.record))
+
+    async def _load_fences(self) -> None:
+        """Raise this node's fencing floors to the tokens recorded in etcd: at start, and
+        whenever a holder records one (a FENCE request that did not reach this node)."""
+        for vdi_id, token in (await self._registry.fences()).items():
+            self._fences.raise_to(vdi_id, token)
 
     async def _reconcile_loop(self) -> None:
         """Notice nodes whose lease expired and write the epoch without them."""

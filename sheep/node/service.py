@@ -32,7 +32,10 @@ from sheep.errors import (
     SheepError,
     UnknownOp,
 )
+from sheep.oid import oid_vdi
 from sheep.store import ObjectStore
+
+from .fences import Fences
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,19 @@ class ObjectService:
 
     `epoch()` returns the node's current cluster epoch (0 while the cluster is not
     formatted); requests of another epoch are refused so the sender retries with the
-    ring of the current one.
+    ring of the current one. `fences` holds the VDI lock tokens this node knows: a
+    mutation is checked against them as it runs (after any wait for recovery or a
+    write-intent mark), so a FENCE taken meanwhile stops it.
     """
 
     def __init__(self, store: ObjectStore, epoch: Callable[[], int],
-                 guard: Guard | None = None, repair: Repair | None = None) -> None:
+                 guard: Guard | None = None, repair: Repair | None = None,
+                 fences: Fences | None = None) -> None:
         self._store = store
         self._epoch = epoch
         self._guard = guard
         self._repair = repair
+        self.fences = fences if fences is not None else Fences()
         self._ops: dict[int, Callable[[Frame, ReplySink], None]] = {
             Opcode.WRITE: self._write,
             Opcode.CREATE: self._create,
@@ -73,6 +80,7 @@ class ObjectService:
             Opcode.EXISTS: self._exists,
             Opcode.LIST_EPOCHS: self._list_epochs,
             Opcode.DIGEST: self._digest,
+            Opcode.FENCE: self._fence,
         }
 
     def handle(self, frame: Frame, conn: ReplySink) -> None:
@@ -234,10 +242,12 @@ class ObjectService:
         task.add_done_callback(done)
 
     def _write(self, frame: Frame, conn: ReplySink) -> None:
+        self.fences.admit(frame.oid, frame.token)
         self._store.write(frame.oid, frame.offset, frame.payload, epoch=self._epoch(), create=False)
         self._ack_write(frame, conn)
 
     def _create(self, frame: Frame, conn: ReplySink) -> None:
+        self.fences.admit(frame.oid, frame.token)
         self._store.write(frame.oid, frame.offset, frame.payload, epoch=self._epoch(), create=True,
                           fresh=bool(frame.flags & _FRESH))
         self._ack_write(frame, conn)
@@ -263,10 +273,12 @@ class ObjectService:
         self._reply(conn, frame, length=frame.length, payload=buf)
 
     def _remove(self, frame: Frame, conn: ReplySink) -> None:
+        self.fences.admit(frame.oid, frame.token)
         self._store.remove(frame.oid)
         self._ack_write(frame, conn)
 
     def _discard(self, frame: Frame, conn: ReplySink) -> None:
+        self.fences.admit(frame.oid, frame.token)
         self._store.discard(frame.oid, frame.offset, frame.length, epoch=self._epoch())
         self._ack_write(frame, conn)
 
@@ -287,6 +299,13 @@ class ObjectService:
         payload = DIGEST.pack(self._store.digest(frame.oid))
         self._reply(conn, frame, length=len(payload), payload=payload)
 
+    def _fence(self, frame: Frame, conn: ReplySink) -> None:
+        """A new lock holder of `oid`'s VDI announces its token before its first write;
+        the reply says every later mutation with a lower token will be refused here.
+        Not epoch-checked: raising a floor is safe on any node, in any epoch."""
+        self.fences.raise_to(oid_vdi(frame.oid), frame.token)
+        self._reply(conn, frame)
+
     def _get_epoch(self, frame: Frame, conn: ReplySink) -> None:
         self._reply(conn, frame)
 
@@ -305,13 +324,14 @@ class InProcess:
 
     def request(self, opcode: int, *, oid: int = 0, offset: int = 0, length: int = 0,
                 payload: bytes | bytearray | memoryview = b"", flags: int = 0, epoch: int = 0,
-                aux: int = 0, timeout: float | None = None) -> asyncio.Future[Frame]:
+                aux: int = 0, timeout: float | None = None, token: int = 0
+                ) -> asyncio.Future[Frame]:
         """The reply frame, as a peer would send it (any result code); `timeout` is a
         peer's concern: nothing here waits on a network."""
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         if payload:
             length = len(payload)
-        frame = Frame(opcode, flags, epoch, 0, 0, oid, offset, length, aux, payload)
+        frame = Frame(opcode, flags, epoch, 0, 0, oid, offset, length, aux, payload, token)
         self._service.handle(frame, _FutureSink(fut))
         return fut
 
@@ -332,7 +352,7 @@ class _FutureSink:
     def send(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
         if self._fut.done():  # its caller gave up waiting (a synchronous read's try)
             return
-        (_magic, opcode, flags, _pad, epoch, result, req_id, oid, offset, length, aux) = (
-            HEADER.unpack(header))
+        (_magic, opcode, flags, _pad, epoch, result, req_id, oid, offset, length, aux,
+         _token) = HEADER.unpack(header)
         self._fut.set_result(Frame(opcode, flags, epoch, result, req_id, oid, offset, length,
                                    aux, payload))

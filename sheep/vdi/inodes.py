@@ -44,14 +44,17 @@ async def read_entry(client: ObjectClient, record: VdiRecord, index: int) -> int
     return unpack_entry(await client.read(record.inode_oid, table_offset(index), ENTRY_SIZE))
 
 
-async def write_inode(client: ObjectClient, record: VdiRecord, table: array | None = None) -> None:
-    """Create the VDI's inode from scratch: header, then the table (absent = all zeros)."""
+async def write_inode(client: ObjectClient, record: VdiRecord, table: array | None = None, *,
+                      token: int = 0) -> None:
+    """Create the VDI's inode from scratch: header, then the table (absent = all zeros).
+    `token`: the writer's lock token (0: no lock; sheep/node/fences.py)."""
     body = record.header().encode()
     if table is not None and any(table):
         body += table.tobytes()
-    await client.write(record.inode_oid, 0, body, fresh=True)
+    await client.write(record.inode_oid, 0, body, fresh=True, token=token)
 
 
-async def write_header(client: ObjectClient, record: VdiRecord) -> None:
+async def write_header(client: ObjectClient, record: VdiRecord, *, token: int = 0) -> None:
     """Bring the inode's header in line with the registry after a change of record."""
-    await client.write(record.inode_oid, 0, record.header().encode(), create=False)
+    await client.write(record.inode_oid, 0, record.header().encode(), create=False,
+                       token=token)

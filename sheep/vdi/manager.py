@@ -21,6 +21,7 @@ from sheep.oid import validate_copies
 from sheep.security.identity import Identity
 from sheep.units import SECTOR
 
+from .fence import take_lock
 from .inode import block_oid, max_vdi_size
 from .inodes import nblocks, read_table, write_header, write_inode
 from .parallel import for_each
@@ -198,7 +199,8 @@ class VdiManager:
         (await self.state()).lookup(name, tag)
         if users := await self.registry.users(name):
             raise VdiLocked(f"VDI {name!r} is in use by {users[0]}: stop it before a rollback")
-        lock = await self.registry.acquire_lock(name, f"{self.holder} (rollback)")
+        lock, _ = await take_lock(self.client, self.registry, name,
+                                  f"{self.holder} (rollback)")
         try:
             for _ in range(_RETRIES):
                 state = await self.state()
@@ -210,7 +212,8 @@ class VdiManager:
                 record = replace(snap, id=await self.registry.allocate_id(), parent=snap.id,
                                  created=time.time(), snapshot=False, tag="", snap_time=0.0,
                                  serial=serial)
-                await write_inode(self.client, record, await self.table(snap))
+                await write_inode(self.client, record, await self.table(snap),
+                                  token=lock.token)
                 change = self.registry.change(state).require(snap).put_record(record)
                 change.put_family(name, record.id)
                 if old is not None:
@@ -247,7 +250,7 @@ class VdiManager:
                 flat = replace(current, parent=0)
                 if await self.registry.change(state).put_record(flat).commit():
                     with contextlib.suppress(Exception):
-                        await write_header(self.client, flat)
+                        await write_header(self.client, flat, token=vol.token)
                     return flat
             raise ClusterError("the registry kept changing; try again")
 
@@ -257,19 +260,19 @@ class VdiManager:
         if prealloc:
             async with await self.open(name, writable=True) as vol:
                 old = vol.size
-                grown = await self._grow(name, size)
+                grown = await self._grow(name, size, vol.token)
                 vol.grown(grown)
                 await vol.write_zeroes(old, size - old)
                 await vol.flush()
             return grown
-        lock = await self.registry.acquire_lock(name, f"{self.holder} (resize)")
+        lock, _ = await take_lock(self.client, self.registry, name, f"{self.holder} (resize)")
         try:
-            return await self._grow(name, size)
+            return await self._grow(name, size, lock.token)
         finally:
             await lock.release()
 
-    async def _grow(self, name: str, size: int) -> VdiRecord:
-        """Publish NAME's new size; the caller holds NAME's lock."""
+    async def _grow(self, name: str, size: int, token: int) -> VdiRecord:
+        """Publish NAME's new size; the caller holds NAME's lock, with `token`."""
         for _ in range(_RETRIES):
             state = await self.state()
             current = state.lookup(name)
@@ -279,7 +282,7 @@ class VdiManager:
             self.check_size(size, current.block_size)
             grown = replace(current, size=size)
             if await self.registry.change(state).put_record(grown).commit():
-                await write_header(self.client, grown)
+                await write_header(self.client, grown, token=token)
                 return grown
         raise ClusterError("the registry kept changing; try again")
 
@@ -306,7 +309,8 @@ class VdiManager:
         await self._refuse_if_used(target)
         lock = None
         if not target.snapshot:
-            lock = await self.registry.acquire_lock(name, f"{self.holder} (delete)")
+            lock, _ = await take_lock(self.client, self.registry, name,
+                                      f"{self.holder} (delete)")
         try:
             table = await self.table(target)
             for _ in range(_RETRIES):

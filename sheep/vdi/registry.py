@@ -7,7 +7,10 @@ the loser re-reads and retries or gets a clear error. Layout under the cluster p
     vdi/next_id            the next VDI id to hand out
     vdi/ids/<id>           one VdiRecord (working VDI or snapshot) per id, JSON
     vdi/names/<name>       the family: which id is the name's working VDI (0: none)
-    vdi/locks/<name>       the writer's lock, attached to its lease
+    vdi/locks/<name>       the writer's lock, attached to its lease; the revision that
+                           created it is the holder's fencing token
+    vdi/fences/<id>        the highest fencing token of a holder of VDI <id>: storage nodes
+                           refuse writes with a lower one (sheep/node/fences.py)
     vdi/requests/<name>/*  requests to the lock holder (a snapshot of a VDI in use)
     vdi/replies/<id>       the holder's answers
     vdi/users/<name>/<who> who uses the VDI beyond a lock (a running VM), on the user's lease
@@ -188,6 +191,7 @@ class Change:
         self._state = state
         self._reg = registry
         self._guards: dict[bytes, int] = {}
+        self._compare: list[tx.Compare] = []
         self._ops: list[tx.Put | tx.Delete] = []
 
     def _guard(self, key: bytes, rev: int) -> None:
@@ -203,9 +207,16 @@ class Change:
         self._ops.append(tx.put(self._reg.record_key(record.id), record.dump()))
         return self
 
+    def held(self, lock: VdiLock) -> Change:
+        """Fail the transaction unless `lock` is still held: a holder paused past its
+        lease must not change the registry after a new holder read it."""
+        self._compare.append(tx.create(self._reg.lock_key(lock.name)) == lock.token)
+        return self
+
     def delete_record(self, record: VdiRecord) -> Change:
         self.require(record)
         self._ops.append(tx.delete(self._reg.record_key(record.id)))
+        self._ops.append(tx.delete(self._reg.fence_key(record.id)))
         self._ops.append(tx.put(self._reg.retired_key(record.id),
                                           str(time.time()).encode()))
         return self
@@ -224,7 +235,7 @@ class Change:
         return self
 
     async def commit(self) -> bool:
-        compare = [tx.mod(key) == rev for key, rev in self._guards.items()]
+        compare = [tx.mod(key) == rev for key, rev in self._guards.items()] + self._compare
         return await self._reg.kv.transaction(compare=compare, success=self._ops)
 
 
@@ -275,11 +286,15 @@ class VdiLock(HeldLease):
     """A held write lock: an etcd key on our own lease, refreshed until released.
 
     If the lease or the key goes away (an admin broke the lock), `lost` is set: the holder
-    must stop writing, because someone else may now.
+    must stop writing, because someone else may now. `token` is the etcd revision that
+    created the key: every later holder's is larger, and the holder's writes carry it so
+    that storage nodes refuse them once a newer holder fenced the VDI (fence.py).
     """
 
-    def __init__(self, registry: VdiRegistry, name: str, lease: Lease, ttl: int) -> None:
+    def __init__(self, registry: VdiRegistry, name: str, lease: Lease, ttl: int,
+                 token: int) -> None:
         self.name = name
+        self.token = token
         self._reg = registry
         super().__init__(lease, ttl, f"the lock on VDI {name} (further writes refused)",
                          clock=registry.clock)
@@ -315,6 +330,9 @@ class VdiRegistry:
 
     def nbd_allow_key(self, name: str) -> bytes:
         return self._key("nbd-allow", name)
+
+    def fence_key(self, vdi_id: int) -> bytes:
+        return self._key("fences", f"{vdi_id:08x}")
 
     def lock_key(self, name: str) -> bytes:
         return self._key("locks", name)
@@ -432,7 +450,30 @@ class VdiRegistry:
             kv = await self.kv.get(key)
             raise VdiLocked(LockInfo.load(name, kv.value).refusal() if kv is not None
                             else f"VDI {name!r} is open for writing by another writer")
-        return VdiLock(self, name, lease, ttl)
+        kv = await self.kv.get(key)
+        if kv is None or kv.lease != lease.id:  # broken at once: as if never held
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+            raise VdiLocked(f"the lock on VDI {name!r} was broken as it was taken")
+        return VdiLock(self, name, lease, ttl, kv.create_revision)
+
+    async def record_fence(self, lock: VdiLock, vdi_id: int) -> None:
+        """Record in etcd that VDI `vdi_id` has a holder with `lock`'s token, while the lock
+        is still held: a node that starts (or joins) later reads it before it serves."""
+        ok = await self.kv.transaction(
+            compare=[tx.create(self.lock_key(lock.name)) == lock.token],
+            success=[tx.put(self.fence_key(vdi_id), str(lock.token).encode())])
+        if not ok:
+            raise VdiLocked(f"the write lock on VDI {lock.name!r} was lost")
+
+    def fences_prefix(self) -> bytes:
+        return self._key("fences", "")
+
+    async def fences(self) -> dict[int, int]:
+        """Every VDI id's highest fencing token, as recorded in etcd."""
+        prefix = self.fences_prefix()
+        return {int(kv.key[len(prefix):], 16): int(kv.value)
+                for kv in await self.kv.get_prefix(prefix)}
 
     async def lock_holder(self, name: str) -> LockInfo | None:
         kv = await self.kv.get(self.lock_key(name))

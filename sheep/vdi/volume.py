@@ -21,10 +21,19 @@ from array import array
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from sheep.errors import InvalidParams, NoObject, ReadOnly, VdiExists, VdiLocked
+from sheep.errors import (
+    InvalidParams,
+    NoObject,
+    NoVdi,
+    ReadOnly,
+    StaleLock,
+    VdiExists,
+    VdiLocked,
+)
 from sheep.names import validate_label
 from sheep.objclient import ObjectClient
 
+from .fence import take_lock
 from .inode import allocation, block_oid, pack_entry, ref_vdi, spans, table_offset
 from .inodes import nblocks, read_table, write_header, write_inode
 from .reclaim import release_block
@@ -49,6 +58,7 @@ class Volume:
         self.table = table
         self.block_size = record.block_size
         self._lock = lock
+        self._token = lock.token if lock is not None else 0  # what its writes carry
         self._changing: dict[int, asyncio.Future[None]] = {}  # block -> owner change running
         self._inflight = 0
         self._idle: asyncio.Event | None = None
@@ -76,9 +86,10 @@ class Volume:
             return cls(client, registry, record, await read_table(client, record))
         if record.snapshot:
             raise ReadOnly(f"snapshot {record.label} is read-only")
-        lock = await registry.acquire_lock(name, holder)
+        lock, record = await take_lock(client, registry, name, holder)
         try:
-            record = (await registry.load()).lookup(name)  # as of holding the lock
+            if record is None:
+                raise NoVdi(f"VDI {name!r} has only snapshots (roll back or clone one)")
             return cls(client, registry, record, await read_table(client, record), lock=lock)
         except BaseException:
             await lock.release()
@@ -93,6 +104,11 @@ class Volume:
     @property
     def size(self) -> int:
         return self.record.size
+
+    @property
+    def token(self) -> int:
+        """The fencing token this volume's writes carry (its lock's; 0: read-only)."""
+        return self._token
 
     @property
     def read_only(self) -> bool:
@@ -161,6 +177,9 @@ class Volume:
             else:
                 await asyncio.gather(*(self._write_block(i, inner, view[pos : pos + n], fua)
                                        for i, inner, n, pos in pieces))
+        except StaleLock:
+            self._lost()
+            raise
         finally:
             self._leave()
 
@@ -172,6 +191,9 @@ class Volume:
         try:
             await asyncio.gather(*(self._discard_block(i, inner, n, fua)
                                    for i, inner, n, _ in spans(offset, length, self.block_size)))
+        except StaleLock:
+            self._lost()
+            raise
         finally:
             self._leave()
 
@@ -198,6 +220,9 @@ class Volume:
                         await self._take_block(index, 0, memoryview(b""), False)
                 finally:
                     self._settle(index)
+        except StaleLock:
+            self._lost()
+            raise
         finally:
             self._leave()
 
@@ -213,7 +238,7 @@ class Volume:
             frozen, working = await self._commit_snapshot(tag)
             self.record = working
             with contextlib.suppress(Exception):  # the header is informational
-                await write_header(self.client, frozen)
+                await write_header(self.client, frozen, token=self._token)
         log.info("VDI %s: snapshot %r is id %d; writing on as id %d",
                  self.name, tag, frozen.id, working.id)
         return frozen
@@ -223,7 +248,7 @@ class Volume:
         now = time.time()
         working = replace(self.record, id=new_id, parent=self.record.id, created=now,
                           serial=self.record.disk_serial)
-        await write_inode(self.client, working, self.table)
+        await write_inode(self.client, working, self.table, token=self._token)
         try:
             for _ in range(50):
                 state = await self.registry.load()
@@ -235,14 +260,16 @@ class Volume:
                 frozen = replace(current, snapshot=True, tag=tag, snap_time=now)
                 working = replace(current, id=new_id, parent=current.id, created=now,
                                   serial=current.disk_serial)
-                change = self.registry.change(state).put_record(frozen).put_record(working)
+                assert self._lock is not None
+                change = self.registry.change(state).held(self._lock)
+                change.put_record(frozen).put_record(working)
                 if await change.put_family(self.name, new_id).commit():
                     return frozen, working
                 await asyncio.sleep(0.01)
             raise VdiLocked(f"VDI {self.name!r}: the registry kept changing; try again")
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.client.remove(working.inode_oid)
+                await self.client.remove(working.inode_oid, token=self._token)
             raise
 
     async def _answer(self, request: dict) -> dict:
@@ -293,6 +320,15 @@ class Volume:
         self._check_writable()
         self._inflight += 1
 
+    def _lost(self) -> None:
+        """A node refused a write for a newer holder's token: the lock moved while this
+        volume was paused or cut off. It must not try again (and its close() must not
+        flush as if it still held the VDI)."""
+        log.error("VDI %s: a newer writer holds its lock; this volume's writes are refused",
+                  self.name)
+        if self._lock is not None:
+            self._lock.lost.set()
+
     def _leave(self) -> None:
         self._inflight -= 1
         if self._inflight == 0 and self._idle is not None:
@@ -338,7 +374,7 @@ class Volume:
                 return
             try:
                 await self.client.write(block_oid(mine, index), inner, piece, fua=fua,
-                                        create=False)
+                                        create=False, token=self._token)
                 return
             except NoObject:
                 if self.table[index] == mine:  # not a racing discard: the object is lost
@@ -352,9 +388,10 @@ class Volume:
         if old and not (inner == 0 and len(piece) == self.block_size):
             base = bytearray(await self.client.read(block_oid(old, index), 0, self.block_size))
             base[inner : inner + len(piece)] = piece
-            await self.client.write(target, 0, base, fua=fua, fresh=True)
+            await self.client.write(target, 0, base, fua=fua, fresh=True, token=self._token)
         else:
-            await self.client.write(target, inner, piece, fua=fua, fresh=True)
+            await self.client.write(target, inner, piece, fua=fua, fresh=True,
+                                    token=self._token)
         await self._set_entry(index, mine, fua)
         if old:
             await self._release(old, index)
@@ -363,7 +400,8 @@ class Volume:
         whole = inner == 0 and (n == self.block_size or index * self.block_size + n == self.size)
         mine = await self._claim(index, exclusive=whole)
         if mine is not None:
-            await self.client.discard(block_oid(mine, index), inner, n, fua=fua)
+            await self.client.discard(block_oid(mine, index), inner, n, fua=fua,
+                                      token=self._token)
             return
         try:
             old = self.table[index]
@@ -374,7 +412,7 @@ class Volume:
                 return
             await self._set_entry(index, 0, fua)
             if old == self.record.ref:
-                await self.client.remove(block_oid(old, index), fua=fua)
+                await self.client.remove(block_oid(old, index), fua=fua, token=self._token)
             else:
                 await self._release(old, index)
         finally:
@@ -384,7 +422,7 @@ class Volume:
         """Persist, then publish: a write that goes in place after this is already
         reachable from the table on disk."""
         await self.client.write(self.record.inode_oid, table_offset(index), pack_entry(ref),
-                                fua=fua, create=False)
+                                fua=fua, create=False, token=self._token)
         self.table[index] = ref
 
     async def _release(self, old: int, index: int) -> None:

@@ -90,7 +90,8 @@ class RawConn:
 
     def recv_reply(self) -> Reply:
         fields = HEADER.unpack(self.recv_exact(HEADER_SIZE))
-        magic, opcode, flags, _pad, epoch, result, req_id, oid, offset, length, aux = fields
+        (magic, opcode, flags, _pad, epoch, result, req_id, oid, offset, length, aux,
+         _token) = fields
         assert magic == MAGIC
         payload = b""
         if opcode in REPLY_HAS_PAYLOAD and result == Result.OK:

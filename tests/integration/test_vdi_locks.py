@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sheep.errors import VdiExists, VdiLocked
+from sheep.errors import StaleLock, VdiExists, VdiLocked
 from sheep.oid import ObjType, oid_type, oid_vdi
 from sheep.vdi.manager import VdiManager, open_manager
 from sheep.vdi.registry import LOCK_TTL
@@ -144,11 +144,12 @@ async def test_lock_unlock_force_breaks_a_live_lock_and_its_holder_stops_writing
         async def refused() -> bool:
             try:
                 await vol.write(200, b"too late")
-            except VdiLocked:
+            except (StaleLock, VdiLocked):
                 return True
             return False
 
-        # the old holder finds out at its next lease refresh (every TTL/3)
+        # the nodes refuse its first write (the new holder fenced the VDI), or it finds
+        # out at its next lease refresh (every TTL/3)
         await _wait_for(refused, LOCK_TTL / 3 + 5, "the old holder to notice")
     finally:
         await vol.close()

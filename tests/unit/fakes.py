@@ -100,8 +100,8 @@ class FakePeer:
 
     def request(self, opcode: int, *, oid: int = 0, offset: int = 0, length: int = 0,
                 payload: bytes | bytearray | memoryview = b"", flags: int = 0,
-                epoch: int = 0, aux: int = 0, timeout: float | None = 10.0
-                ) -> asyncio.Future[Frame]:
+                epoch: int = 0, aux: int = 0, timeout: float | None = 10.0,
+                token: int = 0) -> asyncio.Future[Frame]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Frame] = loop.create_future()
         if self.down:
@@ -109,7 +109,8 @@ class FakePeer:
             return fut
         if payload:
             length = len(payload)
-        frame = Frame(opcode, flags, epoch, 0, 0, oid, offset, length, aux, bytes(payload))
+        frame = Frame(opcode, flags, epoch, 0, 0, oid, offset, length, aux, bytes(payload),
+                      token)
         self.requests.append(frame)
         self.request_times.append(self._clock.now)
         reply = self._serve(frame)

@@ -98,9 +98,9 @@ def mixed_request_stream() -> tuple[bytes, list[tuple]]:
 # -- the header ------------------------------------------------------------------------------
 
 
-def test_header_is_exactly_48_bytes() -> None:
-    assert HEADER_SIZE == 48
-    assert len(pack_header(Opcode.READ, 1)) == 48
+def test_header_is_exactly_56_bytes() -> None:
+    assert HEADER_SIZE == 56
+    assert len(pack_header(Opcode.READ, 1)) == 56
 
 
 def test_magic_is_shep_in_little_endian() -> None:
@@ -119,6 +119,7 @@ def test_header_fields_sit_at_fixed_little_endian_offsets() -> None:
         offset=0x3132333435363738,
         length=0x41424344,
         aux=0x51525354,
+        token=0x6162636465666768,
     )
     expected = (
         b"SHEP"  # 0..4    magic
@@ -132,13 +133,14 @@ def test_header_fields_sit_at_fixed_little_endian_offsets() -> None:
         + b"\x38\x37\x36\x35\x34\x33\x32\x31"  # 32..40  offset
         + b"\x44\x43\x42\x41"  # 40..44  length
         + b"\x54\x53\x52\x51"  # 44..48  aux
+        + b"\x68\x67\x66\x65\x64\x63\x62\x61"  # 48..56  token
     )
-    assert len(expected) == 48
+    assert len(expected) == 56
     assert header == expected
 
 
 def test_header_of_defaults_is_magic_opcode_and_req_id_only() -> None:
-    expected = b"SHEP" + b"\x07" + bytes(11) + (5).to_bytes(8, "little") + bytes(24)
+    expected = b"SHEP" + b"\x07" + bytes(11) + (5).to_bytes(8, "little") + bytes(32)
     assert pack_header(Opcode.GET_EPOCH, 5) == expected
 
 
@@ -155,6 +157,7 @@ def test_opcode_numbers_are_fixed() -> None:
         "EXISTS": 9,
         "LIST_EPOCHS": 10,
         "DIGEST": 11,
+        "FENCE": 12,
     }
     assert int(Flags.FUA) == 1
     assert int(Flags.FRESH) == 2
@@ -634,7 +637,7 @@ def test_service_no_object_reply_bytes_are_exact(service: ObjectService) -> None
         + Result.NO_OBJECT.to_bytes(4, "little")
         + (0x42).to_bytes(8, "little")
         + OID.to_bytes(8, "little")
-        + bytes(8 + 4 + 4)
+        + bytes(8 + 4 + 4 + 8)
     )
     assert payload == b""
 
@@ -722,7 +725,7 @@ def test_service_get_epoch_replies_the_node_epoch_whatever_the_request_epoch(
     ]
 
 
-@pytest.mark.parametrize("opcode", [0, 12, 200, 255])
+@pytest.mark.parametrize("opcode", [0, 13, 200, 255])
 def test_service_unknown_opcode_replies_unknown_op(service: ObjectService, opcode: int) -> None:
     assert call(service, request(opcode, 11, epoch=EPOCH, oid=OID, offset=9, length=4)) == [
         (
