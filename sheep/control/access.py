@@ -22,11 +22,21 @@ ALLOWED: dict[str, frozenset[str]] = {
     "NodeInfo": ADMIN_OR_NODE,
     "SetRecoveryThrottle": ADMIN,
     "StartScrub": ADMIN,
+    # VmHost: QEMU on the node, its disks, its guest: the admin's alone
+    "VmStart": ADMIN,
+    "VmStop": ADMIN,
+    "VmPause": ADMIN,
+    "VmResume": ADMIN,
+    "VmAttach": ADMIN,
+    "VmDetach": ADMIN,
+    "VmSnapshot": ADMIN,
+    "VmStatus": ADMIN,
 }
 
 
 def allowed_roles(method: str) -> frozenset[str]:
-    """`method` as gRPC names it: /sheep.Control/NodeInfo."""
+    """`method` as gRPC names it: /sheep.control.Control/NodeInfo (method names are
+    unique across the services a node serves)."""
     return ALLOWED.get(method.rsplit("/", 1)[-1], frozenset())
 
 

@@ -1,0 +1,121 @@
+"""dog's end of a VM hosted by a sheep node (qemu_driver/host.py): the same operations as
+VmControl's on a running VM, sent to the node that runs it, which its runtime record names.
+
+A VM whose record names no node was started by a dog on its own host (or by `sheep up
+--vm`): VmControl drives it there, as before nodes hosted VMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from sheep.cluster.etcd import EtcdCluster
+from sheep.cluster.state import NodeInfo
+from sheep.control import sheep_pb2 as pb
+from sheep.control import sheep_pb2_grpc as pb_grpc
+from sheep.control.channel import aio_channel
+from sheep.gateway.iscsi.login import Chap
+from sheep.security.identity import Identity
+
+from .control import STOP_TIMEOUT, VmStatus
+from .errors import BadSpec, NoVm, VmError
+from .spec import VmRuntime
+
+CALL_TIMEOUT = 15.0  # s for a call on a running VM; start and stop wait for the guest
+
+
+class NoSuchNode(VmError):
+    """no live node has that id"""
+
+
+async def find_node(etcd: EtcdCluster, node: str) -> NodeInfo:
+    """The live node whose id is `node`, or the one whose id starts with it (the 12 digits
+    `dog node list` shows are enough)."""
+    nodes = await etcd.live_nodes()
+    exact = [n for n in nodes if n.node_id == node]
+    found = exact or ([n for n in nodes if n.node_id.startswith(node)] if node else [])
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise NoSuchNode(f"node id {node!r} is ambiguous: "
+                         f"{', '.join(n.node_id[:12] for n in found)}")
+    raise NoSuchNode(f"no live node has id {node!r} (dog node list shows them)")
+
+
+@dataclass(frozen=True)
+class TakenSnapshot:
+    """A snapshot the host took, as dog shows it."""
+
+    name: str
+    tag: str
+    id: int
+    label: str
+
+
+def _refusal(exc: grpc.aio.AioRpcError) -> Exception:
+    """The node's refusal as the error VmControl would have raised here; the node being
+    unreachable stays a gRPC error (dog says so, with its address)."""
+    kind = {grpc.StatusCode.NOT_FOUND: NoVm, grpc.StatusCode.INVALID_ARGUMENT: BadSpec,
+            grpc.StatusCode.FAILED_PRECONDITION: VmError}.get(exc.code())
+    return kind(exc.details()) if kind is not None else exc
+
+
+class HostedVm:
+    """The VmHost service of one node."""
+
+    def __init__(self, stub: pb_grpc.VmHostStub, node: NodeInfo) -> None:
+        self.stub, self.node = stub, node
+
+    async def _call(self, method: str, request, timeout: float) -> pb.VmReply:
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+
+    async def start(self, name: str, *, run_root: str = "", reconnect_delay: int = 0,
+                    chap: Chap | None = None, timeout: float = 120.0) -> VmRuntime:
+        request = pb.VmStartRequest(name=name, run_dir=run_root, reconnect_delay=reconnect_delay,
+                                    chap_user=chap.user if chap else "",
+                                    chap_secret=chap.secret if chap else b"")
+        reply = await self._call("VmStart", request, timeout)
+        return VmRuntime.load(reply.json.encode())
+
+    async def stop(self, name: str, *, timeout: float = STOP_TIMEOUT) -> str:
+        # the host waits up to `timeout` for the power button, then 10 s for quit, 10 for
+        # SIGKILL and 15 for the supervisor's record
+        reply = await self._call("VmStop", pb.VmRequest(name=name, timeout=timeout),
+                                 timeout + 40)
+        return reply.how
+
+    async def pause(self, name: str) -> None:
+        await self._call("VmPause", pb.VmRequest(name=name), CALL_TIMEOUT)
+
+    async def resume(self, name: str) -> None:
+        await self._call("VmResume", pb.VmRequest(name=name), CALL_TIMEOUT)
+
+    async def attach(self, name: str, vdi: str) -> None:
+        await self._call("VmAttach", pb.VmRequest(name=name, vdi=vdi), CALL_TIMEOUT)
+
+    async def detach(self, name: str, vdi: str, *, timeout: float = 30.0) -> None:
+        await self._call("VmDetach", pb.VmRequest(name=name, vdi=vdi, timeout=timeout),
+                         timeout + CALL_TIMEOUT)
+
+    async def snapshot(self, name: str, tag: str) -> tuple[str, list[TakenSnapshot]]:
+        reply = await self._call("VmSnapshot", pb.VmRequest(name=name, tag=tag), 120.0)
+        return reply.how, [TakenSnapshot(**r) for r in json.loads(reply.json)]
+
+    async def status(self, name: str) -> VmStatus:
+        reply = await self._call("VmStatus", pb.VmRequest(name=name), CALL_TIMEOUT)
+        return VmStatus.load(reply.json.encode())
+
+
+@contextlib.asynccontextmanager
+async def hosted(node: NodeInfo, identity: Identity | None) -> AsyncIterator[HostedVm]:
+    """The VmHost service of `node`, over its control port (dog's certificate, if any)."""
+    async with aio_channel(node.control_addr, identity) as channel:
+        yield HostedVm(pb_grpc.VmHostStub(channel), node)
