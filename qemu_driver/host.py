@@ -11,9 +11,10 @@ an iSCSI CHAP secret, when the portal asks for one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -26,9 +27,11 @@ from sheep.gateway.iscsi.login import Chap
 from sheep.vdi.manager import VdiManager
 from sheep.vdi.registry import VdiRegistry
 
+from . import console
 from .cmdline import DEFAULT_RECONNECT_DELAY
 from .control import STOP_TIMEOUT, VmControl
 from .errors import NoVm, VmNotRunning
+from .spec import VmRuntime
 
 log = logging.getLogger("sheep.vmhost")
 
@@ -128,7 +131,41 @@ class VmHostService(pb_grpc.VmHostServicer):
 
         return await self._run(context, "status", request.name, status)
 
-    async def _mine(self, ctl: VmControl, name: str) -> None:
+    async def VmConsole(self, requests, context) -> AsyncIterator[pb.ConsoleOutput]:
+        """The tail of the console's log, then its live output; the requests after the
+        first are keystrokes. Ends when dog hangs up (or QEMU exits)."""
+        typed = aiter(requests)
+        first = await anext(typed, None)
+        if first is None:
+            return
+        try:
+            rt = await self._mine(self._control("console"), first.name)
+            reader, writer = await asyncio.open_unix_connection(rt.console)
+        except SheepError as exc:
+            await context.abort(status_code(exc), str(exc))
+            return
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"cannot reach the console of VM {first.name!r}: {exc}")
+            return
+
+        async def typing() -> None:
+            async for keys in typed:
+                writer.write(keys.data)
+
+        log.info("vm %s: console attached (%s)", first.name, context.peer())
+        typer = asyncio.ensure_future(typing())
+        try:
+            tail = console.replayable(console.read_log(rt.console_log)[-4096:])
+            yield pb.ConsoleOutput(data=tail.encode())
+            while chunk := await reader.read(4096):
+                yield pb.ConsoleOutput(data=chunk)
+        finally:
+            typer.cancel()
+            writer.close()
+            log.info("vm %s: console detached", first.name)
+
+    async def _mine(self, ctl: VmControl, name: str) -> VmRuntime:
         """A VM hosted by another node (or by a dog) is not driven from here, even on a
         host they share: its runtime record names its host."""
         rt = await ctl.running(name)
@@ -136,6 +173,7 @@ class VmHostService(pb_grpc.VmHostServicer):
             where = f"node {rt.node[:12]}" if rt.node else f"a dog on host {rt.host}"
             raise VmNotRunning(f"VM {name!r} is not hosted by node "
                                f"{self._node.info.node_id[:12]} but by {where}")
+        return rt
 
 
 def add_vm_host(server: grpc.aio.Server, node: NodeHandle) -> None:

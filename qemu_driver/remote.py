@@ -7,8 +7,10 @@ A VM whose record names no node was started by a dog on its own host (or by `she
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from sheep.control.channel import aio_channel
 from sheep.gateway.iscsi.login import Chap
 from sheep.security.identity import Identity
 
+from . import console
 from .control import STOP_TIMEOUT, VmStatus
 from .errors import BadSpec, NoVm, VmError
 from .spec import VmRuntime
@@ -108,6 +111,33 @@ class HostedVm:
     async def snapshot(self, name: str, tag: str) -> tuple[str, list[TakenSnapshot]]:
         reply = await self._call("VmSnapshot", pb.VmRequest(name=name, tag=tag), 120.0)
         return reply.how, [TakenSnapshot(**r) for r in json.loads(reply.json)]
+
+    async def console(self, name: str, *, stdin_fd: int = 0, stdout=None) -> None:
+        """This terminal on the VM's serial console, through its host (console.relay):
+        the tail of its log first, then live, until Ctrl-] or end of input."""
+        call = self.stub.VmConsole()
+        typed: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def read() -> bytes:
+            reply = await call.read()
+            return b"" if reply is grpc.aio.EOF else reply.data
+
+        async def typing() -> None:
+            await call.write(pb.ConsoleInput(name=name))
+            while True:
+                await call.write(pb.ConsoleInput(data=await typed.get()))
+
+        typer = asyncio.ensure_future(typing())
+        try:
+            out = stdout or sys.stdout.buffer
+            out.write(await read())  # the log's tail, or the host's refusal
+            out.flush()
+            await console.relay(read, typed.put_nowait, stdin_fd=stdin_fd, stdout=out)
+        except grpc.aio.AioRpcError as exc:
+            raise _refusal(exc) from None
+        finally:
+            typer.cancel()
+            call.cancel()
 
     async def status(self, name: str) -> VmStatus:
         reply = await self._call("VmStatus", pb.VmRequest(name=name), CALL_TIMEOUT)

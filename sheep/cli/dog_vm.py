@@ -216,9 +216,18 @@ async def vm_console(stub, args) -> None:
         st = await ctl.status(args.name)
         root = Path(args.run_dir) if args.run_dir else await ctl.run_root()
     rt = st.runtime
+    if rt is not None and rt.node and not args.log:
+        async with _driver(stub, args) as host:
+            if not isinstance(host, HostedVm):
+                raise DogError(f"VM {args.name!r} is not running")
+            if os.isatty(0):
+                print(f"\r\n[dog: attached to the console on node {rt.node[:12]}; Ctrl-] "
+                      "detaches]\r", file=sys.stderr)
+            await host.console(args.name)
+        return
     if rt is not None and rt.host != socket.gethostname() and not args.log:
-        raise DogError(f"VM {args.name!r} runs on host {rt.host}: its console is reachable "
-                       "only there for now (dog vm console on that host)")
+        raise DogError(f"VM {args.name!r} runs on host {rt.host}, started there by dog: "
+                       "its console is reachable only there (dog vm console on that host)")
     if rt is None and not args.log:
         raise DogError(f"VM {args.name!r} is not running (--log shows its last output "
                          "on the host that ran it)")

@@ -31,6 +31,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "VmDetach": ADMIN,
     "VmSnapshot": ADMIN,
     "VmStatus": ADMIN,
+    "VmConsole": ADMIN,
 }
 
 
@@ -41,21 +42,42 @@ def allowed_roles(method: str) -> frozenset[str]:
 
 
 class RoleCheck(grpc.aio.ServerInterceptor):
+    """Unary calls and bidirectional streams (written as async generators, as the VM
+    console is); any other kind of method is closed (UNIMPLEMENTED) until this checks it."""
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         roles = allowed_roles(details.method)
-        call = handler.unary_unary
+        name = details.method.rsplit("/", 1)[-1]
 
-        async def guarded(request, context: grpc.aio.ServicerContext):
+        async def check(context: grpc.aio.ServicerContext) -> None:
             peer = peer_of_grpc(context)
             if peer is None or peer.role not in roles:
                 who = f"{peer.role} {peer.name!r}" if peer else "an unauthenticated peer"
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{who} may not call {details.method.rsplit('/', 1)[-1]}")
-            return await call(request, context)
+                                    f"{who} may not call {name}")
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            call = handler.unary_unary
+
+            async def guarded(request, context: grpc.aio.ServicerContext):
+                await check(context)
+                return await call(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                guarded, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def guarded_stream(requests, context: grpc.aio.ServicerContext):
+                await check(context)
+                async for reply in stream(requests, context):
+                    yield reply
+
+            return grpc.stream_stream_rpc_method_handler(
+                guarded_stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return None

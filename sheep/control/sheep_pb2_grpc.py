@@ -364,6 +364,11 @@ class VmHostStub:
                 request_serializer=sheep__pb2.VmRequest.SerializeToString,
                 response_deserializer=sheep__pb2.VmReply.FromString,
                 _registered_method=True)
+        self.VmConsole = channel.stream_stream(
+                '/sheep.control.VmHost/VmConsole',
+                request_serializer=sheep__pb2.ConsoleInput.SerializeToString,
+                response_deserializer=sheep__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
 
 
 class VmHostServicer:
@@ -420,6 +425,14 @@ class VmHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VmConsole(self, request_iterator, context):
+        """The serial console: the first message names the VM, the rest are keystrokes; the
+        replies are the console's output, the tail of its log first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -462,6 +475,11 @@ def add_VmHostServicer_to_server(servicer, server):
                     servicer.VmStatus,
                     request_deserializer=sheep__pb2.VmRequest.FromString,
                     response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmConsole': grpc.stream_stream_rpc_method_handler(
+                    servicer.VmConsole,
+                    request_deserializer=sheep__pb2.ConsoleInput.FromString,
+                    response_serializer=sheep__pb2.ConsoleOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -683,6 +701,33 @@ class VmHost:
             '/sheep.control.VmHost/VmStatus',
             sheep__pb2.VmRequest.SerializeToString,
             sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmConsole(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sheep.control.VmHost/VmConsole',
+            sheep__pb2.ConsoleInput.SerializeToString,
+            sheep__pb2.ConsoleOutput.FromString,
             options,
             channel_credentials,
             insecure,

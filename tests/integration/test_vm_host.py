@@ -7,15 +7,32 @@ node 1 by a dog talking to node 0, and the tests run in file order: it is stoppe
 
 from __future__ import annotations
 
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from qemu_driver.guest import POWER_OFF_MARKER, GuestImage, guest_artifacts, job_append
+from qemu_driver.guest import (
+    POWER_OFF_MARKER,
+    READY_MARKER,
+    GuestImage,
+    guest_artifacts,
+    job_append,
+)
 from sheep.etcd_server import EtcdServer
 
-from ..cluster import Cluster, dog, dog_error, dog_json, reap_leftovers, start_cluster, wait_until
+from ..cluster import (
+    BIN,
+    Cluster,
+    dog,
+    dog_error,
+    dog_json,
+    reap_leftovers,
+    start_cluster,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +41,8 @@ NAME = "hosted"
 JOB = """set -e
 mke2fs -q /dev/vda
 echo "sheep-test: running"
+read -r line </dev/console
+echo "sheep-test: typed $line"
 while true; do sleep 1; done
 """
 
@@ -96,6 +115,38 @@ def test_list_and_info_show_the_node_hosting_the_vm(cluster: Cluster, hosted: di
     assert table[0].split()[:4] == ["Name", "State", "Node", "Host"]
     assert next(r for r in table if r.startswith(NAME)).split()[2] == hosted["node"][:12]
     assert f"Node: {hosted['node']}" in dog("vm", "info", NAME, address=a).stdout
+
+
+def test_the_console_through_another_node_shows_the_guest_and_takes_keystrokes(
+        cluster: Cluster, hosted: dict, run_root: Path) -> None:
+    proc = subprocess.Popen([str(BIN / "dog"), "vm", "console", NAME, "-a",
+                             cluster.nodes[0].address], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = bytearray()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(4096):
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        # the log's tail comes first, from node 1
+        wait_until(lambda: b"sheep-test: running" in seen, 20, "the console's tail")
+        assert proc.stdin is not None
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        # the guest read the line typed on dog's stdin, and its answer came back live
+        wait_until(lambda: b"sheep-test: typed hello" in seen, 20, "the guest's answer")
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(timeout=20)
+    reader.join(timeout=5)
+    assert proc.returncode == 0, proc.stderr.read()  # type: ignore[union-attr]
+    assert READY_MARKER in console(run_root)
+    # node 1 relayed it (the console socket is reachable here too: same machine)
+    assert f"vm {NAME}: console attached" in cluster.nodes[1].log()
 
 
 def test_pause_and_resume_through_another_node_reach_the_vms_qemu(
