@@ -58,7 +58,10 @@ class VmHostService(pb_grpc.VmHostServicer):
                    call: Callable[[VmControl], Awaitable[pb.VmReply]]) -> pb.VmReply:
         """`call` on this node's VmControl; a refusal is one line back to dog."""
         try:
-            return await call(self._control(what))
+            reply = await call(self._control(what))
+            if what != "status":  # dog vm info is a question, not an action
+                log.info("vm %s: %s done for %s", name, what, context.peer())
+            return reply
         except SheepError as exc:
             log.info("vm %s %s refused: %s", what, name, exc)
             await context.abort(status_code(exc), str(exc))

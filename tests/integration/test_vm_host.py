@@ -149,6 +149,30 @@ def test_the_console_through_another_node_shows_the_guest_and_takes_keystrokes(
     assert f"vm {NAME}: console attached" in cluster.nodes[1].log()
 
 
+def test_a_vdi_hot_plugged_through_another_node_reaches_the_guest_and_leaves_it(
+        cluster: Cluster, hosted: dict) -> None:
+    a = cluster.nodes[0].address
+    dog("vdi", "create", "extra", "64M", address=a)
+
+    def files() -> list[str]:  # node 1 asks QEMU
+        return [b["file"] for b in dog_json("vm", "info", NAME, address=a)["block"]]
+
+    dog("vm", "attach", NAME, "extra", address=a)
+    assert cluster.nbd_url("extra") in files()
+    dog("vm", "detach", NAME, "extra", address=a)
+    assert cluster.nbd_url("extra") not in files()
+    assert f"vm {NAME}: attach done" in cluster.nodes[1].log()
+
+
+def test_a_snapshot_through_another_node_is_taken_with_the_guest_frozen(
+        cluster: Cluster, hosted: dict) -> None:
+    taken = dog_json("vm", "snapshot", NAME, "-s", "hosted-snap",
+                     address=cluster.nodes[0].address)
+    assert taken["method"] == "guest filesystems frozen"
+    assert [(s["name"], s["tag"]) for s in taken["snapshots"]] == [(NAME, "hosted-snap")]
+    assert f"vm {NAME}: snapshot done" in cluster.nodes[1].log()
+
+
 def test_pause_and_resume_through_another_node_reach_the_vms_qemu(
         cluster: Cluster, hosted: dict) -> None:
     a = cluster.nodes[0].address
@@ -157,6 +181,7 @@ def test_pause_and_resume_through_another_node_reach_the_vms_qemu(
     assert dog_json("vm", "info", NAME, address=a)["state"] == "paused"
     dog("vm", "resume", NAME, address=a)
     assert dog_json("vm", "info", NAME, address=a)["state"] == "running"
+    assert f"vm {NAME}: pause done" in cluster.nodes[1].log()
 
 
 def test_stop_through_another_node_powers_the_guest_off_on_its_host(
@@ -166,3 +191,4 @@ def test_stop_through_another_node_powers_the_guest_off_on_its_host(
     assert POWER_OFF_MARKER in console(run_root)
     listed = next(v for v in dog_json("vm", "list", address=a)["vms"] if v["name"] == NAME)
     assert listed["state"] == "stopped" and listed["runtime"] is None
+    assert f"vm {NAME}: stop done" in cluster.nodes[1].log()
