@@ -163,6 +163,8 @@ class VmControl:
                 port_open = await mon.agent_port_open()
         except QemuFailed:
             return VmStatus(spec, rt, "unresponsive", [])
+        if state != "running":  # a paused guest's agent cannot answer: not asked
+            return VmStatus(spec, rt, state, block, nodes)
         async with _agent_if(port_open, rt) as agent:
             return VmStatus(spec, rt, state, block, nodes, agent=agent is not None)
 

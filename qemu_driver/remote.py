@@ -36,6 +36,10 @@ class NoSuchNode(VmError):
     """no live node has that id"""
 
 
+class HostUnreachable(VmError):
+    """the node hosting the VM does not answer"""
+
+
 async def find_node(etcd: EtcdCluster, node: str) -> NodeInfo:
     """The live node whose id is `node`, or the one whose id starts with it (the 12 digits
     `dog node list` shows are enough)."""
@@ -61,8 +65,7 @@ class TakenSnapshot:
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> Exception:
-    """The node's refusal as the error VmControl would have raised here; the node being
-    unreachable stays a gRPC error (dog says so, with its address)."""
+    """The node's refusal as the error VmControl would have raised here."""
     kind = {grpc.StatusCode.NOT_FOUND: NoVm, grpc.StatusCode.INVALID_ARGUMENT: BadSpec,
             grpc.StatusCode.FAILED_PRECONDITION: VmError}.get(exc.code())
     return kind(exc.details()) if kind is not None else exc
@@ -78,7 +81,16 @@ class HostedVm:
         try:
             return await getattr(self.stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _refusal(exc) from None
+            raise self._failure(exc, getattr(request, "name", "")) from None
+
+    def _failure(self, exc: grpc.aio.AioRpcError, name: str) -> Exception:
+        """The host's refusal as VmControl's error; a host that does not answer, said so
+        with its own address (dog's error line would name the node dog talks to)."""
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return HostUnreachable(
+                f"VM {name!r} runs on node {self.node.node_id[:12]} at "
+                f"{self.node.control_addr}, which does not answer: {exc.details()}")
+        return _refusal(exc)
 
     async def start(self, name: str, *, run_root: str = "", reconnect_delay: int = 0,
                     chap: Chap | None = None, timeout: float = 120.0) -> VmRuntime:
@@ -134,7 +146,7 @@ class HostedVm:
             out.flush()
             await console.relay(read, typed.put_nowait, stdin_fd=stdin_fd, stdout=out)
         except grpc.aio.AioRpcError as exc:
-            raise _refusal(exc) from None
+            raise self._failure(exc, name) from None
         finally:
             typer.cancel()
             call.cancel()

@@ -7,6 +7,7 @@ node 1 by a dog talking to node 0, and the tests run in file order: it is stoppe
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -182,6 +183,27 @@ def test_pause_and_resume_through_another_node_reach_the_vms_qemu(
     dog("vm", "resume", NAME, address=a)
     assert dog_json("vm", "info", NAME, address=a)["state"] == "running"
     assert f"vm {NAME}: pause done" in cluster.nodes[1].log()
+
+
+def test_the_vm_outlives_its_nodes_process_and_obeys_it_again_once_it_is_back(
+        cluster: Cluster, hosted: dict) -> None:
+    a, host = cluster.nodes[0].address, cluster.nodes[1]
+    host.kill(signal.SIGKILL)
+    # QEMU and its supervisor run on (sessions of their own); the cluster says where
+    assert Path(f"/proc/{hosted['pid']}").exists()
+    assert Path(f"/proc/{hosted['supervisor']}").exists()
+    listed = next(v for v in dog_json("vm", "list", address=a)["vms"] if v["name"] == NAME)
+    assert listed["runtime"]["node"] == hosted["node"]
+    # whether node 1's membership has expired yet or not, dog says which node is missing
+    error = dog_error("vm", "pause", NAME, address=a)
+    assert f"runs on node {hosted['node'][:12]}" in error
+    assert "not up" in error or "does not answer" in error
+    host.start()
+    host.wait_up()
+    dog("vm", "pause", NAME, address=a)
+    dog("vm", "resume", NAME, address=a)
+    # the restarted process (same data dir, so the same node id) did it
+    assert f"vm {NAME}: resume done" in host.log()[host.log_start:]
 
 
 def test_stop_through_another_node_powers_the_guest_off_on_its_host(
