@@ -34,6 +34,7 @@ from .errors import NoVm, VmNotRunning
 from .spec import VmRuntime
 
 log = logging.getLogger("sheep.vmhost")
+CHUNK = 256 << 10  # bytes of console log per message (a node's messages stay well under 1 MiB)
 
 
 def status_code(exc: SheepError) -> grpc.StatusCode:
@@ -167,6 +168,29 @@ class VmHostService(pb_grpc.VmHostServicer):
             typer.cancel()
             writer.close()
             log.info("vm %s: console detached", first.name)
+
+    async def VmConsoleLog(self, request: pb.VmRequest, context
+                           ) -> AsyncIterator[pb.ConsoleOutput]:
+        ctl = self._control("console log")
+        me = self._node.info.node_id
+        try:
+            await ctl.vms.get(request.name)
+            known = await ctl.vms.runtime(request.name) or await ctl.vms.last_exit(request.name)
+            if known is None or known.node != me:
+                raise VmNotRunning(f"VM {request.name!r} did not run on node {me[:12]} last")
+            log_file = open(Path(known.run_dir) / "console.log", "rb")  # noqa: SIM115
+        except SheepError as exc:
+            await context.abort(status_code(exc), str(exc))
+            return
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no console log of VM {request.name!r} on node {me[:12]}: "
+                                f"{exc.strerror}")
+            return
+        log.info("vm %s: console log read by %s", request.name, context.peer())
+        with log_file:
+            while chunk := log_file.read(CHUNK):
+                yield pb.ConsoleOutput(data=chunk)
 
     async def _mine(self, ctl: VmControl, name: str) -> VmRuntime:
         """A VM hosted by another node (or by a dog) is not driven from here, even on a

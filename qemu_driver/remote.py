@@ -151,6 +151,16 @@ class HostedVm:
             typer.cancel()
             call.cancel()
 
+    async def console_log(self, name: str, out) -> None:
+        """The whole console log of the VM this node runs or last ran, onto `out`."""
+        try:
+            async for chunk in self.stub.VmConsoleLog(pb.VmRequest(name=name),
+                                                      timeout=CALL_TIMEOUT):
+                out.write(chunk.data)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc, name) from None
+        out.flush()
+
     async def status(self, name: str) -> VmStatus:
         reply = await self._call("VmStatus", pb.VmRequest(name=name), CALL_TIMEOUT)
         return VmStatus.load(reply.json.encode())

@@ -141,6 +141,7 @@ class VmExit:
     accel: str = ""
     fallback: str = ""
     run_dir: str = ""  # on `host`: its console log is still there
+    node: str = ""  # the node that hosted it (its console log is read through it); "": dog
 
     @property
     def crashed(self) -> bool:

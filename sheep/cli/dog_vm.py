@@ -203,7 +203,8 @@ async def vm_info(stub, args) -> None:
               f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:
-        print(f"Last run: ended {when(ended.at)} on {ended.host} under {ended.accel}"
+        on = f"node {ended.node[:12]} on {ended.host}" if ended.node else ended.host
+        print(f"Last run: ended {when(ended.at)} on {on} under {ended.accel}"
               f"{f' (after KVM failed: {ended.fallback})' if ended.fallback else ''}")
     if st.agent is not None:
         print(f"Guest agent: {'running' if st.agent else 'none'}")
@@ -212,25 +213,36 @@ async def vm_info(stub, args) -> None:
 
 
 async def vm_console(stub, args) -> None:
+    """Through the node that hosts the VM (or, with --log, last hosted it) when its record
+    names one; else here, on the host where dog started it."""
     async with _control(stub, args) as ctl:
         st = await ctl.status(args.name)
         root = Path(args.run_dir) if args.run_dir else await ctl.run_root()
-    rt = st.runtime
-    if rt is not None and rt.node and not args.log:
-        async with _driver(stub, args) as host:
-            if not isinstance(host, HostedVm):
-                raise DogError(f"VM {args.name!r} is not running")
+        rt = st.runtime
+        known = rt or st.last_exit
+        node = None
+        if known is not None and known.node and not (args.log and args.run_dir):
+            try:
+                node = await find_node(ctl.etcd, known.node)
+            except NoSuchNode:
+                raise DogError(f"VM {args.name!r} {'runs' if rt else 'last ran'} on node "
+                               f"{known.node[:12]} (host {known.host}), which is not up"
+                               ) from None
+    if node is not None and (args.log or rt is not None):
+        async with hosted(node, args.identity) as host:
+            if args.log:
+                await host.console_log(args.name, sys.stdout.buffer)
+                return
             if os.isatty(0):
-                print(f"\r\n[dog: attached to the console on node {rt.node[:12]}; Ctrl-] "
-                      "detaches]\r", file=sys.stderr)
+                print(f"\r\n[dog: attached to the console on node {node.node_id[:12]}; "
+                      "Ctrl-] detaches]\r", file=sys.stderr)
             await host.console(args.name)
         return
     if rt is not None and rt.host != socket.gethostname() and not args.log:
         raise DogError(f"VM {args.name!r} runs on host {rt.host}, started there by dog: "
                        "its console is reachable only there (dog vm console on that host)")
     if rt is None and not args.log:
-        raise DogError(f"VM {args.name!r} is not running (--log shows its last output "
-                         "on the host that ran it)")
+        raise DogError(f"VM {args.name!r} is not running (--log shows its last output)")
     if args.log:
         sys.stdout.write(console.read_log(_console_log(args, st, root)))
         return
@@ -344,9 +356,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     cmd("info", vm_info, "definition, state, accelerator, block devices")
     p = cmd("console", vm_console, "attach to the serial console (Ctrl-] detaches)")
     p.add_argument("--log", action="store_true", help="print the console's output and exit")
-    p.add_argument("--run-dir", help="with --log: where to look (the root given to dog vm "
-                                     "start, or the VM's own directory); by default where "
-                                     "the VM last ran")
+    p.add_argument("--run-dir", help="with --log: where to look on this host (the root given "
+                                     "to dog vm start, or the VM's own directory); by "
+                                     "default where the VM last ran, through its node")
     for name, func, help in (("attach", vm_attach, "hot-plug a VDI into a running VM"),
                              ("detach", vm_detach, "hot-unplug a VDI from a running VM")):
         p = cmd(name, func, help)

@@ -32,6 +32,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "VmSnapshot": ADMIN,
     "VmStatus": ADMIN,
     "VmConsole": ADMIN,
+    "VmConsoleLog": ADMIN,
 }
 
 
@@ -42,7 +43,7 @@ def allowed_roles(method: str) -> frozenset[str]:
 
 
 class RoleCheck(grpc.aio.ServerInterceptor):
-    """Unary calls and bidirectional streams (written as async generators, as the VM
+    """Unary calls, and streams of replies (written as async generators, as the VM
     console is); any other kind of method is closed (UNIMPLEMENTED) until this checks it."""
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
@@ -69,15 +70,21 @@ class RoleCheck(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 guarded, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
-
-            async def guarded_stream(requests, context: grpc.aio.ServicerContext):
-                await check(context)
-                async for reply in stream(requests, context):
-                    yield reply
-
-            return grpc.stream_stream_rpc_method_handler(
-                guarded_stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+        for kind, wrap in ((handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+                           (handler.unary_stream, grpc.unary_stream_rpc_method_handler)):
+            if kind is not None:
+                return wrap(_guarded_stream(kind, check),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
         return None
+
+
+def _guarded_stream(stream, check):
+    """`stream` (an async generator of replies) once `check` let the caller in."""
+
+    async def guarded(request, context: grpc.aio.ServicerContext):
+        await check(context)
+        async for reply in stream(request, context):
+            yield reply
+
+    return guarded

@@ -369,6 +369,11 @@ class VmHostStub:
                 request_serializer=sheep__pb2.ConsoleInput.SerializeToString,
                 response_deserializer=sheep__pb2.ConsoleOutput.FromString,
                 _registered_method=True)
+        self.VmConsoleLog = channel.unary_stream(
+                '/sheep.control.VmHost/VmConsoleLog',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
 
 
 class VmHostServicer:
@@ -433,6 +438,13 @@ class VmHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VmConsoleLog(self, request, context):
+        """The console log of a VM this node runs or last ran, whole, in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -479,6 +491,11 @@ def add_VmHostServicer_to_server(servicer, server):
             'VmConsole': grpc.stream_stream_rpc_method_handler(
                     servicer.VmConsole,
                     request_deserializer=sheep__pb2.ConsoleInput.FromString,
+                    response_serializer=sheep__pb2.ConsoleOutput.SerializeToString,
+            ),
+            'VmConsoleLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.VmConsoleLog,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
                     response_serializer=sheep__pb2.ConsoleOutput.SerializeToString,
             ),
     }
@@ -727,6 +744,33 @@ class VmHost:
             target,
             '/sheep.control.VmHost/VmConsole',
             sheep__pb2.ConsoleInput.SerializeToString,
+            sheep__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmConsoleLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sheep.control.VmHost/VmConsoleLog',
+            sheep__pb2.VmRequest.SerializeToString,
             sheep__pb2.ConsoleOutput.FromString,
             options,
             channel_credentials,

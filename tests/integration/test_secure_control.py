@@ -63,6 +63,14 @@ def test_only_the_admin_may_drive_a_nodes_vms(secure_cluster: LocalCluster) -> N
                                 ("VmStop", pb.VmRequest(name="x"))):
             assert _call(secure_cluster, Identity.from_files(who), method, request,
                          pb_grpc.VmHostStub) == grpc.StatusCode.PERMISSION_DENIED
+    # streams too: the console and its log
+    client = Identity.from_files(secure_cluster.pki.client)
+    for method, request in (("VmConsoleLog", pb.VmRequest(name="x")),
+                            ("VmConsole", iter([pb.ConsoleInput(name="x")]))):
+        with (sync_channel(secure_cluster.address, client) as channel,
+              pytest.raises(grpc.RpcError) as refused):
+            list(getattr(pb_grpc.VmHostStub(channel), method)(request, timeout=5))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # the admin gets as far as the VM host itself, which knows no VM "x"
     admin = Identity.from_files(secure_cluster.pki.admin)
     assert _call(secure_cluster, admin, "VmStop", pb.VmRequest(name="x"),

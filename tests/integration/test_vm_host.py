@@ -213,4 +213,12 @@ def test_stop_through_another_node_powers_the_guest_off_on_its_host(
     assert POWER_OFF_MARKER in console(run_root)
     listed = next(v for v in dog_json("vm", "list", address=a)["vms"] if v["name"] == NAME)
     assert listed["state"] == "stopped" and listed["runtime"] is None
+    assert listed["last_exit"]["node"] == hosted["node"]
     assert f"vm {NAME}: stop done" in cluster.nodes[1].log()
+
+
+def test_the_console_log_of_the_stopped_vm_comes_from_the_node_that_ran_it(
+        cluster: Cluster, hosted: dict, run_root: Path) -> None:
+    out = dog("vm", "console", NAME, "--log", address=cluster.nodes[0].address).stdout
+    assert out == console(run_root) and POWER_OFF_MARKER in out
+    assert f"vm {NAME}: console log read" in cluster.nodes[1].log()

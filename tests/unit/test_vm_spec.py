@@ -49,7 +49,8 @@ def test_a_status_round_trips_as_the_hosting_node_sends_it(running: bool) -> Non
                    Gateway("nbd", "127.0.0.1", 10809), ("root",), node="n1")
     status = (VmStatus(spec, rt, "paused", [{"qdev": "vd1"}], [{"node-name": "vd1"}], True)
               if running else
-              VmStatus(spec, None, "crashed", [], last_exit=VmExit("crashed", "panic", -9)))
+              VmStatus(spec, None, "crashed", [],
+                       last_exit=VmExit("crashed", "panic", -9, node="n1")))
     assert VmStatus.load(status.dump()) == status
 
 
