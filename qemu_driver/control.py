@@ -1,6 +1,7 @@
 """VM operations as dog (and `sheep up`) run them: define, start, stop, hot-plug, pause,
 snapshot, inspect. Definitions come from the cluster; a running VM is driven through its
-QMP socket, so operations on a VM's QEMU run on the host that runs it.
+QMP socket, so operations on a VM's QEMU run on the host that runs it: a sheep node's VM
+host service (qemu_driver/host.py) runs this code there for a dog anywhere.
 """
 
 from __future__ import annotations

@@ -25,11 +25,15 @@ from sheep.gateway.iscsi.login import Chap
 from sheep.security.identity import Identity
 
 from . import console
+from .accel import PROBE_TIMEOUT
 from .control import STOP_TIMEOUT, VmStatus
 from .errors import BadSpec, NoVm, VmError
 from .spec import VmRuntime
+from .supervisor import START_TIMEOUT
 
 CALL_TIMEOUT = 15.0  # s for a call on a running VM; start and stop wait for the guest
+# the host probes the accelerator, then waits for its supervisor (VmControl.start)
+START_DEADLINE = PROBE_TIMEOUT + START_TIMEOUT + 60
 
 
 class NoSuchNode(VmError):
@@ -93,7 +97,7 @@ class HostedVm:
         return _refusal(exc)
 
     async def start(self, name: str, *, run_root: str = "", reconnect_delay: int = 0,
-                    chap: Chap | None = None, timeout: float = 120.0) -> VmRuntime:
+                    chap: Chap | None = None, timeout: float = START_DEADLINE) -> VmRuntime:
         request = pb.VmStartRequest(name=name, run_dir=run_root, reconnect_delay=reconnect_delay,
                                     chap_user=chap.user if chap else "",
                                     chap_secret=chap.secret if chap else b"")

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
-from qemu_driver.errors import VmError
-from qemu_driver.remote import HostedVm, NoSuchNode, find_node, hosted
+from qemu_driver.remote import HostedVm, HostUnreachable, NoSuchNode, find_node, hosted
 from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.gateway.iscsi.login import Chap
@@ -50,9 +49,9 @@ async def _driver(stub: pb_grpc.ControlStub, args: argparse.Namespace
         try:
             node = await find_node(ctl.etcd, rt.node)
         except NoSuchNode:
-            raise VmError(f"VM {args.name!r} runs on node {rt.node[:12]} (host {rt.host}), "
-                          "which is not up: its VM goes on, but only that node drives it"
-                          ) from None
+            raise HostUnreachable(f"VM {args.name!r} runs on node {rt.node[:12]} (host "
+                                  f"{rt.host}), which is not up: its VM goes on, but only "
+                                  "that node drives it") from None
         async with hosted(node, args.identity) as remote:
             yield remote
 
@@ -174,8 +173,14 @@ async def vm_list(stub, args) -> None:
 
 
 async def vm_info(stub, args) -> None:
-    async with _driver(stub, args) as ctl:
-        st = await ctl.status(args.name)
+    """QEMU's own word, from the host; the cluster's record when the host does not answer."""
+    try:
+        async with _driver(stub, args) as ctl:
+            st = await ctl.status(args.name)
+    except HostUnreachable as exc:
+        print(f"dog: {exc}; what the cluster knows:", file=sys.stderr)
+        async with _control(stub, args) as ctl:
+            st = await ctl.status(args.name)
     blocks = [{"device": b.get("qdev") or b.get("device"),
                "node": (b.get("inserted") or {}).get("node-name"),
                "file": (b.get("inserted") or {}).get("file"),

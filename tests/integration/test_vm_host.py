@@ -198,6 +198,7 @@ def test_the_vm_outlives_its_nodes_process_and_obeys_it_again_once_it_is_back(
     error = dog_error("vm", "pause", NAME, address=a)
     assert f"runs on node {hosted['node'][:12]}" in error
     assert "not up" in error or "does not answer" in error
+    assert dog_json("vm", "info", NAME, address=a)["state"] == "running"  # the record's word
     host.start()
     host.wait_up()
     dog("vm", "pause", NAME, address=a)
