@@ -333,11 +333,12 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                    help="how QEMU reaches the disks (default %(default)s)")
     cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
     p = cmd("start", vm_start, "start QEMU for the VM on a node (--on) or on this host")
-    p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest here, else "
-                "TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in the environment overrides "
-                "the probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with "
-                "the client certificate dog's config names (else dog's own); a gateway that "
-                "requires TLS refuses a start without one.")
+    p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest on the "
+                "host that runs the VM, else TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in "
+                "that host's environment (dog's, or with --on the node's) overrides the "
+                "probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with the "
+                "client certificate dog's config names (else dog's own; with --on, the "
+                "node's own); a gateway that requires TLS refuses a start without one.")
     p.add_argument("--on", metavar="NODE", default="",
                    help="the node that runs it: its id as dog node list --json gives it (or "
                         "the first digits); the node starts QEMU and drives it from then on, "
