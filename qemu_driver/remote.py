@@ -58,6 +58,30 @@ async def find_node(etcd: EtcdCluster, node: str) -> NodeInfo:
     raise NoSuchNode(f"no live node has id {node!r} (dog node list shows them)")
 
 
+ANY = "any"  # `dog vm start --on any`: not hex, so never a node id's prefix
+
+
+def least_loaded(nodes: list[NodeInfo], runtimes: list[VmRuntime], prefer: str = ""
+                 ) -> NodeInfo:
+    """The node hosting the fewest running VMs; among equals `prefer` (the node dog talks
+    to), then the lowest id."""
+    if not nodes:
+        raise NoSuchNode("no node is up to host the VM")
+    load = {n.node_id: 0 for n in nodes}
+    for rt in runtimes:
+        if rt.node in load:
+            load[rt.node] += 1
+    return min(nodes, key=lambda n: (load[n.node_id], n.node_id != prefer, n.node_id))
+
+
+async def choose_node(etcd: EtcdCluster, runtimes: list[VmRuntime], on: str,
+                      prefer: str = "") -> NodeInfo:
+    """The node `--on` names: an id (or its first digits), or `any` for the least loaded."""
+    if on == ANY:
+        return least_loaded(await etcd.live_nodes(), runtimes, prefer)
+    return await find_node(etcd, on)
+
+
 @dataclass(frozen=True)
 class TakenSnapshot:
     """A snapshot the host took, as dog shows it."""

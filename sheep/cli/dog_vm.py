@@ -17,14 +17,22 @@ from pathlib import Path
 
 from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
-from qemu_driver.remote import HostedVm, HostUnreachable, NoSuchNode, find_node, hosted
+from qemu_driver.remote import (
+    HostedVm,
+    HostUnreachable,
+    NoSuchNode,
+    choose_node,
+    find_node,
+    hosted,
+)
 from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
+from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.gateway.iscsi.login import Chap
 from sheep.netaddr import host_port
 from sheep.units import parse_size
 
-from .common import DogError, cluster_manager, table, when
+from .common import RPC_TIMEOUT, DogError, cluster_manager, table, when
 from .output import emit
 
 
@@ -113,7 +121,9 @@ async def vm_start(stub, args) -> None:
         raise DogError(f"bad iSCSI CHAP file: {exc}") from None
     if args.on:
         async with _control(stub, args) as ctl:
-            node = await find_node(ctl.etcd, args.on)
+            here = (await stub.NodeInfo(pb.Empty(), timeout=RPC_TIMEOUT)).node.id
+            node = await choose_node(ctl.etcd, list((await ctl.vms.runtimes()).values()),
+                                     args.on, prefer=here)
         async with hosted(node, args.identity) as remote:
             rt = await remote.start(args.name, chap=chap, reconnect_delay=args.reconnect_delay,
                                     run_root=str(Path(args.run_dir).resolve())
@@ -341,8 +351,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                 "node's own); a gateway that requires TLS refuses a start without one.")
     p.add_argument("--on", metavar="NODE", default="",
                    help="the node that runs it: its id as dog node list --json gives it (or "
-                        "the first digits); the node starts QEMU and drives it from then on, "
-                        "and shows the disks' gateway its own certificate")
+                        "the first digits), or 'any': the one hosting the fewest VMs (the "
+                        "node dog talks to among equals); the node starts QEMU and drives it "
+                        "from then on, and shows the disks' gateway its own certificate")
     p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs, on "
                                      "the host that runs it (default /run/sheep/vm/CLUSTER, "
                                      "or under $XDG_RUNTIME_DIR for other users)")
