@@ -10,6 +10,7 @@ import re
 import sys
 import termios
 import tty
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .errors import QemuFailed
@@ -50,14 +51,27 @@ async def send(socket_path: str | Path, text: str) -> None:
 
 async def attach(socket_path: str | Path, *, stdin_fd: int = 0, stdout=None,
                  keep_signals: bool = False) -> None:
-    """Relay this terminal to the console until Ctrl-] (or end of input, or QEMU exits).
-    With `keep_signals`, Ctrl-C still signals this process instead of going to the guest
-    (`sheep up` stops everything on it)."""
-    out = stdout or sys.stdout.buffer
+    """Relay this terminal to the console socket until Ctrl-] (or end of input, or QEMU
+    exits). With `keep_signals`, Ctrl-C still signals this process instead of going to the
+    guest (`sheep up` stops everything on it)."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(socket_path))
     except OSError as exc:
         raise QemuFailed(f"cannot reach the console at {socket_path}: {exc}") from None
+    try:
+        await relay(lambda: reader.read(4096), writer.write, stdin_fd=stdin_fd, stdout=stdout,
+                    keep_signals=keep_signals)
+    finally:
+        writer.close()
+
+
+async def relay(read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], None], *,
+                stdin_fd: int = 0, stdout=None, keep_signals: bool = False) -> None:
+    """Relay this terminal to a console, wherever it is: `read` gives its output (b"" at
+    its end), `write` types on it (the socket here, or the node hosting the VM). Until
+    Ctrl-], or end of input, or the console's end; an error reading the console is
+    raised."""
+    out = stdout or sys.stdout.buffer
     loop = asyncio.get_running_loop()
     is_tty = os.isatty(stdin_fd)
     saved = termios.tcgetattr(stdin_fd) if is_tty else None
@@ -73,13 +87,15 @@ async def attach(socket_path: str | Path, *, stdin_fd: int = 0, stdout=None,
             if not keep_signals:
                 done.set()
         if data:
-            writer.write(data.replace(b"\n", b"\r") if is_tty else data)
+            write(data.replace(b"\n", b"\r") if is_tty else data)
 
     async def pump() -> None:
-        while chunk := await reader.read(4096):
-            out.write(chunk)
-            out.flush()
-        done.set()
+        try:
+            while chunk := await read():
+                out.write(chunk)
+                out.flush()
+        finally:
+            done.set()
 
     if is_tty:
         tty.setraw(stdin_fd)
@@ -97,4 +113,5 @@ async def attach(socket_path: str | Path, *, stdin_fd: int = 0, stdout=None,
         task.cancel()
         if saved is not None:
             termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
-        writer.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # the console's end, or the error that ended it

@@ -1,6 +1,7 @@
 """VM operations as dog (and `sheep up`) run them: define, start, stop, hot-plug, pause,
 snapshot, inspect. Definitions come from the cluster; a running VM is driven through its
-QMP socket, so operations on a VM's QEMU run on the host that runs it.
+QMP socket, so operations on a VM's QEMU run on the host that runs it: a sheep node's VM
+host service (qemu_driver/host.py) runs this code there for a dog anywhere.
 """
 
 from __future__ import annotations
@@ -73,6 +74,24 @@ class VmStatus:
     agent: bool | None = None  # a guest agent answered; None: not asked (not running here)
     last_exit: VmExit | None = None  # how the last run ended (when none runs now)
 
+    def dump(self) -> bytes:
+        """JSON, as the node hosting the VM sends it to dog (qemu_driver/host.py)."""
+        return json.dumps({
+            "spec": json.loads(self.spec.dump()), "state": self.state, "block": self.block,
+            "nodes": self.nodes, "agent": self.agent,
+            "runtime": None if self.runtime is None else json.loads(self.runtime.dump()),
+            "last_exit": None if self.last_exit is None else json.loads(self.last_exit.dump()),
+        }).encode()
+
+    @classmethod
+    def load(cls, raw: bytes) -> VmStatus:
+        d = json.loads(raw)
+        rt, ended = d["runtime"], d["last_exit"]
+        return cls(VmSpec.load(json.dumps(d["spec"]).encode()),
+                   None if rt is None else VmRuntime.load(json.dumps(rt).encode()),
+                   d["state"], d["block"], d["nodes"], d["agent"],
+                   None if ended is None else VmExit.load(json.dumps(ended).encode()))
+
 
 def listed_state(rt: VmRuntime | None, ended: VmExit | None) -> str:
     """A VM's state as the cluster's records tell it: the supervisor's last word on a
@@ -126,7 +145,8 @@ class VmControl:
         if rt is None or rt.pid == 0:
             raise VmNotRunning(f"VM {name!r} is not running")
         if rt.host != socket.gethostname():
-            raise ElsewhereError(f"VM {name!r} runs on host {rt.host}: run this there")
+            where = f"node {rt.node[:12]} on host {rt.host}" if rt.node else f"host {rt.host}"
+            raise ElsewhereError(f"VM {name!r} runs on {where}: run this there")
         return rt
 
     async def status(self, name: str) -> VmStatus:
@@ -144,6 +164,8 @@ class VmControl:
                 port_open = await mon.agent_port_open()
         except QemuFailed:
             return VmStatus(spec, rt, "unresponsive", [])
+        if state != "running":  # a paused guest's agent cannot answer: not asked
+            return VmStatus(spec, rt, state, block, nodes)
         async with _agent_if(port_open, rt) as agent:
             return VmStatus(spec, rt, state, block, nodes, agent=agent is not None)
 
@@ -166,13 +188,15 @@ class VmControl:
     async def start(self, name: str, *, run_root: Path | None = None,
                     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
                     timeout: float = START_TIMEOUT, tied: bool = False,
-                    chap: Chap | None = None, tls: Identity | None = None) -> VmRuntime:
+                    chap: Chap | None = None, tls: Identity | None = None,
+                    node: str = "") -> VmRuntime:
         """Start the VM under a supervisor of its own, which outlives this process (dog
         exits once the VM runs); `tied`: the VM is stopped when this process dies, even of
         SIGKILL (the demo VM of `sheep up`); `chap`: the CHAP user and secret QEMU logs in
         to an iSCSI portal with (required when the portal requires CHAP); `tls`: the
         certificate QEMU's NBD client starts TLS with, wherever the gateway speaks TLS
-        (required when it requires TLS)."""
+        (required when it requires TLS); `node`: the id of the sheep node starting it, which
+        its runtime record names (qemu_driver/host.py), "" when dog starts it itself."""
         spec, _ = await self.vms.get(name)
         if await self.vms.runtime(name) is not None:
             raise VmError(f"VM {name!r} is already running")
@@ -194,7 +218,7 @@ class VmControl:
                             run_dir=str(paths.dir), qmp=str(paths.qmp),
                             console=str(paths.console), console_log=str(paths.console_log),
                             agent=str(paths.agent), accel=accel.accel, gateway=gateway,
-                            disks=spec.disks, accel_reason=accel.reason)
+                            disks=spec.disks, accel_reason=accel.reason, node=node)
 
         def argv(accel: str) -> list[str]:
             return qemu_argv(spec, gateway, paths, accel, reconnect_delay=reconnect_delay)

@@ -115,6 +115,7 @@ class VmRuntime:
     accel_reason: str = ""  # why this accelerator (the probe's verdict, or the override)
     fallback: str = ""  # why KVM was given up at start, when the VM was restarted under TCG
     extra: dict = field(default_factory=dict)
+    node: str = ""  # the id of the sheep node hosting it (qemu_driver/host.py); "": dog's host
 
     def dump(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -140,6 +141,7 @@ class VmExit:
     accel: str = ""
     fallback: str = ""
     run_dir: str = ""  # on `host`: its console log is still there
+    node: str = ""  # the node that hosted it (its console log is read through it); "": dog
 
     @property
     def crashed(self) -> bool:

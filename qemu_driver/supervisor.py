@@ -276,7 +276,7 @@ class Supervisor:
                 await self.vms.record_exit(self.runtime.name, VmExit(
                     "crashed" if ending.crashed else "stopped", ending.reason, ending.status,
                     time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback,
-                    self.runtime.run_dir))
+                    self.runtime.run_dir, self.runtime.node))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_TIMEOUT):
                 # the user keys of hot-plugged disks are on the lease too

@@ -1,6 +1,8 @@
-"""`dog vm ...`: VMs whose disks are VDIs, run by QEMU on the host dog runs on. Definitions
-live in the cluster (any node lists them); a running VM is driven through its QMP socket,
-so commands on a running VM run on the host that started it."""
+"""`dog vm ...`: VMs whose disks are VDIs, run by QEMU on a sheep node (`start --on NODE`,
+qemu_driver/host.py) or on the host dog runs on. Definitions live in the cluster (any node
+lists them); a running VM is driven through its QMP socket, by the node hosting it when its
+runtime record names one (from any machine that reaches the cluster), else by dog on the
+host that started it."""
 
 from __future__ import annotations
 
@@ -8,19 +10,29 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
+from qemu_driver.remote import (
+    HostedVm,
+    HostUnreachable,
+    NoSuchNode,
+    choose_node,
+    find_node,
+    hosted,
+)
 from qemu_driver.spec import TRANSPORTS, VmExit, VmRuntime, VmSpec
+from sheep.control import sheep_pb2 as pb
 from sheep.control import sheep_pb2_grpc as pb_grpc
 from sheep.gateway.iscsi.login import Chap
 from sheep.netaddr import host_port
 from sheep.units import parse_size
 
-from .common import DogError, cluster_manager, table, when
+from .common import RPC_TIMEOUT, DogError, cluster_manager, table, when
 from .output import emit
 
 
@@ -29,6 +41,27 @@ async def _control(stub: pb_grpc.ControlStub, args: argparse.Namespace
                    ) -> AsyncIterator[VmControl]:
     async with cluster_manager(stub, args, "vm") as m:
         yield VmControl(m)
+
+
+@contextlib.asynccontextmanager
+async def _driver(stub: pb_grpc.ControlStub, args: argparse.Namespace
+                  ) -> AsyncIterator[VmControl | HostedVm]:
+    """What drives the running VM args.name: the node its runtime record names, else
+    VmControl on this host (a VM a dog started here, or not running: VmControl says so)."""
+    async with _control(stub, args) as ctl:
+        await ctl.vms.get(args.name)
+        rt = await ctl.vms.runtime(args.name)
+        if rt is None or not rt.node:
+            yield ctl
+            return
+        try:
+            node = await find_node(ctl.etcd, rt.node)
+        except NoSuchNode:
+            raise HostUnreachable(f"VM {args.name!r} runs on node {rt.node[:12]} (host "
+                                  f"{rt.host}), which is not up: its VM goes on, but only "
+                                  "that node drives it") from None
+        async with hosted(node, args.identity) as remote:
+            yield remote
 
 
 def _runtime_dict(rt: VmRuntime | None) -> dict | None:
@@ -86,21 +119,33 @@ async def vm_start(stub, args) -> None:
         chap = Chap.load(args.iscsi_chap_file) if args.iscsi_chap_file else None
     except ValueError as exc:
         raise DogError(f"bad iSCSI CHAP file: {exc}") from None
-    async with _control(stub, args) as ctl:
-        rt = await ctl.start(args.name, run_root=Path(args.run_dir) if args.run_dir else None,
-                             reconnect_delay=args.reconnect_delay, chap=chap,
-                             tls=getattr(args, "disk_identity", None))
+    if args.on:
+        async with _control(stub, args) as ctl:
+            here = (await stub.NodeInfo(pb.Empty(), timeout=RPC_TIMEOUT)).node.id
+            node = await choose_node(ctl.etcd, list((await ctl.vms.runtimes()).values()),
+                                     args.on, prefer=here)
+        async with hosted(node, args.identity) as remote:
+            rt = await remote.start(args.name, chap=chap, reconnect_delay=args.reconnect_delay,
+                                    run_root=str(Path(args.run_dir).resolve())
+                                    if args.run_dir else "")
+    else:
+        async with _control(stub, args) as ctl:
+            rt = await ctl.start(args.name,
+                                 run_root=Path(args.run_dir) if args.run_dir else None,
+                                 reconnect_delay=args.reconnect_delay, chap=chap,
+                                 tls=getattr(args, "disk_identity", None))
     if args.json:
         emit(_runtime_dict(rt))
     else:
         gw = rt.gateway
-        print(f"VM {rt.name} started: pid {rt.pid}, {_accel(rt)}, disks over {gw.transport}"
-              f"{'+TLS' if gw.tls else ''} via {host_port(gw.host, gw.port)}; console: "
-              f"dog vm console {rt.name}")
+        where = f" on node {rt.node[:12]} (host {rt.host})" if rt.node else ""
+        print(f"VM {rt.name} started{where}: pid {rt.pid}, {_accel(rt)}, disks over "
+              f"{gw.transport}{'+TLS' if gw.tls else ''} via {host_port(gw.host, gw.port)}; "
+              f"console: dog vm console {rt.name}{f' (on {rt.host})' if rt.node else ''}")
 
 
 async def vm_stop(stub, args) -> None:
-    async with _control(stub, args) as ctl:
+    async with _driver(stub, args) as ctl:
         how = await ctl.stop(args.name, timeout=args.timeout)
     if args.json:
         emit({"stopped": args.name, "how": how})
@@ -128,17 +173,24 @@ async def vm_list(stub, args) -> None:
                         "runtime": _runtime_dict(rt), "last_exit": _exit_dict(ended)}
                        for s, rt, ended in vms]})
         return
-    rows = [[s.name, listed_state(rt, ended), rt.host if rt else "-",
-             str(rt.pid) if rt else "-", rt.accel if rt else "-", f"{s.memory}M",
-             str(s.cpus), s.transport, ",".join(rt.disks if rt else s.disks)]
+    rows = [[s.name, listed_state(rt, ended), (rt.node[:12] or "-") if rt else "-",
+             rt.host if rt else "-", str(rt.pid) if rt else "-", rt.accel if rt else "-",
+             f"{s.memory}M", str(s.cpus), s.transport, ",".join(rt.disks if rt else s.disks)]
             for s, rt, ended in vms]
-    header = ["Name", "State", "Host", "Pid", "Accel", "Memory", "CPUs", "Transport", "Disks"]
+    header = ["Name", "State", "Node", "Host", "Pid", "Accel", "Memory", "CPUs", "Transport",
+              "Disks"]
     print(table(rows, header))
 
 
 async def vm_info(stub, args) -> None:
-    async with _control(stub, args) as ctl:
-        st = await ctl.status(args.name)
+    """QEMU's own word, from the host; the cluster's record when the host does not answer."""
+    try:
+        async with _driver(stub, args) as ctl:
+            st = await ctl.status(args.name)
+    except HostUnreachable as exc:
+        print(f"dog: {exc}; what the cluster knows:", file=sys.stderr)
+        async with _control(stub, args) as ctl:
+            st = await ctl.status(args.name)
     blocks = [{"device": b.get("qdev") or b.get("device"),
                "node": (b.get("inserted") or {}).get("node-name"),
                "file": (b.get("inserted") or {}).get("file"),
@@ -159,13 +211,15 @@ async def vm_info(stub, args) -> None:
     if s.append:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
-        print(f"Host: {rt.host}\nPid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
+        print(f"Host: {rt.host}\nNode: {rt.node or '- (started by dog on its host)'}\n"
+              f"Pid: {rt.pid}\nAccelerator: {_accel(rt)}\n"
               f"Gateway: {rt.gateway.transport}{'+TLS' if rt.gateway.tls else ''} "
               f"{host_port(rt.gateway.host, rt.gateway.port)}\n"
               f"Started: {when(rt.started)}\nRun dir: {rt.run_dir}\n"
               f"Console: {rt.console} (log {rt.console_log})\nQMP: {rt.qmp}")
     elif ended is not None:
-        print(f"Last run: ended {when(ended.at)} on {ended.host} under {ended.accel}"
+        on = f"node {ended.node[:12]} on {ended.host}" if ended.node else ended.host
+        print(f"Last run: ended {when(ended.at)} on {on} under {ended.accel}"
               f"{f' (after KVM failed: {ended.fallback})' if ended.fallback else ''}")
     if st.agent is not None:
         print(f"Guest agent: {'running' if st.agent else 'none'}")
@@ -174,13 +228,36 @@ async def vm_info(stub, args) -> None:
 
 
 async def vm_console(stub, args) -> None:
+    """Through the node that hosts the VM (or, with --log, last hosted it) when its record
+    names one; else here, on the host where dog started it."""
     async with _control(stub, args) as ctl:
         st = await ctl.status(args.name)
         root = Path(args.run_dir) if args.run_dir else await ctl.run_root()
-    rt = st.runtime
+        rt = st.runtime
+        known = rt or st.last_exit
+        node = None
+        if known is not None and known.node and not (args.log and args.run_dir):
+            try:
+                node = await find_node(ctl.etcd, known.node)
+            except NoSuchNode:
+                raise DogError(f"VM {args.name!r} {'runs' if rt else 'last ran'} on node "
+                               f"{known.node[:12]} (host {known.host}), which is not up"
+                               ) from None
+    if node is not None and (args.log or rt is not None):
+        async with hosted(node, args.identity) as host:
+            if args.log:
+                await host.console_log(args.name, sys.stdout.buffer)
+                return
+            if os.isatty(0):
+                print(f"\r\n[dog: attached to the console on node {node.node_id[:12]}; "
+                      "Ctrl-] detaches]\r", file=sys.stderr)
+            await host.console(args.name)
+        return
+    if rt is not None and rt.host != socket.gethostname() and not args.log:
+        raise DogError(f"VM {args.name!r} runs on host {rt.host}, started there by dog: "
+                       "its console is reachable only there (dog vm console on that host)")
     if rt is None and not args.log:
-        raise DogError(f"VM {args.name!r} is not running (--log shows its last output "
-                         "on the host that ran it)")
+        raise DogError(f"VM {args.name!r} is not running (--log shows its last output)")
     if args.log:
         sys.stdout.write(console.read_log(_console_log(args, st, root)))
         return
@@ -206,7 +283,7 @@ def _console_log(args, st, root: Path) -> Path:
 
 
 async def vm_attach(stub, args) -> None:
-    async with _control(stub, args) as ctl:
+    async with _driver(stub, args) as ctl:
         await ctl.attach(args.name, args.vdi)
     if args.json:
         emit({"vm": args.name, "attached": args.vdi})
@@ -215,7 +292,7 @@ async def vm_attach(stub, args) -> None:
 
 
 async def vm_detach(stub, args) -> None:
-    async with _control(stub, args) as ctl:
+    async with _driver(stub, args) as ctl:
         await ctl.detach(args.name, args.vdi, timeout=args.timeout)
     if args.json:
         emit({"vm": args.name, "detached": args.vdi})
@@ -224,7 +301,7 @@ async def vm_detach(stub, args) -> None:
 
 
 async def vm_pause(stub, args) -> None:
-    async with _control(stub, args) as ctl:
+    async with _driver(stub, args) as ctl:
         await (ctl.pause if args.cmd == "pause" else ctl.resume)(args.name)
     if args.json:
         emit({"vm": args.name, "state": "paused" if args.cmd == "pause" else "running"})
@@ -233,7 +310,7 @@ async def vm_pause(stub, args) -> None:
 
 
 async def vm_snapshot(stub, args) -> None:
-    async with _control(stub, args) as ctl:
+    async with _driver(stub, args) as ctl:
         how, records = await ctl.snapshot(args.name, args.snapshot)
     if args.json:
         emit({"vm": args.name, "tag": args.snapshot, "method": how,
@@ -265,15 +342,21 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--transport", choices=TRANSPORTS, default="nbd",
                    help="how QEMU reaches the disks (default %(default)s)")
     cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
-    p = cmd("start", vm_start, "start QEMU for the VM on this host")
-    p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest here, else "
-                "TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in the environment overrides "
-                "the probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with "
-                "the client certificate dog's config names (else dog's own); a gateway that "
-                "requires TLS refuses a start without one.")
-    p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs "
-                                     "(default /run/sheep/vm/CLUSTER, or under "
-                                     "$XDG_RUNTIME_DIR for other users)")
+    p = cmd("start", vm_start, "start QEMU for the VM on a node (--on) or on this host")
+    p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest on the "
+                "host that runs the VM, else TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in "
+                "that host's environment (dog's, or with --on the node's) overrides the "
+                "probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with the "
+                "client certificate dog's config names (else dog's own; with --on, the "
+                "node's own); a gateway that requires TLS refuses a start without one.")
+    p.add_argument("--on", metavar="NODE", default="",
+                   help="the node that runs it: its id as dog node list --json gives it (or "
+                        "the first digits), or 'any': the one hosting the fewest VMs (the "
+                        "node dog talks to among equals); the node starts QEMU and drives it "
+                        "from then on, and shows the disks' gateway its own certificate")
+    p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs, on "
+                                     "the host that runs it (default /run/sheep/vm/CLUSTER, "
+                                     "or under $XDG_RUNTIME_DIR for other users)")
     p.add_argument("--reconnect-delay", type=int, default=60,
                    help="seconds QEMU holds guest I/O while its NBD gateway is away")
     p.add_argument("--iscsi-chap-file", default="", metavar="FILE",
@@ -290,9 +373,9 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     cmd("info", vm_info, "definition, state, accelerator, block devices")
     p = cmd("console", vm_console, "attach to the serial console (Ctrl-] detaches)")
     p.add_argument("--log", action="store_true", help="print the console's output and exit")
-    p.add_argument("--run-dir", help="with --log: where to look (the root given to dog vm "
-                                     "start, or the VM's own directory); by default where "
-                                     "the VM last ran")
+    p.add_argument("--run-dir", help="with --log: where to look on this host (the root given "
+                                     "to dog vm start, or the VM's own directory); by "
+                                     "default where the VM last ran, through its node")
     for name, func, help in (("attach", vm_attach, "hot-plug a VDI into a running VM"),
                              ("detach", vm_detach, "hot-unplug a VDI from a running VM")):
         p = cmd(name, func, help)

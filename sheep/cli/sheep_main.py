@@ -37,6 +37,7 @@ def install_event_loop_policy() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from qemu_driver.host import add_vm_host
     from sheep.cluster.access import resolve_access
     from sheep.cluster.state import EtcdTarget
     from sheep.node.daemon import NodeOptions, run_node
@@ -85,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
         etcd_access=etcd_access,
         nbd_tls=args.nbd_tls,
         nbd_tls_psk=args.nbd_tls_psk,
+        control_services=(add_vm_host,),  # every node can host VMs
     )
     install_event_loop_policy()
     keep_freed_memory()

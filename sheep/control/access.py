@@ -22,30 +22,69 @@ ALLOWED: dict[str, frozenset[str]] = {
     "NodeInfo": ADMIN_OR_NODE,
     "SetRecoveryThrottle": ADMIN,
     "StartScrub": ADMIN,
+    # VmHost: QEMU on the node, its disks, its guest: the admin's alone
+    "VmStart": ADMIN,
+    "VmStop": ADMIN,
+    "VmPause": ADMIN,
+    "VmResume": ADMIN,
+    "VmAttach": ADMIN,
+    "VmDetach": ADMIN,
+    "VmSnapshot": ADMIN,
+    "VmStatus": ADMIN,
+    "VmConsole": ADMIN,
+    "VmConsoleLog": ADMIN,
 }
 
 
 def allowed_roles(method: str) -> frozenset[str]:
-    """`method` as gRPC names it: /sheep.Control/NodeInfo."""
+    """`method` as gRPC names it: /sheep.control.Control/NodeInfo (method names are
+    unique across the services a node serves)."""
     return ALLOWED.get(method.rsplit("/", 1)[-1], frozenset())
 
 
 class RoleCheck(grpc.aio.ServerInterceptor):
+    """Unary calls, and streams of replies (written as async generators, as the VM
+    console is); any other kind of method is closed (UNIMPLEMENTED) until this checks it."""
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         roles = allowed_roles(details.method)
-        call = handler.unary_unary
+        name = details.method.rsplit("/", 1)[-1]
 
-        async def guarded(request, context: grpc.aio.ServicerContext):
+        async def check(context: grpc.aio.ServicerContext) -> None:
             peer = peer_of_grpc(context)
             if peer is None or peer.role not in roles:
                 who = f"{peer.role} {peer.name!r}" if peer else "an unauthenticated peer"
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{who} may not call {details.method.rsplit('/', 1)[-1]}")
-            return await call(request, context)
+                                    f"{who} may not call {name}")
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        if handler.unary_unary is not None:
+            call = handler.unary_unary
+
+            async def guarded(request, context: grpc.aio.ServicerContext):
+                await check(context)
+                return await call(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                guarded, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        for kind, wrap in ((handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+                           (handler.unary_stream, grpc.unary_stream_rpc_method_handler)):
+            if kind is not None:
+                return wrap(_guarded_stream(kind, check),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return None
+
+
+def _guarded_stream(stream, check):
+    """`stream` (an async generator of replies) once `check` let the caller in."""
+
+    async def guarded(request, context: grpc.aio.ServicerContext):
+        await check(context)
+        async for reply in stream(request, context):
+            yield reply
+
+    return guarded

@@ -10,6 +10,7 @@ from typing import Protocol
 from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import NodeInfo
 from sheep.cluster.view import ClusterView
+from sheep.objclient import ObjectClient
 from sheep.security.identity import Identity
 
 
@@ -62,6 +63,7 @@ class NodeHandle(Protocol):
     info: NodeInfo
     etcd_url: str  # as the node was given it: what dog connects its own clients to
     identity: Identity | None  # its certificate: how it dials its peers' control services
+    client: ObjectClient  # the node as a client of its cluster (the VMs it hosts use it)
 
     def status(self) -> NodeStatus: ...
 

@@ -7,6 +7,7 @@ control services (node list) or etcd (cluster info), never the data plane.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import grpc
@@ -152,13 +153,21 @@ class ControlService(pb_grpc.ControlServicer):
             return pb.NodeStats(node=node_pb(info), reachable=False, error=exc.details() or "")
 
 
+# A service more on a node's control port: it registers itself on the server, for the node.
+# The VM host (qemu_driver/host.py) is one: it sits above the node, so `sheep run` adds it.
+ExtraService = Callable[[grpc.aio.Server, NodeHandle], None]
+
+
 async def serve(node: NodeHandle, host: str, port: int,
-                identity: Identity | None = None) -> grpc.aio.Server:
-    """Mutual TLS and the role table (access.py) with an identity; plain without (an open
-    loopback node)."""
+                identity: Identity | None = None,
+                services: Sequence[ExtraService] = ()) -> grpc.aio.Server:
+    """Mutual TLS and the role table (access.py) with an identity, for `services` too;
+    plain without (an open loopback node)."""
     server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CALLS,
                              interceptors=[RoleCheck()] if identity else [])
     pb_grpc.add_ControlServicer_to_server(ControlService(node), server)
+    for add in services:
+        add(server, node)
     if identity is None:
         server.add_insecure_port(host_port(host, port))
     else:

@@ -310,3 +310,474 @@ class Control:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class VmHostStub:
+    """The VMs a node hosts (qemu_driver/host.py): the node runs QEMU and its supervisor, so a
+    VM's runtime record names the node, and dog drives it from anywhere through that node.
+    Records travel as the JSON they are kept as in etcd (qemu_driver/spec.py).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.VmStart = channel.unary_unary(
+                '/sheep.control.VmHost/VmStart',
+                request_serializer=sheep__pb2.VmStartRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmStop = channel.unary_unary(
+                '/sheep.control.VmHost/VmStop',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmPause = channel.unary_unary(
+                '/sheep.control.VmHost/VmPause',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmResume = channel.unary_unary(
+                '/sheep.control.VmHost/VmResume',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmAttach = channel.unary_unary(
+                '/sheep.control.VmHost/VmAttach',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmDetach = channel.unary_unary(
+                '/sheep.control.VmHost/VmDetach',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmSnapshot = channel.unary_unary(
+                '/sheep.control.VmHost/VmSnapshot',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmStatus = channel.unary_unary(
+                '/sheep.control.VmHost/VmStatus',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmConsole = channel.stream_stream(
+                '/sheep.control.VmHost/VmConsole',
+                request_serializer=sheep__pb2.ConsoleInput.SerializeToString,
+                response_deserializer=sheep__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
+        self.VmConsoleLog = channel.unary_stream(
+                '/sheep.control.VmHost/VmConsoleLog',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.ConsoleOutput.FromString,
+                _registered_method=True)
+
+
+class VmHostServicer:
+    """The VMs a node hosts (qemu_driver/host.py): the node runs QEMU and its supervisor, so a
+    VM's runtime record names the node, and dog drives it from anywhere through that node.
+    Records travel as the JSON they are kept as in etcd (qemu_driver/spec.py).
+    """
+
+    def VmStart(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmStop(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmPause(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmResume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmAttach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmDetach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmConsole(self, request_iterator, context):
+        """The serial console: the first message names the VM, the rest are keystrokes; the
+        replies are the console's output, the tail of its log first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmConsoleLog(self, request, context):
+        """The console log of a VM this node runs or last ran, whole, in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_VmHostServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'VmStart': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmStart,
+                    request_deserializer=sheep__pb2.VmStartRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmStop': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmStop,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmPause': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmPause,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmResume': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmResume,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmAttach': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmAttach,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmDetach': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmDetach,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmSnapshot,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmStatus,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmConsole': grpc.stream_stream_rpc_method_handler(
+                    servicer.VmConsole,
+                    request_deserializer=sheep__pb2.ConsoleInput.FromString,
+                    response_serializer=sheep__pb2.ConsoleOutput.SerializeToString,
+            ),
+            'VmConsoleLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.VmConsoleLog,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.ConsoleOutput.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sheep.control.VmHost', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sheep.control.VmHost', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class VmHost:
+    """The VMs a node hosts (qemu_driver/host.py): the node runs QEMU and its supervisor, so a
+    VM's runtime record names the node, and dog drives it from anywhere through that node.
+    Records travel as the JSON they are kept as in etcd (qemu_driver/spec.py).
+    """
+
+    @staticmethod
+    def VmStart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmStart',
+            sheep__pb2.VmStartRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmStop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmStop',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmPause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmPause',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmResume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmResume',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmAttach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmAttach',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmDetach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmDetach',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmSnapshot',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmStatus',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmConsole(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sheep.control.VmHost/VmConsole',
+            sheep__pb2.ConsoleInput.SerializeToString,
+            sheep__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmConsoleLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sheep.control.VmHost/VmConsoleLog',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

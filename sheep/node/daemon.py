@@ -100,6 +100,8 @@ class NodeOptions:
     etcd_access: EtcdAccess | None = None
     nbd_tls: str | None = None  # require | allow | off; None: by the bind (gateway/nbd/tls.py)
     nbd_tls_psk: str = ""  # file: IDENTITY:HEXKEY lines, NBD clients' pre-shared keys
+    # more services on the control port (`sheep run` adds the VM host, qemu_driver/host.py)
+    control_services: tuple[control.ExtraService, ...] = ()
 
 
 def _check_exposure(opts: NodeOptions) -> None:
@@ -320,10 +322,10 @@ class Node:
         # the volumes every gateway on this node shares: an NBD and an iSCSI client of one
         # VDI write through one Volume (one lock, one owner table); the gateways read and
         # write this node's own replicas in its own store, with no network hop
-        self._volumes = VolumeCache(
-            ObjectClient(self.view, self._pool, etcd=etcd,
-                         local=(node_id, InProcess(self._service))),
-            VdiRegistry(etcd), f"the gateway of sheep node {node_id[:8]}")
+        self.client = ObjectClient(self.view, self._pool, etcd=etcd,
+                                   local=(node_id, InProcess(self._service)))
+        self._volumes = VolumeCache(self.client, VdiRegistry(etcd),
+                                    f"the gateway of sheep node {node_id[:8]}")
         # what start() starts, as it does
         self._data_server: dataplane.Listening | None = None
         self._control_server: grpc.aio.Server | None = None
@@ -343,7 +345,8 @@ class Node:
                                                   identity=opts.identity,
                                                   encrypt_loopback=opts.encrypt_loopback)
         try:
-            self._control_server = await control.serve(self, opts.bind, opts.port, opts.identity)
+            self._control_server = await control.serve(self, opts.bind, opts.port, opts.identity,
+                                                       opts.control_services)
         except RuntimeError as exc:
             raise StartupError(f"cannot bind control port {host_port(opts.bind, opts.port)}: "
                                f"{exc}") from None

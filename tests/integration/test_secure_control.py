@@ -21,10 +21,10 @@ from ..cluster import Cluster, dog
 
 
 def _call(cluster: LocalCluster, identity: Identity | None, method: str,
-          request=None) -> grpc.StatusCode:
+          request=None, stub=pb_grpc.ControlStub) -> grpc.StatusCode:
     with sync_channel(cluster.address, identity) as channel:
         try:
-            getattr(pb_grpc.ControlStub(channel), method)(request or pb.Empty(), timeout=5)
+            getattr(stub(channel), method)(request or pb.Empty(), timeout=5)
         except grpc.RpcError as exc:
             return exc.code()
     return grpc.StatusCode.OK
@@ -55,6 +55,26 @@ def test_a_node_identity_may_ask_what_nodes_ask_and_nothing_more(
     node = Identity.from_files(secure_cluster.pki.node(1))
     assert _call(secure_cluster, node, "NodeInfo") == grpc.StatusCode.OK
     assert _call(secure_cluster, node, "StartScrub") == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_only_the_admin_may_drive_a_nodes_vms(secure_cluster: LocalCluster) -> None:
+    for who in (secure_cluster.pki.client, secure_cluster.pki.node(1)):
+        for method, request in (("VmStart", pb.VmStartRequest(name="x")),
+                                ("VmStop", pb.VmRequest(name="x"))):
+            assert _call(secure_cluster, Identity.from_files(who), method, request,
+                         pb_grpc.VmHostStub) == grpc.StatusCode.PERMISSION_DENIED
+    # streams too: the console and its log
+    client = Identity.from_files(secure_cluster.pki.client)
+    for method, request in (("VmConsoleLog", pb.VmRequest(name="x")),
+                            ("VmConsole", iter([pb.ConsoleInput(name="x")]))):
+        with (sync_channel(secure_cluster.address, client) as channel,
+              pytest.raises(grpc.RpcError) as refused):
+            list(getattr(pb_grpc.VmHostStub(channel), method)(request, timeout=5))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # the admin gets as far as the VM host itself, which knows no VM "x"
+    admin = Identity.from_files(secure_cluster.pki.admin)
+    assert _call(secure_cluster, admin, "VmStop", pb.VmRequest(name="x"),
+                 pb_grpc.VmHostStub) == grpc.StatusCode.NOT_FOUND
 
 
 def test_dog_finds_the_admin_certificate_in_its_config(secure_cluster: LocalCluster) -> None:

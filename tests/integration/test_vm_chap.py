@@ -85,3 +85,16 @@ def test_a_vm_without_chap_is_refused_by_a_portal_that_requires_it(
                       address=chap_cluster.address)
     assert error == (f"the iSCSI portal at 127.0.0.1:{chap_cluster.iscsi_port} requires "
                      "CHAP: give dog vm start --iscsi-chap-file FILE (USER:SECRET, mode 600)")
+
+
+def test_a_node_hosting_a_vm_logs_in_with_the_chap_secret_dog_hands_it(
+        chap_cluster: Cluster, run_root: Path, guest: GuestImage, chap_file: Path) -> None:
+    """`--on`: the secret travels to the node in the start request (qemu_driver/host.py),
+    and the node's QEMU logs in with it. `any` picks the least loaded node: the only one."""
+    node = chap_cluster.node_list()[0]["node"]["id"]
+    vm = Vm(chap_cluster, run_root, "chap-hosted").create(
+        guest, [vdi(chap_cluster, "chap-hosted")], MAKE_FILES.format(vm="chap-hosted"), "iscsi")
+    vm.dog("start", vm.name, "--on", "any", "--run-dir", str(run_root),
+           "--iscsi-chap-file", str(chap_file))
+    assert vm.info()["runtime"]["node"] == node
+    vm.finish()

@@ -102,9 +102,17 @@ def test_a_client_of_another_ca_fails_the_handshake(ca: ClusterCA, tmp_path: Pat
 
 
 def test_every_control_rpc_has_a_rule_and_admin_may_call_all() -> None:
-    methods = sheep_pb2.DESCRIPTOR.services_by_name["Control"].methods_by_name
-    assert set(methods) == set(ALLOWED)
-    assert all("admin" in allowed_roles(f"/sheep.Control/{m}") for m in methods)
+    methods = {f"/sheep.control.{s.name}/{m}": m
+               for s in sheep_pb2.DESCRIPTOR.services_by_name.values()
+               for m in s.methods_by_name}
+    assert set(methods.values()) == set(ALLOWED)
+    assert len(methods) == len(ALLOWED), "two services share a method name"
+    assert all("admin" in allowed_roles(path) for path in methods)
+
+
+def test_only_the_admin_may_drive_a_nodes_vms() -> None:
+    methods = sheep_pb2.DESCRIPTOR.services_by_name["VmHost"].methods_by_name
+    assert all(allowed_roles(f"/sheep.control.VmHost/{m}") == {"admin"} for m in methods)
 
 
 def test_a_method_missing_from_the_table_is_closed() -> None:

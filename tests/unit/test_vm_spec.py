@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 
+from qemu_driver.control import VmStatus
 from qemu_driver.errors import NoGateway
 from qemu_driver.gateways import choose_gateway
-from qemu_driver.spec import Gateway, VmRuntime, VmSpec
+from qemu_driver.spec import Gateway, VmExit, VmRuntime, VmSpec
 from sheep.cluster.state import NodeInfo, dump, load_node
 from sheep.errors import InvalidParams
 
@@ -30,6 +31,27 @@ def test_a_runtime_round_trips_with_its_gateway() -> None:
     rt = VmRuntime("web", "h", 10, 9, "/r", "/r/q", "/r/c", "/r/c.log", "/r/a", "tcg",
                    Gateway("nbd", "127.0.0.1", 10809), ("root",), 3.0, 77)
     assert VmRuntime.load(rt.dump()) == rt
+
+
+def test_a_runtime_names_the_node_hosting_it_and_one_from_before_names_none() -> None:
+    rt = VmRuntime("web", "h", 10, 9, "/r", "/r/q", "/r/c", "/r/c.log", "/r/a", "tcg",
+                   Gateway("nbd", "127.0.0.1", 10809), node="n1")
+    assert VmRuntime.load(rt.dump()).node == "n1"
+    data = json.loads(rt.dump())
+    del data["node"]
+    assert VmRuntime.load(json.dumps(data).encode()).node == ""
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_a_status_round_trips_as_the_hosting_node_sends_it(running: bool) -> None:
+    spec = VmSpec("web", ("root",), kernel="/k")
+    rt = VmRuntime("web", "h", 10, 9, "/r", "/r/q", "/r/c", "/r/c.log", "/r/a", "tcg",
+                   Gateway("nbd", "127.0.0.1", 10809), ("root",), node="n1")
+    status = (VmStatus(spec, rt, "paused", [{"qdev": "vd1"}], [{"node-name": "vd1"}], True)
+              if running else
+              VmStatus(spec, None, "crashed", [],
+                       last_exit=VmExit("crashed", "panic", -9, node="n1")))
+    assert VmStatus.load(status.dump()) == status
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
