@@ -46,6 +46,12 @@ def status_code(exc: SheepError) -> grpc.StatusCode:
     return grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def _done(action: Awaitable[object]) -> pb.VmReply:
+    """An action whose answer is only that it was done."""
+    await action
+    return pb.VmReply()
+
+
 class VmHostService(pb_grpc.VmHostServicer):
     def __init__(self, node: NodeHandle) -> None:
         self._node = node
@@ -80,54 +86,45 @@ class VmHostService(pb_grpc.VmHostServicer):
 
         return await self._run(context, "start", request.name, start)
 
+    async def _drive(self, context, what: str, name: str,
+                     call: Callable[[VmControl], Awaitable[pb.VmReply]]) -> pb.VmReply:
+        """`call` on a VM this node hosts; one hosted elsewhere is refused (_mine)."""
+        async def mine_then_call(ctl: VmControl) -> pb.VmReply:
+            await self._mine(ctl, name)
+            return await call(ctl)
+
+        return await self._run(context, what, name, mine_then_call)
+
     async def VmStop(self, request: pb.VmRequest, context) -> pb.VmReply:
         async def stop(ctl: VmControl) -> pb.VmReply:
-            await self._mine(ctl, request.name)
             return pb.VmReply(how=await ctl.stop(request.name,
                                                  timeout=request.timeout or STOP_TIMEOUT))
 
-        return await self._run(context, "stop", request.name, stop)
+        return await self._drive(context, "stop", request.name, stop)
 
     async def VmPause(self, request: pb.VmRequest, context) -> pb.VmReply:
-        async def pause(ctl: VmControl) -> pb.VmReply:
-            await self._mine(ctl, request.name)
-            await ctl.pause(request.name)
-            return pb.VmReply()
-
-        return await self._run(context, "pause", request.name, pause)
+        return await self._drive(context, "pause", request.name,
+                                 lambda ctl: _done(ctl.pause(request.name)))
 
     async def VmResume(self, request: pb.VmRequest, context) -> pb.VmReply:
-        async def resume(ctl: VmControl) -> pb.VmReply:
-            await self._mine(ctl, request.name)
-            await ctl.resume(request.name)
-            return pb.VmReply()
-
-        return await self._run(context, "resume", request.name, resume)
+        return await self._drive(context, "resume", request.name,
+                                 lambda ctl: _done(ctl.resume(request.name)))
 
     async def VmAttach(self, request: pb.VmRequest, context) -> pb.VmReply:
-        async def attach(ctl: VmControl) -> pb.VmReply:
-            await self._mine(ctl, request.name)
-            await ctl.attach(request.name, request.vdi)
-            return pb.VmReply()
-
-        return await self._run(context, "attach", request.name, attach)
+        return await self._drive(context, "attach", request.name,
+                                 lambda ctl: _done(ctl.attach(request.name, request.vdi)))
 
     async def VmDetach(self, request: pb.VmRequest, context) -> pb.VmReply:
-        async def detach(ctl: VmControl) -> pb.VmReply:
-            await self._mine(ctl, request.name)
-            await ctl.detach(request.name, request.vdi, timeout=request.timeout or 30.0)
-            return pb.VmReply()
-
-        return await self._run(context, "detach", request.name, detach)
+        return await self._drive(context, "detach", request.name, lambda ctl: _done(
+            ctl.detach(request.name, request.vdi, timeout=request.timeout or 30.0)))
 
     async def VmSnapshot(self, request: pb.VmRequest, context) -> pb.VmReply:
         async def snapshot(ctl: VmControl) -> pb.VmReply:
-            await self._mine(ctl, request.name)
             how, records = await ctl.snapshot(request.name, request.tag)
             return pb.VmReply(how=how, json=json.dumps(
                 [{"name": r.name, "tag": r.tag, "id": r.id, "label": r.label} for r in records]))
 
-        return await self._run(context, "snapshot", request.name, snapshot)
+        return await self._drive(context, "snapshot", request.name, snapshot)
 
     async def VmStatus(self, request: pb.VmRequest, context) -> pb.VmReply:
         async def status(ctl: VmControl) -> pb.VmReply:
@@ -156,6 +153,7 @@ class VmHostService(pb_grpc.VmHostServicer):
         async def typing() -> None:
             async for keys in typed:
                 writer.write(keys.data)
+                await writer.drain()  # a guest that reads no keys holds back dog's, not memory
 
         log.info("vm %s: console attached (%s)", first.name, context.peer())
         typer = asyncio.ensure_future(typing())

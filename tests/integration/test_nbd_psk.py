@@ -18,7 +18,7 @@ import pytest
 from sheep.localcluster import LaunchError, LocalCluster, NodeProcess, free_port
 from sheep.security.local import node_args
 
-from ..cluster import dog, x509_client_dir
+from ..cluster import dog, nodes_stay_healthy, x509_client_dir
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -75,12 +75,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PskGateway]:
 
 @pytest.fixture(autouse=True)
 def gateway_stays_healthy(gw: PskGateway) -> Iterator[None]:
-    node = gw.cluster.nodes[0]
-    start = len(node.log())
-    yield
-    assert node.alive, "the node died"
-    new = node.log()[start:]
-    assert "Traceback" not in new, f"the node logged a traceback:\n{new[-5000:]}"
+    with nodes_stay_healthy(gw.cluster.nodes):
+        yield
 
 
 _names = itertools.count()

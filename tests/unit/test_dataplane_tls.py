@@ -287,3 +287,15 @@ async def test_a_byte_that_is_no_link_mode_is_closed_unanswered(node: Listener) 
     writer.write(b"\x16")  # a TLS record's first byte, sent by a dialer that skips the ask
     assert await closed_without_reply(reader)
     writer.close()
+
+
+async def test_a_tls_record_announced_past_the_limit_is_closed_unread(node: Listener) -> None:
+    """Asking for a clear link, then announcing a 64 KiB record: nothing is allocated for it
+    (TLS records are at most 16 KiB + 256), the connection is closed."""
+    reader, writer = await asyncio.open_connection(*node.addr)
+    writer.write(ASK_CLEAR)
+    assert await asyncio.wait_for(reader.readexactly(1), WAIT) == ASK_CLEAR
+    writer.write(bytes([22, 3, 1, 0xFF, 0xFF]))  # a handshake record of 65535 bytes
+    assert await closed_without_reply(reader)
+    writer.close()
+    assert node.recorder.frames == []
