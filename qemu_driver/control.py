@@ -176,8 +176,9 @@ class VmControl:
 
     # -- start / stop ---------------------------------------------------------------------
 
-    async def gateway(self, transport: str) -> Gateway:
-        return choose_gateway(await self.etcd.live_nodes(), transport)
+    async def gateway(self, transport: str, node: str = "") -> Gateway:
+        """The gateway a VM's disks go through; `node`: the node hosting the VM."""
+        return choose_gateway(await self.etcd.live_nodes(), transport, prefer=node)
 
     async def run_root(self) -> Path:
         """The default root of this cluster's VMs on this host: two clusters on one host may
@@ -201,7 +202,7 @@ class VmControl:
         if await self.vms.runtime(name) is not None:
             raise VmError(f"VM {name!r} is already running")
         await self._check_vdis(spec.disks)
-        gateway = _with_tls(_with_chap(await self.gateway(spec.transport), chap), tls)
+        gateway = _with_tls(_with_chap(await self.gateway(spec.transport, node), chap), tls)
         accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
         paths = RunPaths((run_root or await self.run_root()) / name)
         paths.dir.mkdir(parents=True, exist_ok=True)

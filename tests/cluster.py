@@ -176,15 +176,20 @@ class Cluster:
 
 def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
                   lease_ttl: int = 3, nbd: bool = False, iscsi: bool = False,
-                  iscsi_args: tuple[str, ...] = (), host: str = "127.0.0.1") -> Cluster:
+                  iscsi_args: tuple[str, ...] = (), host: str = "127.0.0.1",
+                  every_node_gateway: bool = False) -> Cluster:
     """With `nbd`, node 0 also serves NBD on `cluster.nbd_port`; with `iscsi`, iSCSI on
-    `cluster.iscsi_port` (`iscsi_args`: more options for it, e.g. CHAP). Every node binds
-    `host`."""
+    `cluster.iscsi_port` (`iscsi_args`: more options for it, e.g. CHAP); with
+    `every_node_gateway`, the other nodes serve them too, each on ports of its own (the
+    gateways of VMs they host). Every node binds `host`."""
     cluster = Cluster(root, etcd_base, lease_ttl=lease_ttl, host=host)
     for i in range(nodes):
-        extra = ["--nbd-port", str(cluster.nbd_port)] if nbd and i == 0 else []
-        if iscsi and i == 0:
-            extra += ["--iscsi-port", str(cluster.iscsi_port), *iscsi_args]
+        gateway = i == 0 or every_node_gateway
+        nbd_port = cluster.nbd_port if i == 0 else free_port()
+        iscsi_port = cluster.iscsi_port if i == 0 else free_port()
+        extra = ["--nbd-port", str(nbd_port)] if nbd and gateway else []
+        if iscsi and gateway:
+            extra += ["--iscsi-port", str(iscsi_port), *iscsi_args]
         cluster.add_node(*extra, wait=False)
     for node in cluster.nodes:
         node.wait_up()

@@ -96,6 +96,15 @@ def test_the_gateway_is_a_node_serving_the_transport_on_this_host_first() -> Non
     assert choose_gateway(nodes, "iscsi", local={"10.0.0.2"}) == Gateway("iscsi", "10.0.0.1", 2)
 
 
+def test_the_gateway_of_the_node_hosting_the_vm_comes_first() -> None:
+    nodes = [_node("a", "10.0.0.1", nbd=1), _node("b", "10.0.0.2", nbd=3), _node("c", "h")]
+    assert choose_gateway(nodes, "nbd", local={"10.0.0.1"}, prefer="b") == \
+        Gateway("nbd", "10.0.0.2", 3)
+    # a hosting node without that gateway: the usual order
+    assert choose_gateway(nodes, "nbd", local={"10.0.0.1"}, prefer="c") == \
+        Gateway("nbd", "10.0.0.1", 1)
+
+
 def test_no_node_serving_the_transport_is_a_clear_error() -> None:
     with pytest.raises(NoGateway, match="no node serves iscsi"):
         choose_gateway([_node("a", "h", nbd=1)], "iscsi", local=set())
