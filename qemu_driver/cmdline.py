@@ -48,6 +48,12 @@ class RunPaths:
         return self.dir / "stop-requested"
 
     @property
+    def sent(self) -> Path:
+        """Written by the sender of a migration once it read QEMU's last word on it (the
+        completed migration, its downtime): the supervisor may then end the source QEMU."""
+        return self.dir / "migration-sent"
+
+    @property
     def console(self) -> Path:
         return self.dir / "console.sock"
 

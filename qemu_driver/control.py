@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .cmdline import DEFAULT_RECONNECT_DELAY, RunPaths, initiator_name, qemu_arg
 from .errors import BadSpec, ElsewhereError, QemuFailed, VmCrashed, VmError, VmNotRunning
 from .gateways import choose_gateway
 from .guest import GuestNotBuilt, guest_artifacts
+from .migration import DEFAULT_BANDWIDTH, DEFAULT_TIMEOUT, Progress, migrate_out
 from .qmp import monitor
 from .registry import VmRegistry
 from .spec import Gateway, VmExit, VmRuntime, VmSpec
@@ -205,16 +207,7 @@ class VmControl:
         gateway = _with_tls(_with_chap(await self.gateway(spec.transport, node), chap), tls)
         accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
         paths = RunPaths((run_root or await self.run_root()) / name)
-        paths.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (paths.qmp, paths.events, paths.console, paths.agent,
-                      paths.stop_requested):
-            stale.unlink(missing_ok=True)
-        if len(str(paths.console)) > 100:
-            raise BadSpec(f"run directory {paths.dir} is too long for unix sockets")
-        if chap is not None and gateway.chap_user:
-            _write_secret(paths.chap_secret, chap.secret)
-        if tls is not None and gateway.tls:
-            write_tls_dir(paths.tls, tls)
+        _prepare(paths, gateway, chap, tls)
         runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
                             run_dir=str(paths.dir), qmp=str(paths.qmp),
                             console=str(paths.console), console_log=str(paths.console_log),
@@ -224,19 +217,30 @@ class VmControl:
         def argv(accel: str) -> list[str]:
             return qemu_argv(spec, gateway, paths, accel, reconnect_delay=reconnect_delay)
 
-        plan = paths.dir / "plan.json"
+        line = await self._supervise(paths, {
+            "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
+            "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, timeout, tied)
+        if line != "ok":
+            raise QemuFailed(line)
+        rt = await self.vms.runtime(name)
+        assert rt is not None
+        return rt
+
+    async def _supervise(self, paths: RunPaths, plan: dict, timeout: float,
+                         tied: bool = False) -> str:
+        """Spawn a supervisor with `plan` and return the line it says once QEMU runs (or
+        listens for a migration): "ok..." or why not."""
         target = self.etcd.target
         identity = self.etcd.identity  # an https etcd asks the supervisor for it too
-        plan.write_text(json.dumps({
+        plan_file = paths.dir / "plan.json"
+        plan_file.write_text(json.dumps({
             "etcd": f"{target.url}{target.prefix}",
             "identity": None if identity is None else {
                 "ca": str(identity.files.ca), "cert": str(identity.files.cert),
-                "key": str(identity.files.key)},
-            "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
-            "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, indent=1))
+                "key": str(identity.files.key)}, **plan}, indent=1))
         # A plain Popen, not an asyncio child: the supervisor outlives this event loop (and
         # this process), and asyncio's child watcher would complain about it later.
-        command = [sys.executable, "-m", "qemu_driver.supervisor", str(plan)]
+        command = [sys.executable, "-m", "qemu_driver.supervisor", str(plan_file)]
         with open(paths.dir / "supervisor.err", "ab") as err:
             proc = subprocess.Popen(
                 die_with_parent(command) if tied else command,
@@ -251,13 +255,86 @@ class VmControl:
             line = f"error: the VM did not start within {timeout + 15:.0f}s"
         finally:
             proc.stdout.close()
-        if line != "ok":
-            shutil.rmtree(paths.tls, ignore_errors=True)  # no QEMU runs on this copy of the key
-            raise QemuFailed(line.removeprefix("error: ") or
-                             f"the VM's supervisor died; see {paths.dir}/supervisor.err")
+        if line == "ok" or line.startswith("ok "):
+            return line
+        shutil.rmtree(paths.tls, ignore_errors=True)  # no QEMU runs on this copy of the key
+        return (line.removeprefix("error: ") or
+                f"the VM's supervisor died; see {paths.dir}/supervisor.err")
+
+    # -- live migration -------------------------------------------------------------------
+
+    async def receive(self, name: str, node: str, *, run_root: Path | None = None,
+                      reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
+                      timeout: float = START_TIMEOUT, chap: Chap | None = None,
+                      tls: Identity | None = None) -> tuple[str, Path]:
+        """Get ready to take VM `name` in from the node running it: a QEMU like its own,
+        with its disks through this node's (`node`'s) gateway, waiting for its state.
+        Returns the URI the source is to send it to, and the new QEMU's run directory."""
+        spec, _ = await self.vms.get(name)
         rt = await self.vms.runtime(name)
-        assert rt is not None
-        return rt
+        if rt is None or rt.pid == 0:
+            raise VmNotRunning(f"VM {name!r} is not running")
+        if rt.node == node:
+            raise BadSpec(f"VM {name!r} already runs on node {node[:12]}")
+        if not rt.node:
+            raise BadSpec(f"VM {name!r} runs on a dog's host ({rt.host}), not on a node: "
+                          f"only VMs that nodes host migrate (dog vm start --on)")
+        me = next((n for n in await self.etcd.live_nodes() if n.node_id == node), None)
+        if me is None:
+            raise VmError(f"node {node[:12]} is not a live member of the cluster")
+        gateway = _with_tls(_with_chap(await self.gateway(spec.transport, node), chap), tls)
+        if (gateway.host, gateway.port) != (me.host, me.nbd_port if spec.transport == "nbd"
+                                            else me.iscsi_port):
+            raise BadSpec(f"node {node[:12]} serves no {spec.transport} gateway: a VM it "
+                          f"hosts must reach its disks through its own (sheep run "
+                          f"--{spec.transport}-port)")
+        # by default beside the source's own directory (on its host: both hosts' alike)
+        paths = RunPaths((run_root or Path(rt.run_dir).parent) / f"{name}.{node[:8]}")
+        _prepare(paths, gateway, chap, tls)
+        # the same machine as the source's: its disks as it has them now (hot-plugs too),
+        # under its accelerator (a VM's state does not move between KVM and TCG)
+        runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
+                            run_dir=str(paths.dir), qmp=str(paths.qmp),
+                            console=str(paths.console), console_log=str(paths.console_log),
+                            agent=str(paths.agent), accel=rt.accel, gateway=gateway,
+                            disks=rt.disks, accel_reason=rt.accel_reason, node=node,
+                            state="inmigrate")
+        argv = [*qemu_argv(replace(spec, disks=rt.disks), gateway, paths, rt.accel,
+                           reconnect_delay=reconnect_delay), "-incoming", "defer"]
+        line = await self._supervise(paths, {
+            "runtime": json.loads(runtime.dump()), "argv": argv,
+            "incoming": f"tcp:{host_port(me.host, 0)}", "source_node": rt.node}, timeout)
+        if not line.startswith("ok "):
+            raise QemuFailed(line)
+        return f"tcp:{host_port(me.host, int(line.split()[1]))}", paths.dir
+
+    async def abort_receive(self, name: str, run_dir: Path) -> str:
+        """End the QEMU waiting for VM `name` in `run_dir` (a migration called off), unless
+        the VM already runs there; its supervisor then leaves quietly."""
+        rt = await self.vms.runtime(name)
+        if rt is not None and Path(rt.run_dir) == run_dir:
+            raise VmError(f"VM {name!r} was already taken over here: too late to call its "
+                          f"migration off")
+        paths = RunPaths(run_dir)
+        try:
+            pid = int(paths.pidfile.read_text())
+        except (OSError, ValueError):
+            return "nothing was waiting"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await _wait_gone(pid, 10)
+        return "the waiting QEMU was ended"
+
+    async def send(self, name: str, uri: str, *, bandwidth: int = DEFAULT_BANDWIDTH,
+                   timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Progress]:
+        """Send VM `name`, running here, to the QEMU waiting at `uri`; its progress."""
+        rt = await self.running(name)
+        paths = RunPaths(Path(rt.run_dir))
+        paths.sent.unlink(missing_ok=True)
+        async for progress in migrate_out(rt.qmp, uri, bandwidth=bandwidth, timeout=timeout):
+            if progress.status == "completed":
+                paths.sent.touch()
+            yield progress
 
     async def stop(self, name: str, *, timeout: float = STOP_TIMEOUT) -> str:
         """ACPI power button, then (after `timeout`) QMP quit, then SIGKILL. How it ended."""
@@ -369,6 +446,22 @@ class VmControl:
                 elif was_running:
                     await mon.resume()
         return how, taken
+
+
+def _prepare(paths: RunPaths, gateway: Gateway, chap: Chap | None,
+             tls: Identity | None) -> None:
+    """A VM's run directory, ready for its QEMU: no socket of a last run left, and the
+    secrets QEMU reads from files."""
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    for stale in (paths.qmp, paths.events, paths.console, paths.agent, paths.stop_requested,
+                  paths.sent):
+        stale.unlink(missing_ok=True)
+    if len(str(paths.console)) > 100:
+        raise BadSpec(f"run directory {paths.dir} is too long for unix sockets")
+    if chap is not None and gateway.chap_user:
+        _write_secret(paths.chap_secret, chap.secret)
+    if tls is not None and gateway.tls:
+        write_tls_dir(paths.tls, tls)
 
 
 def _agent_if(port_open: bool, rt: VmRuntime

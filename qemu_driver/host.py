@@ -31,6 +31,7 @@ from . import console
 from .cmdline import DEFAULT_RECONNECT_DELAY
 from .control import STOP_TIMEOUT, VmControl
 from .errors import NoVm, VmNotRunning
+from .migration import DEFAULT_BANDWIDTH, DEFAULT_TIMEOUT
 from .spec import VmRuntime
 
 log = logging.getLogger("sheep.vmhost")
@@ -55,6 +56,7 @@ async def _done(action: Awaitable[object]) -> pb.VmReply:
 class VmHostService(pb_grpc.VmHostServicer):
     def __init__(self, node: NodeHandle) -> None:
         self._node = node
+        self._receiving: dict[str, Path] = {}  # VM -> run directory of its incoming QEMU
 
     def _control(self, what: str) -> VmControl:
         client = self._node.client
@@ -189,6 +191,48 @@ class VmHostService(pb_grpc.VmHostServicer):
         with log_file:
             while chunk := log_file.read(CHUNK):
                 yield pb.ConsoleOutput(data=chunk)
+
+    # -- live migration -------------------------------------------------------------------
+
+    async def VmReceive(self, request: pb.VmStartRequest, context) -> pb.VmReply:
+        async def receive(ctl: VmControl) -> pb.VmReply:
+            chap = Chap(request.chap_user, request.chap_secret) if request.chap_user else None
+            uri, run_dir = await ctl.receive(
+                request.name, self._node.info.node_id,
+                run_root=Path(request.run_dir) if request.run_dir else None,
+                reconnect_delay=request.reconnect_delay or DEFAULT_RECONNECT_DELAY,
+                chap=chap, tls=self._node.identity)
+            self._receiving[request.name] = run_dir
+            log.info("vm %s: waiting here for its migration on %s", request.name, uri)
+            return pb.VmReply(how=uri)
+
+        return await self._run(context, "receive", request.name, receive)
+
+    async def VmSend(self, request: pb.VmSendRequest, context) -> AsyncIterator[pb.VmProgress]:
+        """The migration's progress as QEMU reports it, the last one completed; a failed
+        migration ends the call with its reason (the VM runs on here)."""
+        ctl = self._control("migrate")
+        try:
+            await self._mine(ctl, request.name)
+            log.info("vm %s: migrating to %s for %s", request.name, request.uri,
+                     context.peer())
+            async for progress in ctl.send(
+                    request.name, request.uri, bandwidth=request.bandwidth or DEFAULT_BANDWIDTH,
+                    timeout=request.timeout or DEFAULT_TIMEOUT):
+                yield pb.VmProgress(json=json.dumps(progress.dump()))
+            log.info("vm %s: migration sent", request.name)
+        except SheepError as exc:
+            log.info("vm %s: migration failed: %s", request.name, exc)
+            await context.abort(status_code(exc), str(exc))
+
+    async def VmAbortReceive(self, request: pb.VmRequest, context) -> pb.VmReply:
+        async def abort(ctl: VmControl) -> pb.VmReply:
+            run_dir = self._receiving.pop(request.name, None)
+            if run_dir is None:
+                raise VmNotRunning(f"no migration of VM {request.name!r} is coming in here")
+            return pb.VmReply(how=await ctl.abort_receive(request.name, run_dir))
+
+        return await self._run(context, "abort migration", request.name, abort)
 
     async def _mine(self, ctl: VmControl, name: str) -> VmRuntime:
         """A VM hosted by another node (or by a dog) is not driven from here, even on a

@@ -104,11 +104,12 @@ class VmRegistry:
     async def update_runtime(self, name: str, lease: Lease | None = None,
                              **changes) -> VmRuntime | None:
         """Change some fields of a running VM's record, keeping the others (its supervisor
-        publishes run states while dog records hot-plugged disks); None when it is gone."""
+        publishes run states while dog records hot-plugged disks); None when it is gone,
+        or (given the supervisor's `lease`) is no longer on it: the VM moved on."""
         key = self.run_key(name)
         for _ in range(20):
             kv = await self.kv.get(key)
-            if kv is None:
+            if kv is None or (lease is not None and kv.lease != tx.lease_id(lease)):
                 return None
             rt = replace(VmRuntime.load(kv.value), **changes)
             ok = await self.kv.transaction(
@@ -117,6 +118,28 @@ class VmRegistry:
             if ok:
                 return rt
         raise VmError(f"VM {name!r}: its runtime record kept changing; try again")
+
+    async def take_over(self, runtime: VmRuntime, lease: Lease, source: str,
+                        extra_ops: list[tx.Put | tx.Delete]) -> str:
+        """Publish `runtime` on `lease` in place of the record of the VM running on node
+        `source` (a migration's switch-over), or where none is left (that node died since);
+        returns the node it was taken from. VmRunning when it runs on another node now."""
+        key = self.run_key(runtime.name)
+        for _ in range(20):
+            kv = await self.kv.get(key)
+            if kv is None:
+                guard, was = tx.version(key) == 0, source
+            else:
+                was = VmRuntime.load(kv.value).node
+                if was != source:
+                    raise VmRunning(f"VM {runtime.name!r} runs on node {was[:12]} now, "
+                                    f"not on node {source[:12]}")
+                guard = tx.mod(key) == kv.mod_revision
+            if await self.kv.transaction(
+                    compare=[guard], success=[tx.put(key, runtime.dump(), lease=lease),
+                                              *extra_ops]):
+                return was
+        raise VmError(f"VM {runtime.name!r}: its runtime record kept changing; try again")
 
     async def set_disks(self, name: str, disks: tuple[str, ...]) -> None:
         """Record the disks a running VM has now (after a hot-plug), on the same lease."""

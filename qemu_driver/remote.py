@@ -28,6 +28,7 @@ from . import console
 from .accel import PROBE_TIMEOUT
 from .control import STOP_TIMEOUT, VmStatus
 from .errors import BadSpec, NoVm, VmError
+from .migration import DEFAULT_TIMEOUT, MigrationFailed, Progress
 from .spec import VmRuntime
 from .supervisor import START_TIMEOUT
 
@@ -188,6 +189,31 @@ class HostedVm:
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc, name) from None
         out.flush()
+
+    async def receive(self, name: str, *, run_root: str = "", reconnect_delay: int = 0,
+                      chap: Chap | None = None, timeout: float = START_DEADLINE) -> str:
+        """This node ready to take VM `name` in; the URI to send it to."""
+        request = pb.VmStartRequest(name=name, run_dir=run_root, reconnect_delay=reconnect_delay,
+                                    chap_user=chap.user if chap else "",
+                                    chap_secret=chap.secret if chap else b"")
+        return (await self._call("VmReceive", request, timeout)).how
+
+    async def abort_receive(self, name: str) -> str:
+        return (await self._call("VmAbortReceive", pb.VmRequest(name=name), CALL_TIMEOUT)).how
+
+    async def send(self, name: str, uri: str, *, bandwidth: int = 0,
+                   timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Progress]:
+        """VM `name`, which this node runs, sent to `uri`: its progress, the last one
+        completed; MigrationFailed (the VM runs on here) or the node's refusal."""
+        request = pb.VmSendRequest(name=name, uri=uri, bandwidth=bandwidth, timeout=timeout)
+        try:
+            async for reply in self.stub.VmSend(request, timeout=timeout + 60):
+                yield Progress(**json.loads(reply.json))
+        except grpc.aio.AioRpcError as exc:
+            failure = self._failure(exc, name)
+            if isinstance(failure, VmError) and not isinstance(failure, HostUnreachable):
+                raise MigrationFailed(str(failure)) from None
+            raise failure from None
 
     async def status(self, name: str) -> VmStatus:
         reply = await self._call("VmStatus", pb.VmRequest(name=name), CALL_TIMEOUT)

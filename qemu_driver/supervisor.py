@@ -38,7 +38,8 @@ from sheep.cluster.etcd import EtcdCluster
 from sheep.cluster.state import EtcdTarget
 from sheep.output import to_devnull
 from sheep.security.identity import Identity
-from sheep.vdi.registry import VdiRegistry
+from sheep.vdi import handover
+from sheep.vdi.registry import Handover, VdiRegistry
 
 from .cmdline import RunPaths
 from .registry import VmRegistry
@@ -53,7 +54,10 @@ TICK = LEASE_TTL / 3  # s between run-state checks when QEMU says nothing
 QMP_TIMEOUT = 10.0
 FINAL_TIMEOUT = 10.0  # s for each last word to etcd once QEMU is gone
 TERM_GRACE = 10.0  # s QEMU has to stop after SIGTERM before it is killed
-EVENTS = ("STOP", "RESUME", "GUEST_PANICKED", "SHUTDOWN")
+INCOMING_POLL = 0.02  # s between looks at a migration's destination (part of the downtime)
+HANDED_OVER_WAIT = 60.0  # s a migrated source waits for its destination to take the VM
+SENT_WAIT = 5.0  # s it waits for the sender to read the migration's outcome from QEMU
+EVENTS = ("STOP", "RESUME", "GUEST_PANICKED", "SHUTDOWN", "MIGRATION")
 CRASH_STATES = ("internal-error", "guest-panicked")
 # signals that end QEMU from outside: a crash, but not one to blame on the accelerator
 EXTERNAL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -125,7 +129,9 @@ class QemuRun:
         self.crash = ""  # why it crashed, once a crash state was seen
         self.shutdown = ""  # the reason of QEMU's SHUTDOWN event
 
-    async def launch(self, timeout: float) -> None:
+    async def launch(self, timeout: float, *, incoming: str = "") -> None:
+        """`incoming`: the URI to wait for the VM's state on (a migration's destination):
+        the guest stays paused until its supervisor lets it run."""
         with open(self.paths.qemu_log, "ab") as qlog:
             self.proc = await asyncio.create_subprocess_exec(
                 # QEMU gets SIGTERM (a clean shutdown) if its supervisor dies: a VM nobody
@@ -136,12 +142,38 @@ class QemuRun:
         async with asyncio.timeout(QMP_TIMEOUT):
             await self.client.connect(str(self.paths.events))
         self.client.register_listener(self.listener)
-        await self._execute("cont")
+        if incoming:
+            await self._execute("migrate-incoming", {"uri": incoming})
+        else:
+            await self._execute("cont")
         self.launched = time.monotonic()
 
-    async def _execute(self, command: str) -> object:
+    async def incoming_port(self) -> int:
+        """The port QEMU listens for the migration on (it was asked for any free one)."""
+        reply = await self._execute("query-migrate")
+        assert isinstance(reply, dict)
+        return int(reply["socket-address"][0]["port"])
+
+    async def incoming_done(self) -> bool:
+        """Until the migration came in: True when QEMU holds the whole VM, paused; False
+        when QEMU exited instead (the migration failed or was called off)."""
+        assert self.proc is not None
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            while not exited.done():
+                if (state := await self._state()) not in ("inmigrate", "unresponsive"):
+                    return state == "paused"
+                await asyncio.wait([exited], timeout=INCOMING_POLL)
+            return False
+        finally:
+            exited.cancel()
+
+    async def resume(self) -> None:
+        await self._execute("cont")
+
+    async def _execute(self, command: str, arguments: dict | None = None) -> object:
         async with asyncio.timeout(QMP_TIMEOUT):
-            return await self.client.execute(command)
+            return await self.client.execute(command, arguments)
 
     async def _state(self) -> str:
         """QEMU's run state; "unresponsive" when its monitor does not answer in time."""
@@ -246,6 +278,12 @@ class Supervisor:
         self.lease = None
         self.qemu: QemuRun | None = None
         self.reported = False
+        self.incoming: str = plan.get("incoming", "")  # a migration's destination: its URI
+        self.claimed = False  # the VM's runtime record is this supervisor's
+        self.migrated = False  # the VM went on to another node: its records are not ours
+        self.state = ""  # QEMU's run state, as last seen
+        self.handovers: dict[str, Handover] = {}  # incoming: the disks' lock handovers
+        self._handing_over: asyncio.Future[None] | None = None
 
     async def run(self) -> int:
         await self.etcd.connect()
@@ -253,9 +291,15 @@ class Supervisor:
         self.lease = await self.etcd.lease(LEASE_TTL)
         self.runtime = replace(self.runtime, supervisor=os.getpid(), lease=self.lease.id)
         try:
-            await self.vms.claim(self.runtime, self.lease, [
-                self.vdis.add_user_op(vdi, vm_user(self.runtime.name), self.label, self.lease)
-                for vdi in self.runtime.disks])
+            if self.incoming:
+                # the destination of a migration: the VM runs at its source, which holds
+                # its record; this node's gateway may take its disks' locks over
+                for vdi in self.runtime.disks:
+                    self.handovers[vdi] = await handover.offer(
+                        self.vdis, vdi, self.runtime.node, self.runtime.name, self.lease)
+            else:
+                await self.vms.claim(self.runtime, self.lease, self._user_ops())
+                self.claimed = True
         except Exception as exc:
             self._report(f"error: {exc}")
             await self.etcd.close()
@@ -264,12 +308,30 @@ class Supervisor:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate)
         keepalive = asyncio.ensure_future(self._keepalive())
         try:
-            ending = await self._run_qemu()
+            ending = await (self._run_incoming() if self.incoming else self._run_qemu())
         finally:
             keepalive.cancel()
             # QEMU's last run is over (a TCG restart needed them): no copy of the key stays
             shutil.rmtree(self.paths.tls, ignore_errors=True)
         log.info("VM %s: %s", self.runtime.name, ending.reason)
+        if self.claimed and not self.migrated:
+            await self._record_end(ending)
+        else:  # the VM runs elsewhere: nothing of its records is ours to touch
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(FINAL_TIMEOUT):
+                    await self.lease.revoke()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FINAL_TIMEOUT):
+                await self.etcd.close()
+        return 0 if self.reported else 1
+
+    def _user_ops(self) -> list:
+        """The VM's user keys on its VDIs, on this supervisor's lease."""
+        return [self.vdis.add_user_op(vdi, vm_user(self.runtime.name), self.label, self.lease)
+                for vdi in self.runtime.disks]
+
+    async def _record_end(self, ending: Ending) -> None:
+        """How the VM ended, for the cluster; its runtime record and user keys go."""
         # bounded: an etcd that died with its cluster (sheep up killed) must not keep us
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_TIMEOUT):
@@ -285,14 +347,74 @@ class Supervisor:
                 if current is not None:
                     for vdi in current.disks:
                         await self.vdis.remove_user(vdi, vm_user(self.runtime.name))
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(FINAL_TIMEOUT):
-                await self.etcd.close()
-        return 0 if self.reported else 1
+
+    async def _run_incoming(self) -> Ending:
+        """The destination of a migration: QEMU waits for the VM's state; once it all came
+        in (the source stopped the guest), this supervisor takes the VM's runtime record
+        and lets the guest run here. A migration that fails ends QEMU, and the VM runs on
+        at its source, untouched."""
+        self.qemu = qemu = QemuRun(self.plan["argv"], self.paths)
+        try:
+            await qemu.launch(START_TIMEOUT, incoming=self.incoming)
+            port = await qemu.incoming_port()
+        except Exception as exc:
+            await qemu.end()
+            reason = f"{exc}: {_tail(self.paths.qemu_log)}"
+            self._report(f"error: {reason}")
+            return Ending(True, reason, qemu.proc.returncode if qemu.proc else None)
+        self.paths.pidfile.write_text(f"{qemu.proc.pid}\n")
+        self._report(f"ok {port}")
+        if not await qemu.incoming_done():
+            await qemu.end()
+            return Ending(False, "the migration to here did not complete", qemu.proc.returncode)
+        came_in = time.monotonic()
+        try:
+            for vdi, offered in self.handovers.items():
+                await handover.make_ready(self.vdis, vdi, offered, self.lease)
+            source = await self.vms.take_over(
+                replace(self.runtime, pid=qemu.proc.pid, started=time.time(), state="running"),
+                self.lease, self.plan["source_node"], self._user_ops())
+            self.claimed = True
+            await qemu.resume()
+        except Exception as exc:
+            log.error("VM %s: cannot take the VM over after its migration: %s",
+                      self.runtime.name, exc)
+            await qemu.end()
+            return Ending(True, f"taking the VM over failed: {exc}", qemu.proc.returncode)
+        switchover_ms = round(1000 * (time.monotonic() - came_in))
+        self.runtime = replace(self.runtime, pid=qemu.proc.pid, state="running")
+        await self._publish(extra={**self.runtime.extra, "migrated_from": source,
+                                   "switchover_ms": switchover_ms})
+        log.info("VM %s: migrated here from node %s (switch-over %d ms); QEMU pid %d",
+                 self.runtime.name, source[:12], switchover_ms, qemu.proc.pid)
+        return await qemu.follow(self._on_state)
+
+    async def _hand_over(self) -> None:
+        """A source whose migration completed: once the destination took the VM's record,
+        QEMU (paused for good) ends, and this supervisor with it, leaving the VM's records
+        to the destination. Until then (or if the destination never does, and dog lets the
+        guest run here again) nothing changes."""
+        deadline = time.monotonic() + HANDED_OVER_WAIT
+        sent_by = time.monotonic() + SENT_WAIT
+        while time.monotonic() < deadline and self.state == "postmigrate":
+            # the sender reads QEMU's report of the migration (its downtime) first
+            if not self.paths.sent.exists() and time.monotonic() < sent_by:
+                await asyncio.sleep(0.05)
+                continue
+            with contextlib.suppress(Exception):
+                rt = await self.vms.runtime(self.runtime.name)
+                if rt is None or rt.lease != self.lease.id:
+                    self.migrated = True
+                    log.info("VM %s: migrated to node %s", self.runtime.name,
+                             rt.node[:12] if rt else "?")
+                    assert self.qemu is not None
+                    await self.qemu.end()
+                    return
+            await asyncio.sleep(0.1)
 
     def _report(self, line: str) -> None:
         if not self.reported:
-            self.reported = line == "ok"
+            self.reported = line == "ok" or line.startswith("ok ")
             self.report(line)
 
     def _terminate(self) -> None:
@@ -301,6 +423,8 @@ class Supervisor:
 
     async def _publish(self, **changes) -> None:
         self.runtime = replace(self.runtime, **changes)
+        if not self.claimed or self.migrated:
+            return
         with contextlib.suppress(Exception):
             current = await self.vms.update_runtime(self.runtime.name, self.lease, **changes)
             if current is not None:
@@ -308,7 +432,10 @@ class Supervisor:
 
     async def _on_state(self, state: str) -> None:
         log.info("VM %s: %s", self.runtime.name, state)
+        self.state = state
         await self._publish(state=state)
+        if state == "postmigrate":
+            self._handing_over = asyncio.ensure_future(self._hand_over())
 
     async def _run_qemu(self) -> Ending:
         """QEMU under the chosen accelerator; under TCG once more when KVM fails early."""
@@ -353,6 +480,8 @@ class Supervisor:
                 # etcd was away too long: publish again on a new lease
                 if await self.lease.refresh() <= 0:
                     self.lease = await self.etcd.lease(LEASE_TTL)
+                    if not self.claimed or self.migrated:
+                        continue
                     self.runtime = replace(self.runtime, lease=self.lease.id)
                     await self.vms.put_runtime(self.runtime, self.lease)
                     for vdi in self.runtime.disks:

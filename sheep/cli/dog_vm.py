@@ -17,6 +17,8 @@ from pathlib import Path
 
 from qemu_driver import console
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
+from qemu_driver.migrate import describe, migrate
+from qemu_driver.migration import DEFAULT_TIMEOUT, Progress
 from qemu_driver.remote import (
     HostedVm,
     HostUnreachable,
@@ -114,11 +116,15 @@ async def vm_delete(stub, args) -> None:
         print(f"VM {args.name} deleted (its VDIs are kept)")
 
 
-async def vm_start(stub, args) -> None:
+def _chap(args) -> Chap | None:
     try:
-        chap = Chap.load(args.iscsi_chap_file) if args.iscsi_chap_file else None
+        return Chap.load(args.iscsi_chap_file) if args.iscsi_chap_file else None
     except ValueError as exc:
         raise DogError(f"bad iSCSI CHAP file: {exc}") from None
+
+
+async def vm_start(stub, args) -> None:
+    chap = _chap(args)
     if args.on:
         async with _control(stub, args) as ctl:
             here = (await stub.NodeInfo(pb.Empty(), timeout=RPC_TIMEOUT)).node.id
@@ -142,6 +148,64 @@ async def vm_start(stub, args) -> None:
         print(f"VM {rt.name} started{where}: pid {rt.pid}, {_accel(rt)}, disks over "
               f"{gw.transport}{'+TLS' if gw.tls else ''} via {host_port(gw.host, gw.port)}; "
               f"console: dog vm console {rt.name}{f' (on {rt.host})' if rt.node else ''}")
+
+
+async def vm_migrate(stub, args) -> None:
+    """Live-migrate a node-hosted VM to another node (qemu_driver/migrate.py)."""
+    chap = _chap(args)
+    bandwidth = _bandwidth(args.bandwidth)
+    async with _control(stub, args) as ctl:
+        rt = await ctl.vms.runtime(args.name)
+        await ctl.vms.get(args.name)
+        if rt is None:
+            raise DogError(f"VM {args.name!r} is not running")
+        if not rt.node:
+            raise DogError(f"VM {args.name!r} runs on a dog's host ({rt.host}), not on a "
+                           f"node: only VMs started with dog vm start --on migrate")
+        try:
+            source_node = await find_node(ctl.etcd, rt.node)
+        except NoSuchNode:
+            raise HostUnreachable(f"VM {args.name!r} runs on node {rt.node[:12]}, which is "
+                                  f"not up: it cannot be migrated") from None
+        target_node = await find_node(ctl.etcd, args.to)
+        if target_node.node_id == source_node.node_id:
+            raise DogError(f"VM {args.name!r} already runs on node {rt.node[:12]}")
+        tty = sys.stderr.isatty()
+
+        def show(p: Progress) -> None:
+            print(("\r" if tty else "") + describe(p), end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+
+        async with hosted(source_node, args.identity) as source, \
+                hosted(target_node, args.identity) as target:
+            try:
+                done = await migrate(
+                    ctl.vms, args.name, source, target, bandwidth=bandwidth,
+                    timeout=args.timeout, progress=show, chap=chap,
+                    reconnect_delay=args.reconnect_delay,
+                    run_root=str(Path(args.run_dir).resolve()) if args.run_dir else "")
+            finally:
+                if tty:
+                    print(file=sys.stderr)
+    if args.json:
+        emit({"migrated": args.name, "from": done.source, "to": done.runtime.node,
+              "seconds": round(done.seconds, 3), "downtime_ms": done.downtime_ms,
+              "switchover_ms": done.switchover_ms, "paused_ms": done.paused_ms,
+              "transferred": done.transferred, "runtime": _runtime_dict(done.runtime)})
+    else:
+        print(f"VM {args.name} migrated from node {done.source[:12]} to node "
+              f"{done.runtime.node[:12]} in {done.seconds:.1f} s: the guest was paused "
+              f"{done.paused_ms} ms (downtime {done.downtime_ms} ms as QEMU measured it, "
+              f"then {done.switchover_ms} ms to take it over), "
+              f"{done.transferred >> 20} MiB sent")
+
+
+def _bandwidth(text: str) -> int:
+    """bytes/s from a size per second (100M: 100 MiB/s); "" or 0: the default."""
+    try:
+        return parse_size(text) if text else 0
+    except ValueError as exc:
+        raise DogError(f"--bandwidth: {exc}") from None
 
 
 async def vm_stop(stub, args) -> None:
@@ -363,6 +427,29 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                    help="QEMU logs in to the iSCSI portal with the CHAP user and secret in "
                         "FILE (USER:SECRET, mode 600; the portal's --iscsi-chap-file); "
                         "required when the portal requires CHAP")
+    p = cmd("migrate", vm_migrate, "live-migrate a running VM to another node")
+    p.epilog = ("The destination node starts a QEMU like the VM's, its disks through its own "
+                "gateway; the source sends the VM's memory while the guest runs (pre-copy; "
+                "a guest that dirties memory faster than it is sent is slowed down until it "
+                "converges), then stops it for the last round. The disks' write locks pass "
+                "to the destination at its first I/O, fenced: the source can no longer write. "
+                "A migration that fails leaves the VM running at its source.")
+    p.add_argument("--to", required=True, metavar="NODE",
+                   help="the destination node: its id as dog node list --json gives it (or "
+                        "the first digits)")
+    p.add_argument("--bandwidth", default="", metavar="SIZE",
+                   help="bytes per second at most (100M: 100 MiB/s; default 1G)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds before a migration that has not completed is called off "
+                        "(default %(default).0f)")
+    p.add_argument("--run-dir", help="the root of the VM's directory on the destination "
+                                     "(as for dog vm start)")
+    p.add_argument("--reconnect-delay", type=int, default=60,
+                   help="seconds the destination's QEMU holds guest I/O while its gateway "
+                        "is away")
+    p.add_argument("--iscsi-chap-file", default="", metavar="FILE",
+                   help="the CHAP user and secret the destination's QEMU logs in to its "
+                        "portal with (as for dog vm start)")
     p = cmd("stop", vm_stop, "ACPI power-off, killed after --timeout")
     p.add_argument("--timeout", type=float, default=STOP_TIMEOUT,
                    help="seconds the guest has to power off before QEMU is told to quit")

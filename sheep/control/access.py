@@ -32,6 +32,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     "VmSnapshot": ADMIN,
     "VmStatus": ADMIN,
     "VmConsole": ADMIN,
+    "VmReceive": ADMIN,
+    "VmSend": ADMIN,
+    "VmAbortReceive": ADMIN,
     "VmConsoleLog": ADMIN,
 }
 

@@ -24,45 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bsheep.proto\x12\rsheep.control\"p\n\x0eVmStartRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07run_dir\x18\x02 \x01(\t\x12\x17\n\x0freconnect_delay\x18\x03 \x01(\r\x12\x11\n\tchap_user\x18\x04 \x01(\t\x12\x13\n\x0b\x63hap_secret\x18\x05 \x01(\x0c\"D\n\tVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03vdi\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\x12\x0b\n\x03tag\x18\x04 \x01(\t\"*\n\x0c\x43onsoleInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\rConsoleOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"$\n\x07VmReply\x12\x0b\n\x03how\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\"\x07\n\x05\x45mpty\"4\n\rFormatRequest\x12\x0e\n\x06\x63opies\x18\x01 \x01(\r\x12\x13\n\x0bobject_size\x18\x02 \x01(\x04\"y\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x14\n\x0c\x63ontrol_port\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\t\x12\x0e\n\x06vnodes\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\"+\n\x0fThrottleRequest\x12\x18\n\x10\x62ytes_per_second\x18\x01 \x01(\x04\"x\n\rRecoveryStats\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x04\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x10\n\x08throttle\x18\x06 \x01(\x04\x12\x0c\n\x04lost\x18\x07 \x01(\x04\"\x90\x02\n\nScrubStats\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06passes\x18\x02 \x01(\r\x12\x0c\n\x04\x64one\x18\x03 \x01(\x04\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x12\n\nbad_blocks\x18\x05 \x01(\x04\x12\x10\n\x08repaired\x18\x06 \x01(\x04\x12\x0f\n\x07started\x18\x07 \x01(\x01\x12\x10\n\x08\x66inished\x18\x08 \x01(\x01\x12\x10\n\x08interval\x18\t \x01(\x01\x12\x17\n\x0f\x62locks_repaired\x18\n \x01(\x04\x12\x17\n\x0f\x62locks_accepted\x18\x0b \x01(\x04\x12\x10\n\x08\x64iverged\x18\x0c \x01(\x04\x12\x12\n\nreconciled\x18\r \x01(\x04\x12\x13\n\x0b\x62locks_lost\x18\x0e \x01(\x04\"\x9d\x02\n\tNodeStats\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.sheep.control.Node\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x04\x12\x0f\n\x07objects\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\treachable\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\x08recovery\x18\x08 \x01(\x0b\x32\x1c.sheep.control.RecoveryStats\x12(\n\x05scrub\x18\t \x01(\x0b\x32\x19.sheep.control.ScrubStats\x12\x12\n\nfilesystem\x18\n \x01(\t\x12\r\n\x05space\x18\x0b \x01(\t\x12\x12\n\nspace_used\x18\x0c \x01(\x01\"H\n\x05\x45poch\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.sheep.control.Node\"\xd2\x01\n\x10\x43lusterInfoReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63opies\x18\x03 \x01(\r\x12\x13\n\x0bobject_size\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12%\n\x07history\x18\x06 \x03(\x0b\x32\x14.sheep.control.Epoch\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x0c\n\x04\x65tcd\x18\x08 \x01(\t\x12\x0e\n\x06health\x18\t \x01(\t\x12\x10\n\x08warnings\x18\n \x03(\t\"8\n\rNodeListReply\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.sheep.control.NodeStats2\xaa\x03\n\x07\x43ontrol\x12N\n\rFormatCluster\x12\x1c.sheep.control.FormatRequest\x1a\x1f.sheep.control.ClusterInfoReply\x12\x44\n\x0b\x43lusterInfo\x12\x14.sheep.control.Empty\x1a\x1f.sheep.control.ClusterInfoReply\x12>\n\x08NodeList\x12\x14.sheep.control.Empty\x1a\x1c.sheep.control.NodeListReply\x12:\n\x08NodeInfo\x12\x14.sheep.control.Empty\x1a\x18.sheep.control.NodeStats\x12O\n\x13SetRecoveryThrottle\x12\x1e.sheep.control.ThrottleRequest\x1a\x18.sheep.control.NodeStats\x12<\n\nStartScrub\x12\x14.sheep.control.Empty\x1a\x18.sheep.control.NodeStats2\x91\x05\n\x06VmHost\x12@\n\x07VmStart\x12\x1d.sheep.control.VmStartRequest\x1a\x16.sheep.control.VmReply\x12:\n\x06VmStop\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12;\n\x07VmPause\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmResume\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmAttach\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmDetach\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12>\n\nVmSnapshot\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmStatus\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12J\n\tVmConsole\x12\x1b.sheep.control.ConsoleInput\x1a\x1c.sheep.control.ConsoleOutput(\x01\x30\x01\x12H\n\x0cVmConsoleLog\x12\x18.sheep.control.VmRequest\x1a\x1c.sheep.control.ConsoleOutput0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bsheep.proto\x12\rsheep.control\"N\n\rVmSendRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x11\n\tbandwidth\x18\x03 \x01(\x04\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"\x1a\n\nVmProgress\x12\x0c\n\x04json\x18\x01 \x01(\t\"p\n\x0eVmStartRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07run_dir\x18\x02 \x01(\t\x12\x17\n\x0freconnect_delay\x18\x03 \x01(\r\x12\x11\n\tchap_user\x18\x04 \x01(\t\x12\x13\n\x0b\x63hap_secret\x18\x05 \x01(\x0c\"D\n\tVmRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03vdi\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x01\x12\x0b\n\x03tag\x18\x04 \x01(\t\"*\n\x0c\x43onsoleInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\rConsoleOutput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"$\n\x07VmReply\x12\x0b\n\x03how\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\"\x07\n\x05\x45mpty\"4\n\rFormatRequest\x12\x0e\n\x06\x63opies\x18\x01 \x01(\r\x12\x13\n\x0bobject_size\x18\x02 \x01(\x04\"y\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x14\n\x0c\x63ontrol_port\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\t\x12\x0e\n\x06vnodes\x18\x06 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\"+\n\x0fThrottleRequest\x12\x18\n\x10\x62ytes_per_second\x18\x01 \x01(\x04\"x\n\rRecoveryStats\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x04\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x0c\n\x04rate\x18\x05 \x01(\x01\x12\x10\n\x08throttle\x18\x06 \x01(\x04\x12\x0c\n\x04lost\x18\x07 \x01(\x04\"\x90\x02\n\nScrubStats\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06passes\x18\x02 \x01(\r\x12\x0c\n\x04\x64one\x18\x03 \x01(\x04\x12\r\n\x05total\x18\x04 \x01(\x04\x12\x12\n\nbad_blocks\x18\x05 \x01(\x04\x12\x10\n\x08repaired\x18\x06 \x01(\x04\x12\x0f\n\x07started\x18\x07 \x01(\x01\x12\x10\n\x08\x66inished\x18\x08 \x01(\x01\x12\x10\n\x08interval\x18\t \x01(\x01\x12\x17\n\x0f\x62locks_repaired\x18\n \x01(\x04\x12\x17\n\x0f\x62locks_accepted\x18\x0b \x01(\x04\x12\x10\n\x08\x64iverged\x18\x0c \x01(\x04\x12\x12\n\nreconciled\x18\r \x01(\x04\x12\x13\n\x0b\x62locks_lost\x18\x0e \x01(\x04\"\x9d\x02\n\tNodeStats\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.sheep.control.Node\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ree\x18\x03 \x01(\x04\x12\x0f\n\x07objects\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\treachable\x18\x06 \x01(\x08\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\x08recovery\x18\x08 \x01(\x0b\x32\x1c.sheep.control.RecoveryStats\x12(\n\x05scrub\x18\t \x01(\x0b\x32\x19.sheep.control.ScrubStats\x12\x12\n\nfilesystem\x18\n \x01(\t\x12\r\n\x05space\x18\x0b \x01(\t\x12\x12\n\nspace_used\x18\x0c \x01(\x01\"H\n\x05\x45poch\x12\r\n\x05\x65poch\x18\x01 \x01(\r\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\"\n\x05nodes\x18\x03 \x03(\x0b\x32\x13.sheep.control.Node\"\xd2\x01\n\x10\x43lusterInfoReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63opies\x18\x03 \x01(\r\x12\x13\n\x0bobject_size\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12%\n\x07history\x18\x06 \x03(\x0b\x32\x14.sheep.control.Epoch\x12\x0f\n\x07\x63reated\x18\x07 \x01(\x01\x12\x0c\n\x04\x65tcd\x18\x08 \x01(\t\x12\x0e\n\x06health\x18\t \x01(\t\x12\x10\n\x08warnings\x18\n \x03(\t\"8\n\rNodeListReply\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.sheep.control.NodeStats2\xaa\x03\n\x07\x43ontrol\x12N\n\rFormatCluster\x12\x1c.sheep.control.FormatRequest\x1a\x1f.sheep.control.ClusterInfoReply\x12\x44\n\x0b\x43lusterInfo\x12\x14.sheep.control.Empty\x1a\x1f.sheep.control.ClusterInfoReply\x12>\n\x08NodeList\x12\x14.sheep.control.Empty\x1a\x1c.sheep.control.NodeListReply\x12:\n\x08NodeInfo\x12\x14.sheep.control.Empty\x1a\x18.sheep.control.NodeStats\x12O\n\x13SetRecoveryThrottle\x12\x1e.sheep.control.ThrottleRequest\x1a\x18.sheep.control.NodeStats\x12<\n\nStartScrub\x12\x14.sheep.control.Empty\x1a\x18.sheep.control.NodeStats2\xde\x06\n\x06VmHost\x12@\n\x07VmStart\x12\x1d.sheep.control.VmStartRequest\x1a\x16.sheep.control.VmReply\x12:\n\x06VmStop\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12;\n\x07VmPause\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmResume\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmAttach\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmDetach\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12>\n\nVmSnapshot\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12<\n\x08VmStatus\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReply\x12J\n\tVmConsole\x12\x1b.sheep.control.ConsoleInput\x1a\x1c.sheep.control.ConsoleOutput(\x01\x30\x01\x12H\n\x0cVmConsoleLog\x12\x18.sheep.control.VmRequest\x1a\x1c.sheep.control.ConsoleOutput0\x01\x12\x42\n\tVmReceive\x12\x1d.sheep.control.VmStartRequest\x1a\x16.sheep.control.VmReply\x12\x43\n\x06VmSend\x12\x1c.sheep.control.VmSendRequest\x1a\x19.sheep.control.VmProgress0\x01\x12\x42\n\x0eVmAbortReceive\x12\x18.sheep.control.VmRequest\x1a\x16.sheep.control.VmReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sheep_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VMSTARTREQUEST']._serialized_start=30
-  _globals['_VMSTARTREQUEST']._serialized_end=142
-  _globals['_VMREQUEST']._serialized_start=144
-  _globals['_VMREQUEST']._serialized_end=212
-  _globals['_CONSOLEINPUT']._serialized_start=214
-  _globals['_CONSOLEINPUT']._serialized_end=256
-  _globals['_CONSOLEOUTPUT']._serialized_start=258
-  _globals['_CONSOLEOUTPUT']._serialized_end=287
-  _globals['_VMREPLY']._serialized_start=289
-  _globals['_VMREPLY']._serialized_end=325
-  _globals['_EMPTY']._serialized_start=327
-  _globals['_EMPTY']._serialized_end=334
-  _globals['_FORMATREQUEST']._serialized_start=336
-  _globals['_FORMATREQUEST']._serialized_end=388
-  _globals['_NODE']._serialized_start=390
-  _globals['_NODE']._serialized_end=511
-  _globals['_THROTTLEREQUEST']._serialized_start=513
-  _globals['_THROTTLEREQUEST']._serialized_end=556
-  _globals['_RECOVERYSTATS']._serialized_start=558
-  _globals['_RECOVERYSTATS']._serialized_end=678
-  _globals['_SCRUBSTATS']._serialized_start=681
-  _globals['_SCRUBSTATS']._serialized_end=953
-  _globals['_NODESTATS']._serialized_start=956
-  _globals['_NODESTATS']._serialized_end=1241
-  _globals['_EPOCH']._serialized_start=1243
-  _globals['_EPOCH']._serialized_end=1315
-  _globals['_CLUSTERINFOREPLY']._serialized_start=1318
-  _globals['_CLUSTERINFOREPLY']._serialized_end=1528
-  _globals['_NODELISTREPLY']._serialized_start=1530
-  _globals['_NODELISTREPLY']._serialized_end=1586
-  _globals['_CONTROL']._serialized_start=1589
-  _globals['_CONTROL']._serialized_end=2015
-  _globals['_VMHOST']._serialized_start=2018
-  _globals['_VMHOST']._serialized_end=2675
+  _globals['_VMSENDREQUEST']._serialized_start=30
+  _globals['_VMSENDREQUEST']._serialized_end=108
+  _globals['_VMPROGRESS']._serialized_start=110
+  _globals['_VMPROGRESS']._serialized_end=136
+  _globals['_VMSTARTREQUEST']._serialized_start=138
+  _globals['_VMSTARTREQUEST']._serialized_end=250
+  _globals['_VMREQUEST']._serialized_start=252
+  _globals['_VMREQUEST']._serialized_end=320
+  _globals['_CONSOLEINPUT']._serialized_start=322
+  _globals['_CONSOLEINPUT']._serialized_end=364
+  _globals['_CONSOLEOUTPUT']._serialized_start=366
+  _globals['_CONSOLEOUTPUT']._serialized_end=395
+  _globals['_VMREPLY']._serialized_start=397
+  _globals['_VMREPLY']._serialized_end=433
+  _globals['_EMPTY']._serialized_start=435
+  _globals['_EMPTY']._serialized_end=442
+  _globals['_FORMATREQUEST']._serialized_start=444
+  _globals['_FORMATREQUEST']._serialized_end=496
+  _globals['_NODE']._serialized_start=498
+  _globals['_NODE']._serialized_end=619
+  _globals['_THROTTLEREQUEST']._serialized_start=621
+  _globals['_THROTTLEREQUEST']._serialized_end=664
+  _globals['_RECOVERYSTATS']._serialized_start=666
+  _globals['_RECOVERYSTATS']._serialized_end=786
+  _globals['_SCRUBSTATS']._serialized_start=789
+  _globals['_SCRUBSTATS']._serialized_end=1061
+  _globals['_NODESTATS']._serialized_start=1064
+  _globals['_NODESTATS']._serialized_end=1349
+  _globals['_EPOCH']._serialized_start=1351
+  _globals['_EPOCH']._serialized_end=1423
+  _globals['_CLUSTERINFOREPLY']._serialized_start=1426
+  _globals['_CLUSTERINFOREPLY']._serialized_end=1636
+  _globals['_NODELISTREPLY']._serialized_start=1638
+  _globals['_NODELISTREPLY']._serialized_end=1694
+  _globals['_CONTROL']._serialized_start=1697
+  _globals['_CONTROL']._serialized_end=2123
+  _globals['_VMHOST']._serialized_start=2126
+  _globals['_VMHOST']._serialized_end=2988
 # @@protoc_insertion_point(module_scope)

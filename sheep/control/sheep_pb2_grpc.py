@@ -374,6 +374,21 @@ class VmHostStub:
                 request_serializer=sheep__pb2.VmRequest.SerializeToString,
                 response_deserializer=sheep__pb2.ConsoleOutput.FromString,
                 _registered_method=True)
+        self.VmReceive = channel.unary_unary(
+                '/sheep.control.VmHost/VmReceive',
+                request_serializer=sheep__pb2.VmStartRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
+        self.VmSend = channel.unary_stream(
+                '/sheep.control.VmHost/VmSend',
+                request_serializer=sheep__pb2.VmSendRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmProgress.FromString,
+                _registered_method=True)
+        self.VmAbortReceive = channel.unary_unary(
+                '/sheep.control.VmHost/VmAbortReceive',
+                request_serializer=sheep__pb2.VmRequest.SerializeToString,
+                response_deserializer=sheep__pb2.VmReply.FromString,
+                _registered_method=True)
 
 
 class VmHostServicer:
@@ -445,6 +460,27 @@ class VmHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VmReceive(self, request, context):
+        """Live migration (dog vm migrate): the destination node gets ready to receive the VM
+        (VmReply.how: the URI to send it to), the source sends it (its progress, ending with
+        the completed migration), and a migration called off ends the destination's QEMU.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmSend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VmAbortReceive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VmHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -497,6 +533,21 @@ def add_VmHostServicer_to_server(servicer, server):
                     servicer.VmConsoleLog,
                     request_deserializer=sheep__pb2.VmRequest.FromString,
                     response_serializer=sheep__pb2.ConsoleOutput.SerializeToString,
+            ),
+            'VmReceive': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmReceive,
+                    request_deserializer=sheep__pb2.VmStartRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
+            ),
+            'VmSend': grpc.unary_stream_rpc_method_handler(
+                    servicer.VmSend,
+                    request_deserializer=sheep__pb2.VmSendRequest.FromString,
+                    response_serializer=sheep__pb2.VmProgress.SerializeToString,
+            ),
+            'VmAbortReceive': grpc.unary_unary_rpc_method_handler(
+                    servicer.VmAbortReceive,
+                    request_deserializer=sheep__pb2.VmRequest.FromString,
+                    response_serializer=sheep__pb2.VmReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -772,6 +823,87 @@ class VmHost:
             '/sheep.control.VmHost/VmConsoleLog',
             sheep__pb2.VmRequest.SerializeToString,
             sheep__pb2.ConsoleOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmReceive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmReceive',
+            sheep__pb2.VmStartRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sheep.control.VmHost/VmSend',
+            sheep__pb2.VmSendRequest.SerializeToString,
+            sheep__pb2.VmProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmAbortReceive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sheep.control.VmHost/VmAbortReceive',
+            sheep__pb2.VmRequest.SerializeToString,
+            sheep__pb2.VmReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,8 @@ from sheep.units import format_size
 from sheep.vdi.registry import HeldLease, RegistryState, VdiRegistry
 from sheep.vdi.volume import Volume
 
+from .pending import PendingVolume
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 32 << 20
@@ -36,6 +38,7 @@ class Export:
     description: str
     read_only: bool
     nbd_allow: frozenset[str] | None = None  # certificate names that may attach it over NBD
+    pending: bool = False  # writable, its lock to be taken over at a migration (pending.py)
 
 
 def split_export(name: str) -> tuple[str, str | None]:
@@ -46,11 +49,14 @@ def split_export(name: str) -> tuple[str, str | None]:
 class ExportTable:
     """A snapshot of the registry taken when a client connects, answering synchronously
     what the handshake asks. A working VDI that another process holds open for writing is
-    offered read-only: readers need no lock, and a second writer must not get one."""
+    offered read-only: readers need no lock, and a second writer must not get one; unless
+    it is being handed over to this node (a VM migrating here): that one is offered
+    writable, its lock taken over at its first I/O."""
 
-    def __init__(self, state: RegistryState, held_here: set[str]) -> None:
+    def __init__(self, state: RegistryState, held_here: set[str], node: str = "") -> None:
         self._state = state
         self._held_here = held_here
+        self._node = node
 
     def names(self) -> list[str]:
         out = []
@@ -66,12 +72,17 @@ class ExportTable:
         except NoVdi:
             return None
         locked_elsewhere = vdi in self._state.locks and vdi not in self._held_here
-        read_only = rec.snapshot or locked_elsewhere
+        handover = self._state.handovers.get(vdi)
+        pending = (locked_elsewhere and not rec.snapshot and handover is not None
+                   and bool(self._node) and handover.node == self._node)
+        read_only = rec.snapshot or (locked_elsewhere and not pending)
         what = "snapshot" if rec.snapshot else "VDI"
-        note = ", in use elsewhere: read-only" if locked_elsewhere and not rec.snapshot else ""
+        note = ", in use elsewhere: read-only" if read_only and not rec.snapshot else ""
+        if pending:
+            note = ", migrating here"
         return Export(name, vdi, tag, rec.size,
                       f"sheep {what} {rec.label}, {format_size(rec.size)}{note}", read_only,
-                      self._state.nbd_allow.get(vdi))
+                      self._state.nbd_allow.get(vdi), pending)
 
 
 class VolumeCache:
@@ -82,19 +93,22 @@ class VolumeCache:
     is offered NAME writable) must get a writable volume, not share the reader's.
     """
 
-    def __init__(self, client: ObjectClient, registry: VdiRegistry, holder: str) -> None:
+    def __init__(self, client: ObjectClient, registry: VdiRegistry, holder: str,
+                 node: str = "") -> None:
         self.client = client
         self.registry = registry
         self.holder = holder
+        self.node = node  # this gateway's node id: VDIs handed over to it are writable
         self._reader = f"gateway-{uuid.uuid4().hex[:12]}"  # this cache's users key
-        self._open: dict[tuple[str, bool], tuple[Volume, int]] = {}
+        self._open: dict[tuple[str, bool], tuple[Volume | PendingVolume, int]] = {}
         # a read-only volume holds no lock: its record of use is what keeps a delete from
         # pulling the blocks from under its clients
         self._uses: dict[tuple[str, bool], HeldLease] = {}
-        self._opening: dict[tuple[str, bool], asyncio.Future[Volume]] = {}
+        self._opening: dict[tuple[str, bool], asyncio.Future[Volume | PendingVolume]] = {}
         # closing volumes still hold their lock: a client arriving meanwhile must wait for
         # the close, not be told the VDI is in use elsewhere
-        self._closing: dict[tuple[str, bool], tuple[Volume, asyncio.Future[None]]] = {}
+        self._closing: dict[tuple[str, bool],
+                            tuple[Volume | PendingVolume, asyncio.Future[None]]] = {}
 
     def held_writable(self) -> set[str]:
         """VDIs this gateway holds the write lock of, or is taking or giving it up."""
@@ -107,13 +121,13 @@ class VolumeCache:
         # our own lock in what it returns, which must not make the VDI read-only.
         held = self.held_writable()
         state = await self.registry.load()
-        return ExportTable(state, held | self.held_writable())
+        return ExportTable(state, held | self.held_writable(), self.node)
 
     @staticmethod
     def _key(export: Export) -> tuple[str, bool]:
         return export.name, export.read_only
 
-    async def acquire(self, export: Export) -> Volume:
+    async def acquire(self, export: Export) -> Volume | PendingVolume:
         key = self._key(export)
         while True:
             closing = self._closing.get(key)
@@ -131,11 +145,10 @@ class VolumeCache:
                 await asyncio.shield(pending)
             # look again: if that open failed, another waiter may be opening by now, and
             # two opens of one key would leave two volumes under one count
-        fut: asyncio.Future[Volume] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Volume | PendingVolume] = asyncio.get_running_loop().create_future()
         self._opening[key] = fut
         try:
-            vol = await Volume.open(self.client, self.registry, export.vdi, export.tag,
-                                    writable=not export.read_only, holder=self.holder)
+            vol = await self._open_volume(export)
             try:
                 if vol.read_only:
                     self._uses[key] = await self.registry.record_use(
@@ -153,9 +166,17 @@ class VolumeCache:
             self._opening.pop(key, None)
         fut.set_result(vol)
         self._open[key] = (vol, 1)
-        log.info("export %s opened %s", export.name,
-                 "read-only" if vol.read_only else "for writing")
+        log.info("export %s opened %s", export.name, "read-only" if vol.read_only else
+                 "for writing at the switch-over" if export.pending else "for writing")
         return vol
+
+    async def _open_volume(self, export: Export) -> Volume | PendingVolume:
+        if export.pending:
+            state = await self.registry.load()
+            return PendingVolume(self.client, self.registry, state.lookup(export.vdi),
+                                 self.node, self.holder)
+        return await Volume.open(self.client, self.registry, export.vdi, export.tag,
+                                 writable=not export.read_only, holder=self.holder)
 
     async def release(self, export: Export) -> None:
         key = self._key(export)

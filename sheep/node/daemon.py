@@ -325,7 +325,7 @@ class Node:
         self.client = ObjectClient(self.view, self._pool, etcd=etcd,
                                    local=(node_id, InProcess(self._service)))
         self._volumes = VolumeCache(self.client, VdiRegistry(etcd),
-                                    f"the gateway of sheep node {node_id[:8]}")
+                                    f"the gateway of sheep node {node_id[:8]}", node_id)
         # what start() starts, as it does
         self._data_server: dataplane.Listening | None = None
         self._control_server: grpc.aio.Server | None = None

@@ -17,6 +17,8 @@ the loser re-reads and retries or gets a clear error. Layout under the cluster p
     vdi/retired/<id>       a deleted VDI's id (when): its leftover objects are garbage (gc.py)
     vdi/nbd-allow/<name>   the certificate names that may attach the family over NBD (JSON
                            list); none: any client certificate of the cluster
+    vdi/handover/<name>    a gateway that may take the lock over at a live migration
+                           (handover.py), on the destination supervisor's lease
 """
 
 from __future__ import annotations
@@ -149,6 +151,25 @@ class LockInfo:
                 f"'dog vdi lock unlock {self.name}' breaks it now")
 
 
+@dataclass(frozen=True)
+class Handover:
+    """Who may take a VDI's lock over from whom (handover.py)."""
+
+    node: str  # the node whose gateway may take the lock over
+    token: int  # the token of the lock it breaks (0: the VDI was not locked)
+    vm: str = ""
+    ready: bool = False  # the switch-over came: the next I/O takes the lock over
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, raw: bytes) -> Handover:
+        data = json.loads(raw)
+        return cls(str(data["node"]), int(data["token"]), str(data.get("vm", "")),
+                   bool(data.get("ready", False)))
+
+
 @dataclass
 class RegistryState:
     """One consistent read of the whole registry (a single etcd range read)."""
@@ -158,6 +179,7 @@ class RegistryState:
     working: dict[str, int] = field(default_factory=dict)  # family name -> working id (0)
     family_revs: dict[str, int] = field(default_factory=dict)
     locks: dict[str, LockInfo] = field(default_factory=dict)
+    handovers: dict[str, Handover] = field(default_factory=dict)
     nbd_allow: dict[str, frozenset[str]] = field(default_factory=dict)  # family -> names
 
     def family(self, name: str) -> list[VdiRecord]:
@@ -334,6 +356,9 @@ class VdiRegistry:
     def fence_key(self, vdi_id: int) -> bytes:
         return self._key("fences", f"{vdi_id:08x}")
 
+    def handover_key(self, name: str) -> bytes:
+        return self._key("handover", name)
+
     def lock_key(self, name: str) -> bytes:
         return self._key("locks", name)
 
@@ -356,7 +381,7 @@ class VdiRegistry:
     async def load(self) -> RegistryState:
         state = RegistryState()
         ids, names, locks = self._key("ids", ""), self._key("names", ""), self._key("locks", "")
-        allow = self.nbd_allow_key("")
+        allow, handovers = self.nbd_allow_key(""), self.handover_key("")
         for kv in await self.kv.get_prefix(self._root + b"/"):
             key = kv.key
             if key.startswith(ids):
@@ -372,6 +397,8 @@ class VdiRegistry:
                 state.locks[name] = LockInfo.load(name, kv.value)
             elif key.startswith(allow):
                 state.nbd_allow[key[len(allow):].decode()] = frozenset(json.loads(kv.value))
+            elif key.startswith(handovers):
+                state.handovers[key[len(handovers):].decode()] = Handover.load(kv.value)
         return state
 
     async def set_nbd_allow(self, name: str, names: frozenset[str] | None) -> None:
