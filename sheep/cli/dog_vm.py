@@ -155,8 +155,9 @@ async def vm_migrate(stub, args) -> None:
     chap = _chap(args)
     bandwidth = _bandwidth(args.bandwidth)
     async with _control(stub, args) as ctl:
-        rt = await ctl.vms.runtime(args.name)
         await ctl.vms.get(args.name)
+        target_node = await find_node(ctl.etcd, args.to)
+        rt = await ctl.vms.runtime(args.name)
         if rt is None:
             raise DogError(f"VM {args.name!r} is not running")
         if not rt.node:
@@ -167,7 +168,6 @@ async def vm_migrate(stub, args) -> None:
         except NoSuchNode:
             raise HostUnreachable(f"VM {args.name!r} runs on node {rt.node[:12]}, which is "
                                   f"not up: it cannot be migrated") from None
-        target_node = await find_node(ctl.etcd, args.to)
         if target_node.node_id == source_node.node_id:
             raise DogError(f"VM {args.name!r} already runs on node {rt.node[:12]}")
         tty = sys.stderr.isatty()
