@@ -339,6 +339,7 @@ class VmControl:
     async def stop(self, name: str, *, timeout: float = STOP_TIMEOUT) -> str:
         """ACPI power button, then (after `timeout`) QMP quit, then SIGKILL. How it ended."""
         rt = await self.running(name)
+        await self.vms.unwant(name)  # on purpose: HA must not bring it back
         how = "powered off"
         RunPaths(Path(rt.run_dir)).stop_requested.touch()
         with contextlib.suppress(QemuFailed):

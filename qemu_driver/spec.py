@@ -52,6 +52,7 @@ class VmSpec:
     initrd: str = ""
     append: str = ""
     created: float = 0.0
+    ha: bool = False  # restarted on another node when its host dies (qemu_driver/ha.py)
 
     def __post_init__(self) -> None:
         validate_vm_name(self.name)
@@ -126,6 +127,23 @@ class VmRuntime:
         gw = rt.gateway if isinstance(rt.gateway, Gateway) else Gateway(**rt.gateway)
         return VmRuntime(**{**{f.name: getattr(rt, f.name) for f in fields(cls)},
                             "gateway": gw})
+
+
+@dataclass(frozen=True)
+class VmWant:
+    """That a VM should run (vm/want/<name>): written with its runtime record when it
+    starts, deleted when its run ends on purpose or by a crash, so that a VM whose record
+    vanished while this stands lost its host, and HA (qemu_driver/ha.py) restarts it."""
+
+    node: str  # the node that ran it last ("": a dog's host): not the one to restart it on
+    at: float = 0.0
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def load(cls, raw: bytes) -> VmWant:
+        return _load(cls, raw)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@ KVM within KVM_GRACE of the start is blamed on KVM: the VM runs once more under 
 runtime record says so. When QEMU is gone, how it ended is written to the VM's exit record
 (`vm/exit/<name>`, kept until the next start), and the runtime record and the VDI-user keys
 go with the lease: nobody has to clean up after it.
+
+A supervisor whose lease expired (etcd away, or the host stopped or cut off past the TTL)
+publishes the VM again only where no other run took its place, and only for a VM without
+HA: an HA VM may be restarting on another node already (qemu_driver/ha.py), so its QEMU is
+killed at once. A run that lost its record to another leaves that run's records alone:
+runtime record, VDI-user keys (the same names), exit record and the wish that it run.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from .spec import VmExit, VmRuntime
 
 log = logging.getLogger("sheep.vm.supervisor")
 
-LEASE_TTL = 10
+# s; $SHEEP_VM_LEASE_TTL shortens it (tests: an HA restart waits for it to run out)
+LEASE_TTL = int(os.environ.get("SHEEP_VM_LEASE_TTL") or 10)
 START_TIMEOUT = 30.0
 KVM_GRACE = 15.0  # s after the start in which a crash under KVM means: try TCG instead
 TICK = LEASE_TTL / 3  # s between run-state checks when QEMU says nothing
@@ -279,11 +286,16 @@ class Supervisor:
         self.qemu: QemuRun | None = None
         self.reported = False
         self.incoming: str = plan.get("incoming", "")  # a migration's destination: its URI
-        self.claimed = False  # the VM's runtime record is this supervisor's
         self.migrated = False  # the VM went on to another node: its records are not ours
         self.state = ""  # QEMU's run state, as last seen
         self.handovers: dict[str, Handover] = {}  # incoming: the disks' lock handovers
         self._handing_over: asyncio.Future[None] | None = None
+        # the runtime record's create revision: which run is ours (0: none yet, or it is a
+        # migration's destination still waiting; a switch-over keeps the revision, so a
+        # migrated source also checks its lease is still the record's)
+        self.run_rev = 0
+        self.ha = False
+        self.superseded = ""  # why this run gave the VM up (another run may have it)
 
     async def run(self) -> int:
         await self.etcd.connect()
@@ -298,8 +310,8 @@ class Supervisor:
                     self.handovers[vdi] = await handover.offer(
                         self.vdis, vdi, self.runtime.node, self.runtime.name, self.lease)
             else:
-                await self.vms.claim(self.runtime, self.lease, self._user_ops())
-                self.claimed = True
+                self.run_rev = await self.vms.claim(self.runtime, self.lease, self._user_ops())
+            self.ha = (await self.vms.get(self.runtime.name))[0].ha
         except Exception as exc:
             self._report(f"error: {exc}")
             await self.etcd.close()
@@ -314,8 +326,11 @@ class Supervisor:
             # QEMU's last run is over (a TCG restart needed them): no copy of the key stays
             shutil.rmtree(self.paths.tls, ignore_errors=True)
         log.info("VM %s: %s", self.runtime.name, ending.reason)
-        if self.claimed and not self.migrated:
-            await self._record_end(ending)
+        if self.superseded:
+            log.warning("VM %s: given up (%s); its records are left to its next run",
+                        self.runtime.name, self.superseded)
+        elif self.run_rev and not self.migrated:
+            await self._last_words(ending)
         else:  # the VM runs elsewhere: nothing of its records is ours to touch
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(FINAL_TIMEOUT):
@@ -326,23 +341,22 @@ class Supervisor:
         return 0 if self.reported else 1
 
     def _user_ops(self) -> list:
-        """The VM's user keys on its VDIs, on this supervisor's lease."""
         return [self.vdis.add_user_op(vdi, vm_user(self.runtime.name), self.label, self.lease)
                 for vdi in self.runtime.disks]
 
-    async def _record_end(self, ending: Ending) -> None:
-        """How the VM ended, for the cluster; its runtime record and user keys go."""
+    async def _last_words(self, ending: Ending) -> None:
+        """How the run ended, and its records gone: only while they are this run's."""
         # bounded: an etcd that died with its cluster (sheep up killed) must not keep us
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_TIMEOUT):
                 await self.vms.record_exit(self.runtime.name, VmExit(
                     "crashed" if ending.crashed else "stopped", ending.reason, ending.status,
                     time.time(), self.runtime.host, self.runtime.accel, self.runtime.fallback,
-                    self.runtime.run_dir, self.runtime.node))
+                    self.runtime.run_dir, self.runtime.node), self.run_rev)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINAL_TIMEOUT):
                 # the user keys of hot-plugged disks are on the lease too
-                current = await self.vms.runtime(self.runtime.name)
+                current = await self.vms.own_runtime(self.runtime.name, self.run_rev)
                 await self.lease.revoke()
                 if current is not None:
                     for vdi in current.disks:
@@ -371,10 +385,9 @@ class Supervisor:
         try:
             for vdi, offered in self.handovers.items():
                 await handover.make_ready(self.vdis, vdi, offered, self.lease)
-            source = await self.vms.take_over(
+            source, self.run_rev = await self.vms.take_over(
                 replace(self.runtime, pid=qemu.proc.pid, started=time.time(), state="running"),
                 self.lease, self.plan["source_node"], self._user_ops())
-            self.claimed = True
             await qemu.resume()
         except Exception as exc:
             log.error("VM %s: cannot take the VM over after its migration: %s",
@@ -423,10 +436,11 @@ class Supervisor:
 
     async def _publish(self, **changes) -> None:
         self.runtime = replace(self.runtime, **changes)
-        if not self.claimed or self.migrated:
+        if not self.run_rev or self.migrated:
             return
         with contextlib.suppress(Exception):
-            current = await self.vms.update_runtime(self.runtime.name, self.lease, **changes)
+            current = await self.vms.update_runtime(self.runtime.name, self.lease,
+                                                    self.run_rev, **changes)
             if current is not None:
                 self.runtime = current
 
@@ -474,21 +488,51 @@ class Supervisor:
         await self._publish(fallback=reason, state="starting", accel="tcg", pid=0)
 
     async def _keepalive(self) -> None:
-        while True:
+        refreshed = time.monotonic()
+        while not self.superseded:
             await asyncio.sleep(TICK)
             try:
-                # etcd was away too long: publish again on a new lease
-                if await self.lease.refresh() <= 0:
-                    self.lease = await self.etcd.lease(LEASE_TTL)
-                    if not self.claimed or self.migrated:
-                        continue
-                    self.runtime = replace(self.runtime, lease=self.lease.id)
-                    await self.vms.put_runtime(self.runtime, self.lease)
-                    for vdi in self.runtime.disks:
-                        await self.vdis.add_user(vdi, vm_user(self.runtime.name), self.label,
-                                                 self.lease)
+                if await self.lease.refresh() > 0:
+                    refreshed = time.monotonic()
+                else:
+                    await self._lease_lost()
             except Exception as exc:
                 log.warning("lease refresh failed: %s", exc)
+                if self.ha and time.monotonic() - refreshed > LEASE_TTL:
+                    # cut off from etcd past the TTL: HA may restart the VM elsewhere
+                    self._give_up(f"no word from etcd for {LEASE_TTL} s")
+
+    async def _lease_lost(self) -> None:
+        """The lease ran out (etcd away, or this host stopped past the TTL): publish the
+        VM again on a new lease where no other run took its place; an HA VM is given up
+        (another node may be restarting it now, its disks' locks broken)."""
+        if self.ha:
+            self._give_up("its lease expired: HA restarts it on another node")
+            return
+        if not self.run_rev or self.migrated:  # its disks' handovers went with the lease
+            self._give_up("its lease expired during a migration")
+            return
+        lease = await self.etcd.lease(LEASE_TTL)
+        self.runtime = replace(self.runtime, lease=lease.id)
+        old, self.lease = self.lease, lease
+        rev = await self.vms.republish(self.runtime, lease, self._user_ops())
+        if rev:
+            self.run_rev = rev
+            log.warning("VM %s: its lease %x expired; published again", self.runtime.name,
+                        old.id)
+        else:
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+            self._give_up("its lease expired and another run has the VM")
+
+    def _give_up(self, why: str) -> None:
+        """Kill QEMU now: the VM runs (or is about to) elsewhere, and a second copy of it
+        must not write a byte more."""
+        self.superseded = why
+        log.warning("VM %s: %s; killing QEMU", self.runtime.name, why)
+        if self.qemu is not None and self.qemu.proc is not None \
+                and self.qemu.proc.returncode is None:
+            self.qemu.proc.kill()
 
 
 def main() -> int:

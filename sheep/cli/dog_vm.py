@@ -97,14 +97,15 @@ async def vm_create(stub, args) -> None:
     kernel = str(Path(args.kernel).resolve()) if args.kernel else ""
     initrd = str(Path(args.initrd).resolve()) if args.initrd else ""
     spec = VmSpec(args.name, disks, memory=_memory(args.memory), cpus=args.cpus,
-                  transport=args.transport, kernel=kernel, initrd=initrd, append=args.append)
+                  transport=args.transport, kernel=kernel, initrd=initrd, append=args.append,
+                  ha=args.ha)
     async with _control(stub, args) as ctl:
         spec = await ctl.create(spec)
     if args.json:
         emit(json.loads(spec.dump()))
     else:
         print(f"VM {spec.name} created: {spec.memory} MiB, {spec.cpus} CPU(s), disks "
-              f"{', '.join(spec.disks)} over {spec.transport}")
+              f"{', '.join(spec.disks)} over {spec.transport}{', HA' if spec.ha else ''}")
 
 
 async def vm_delete(stub, args) -> None:
@@ -271,7 +272,8 @@ async def vm_info(stub, args) -> None:
     state = f"{st.state} ({ended.reason})" if ended is not None else st.state
     print(f"Name: {s.name}\nState: {state}\nMemory: {s.memory} MiB\nCPUs: {s.cpus}\n"
           f"Transport: {s.transport}\nDisks: {', '.join(s.disks)}\n"
-          f"Boot: {('kernel ' + s.kernel) if s.kernel else 'first disk'}")
+          f"Boot: {('kernel ' + s.kernel) if s.kernel else 'first disk'}\n"
+          f"HA: {'yes (restarted on another node if its host dies)' if s.ha else 'no'}")
     if s.append:
         print(f"Append: {s.append[:120]}{'...' if len(s.append) > 120 else ''}")
     if rt is not None:
@@ -405,6 +407,10 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
     p.add_argument("--append", default="", help="the kernel command line")
     p.add_argument("--transport", choices=TRANSPORTS, default="nbd",
                    help="how QEMU reaches the disks (default %(default)s)")
+    p.add_argument("--ha", action="store_true",
+                   help="high availability: when the node hosting the running VM dies, "
+                        "another node restarts it (dog vm stop, or the guest powering off, "
+                        "stops it for good)")
     cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
     p = cmd("start", vm_start, "start QEMU for the VM on a node (--on) or on this host")
     p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest on the "

@@ -37,6 +37,7 @@ def install_event_loop_policy() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from qemu_driver.ha import watch_ha
     from qemu_driver.host import add_vm_host
     from sheep.cluster.access import resolve_access
     from sheep.cluster.state import EtcdTarget
@@ -87,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         nbd_tls=args.nbd_tls,
         nbd_tls_psk=args.nbd_tls_psk,
         control_services=(add_vm_host,),  # every node can host VMs
+        node_tasks=(watch_ha,),  # and restarts the HA VMs that lost their host
     )
     install_event_loop_policy()
     keep_freed_memory()

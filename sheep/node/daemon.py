@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from sheep.cluster.ring import DEFAULT_VNODES, vnodes_for_weight
 from sheep.cluster.state import EtcdTarget, NodeInfo, dump
 from sheep.cluster.view import ClusterView, follow
 from sheep.control import service as control
-from sheep.control.handle import NodeStatus, RecoveryStatus, ScrubStatus
+from sheep.control.handle import NodeHandle, NodeStatus, RecoveryStatus, ScrubStatus
 from sheep.dataplane import server as dataplane
 from sheep.dataplane.client import PeerPool
 from sheep.dataplane.wire import MUTATIONS
@@ -102,6 +103,18 @@ class NodeOptions:
     nbd_tls_psk: str = ""  # file: IDENTITY:HEXKEY lines, NBD clients' pre-shared keys
     # more services on the control port (`sheep run` adds the VM host, qemu_driver/host.py)
     control_services: tuple[control.ExtraService, ...] = ()
+    # tasks that run as long as the node serves (`sheep run` adds the VMs' HA watcher,
+    # qemu_driver/ha.py), each given the node; cancelled when it stops
+    node_tasks: tuple[Callable[[NodeHandle], Awaitable[None]], ...] = ()
+
+
+def gateway_holder(node_id: str) -> str:
+    """The holder named in the VDI locks of `node_id`'s gateways: a lock whose holder's
+    node is gone can be broken safely (fencing refuses its late writes; qemu_driver/ha.py)."""
+    return f"{GATEWAY_HOLDER}{node_id[:8]}"
+
+
+GATEWAY_HOLDER = "the gateway of sheep node "
 
 
 def _check_exposure(opts: NodeOptions) -> None:
@@ -324,8 +337,8 @@ class Node:
         # write this node's own replicas in its own store, with no network hop
         self.client = ObjectClient(self.view, self._pool, etcd=etcd,
                                    local=(node_id, InProcess(self._service)))
-        self._volumes = VolumeCache(self.client, VdiRegistry(etcd),
-                                    f"the gateway of sheep node {node_id[:8]}", node_id)
+        self._volumes = VolumeCache(self.client, VdiRegistry(etcd), gateway_holder(node_id),
+                                    node_id)
         # what start() starts, as it does
         self._data_server: dataplane.Listening | None = None
         self._control_server: grpc.aio.Server | None = None
@@ -378,6 +391,7 @@ class Node:
                                 and self._iscsi_config.chap is not None,
                                 nbd_tls=self._nbd_mode.value if nbd is not None else "")
             await self._membership.publish(self.info)
+        self._tasks += [asyncio.ensure_future(task(self)) for task in opts.node_tasks]
         log.info(
             "node %s up: control %s, data %s, zone %r, vnodes %d, epoch %d",
             self.info.node_id[:8],

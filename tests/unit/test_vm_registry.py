@@ -241,15 +241,49 @@ async def test_set_disks_records_a_hot_plug(vms: VmRegistry,
     assert (await vms.runtime("vm1")).disks == ("disk", "extra")  # type: ignore[union-attr]
 
 
-async def test_put_runtime_publishes_again_on_a_new_lease(
+async def run_of(vms: VmRegistry, kv: FakeKv, name: str = "vm1") -> int:
+    """The create revision of `name`'s runtime record: which run it is."""
+    stored = await kv.get(vms.run_key(name))
+    assert stored is not None
+    return stored.create_revision
+
+
+async def test_republish_publishes_again_on_a_new_lease_where_no_run_took_over(
     vms: VmRegistry, kv: FakeKv, start: Callable[..., Awaitable[Lease]]
 ) -> None:
     await vms.create(spec())
     old = await start()
     kv.end_lease(old.id)  # etcd was away too long
     new = await kv.lease(TTL)
-    await vms.put_runtime(runtime(lease=new.id), new)
+    run = await vms.republish(runtime(lease=new.id), new, [])
+    assert run == await run_of(vms, kv)
     assert (await kv.get(vms.run_key("vm1"))).lease == new.id  # type: ignore[union-attr]
+
+
+async def test_republish_leaves_a_run_that_took_over_alone(
+    vms: VmRegistry, vdis: VdiRegistry, kv: FakeKv, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    old = await start()
+    kv.end_lease(old.id)
+    taker = await start()  # HA restarted it elsewhere
+    new = await kv.lease(TTL)
+    assert await vms.republish(runtime(lease=new.id), new,
+                               [vdis.add_user_op("disk", "vm:vm1", "old run", new)]) == 0
+    assert (await kv.get(vms.run_key("vm1"))).lease == taker.id  # type: ignore[union-attr]
+    assert await vdis.users("disk") == ["VM vm1"]
+
+
+async def test_update_runtime_of_a_run_leaves_another_runs_record_alone(
+    vms: VmRegistry, kv: FakeKv, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    old = await start()
+    run = await run_of(vms, kv)
+    kv.end_lease(old.id)
+    await start()
+    assert await vms.update_runtime("vm1", old, run, state="io-error") is None
+    assert (await vms.runtime("vm1")).state == "starting"  # type: ignore[union-attr]
 
 
 async def test_forget_runtime_removes_the_record(vms: VmRegistry,
@@ -264,11 +298,11 @@ async def test_forget_runtime_removes_the_record(vms: VmRegistry,
 
 
 async def test_an_exit_outlives_the_runtime_record(
-    vms: VmRegistry, clock: FakeClock, start: Callable[..., Awaitable[Lease]]
+    vms: VmRegistry, kv: FakeKv, clock: FakeClock, start: Callable[..., Awaitable[Lease]]
 ) -> None:
     await vms.create(spec())
     await start()
-    await vms.record_exit("vm1", ended())
+    assert await vms.record_exit("vm1", ended(), await run_of(vms, kv))
     await clock.advance(TTL + 0.1)
     assert await vms.runtime("vm1") is None
     assert await vms.last_exit("vm1") == ended()
@@ -280,3 +314,62 @@ async def test_exits_lists_each_vms_last_exit_by_name(vms: VmRegistry) -> None:
     await vms.record_exit("vm1", ended("stopped"))
     exits = await vms.exits()
     assert {name: e.state for name, e in exits.items()} == {"vm1": "stopped", "vm2": "stopped"}
+
+
+# -- whether a VM should run ----------------------------------------------------------------
+
+
+async def test_a_claim_records_that_the_vm_should_run_on_its_node(
+    vms: VmRegistry, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    await start()
+    assert set(await vms.wants()) == {"vm1"}
+
+
+async def test_the_wish_outlives_a_lost_host(
+    vms: VmRegistry, clock: FakeClock, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    await start()
+    await clock.advance(TTL + 0.1)  # the supervisor's lease ran out: no word of how it ended
+    assert await vms.runtime("vm1") is None and set(await vms.wants()) == {"vm1"}
+
+
+async def test_the_end_of_a_run_clears_the_wish_that_it_run(
+    vms: VmRegistry, kv: FakeKv, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    await start()
+    assert await vms.record_exit("vm1", ended("stopped"), await run_of(vms, kv))
+    assert await vms.wants() == {}
+
+
+async def test_a_run_that_lost_the_vm_to_another_leaves_the_others_records_alone(
+    vms: VmRegistry, kv: FakeKv, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    old = await start()
+    run = await run_of(vms, kv)
+    kv.end_lease(old.id)
+    await start()  # HA restarted it elsewhere
+    assert not await vms.record_exit("vm1", ended("crashed"), run)
+    assert set(await vms.wants()) == {"vm1"} and await vms.last_exit("vm1") is None
+
+
+async def test_a_stop_on_purpose_clears_the_wish(
+    vms: VmRegistry, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    await start()
+    await vms.unwant("vm1")
+    assert await vms.wants() == {}
+
+
+async def test_deleting_a_vm_that_lost_its_host_forgets_the_wish(
+    vms: VmRegistry, kv: FakeKv, start: Callable[..., Awaitable[Lease]]
+) -> None:
+    await vms.create(spec())
+    kv.end_lease((await start()).id)
+    await vms.delete("vm1")
+    assert await vms.wants() == {}
