@@ -48,6 +48,12 @@ class RunPaths:
         return self.dir / "stop-requested"
 
     @property
+    def migration_tls(self) -> Path:
+        """The node's certificate for a live migration's stream, as QEMU's tls-creds-x509
+        reads it (removed once QEMU loaded it)."""
+        return self.dir / "migration-tls"
+
+    @property
     def sent(self) -> Path:
         """Written by the sender of a migration once it read QEMU's last word on it (the
         completed migration, its downtime): the supervisor may then end the source QEMU."""
@@ -129,6 +135,23 @@ def _device_arg(dev: dict) -> str:
 
 def initiator_name(vm: str) -> str:
     return f"iqn.2026-11.io.sheep.vm:{vm}"
+
+
+MIGRATION_TLS_ID = "migration-tls"  # the tls-creds-x509 object of a live migration
+MIGRATION_AUTHZ_ID = "migration-authz"  # who may send a VM: nodes of the cluster only
+# The client certificate's distinguished name as GnuTLS prints it: its role is its OU
+NODE_DN = "*OU=node,*"
+
+
+def incoming_tls_args(paths: RunPaths) -> list[str]:
+    """The objects a migration's destination QEMU admits its source with: the node's
+    certificate (endpoint=server), the peer's checked against the cluster's CA, and only
+    a node's admitted (a client certificate of the cluster must not inject a VM)."""
+    authz = {"qom-type": "authz-list", "id": MIGRATION_AUTHZ_ID, "policy": "deny",
+             "rules": [{"match": NODE_DN, "policy": "allow", "format": "glob"}]}
+    return ["-object", f"tls-creds-x509,id={MIGRATION_TLS_ID},dir={paths.migration_tls},"
+                       "endpoint=server,verify-peer=on",
+            "-object", json.dumps(authz, separators=(",", ":"))]
 
 
 def qemu_argv(spec: VmSpec, gateway: Gateway, paths: RunPaths, accel: str, *,

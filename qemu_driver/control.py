@@ -29,7 +29,13 @@ from sheep.vdi.registry import VdiRecord
 
 from .accel import choose_accel
 from .agent import GuestAgent, guest_agent
-from .cmdline import DEFAULT_RECONNECT_DELAY, RunPaths, initiator_name, qemu_argv
+from .cmdline import (
+    DEFAULT_RECONNECT_DELAY,
+    RunPaths,
+    incoming_tls_args,
+    initiator_name,
+    qemu_argv,
+)
 from .errors import BadSpec, ElsewhereError, QemuFailed, VmCrashed, VmError, VmNotRunning
 from .gateways import choose_gateway
 from .guest import GuestNotBuilt, guest_artifacts
@@ -301,9 +307,13 @@ class VmControl:
                             state="inmigrate")
         argv = [*qemu_argv(replace(spec, disks=rt.disks), gateway, paths, rt.accel,
                            reconnect_delay=reconnect_delay), "-incoming", "defer"]
+        if tls is not None:  # a secure cluster: the VM's memory travels under mutual TLS
+            write_tls_dir(paths.migration_tls, tls, "server")
+            argv += incoming_tls_args(paths)
         line = await self._supervise(paths, {
             "runtime": json.loads(runtime.dump()), "argv": argv,
-            "incoming": f"tcp:{host_port(me.host, 0)}", "source_node": rt.node}, timeout)
+            "incoming": f"tcp:{host_port(me.host, 0)}", "incoming_tls": tls is not None,
+            "source_node": rt.node}, timeout)
         if not line.startswith("ok "):
             raise QemuFailed(line)
         return f"tcp:{host_port(me.host, int(line.split()[1]))}", paths.dir
@@ -326,12 +336,17 @@ class VmControl:
         return "the waiting QEMU was ended"
 
     async def send(self, name: str, uri: str, *, bandwidth: int = DEFAULT_BANDWIDTH,
-                   timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Progress]:
-        """Send VM `name`, running here, to the QEMU waiting at `uri`; its progress."""
+                   timeout: float = DEFAULT_TIMEOUT, tls: Identity | None = None
+                   ) -> AsyncIterator[Progress]:
+        """Send VM `name`, running here, to the QEMU waiting at `uri`; its progress.
+        `tls`: the certificate QEMU shows the destination (a secure cluster's node's)."""
         rt = await self.running(name)
         paths = RunPaths(Path(rt.run_dir))
         paths.sent.unlink(missing_ok=True)
-        async for progress in migrate_out(rt.qmp, uri, bandwidth=bandwidth, timeout=timeout):
+        if tls is not None:
+            write_tls_dir(paths.migration_tls, tls)
+        async for progress in migrate_out(rt.qmp, uri, bandwidth=bandwidth, timeout=timeout,
+                                          tls_dir=paths.migration_tls if tls else None):
             if progress.status == "completed":
                 paths.sent.touch()
             yield progress
@@ -510,15 +525,15 @@ def _with_tls(gateway: Gateway, tls: Identity | None) -> Gateway:
     return replace(gateway, tls=True)
 
 
-def write_tls_dir(where: Path, tls: Identity) -> None:
-    """`tls`'s CA, certificate and key as QEMU's tls-creds-x509 (endpoint=client) reads
-    them: copies (the identity's own files may sit where QEMU's names do not), the
-    directory 0700 and the key 0600 from their first byte."""
+def write_tls_dir(where: Path, tls: Identity, endpoint: str = "client") -> None:
+    """`tls`'s CA, certificate and key as QEMU's tls-creds-x509 (of `endpoint`, client or
+    server) reads them: copies (the identity's own files may sit where QEMU's names do
+    not), the directory 0700 and the key 0600 from their first byte."""
     where.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(where, 0o700)
     (where / "ca-cert.pem").write_bytes(tls.ca_pem)
-    (where / "client-cert.pem").write_bytes(tls.cert_pem)
-    _write_secret(where / "client-key.pem", tls.key_pem)
+    (where / f"{endpoint}-cert.pem").write_bytes(tls.cert_pem)
+    _write_secret(where / f"{endpoint}-key.pem", tls.key_pem)
 
 
 def _write_secret(path: Path, secret: bytes) -> None:

@@ -218,7 +218,7 @@ class VmHostService(pb_grpc.VmHostServicer):
                      context.peer())
             async for progress in ctl.send(
                     request.name, request.uri, bandwidth=request.bandwidth or DEFAULT_BANDWIDTH,
-                    timeout=request.timeout or DEFAULT_TIMEOUT):
+                    timeout=request.timeout or DEFAULT_TIMEOUT, tls=self._node.identity):
                 yield pb.VmProgress(json=json.dumps(progress.dump()))
             log.info("vm %s: migration sent", request.name)
         except SheepError as exc:

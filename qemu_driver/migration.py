@@ -11,12 +11,17 @@ supervisor takes the VM's runtime record and lets the guest run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import VmError
+from sheep.security.pki import SERVER_NAME
+
+from .cmdline import MIGRATION_TLS_ID
+from .errors import QemuFailed, VmError
 from .qmp import monitor
 
 POLL = 0.5  # s between progress reports
@@ -73,11 +78,15 @@ class Progress:
 
 
 async def migrate_out(qmp: str | Path, uri: str, *, bandwidth: int = DEFAULT_BANDWIDTH,
-                      timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Progress]:
+                      timeout: float = DEFAULT_TIMEOUT,
+                      tls_dir: Path | None = None) -> AsyncIterator[Progress]:
     """Send the VM whose monitor is `qmp` to the QEMU listening at `uri`; its progress
     every POLL seconds, the last one completed. MigrationFailed when QEMU gives up, or the
-    migration outlasts `timeout` (then it is cancelled): the guest then runs on here."""
+    migration outlasts `timeout` (then it is cancelled): the guest then runs on here.
+    `tls_dir`: the certificate (endpoint=client) to send under TLS with; QEMU reads it at
+    once, and the directory is removed."""
     async with monitor(qmp) as mon:
+        await _tls(mon, tls_dir)
         # events: the source's supervisor sees the guest stop for good at once
         await mon.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": "auto-converge", "state": True},
@@ -103,6 +112,24 @@ async def migrate_out(qmp: str | Path, uri: str, *, bandwidth: int = DEFAULT_BAN
         except BaseException:
             await _cancel(mon)
             raise
+
+
+async def _tls(mon, tls_dir: Path | None) -> None:
+    """The migration's TLS parameters: the node's certificate, and the name every node's
+    certificate bears; none without `tls_dir` (a cluster without certificates)."""
+    with contextlib.suppress(QemuFailed):  # an earlier migration's, if any
+        await mon.execute("object-del", {"id": MIGRATION_TLS_ID})
+    if tls_dir is None:
+        await mon.execute("migrate-set-parameters", {"tls-creds": ""})
+        return
+    try:
+        await mon.execute("object-add", {"qom-type": "tls-creds-x509", "id": MIGRATION_TLS_ID,
+                                         "dir": str(tls_dir), "endpoint": "client",
+                                         "verify-peer": True})
+    finally:
+        shutil.rmtree(tls_dir, ignore_errors=True)
+    await mon.execute("migrate-set-parameters", {"tls-creds": MIGRATION_TLS_ID,
+                                                 "tls-hostname": SERVER_NAME})
 
 
 async def _cancel(mon) -> None:

@@ -29,7 +29,7 @@ class Monitor:
             async with asyncio.timeout(self.timeout):
                 return await self.client.execute(command, arguments)
         except ExecuteError as exc:
-            raise QemuFailed(f"QEMU refused {command}: {exc.error.desc}") from None
+            raise QemuFailed(f"QEMU refused {command}: {exc.error.error.desc}") from None
         except TimeoutError:
             raise QemuFailed(f"QEMU did not answer {command} within {self.timeout:.0f}s"
                              ) from None

@@ -47,7 +47,7 @@ from sheep.security.identity import Identity
 from sheep.vdi import handover
 from sheep.vdi.registry import Handover, VdiRegistry
 
-from .cmdline import RunPaths
+from .cmdline import MIGRATION_AUTHZ_ID, MIGRATION_TLS_ID, RunPaths
 from .registry import VmRegistry
 from .spec import VmExit, VmRuntime
 
@@ -136,9 +136,10 @@ class QemuRun:
         self.crash = ""  # why it crashed, once a crash state was seen
         self.shutdown = ""  # the reason of QEMU's SHUTDOWN event
 
-    async def launch(self, timeout: float, *, incoming: str = "") -> None:
+    async def launch(self, timeout: float, *, incoming: str = "", tls: bool = False) -> None:
         """`incoming`: the URI to wait for the VM's state on (a migration's destination):
-        the guest stays paused until its supervisor lets it run."""
+        the guest stays paused until its supervisor lets it run; `tls`: under mutual TLS
+        (incoming_tls_args)."""
         with open(self.paths.qemu_log, "ab") as qlog:
             self.proc = await asyncio.create_subprocess_exec(
                 # QEMU gets SIGTERM (a clean shutdown) if its supervisor dies: a VM nobody
@@ -150,6 +151,9 @@ class QemuRun:
             await self.client.connect(str(self.paths.events))
         self.client.register_listener(self.listener)
         if incoming:
+            if tls:
+                await self._execute("migrate-set-parameters", {
+                    "tls-creds": MIGRATION_TLS_ID, "tls-authz": MIGRATION_AUTHZ_ID})
             await self._execute("migrate-incoming", {"uri": incoming})
         else:
             await self._execute("cont")
@@ -369,7 +373,11 @@ class Supervisor:
         at its source, untouched."""
         self.qemu = qemu = QemuRun(self.plan["argv"], self.paths)
         try:
-            await qemu.launch(START_TIMEOUT, incoming=self.incoming)
+            try:
+                await qemu.launch(START_TIMEOUT, incoming=self.incoming,
+                                  tls=self.plan.get("incoming_tls", False))
+            finally:  # QEMU read it at its start
+                shutil.rmtree(self.paths.migration_tls, ignore_errors=True)
             port = await qemu.incoming_port()
         except Exception as exc:
             await qemu.end()
