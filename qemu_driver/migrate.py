@@ -88,7 +88,8 @@ async def _taken_over(vms: VmRegistry, name: str, node: str) -> VmRuntime | None
     deadline = time.monotonic() + SWITCH_TIMEOUT
     while time.monotonic() < deadline:
         rt = await vms.runtime(name)
-        if rt is not None and rt.node == node:
+        # its supervisor publishes how long the switch-over took right after it
+        if rt is not None and rt.node == node and "switchover_ms" in rt.extra:
             return rt
         await asyncio.sleep(0.05)
     return None
