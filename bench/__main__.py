@@ -14,10 +14,11 @@ repeats. Last, `dog vdi write` and `dog vdi read` of --vdi-rw-size (bench/vdi_rw
 
 Why this exists: the numbers say where sheep stands against C servers of one local copy
 on the same machine, and they are what the team optimises. Speeds are never asserted; the
-suite only checks that `--quick` (2 s per run, one repeat, 256 MiB) still produces a
-complete report. Output in --out (default bench/results/<timestamp>/): report.md (the
-table printed at the end), results.json (every run, the machine and tool versions),
-chart.png, fio/*.json (fio's own output of every run). Everything started is stopped at
+suite only checks that `--quick` (2 s per run, one repeat, 256 MiB; options given
+explicitly win, and the suite shortens the runs and the volume further) still produces a
+complete report. Output in --out (default bench/results/<timestamp>/): report.md (the table
+printed at the end), results.json (every run, the machine and tool versions), chart.png,
+fio/*.json (fio's own output of every run). Everything started is stopped at
 the end, also on Ctrl-C, SIGTERM and errors (then the data directory is kept for its logs).
 """
 
@@ -111,31 +112,34 @@ def attempts(system: System, what: str, fn: Callable[[], dict], tries: int = 3) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=20.0,
+    parser.add_argument("--seconds", type=float,
                         help="measured seconds per run (default 20)")
     parser.add_argument("--ramp", type=float, default=None,
                         help="uncounted warm-up per run (default 2 s; 0.5 s with --quick)")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int,
                         help="runs per shape and system; the median is reported (default 3)")
-    parser.add_argument("--size", default="1G", help="volume size (default 1G)")
+    parser.add_argument("--size", help="volume size (default 1G)")
     parser.add_argument("--quick", action="store_true",
-                        help="2 s per run, 1 repeat, 256 MiB volume, 64 MiB dog vdi write/read")
+                        help="2 s per run, 1 repeat, 256 MiB volume, 64 MiB dog vdi write/read "
+                             "(options given explicitly still win)")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--only", action="append", metavar="SHAPE",
                         help="run only this shape (repeatable): "
                              + ", ".join(s.key for s in fio.SHAPES))
-    parser.add_argument("--vdi-rw-size", default="1G",
+    parser.add_argument("--vdi-rw-size",
                         help="bytes of the dog vdi write/read runs (default 1G)")
     parser.add_argument("--no-vdi-rw", action="store_true", help="skip dog vdi write/read")
     parser.add_argument("--out", help="output directory (default bench/results/<timestamp>/)")
     parser.add_argument("--dir", help="where the data directory goes (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.repeat, args.size, args.vdi_rw_size = 2.0, 1, "256M", "64M"
-    if args.ramp is None:
-        args.ramp = 0.5 if args.quick else 2.0
+    presets = {"seconds": 2.0, "repeat": 1, "size": "256M", "vdi_rw_size": "64M",
+               "ramp": 0.5} if args.quick else {
+        "seconds": 20.0, "repeat": 3, "size": "1G", "vdi_rw_size": "1G", "ramp": 2.0}
+    for option, value in presets.items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
     try:
         args.size = parse_size(args.size)
         args.vdi_rw_size = parse_size(args.vdi_rw_size)

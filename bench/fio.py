@@ -73,10 +73,15 @@ def command(uri: str, shape: Shape, output: Path, seconds: float | None,
     if shape.rw.startswith("rand"):
         cmd.append("--norandommap")
     if seconds is not None:
-        cmd += ["--time_based", f"--runtime={seconds:g}s"]
+        cmd += ["--time_based", f"--runtime={fio_time(seconds)}"]
         if ramp > 0:
-            cmd.append(f"--ramp_time={ramp:g}s")
+            cmd.append(f"--ramp_time={fio_time(ramp)}")
     return cmd
+
+
+def fio_time(seconds: float) -> str:
+    """A duration as fio reads it: it takes whole units only ("0.5s" would be 0)."""
+    return f"{seconds:g}s" if seconds == int(seconds) else f"{round(seconds * 1000)}ms"
 
 
 def run(uri: str, shape: Shape, output: Path, seconds: float | None, ramp: float = 0.0,

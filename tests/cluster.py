@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sheep.localcluster import LaunchError, LocalCluster, NodeProcess, free_port, stop_processes
+from sheep.localcluster import (
+    LaunchError,
+    LocalCluster,
+    NodeProcess,
+    cluster_info,
+    format_cluster,
+    free_port,
+    stop_processes,
+)
 from sheep.netaddr import host_port
 from sheep.objclient import open_client
 from sheep.oid import ObjType, oid_type
@@ -169,6 +177,15 @@ class Cluster:
 
         return wait_until(settled, timeout, f"{count} members in the current epoch")
 
+    def wait_members_quietly(self, count: int, timeout: float = 30) -> None:
+        """wait_members asked over gRPC from this process, not by a `dog` per poll: every
+        cluster fixture waits here, and a dog process costs more than the answer."""
+        def settled() -> bool:
+            history = cluster_info(self.address).history
+            return bool(history) and len(history[-1].nodes) == count
+
+        wait_until(settled, timeout, f"{count} members in the current epoch")
+
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             stop_processes([node.proc for node in self.nodes], 20)
@@ -193,9 +210,9 @@ def start_cluster(root: Path, etcd_base: str, nodes: int = 3, copies: int = 3,
         cluster.add_node(*extra, wait=False)
     for node in cluster.nodes:
         node.wait_up()
-    cluster.wait_members(nodes)
-    if copies:
-        cluster.format(copies)
+    cluster.wait_members_quietly(nodes)
+    if copies:  # in-process too (tests of `dog cluster format` call Cluster.format)
+        format_cluster(cluster.address, copies)
     return cluster
 
 

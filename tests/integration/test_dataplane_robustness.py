@@ -450,7 +450,9 @@ def test_reads_whose_replies_are_never_taken_cost_a_bounded_backlog(target: Targ
     writer.close()
     before = rss(target.node.proc.pid)  # type: ignore[union-attr]
     hostile = target.connect()
-    hostile.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # a small receive buffer keeps the replies on the node, yet not under a loopback MSS:
+    # at 4 KiB, taking the first 4 MiB reply at the end crawled for 100 s
+    hostile.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
     try:
         hostile.send(b"".join(
             pack_header(Opcode.READ, 1 << 20 | i, epoch=target.epoch, oid=oid,

@@ -33,7 +33,7 @@ import contextlib
 import io
 import random
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -105,6 +105,16 @@ async def bounded(step: Awaitable[T]) -> T:
             task.print_stack(file=stacks)
         raise AssertionError(f"step still running after {STEP_TIMEOUT}s; tasks:\n"
                              f"{stacks.getvalue()}") from None
+
+
+async def every(steps: Iterable[Awaitable[T]]) -> list[T]:
+    """Run `steps` concurrently, let all of them finish, then raise the first failure (no
+    check is left running behind a failed one)."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results  # type: ignore[return-value]
 
 
 def first_difference(got: bytes | bytearray, want: bytes | bytearray) -> str:
@@ -393,7 +403,7 @@ class VdiMachine(RuleBasedStateMachine):
                 continue
             working = self.live.get((name, None))
             assert state.working.get(self.full(name)) == (working.id if working else 0)
-        for (name, tag), model in self.live.items():
+        async def check_vdi(name: str, tag: str | None, model: Model) -> None:
             rec = ours[model.id]
             assert (rec.name, rec.tag, rec.snapshot, rec.size) == (
                 self.full(name), tag or "", tag is not None, model.size)
@@ -406,15 +416,21 @@ class VdiMachine(RuleBasedStateMachine):
                 got = await vol.read(0, model.size)
             assert got == model.data, f"content of {name}@{tag}: " + first_difference(
                 got, model.data)
+
+        # every VDI at once, and every node's listing at once: the checks are round trips,
+        # and ~850 rounds of them a run; all finish before the first failure is raised
+        await every(check_vdi(name, tag, model) for (name, tag), model in self.live.items())
         want_data = {(owner, index) for model in self.live.values()
                      for index, owner in enumerate(model.owners) if owner}
         want_inodes = {model.id for model in self.live.values()}
         record = m.client.view.record
         assert record is not None
-        for node in record.nodes:  # copies=3 on 3 nodes: every node holds every object
+        listings = await every(m.client.list_node(node) for node in record.nodes)
+        for node, listing in zip(record.nodes, listings, strict=True):
+            # copies=3 on 3 nodes: every node holds every object
             data: set[tuple[int, int]] = set()
             inodes: set[int] = set()
-            for oid in await m.client.list_node(node):
+            for oid in listing:
                 vdi_id, index = (oid >> 32) & 0xFFFFFF, oid & 0xFFFFFFFF
                 if vdi_id not in self.created:
                     continue  # another example's or another test's
