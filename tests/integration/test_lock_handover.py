@@ -29,7 +29,7 @@ from sheep.etcd_server import EtcdServer
 from sheep.vdi import handover
 from sheep.vdi.registry import Handover, VdiRegistry
 
-from ..cluster import Cluster, dog, dog_bytes, dog_json, start_cluster
+from ..cluster import Cluster, dog, dog_bytes, dog_json, start_cluster, wait_until
 from .test_nbd import EPERM, NbdClient, NbdError
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -255,14 +255,19 @@ def test_after_the_switch_over_the_first_write_at_the_destination_takes_the_lock
 def test_after_the_takeover_the_sources_writes_are_refused_and_the_vdi_is_the_destinations(
         cluster: Cluster, gateways: list[Gateway], vdi: str, source: NbdClient,
         supervisor: Supervisor) -> None:
+    """Taken over by a read (a resumed guest's first I/O may be one): the destination has
+    written nothing yet, and still the nodes refuse the source's writes (fenced)."""
     dst = gateways[1]
     supervisor.offer(vdi, dst.node)
     with NbdClient(dst.nbd_port, vdi) as dest:
         supervisor.make_ready(vdi)
+        assert dest.read(0, 4096) == b"\x0a" * 4096
+        assert lock_holder(cluster, vdi) == gateway_of(dst)
+        refused_write(source, 0, b"\xee" * 4096)  # a block it wrote
+        refused_write(source, 9 * MiB, b"\xee" * 4096)  # a block nobody wrote yet
         dest.write(4096, b"\x1d" * 4096)
         dest.flush()
-        refused_write(source, 0, b"\xee" * 4096)  # fenced: a block both wrote
-        refused_write(source, 9 * MiB, b"\xee" * 4096)  # a block nobody wrote yet
+        refused_write(source, 4096, b"\xee" * 4096)
         source.close()  # the source leaves: what it gave up stays the destination's
         dest.write(8192, b"\x1e" * 4096)
         dest.flush()
@@ -283,6 +288,7 @@ def test_a_ready_handover_breaks_only_the_lock_it_was_offered_for(
     supervisor.offer(vdi, dst.node)
     with NbdClient(dst.nbd_port, vdi) as dest:
         source.close()
+        wait_until(lambda: not lock_holder(cluster, vdi), 10, "the source to let go")
         with NbdClient(src.nbd_port, vdi) as writer:  # a new lock, a new token
             assert not writer.read_only
             supervisor.make_ready(vdi)
