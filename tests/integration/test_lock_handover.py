@@ -252,6 +252,24 @@ def test_after_the_switch_over_the_first_write_at_the_destination_takes_the_lock
         dest.flush()
 
 
+def test_every_connection_of_the_destination_shares_the_one_takeover(
+        cluster: Cluster, gateways: list[Gateway], vdi: str, source: NbdClient,
+        supervisor: Supervisor) -> None:
+    """A second client of the destination's gateway, before the switch-over (QEMU may open
+    a disk twice): pending too, and after the first one's takeover it writes as well."""
+    dst = gateways[1]
+    supervisor.offer(vdi, dst.node)
+    with NbdClient(dst.nbd_port, vdi) as first, NbdClient(dst.nbd_port, vdi) as second:
+        assert not second.read_only
+        assert refused_write(second, 0, b"\xdd" * 4096) == EPERM
+        supervisor.make_ready(vdi)
+        first.write(0, b"\x1d" * 4096)
+        second.write(4096, b"\x1e" * 4096)
+        second.flush()
+        assert first.read(0, 8192) == b"\x1d" * 4096 + b"\x1e" * 4096
+        assert lock_holder(cluster, vdi) == gateway_of(dst)
+
+
 def test_after_the_takeover_the_sources_writes_are_refused_and_the_vdi_is_the_destinations(
         cluster: Cluster, gateways: list[Gateway], vdi: str, source: NbdClient,
         supervisor: Supervisor) -> None:
@@ -337,3 +355,18 @@ def test_a_called_off_handover_lets_the_destination_take_nothing(
     assert dog_bytes("vdi", "read", vdi, "0", "8192", address=cluster.address).stdout == (
         b"\x0b" * 4096 + b"\x0a" * 4096)
 
+
+def test_after_a_called_off_handover_a_new_client_is_a_reader_while_the_destination_lingers(
+        cluster: Cluster, gateways: list[Gateway], vdi: str, source: NbdClient,
+        supervisor: Supervisor, tmp_path: Path) -> None:
+    """The destination's connection (its volume never took the lock over) does not make
+    this gateway a holder of the lock: a client arriving after the call-off is a reader."""
+    dst = gateways[1]
+    supervisor.offer(vdi, dst.node)
+    with NbdClient(dst.nbd_port, vdi) as dest:
+        assert not dest.read_only
+        supervisor.call_off()
+        assert nbdinfo(dst.url(vdi), tmp_path)["is_read_only"] is True
+        with NbdClient(dst.nbd_port, vdi) as late:
+            assert late.read_only
+            assert late.read(0, 4096) == b"\x0a" * 4096
