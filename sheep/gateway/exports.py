@@ -112,11 +112,12 @@ class VolumeCache:
 
     def held_writable(self) -> set[str]:
         """VDIs this gateway holds the write lock of, or is taking or giving it up. A
-        pending volume holds none until it took the lock over (its token is 0 until then):
-        if its handover is called off, the VDI is still locked elsewhere, read-only here."""
+        pending volume holds none until it took the lock over: if its handover is called
+        off, the VDI is still locked elsewhere, read-only here. Nor does a volume whose lock
+        a newer holder took (a migration's source): a new client there is a reader."""
         vols = [v for v, _ in self._open.values()] + [v for v, _ in self._closing.values()]
         opening = {name for name, read_only in self._opening if not read_only}
-        return {v.name for v in vols if v.token} | opening
+        return {v.name for v in vols if v.holds_lock} | opening
 
     async def table(self) -> ExportTable:
         # Ours before or after the registry read: a close that ends during the read leaves

@@ -67,6 +67,11 @@ class PendingVolume:
         return False
 
     @property
+    def holds_lock(self) -> bool:
+        """None before the takeover: a called-off handover leaves the VDI locked elsewhere."""
+        return self._volume is not None and self._volume.holds_lock
+
+    @property
     def token(self) -> int:
         return self._volume.token if self._volume is not None else 0
 

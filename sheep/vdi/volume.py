@@ -114,6 +114,12 @@ class Volume:
     def read_only(self) -> bool:
         return self._lock is None
 
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this volume still holds its VDI's write lock, as far as it knows (a lock
+        taken over by a newer holder is seen lost at a refused write or the next refresh)."""
+        return self._lock is not None and not self._lock.lost.is_set()
+
     def block_status(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """(length, allocated) runs: unallocated ranges are holes that read as zeros."""
         self._check_range(offset, length)

@@ -370,3 +370,21 @@ def test_after_a_called_off_handover_a_new_client_is_a_reader_while_the_destinat
         with NbdClient(dst.nbd_port, vdi) as late:
             assert late.read_only
             assert late.read(0, 4096) == b"\x0a" * 4096
+
+
+def test_after_the_takeover_a_new_client_of_the_source_is_a_reader_while_the_source_lingers(
+        cluster: Cluster, gateways: list[Gateway], vdi: str, source: NbdClient,
+        supervisor: Supervisor, tmp_path: Path) -> None:
+    """The source's connection (its volume's lock taken over, seen at its refused write)
+    does not make its gateway a holder any more: a client arriving there is a reader."""
+    src, dst = gateways
+    supervisor.offer(vdi, dst.node)
+    with NbdClient(dst.nbd_port, vdi) as dest:
+        supervisor.make_ready(vdi)
+        dest.write(0, b"\x2b" * 4096)
+        dest.flush()
+        refused_write(source, 0, b"\xee" * 4096)
+        assert nbdinfo(src.url(vdi), tmp_path)["is_read_only"] is True
+        with NbdClient(src.nbd_port, vdi) as late:
+            assert late.read_only
+            assert late.read(0, 4096) == b"\x2b" * 4096
