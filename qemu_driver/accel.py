@@ -10,7 +10,8 @@ not exist: reaching the kernel's "cannot mount root" panic proves the whole kern
 
 The verdict is cached per host in a small JSON file, keyed by everything it depends on (QEMU's
 version, the host kernel, the CPU model, the probed kernel), so a start pays for a probe once.
-`SHEEP_VM_ACCEL=kvm|tcg` overrides it.
+`SHEEP_VM_ACCEL=kvm|tcg` overrides it: the host's own, or the one a dog starting the VM on a
+node carries along (qemu_driver/host.py), which wins.
 """
 
 from __future__ import annotations
@@ -179,14 +180,14 @@ def _remember(choice: AccelChoice) -> None:
         tmp.replace(path)
 
 
-def choose_accel(kernel: Path | None, *, qemu: str = QEMU) -> AccelChoice:
-    """`SHEEP_VM_ACCEL` when set, else the cached verdict for this host and kernel, else a
-    fresh probe (then cached)."""
-    forced = os.environ.get(OVERRIDE, "")
+def choose_accel(kernel: Path | None, *, qemu: str = QEMU, forced: str = "") -> AccelChoice:
+    """`forced` when given (what the starting dog's SHEEP_VM_ACCEL asks of a node hosting
+    the VM), else `SHEEP_VM_ACCEL` here, else the cached verdict for this host and kernel,
+    else a fresh probe (then cached)."""
     if forced:
-        if forced not in CPU:
-            raise BadSpec(f"{OVERRIDE}={forced!r}: expected one of {', '.join(CPU)}")
-        return AccelChoice(forced, f"forced by {OVERRIDE}={forced}")
+        return _forced(forced, "given to dog vm start")
+    if here := os.environ.get(OVERRIDE, ""):
+        return _forced(here, "")
     usable = kernel is not None and kernel.is_file() and os.access("/dev/kvm", os.R_OK | os.W_OK)
     if usable and (hit := _cached(probe_key(kernel, qemu))) is not None:
         return hit
@@ -194,3 +195,11 @@ def choose_accel(kernel: Path | None, *, qemu: str = QEMU) -> AccelChoice:
     if choice.key:
         _remember(choice)
     return choice
+
+
+def _forced(accel: str, whose: str) -> AccelChoice:
+    """The accelerator an override names; BadSpec when it names none."""
+    given = f" {whose}" if whose else ""
+    if accel not in CPU:
+        raise BadSpec(f"{OVERRIDE}={accel!r}{given}: expected one of {', '.join(CPU)}")
+    return AccelChoice(accel, f"forced by {OVERRIDE}={accel}{given}")

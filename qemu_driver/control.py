@@ -198,34 +198,37 @@ class VmControl:
                     reconnect_delay: int = DEFAULT_RECONNECT_DELAY,
                     timeout: float = START_TIMEOUT, tied: bool = False,
                     chap: Chap | None = None, tls: Identity | None = None,
-                    node: str = "") -> VmRuntime:
+                    node: str = "", accel: str = "") -> VmRuntime:
         """Start the VM under a supervisor of its own, which outlives this process (dog
         exits once the VM runs); `tied`: the VM is stopped when this process dies, even of
         SIGKILL (the demo VM of `sheep up`); `chap`: the CHAP user and secret QEMU logs in
         to an iSCSI portal with (required when the portal requires CHAP); `tls`: the
         certificate QEMU's NBD client starts TLS with, wherever the gateway speaks TLS
         (required when it requires TLS); `node`: the id of the sheep node starting it, which
-        its runtime record names (qemu_driver/host.py), "" when dog starts it itself."""
+        its runtime record names (qemu_driver/host.py), "" when dog starts it itself;
+        `accel`: "kvm" or "tcg" forced by whoever asked for the start (a dog's
+        SHEEP_VM_ACCEL, carried to the node), winning over this host's environment."""
         spec, _ = await self.vms.get(name)
         if await self.vms.runtime(name) is not None:
             raise VmError(f"VM {name!r} is already running")
         await self._check_vdis(spec.disks)
         gateway = _with_tls(_with_chap(await self.gateway(spec.transport, node), chap), tls)
-        accel = await asyncio.to_thread(choose_accel, probe_kernel(spec))
+        chosen = await asyncio.to_thread(choose_accel, probe_kernel(spec), forced=accel)
         paths = RunPaths((run_root or await self.run_root()) / name)
         _prepare(paths, gateway, chap, tls)
         runtime = VmRuntime(name=name, host=socket.gethostname(), pid=0, supervisor=0,
                             run_dir=str(paths.dir), qmp=str(paths.qmp),
                             console=str(paths.console), console_log=str(paths.console_log),
-                            agent=str(paths.agent), accel=accel.accel, gateway=gateway,
-                            disks=spec.disks, accel_reason=accel.reason, node=node)
+                            agent=str(paths.agent), accel=chosen.accel, gateway=gateway,
+                            disks=spec.disks, accel_reason=chosen.reason, node=node)
 
-        def argv(accel: str) -> list[str]:
-            return qemu_argv(spec, gateway, paths, accel, reconnect_delay=reconnect_delay)
+        def argv(accelerator: str) -> list[str]:
+            return qemu_argv(spec, gateway, paths, accelerator,
+                             reconnect_delay=reconnect_delay)
 
         line = await self._supervise(paths, {
-            "runtime": json.loads(runtime.dump()), "argv": argv(accel.accel),
-            "fallback_argv": argv("tcg") if accel.accel == "kvm" else None}, timeout, tied)
+            "runtime": json.loads(runtime.dump()), "argv": argv(chosen.accel),
+            "fallback_argv": argv("tcg") if chosen.accel == "kvm" else None}, timeout, tied)
         if line != "ok":
             raise QemuFailed(line)
         rt = await self.vms.runtime(name)
@@ -284,7 +287,7 @@ class VmControl:
             raise BadSpec(f"VM {name!r} already runs on node {node[:12]}")
         if not rt.node:
             raise BadSpec(f"VM {name!r} runs on a dog's host ({rt.host}), not on a node: "
-                          f"only VMs that nodes host migrate (dog vm start --on)")
+                          f"only VMs that nodes host migrate (not dog vm start --here)")
         me = next((n for n in await self.etcd.live_nodes() if n.node_id == node), None)
         if me is None:
             raise VmError(f"node {node[:12]} is not a live member of the cluster")

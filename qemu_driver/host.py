@@ -6,7 +6,8 @@ leaves it to the admin.
 
 The node shows its own certificate (role `node`, which gateways let attach disks) to the
 NBD gateway its VMs use, and its own identity to etcd: nothing secret travels from dog but
-an iSCSI CHAP secret, when the portal asks for one.
+an iSCSI CHAP secret, when the portal asks for one. Of dog's environment only an
+accelerator it forces (SHEEP_VM_ACCEL) comes along, and wins over the node's.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class VmHostService(pb_grpc.VmHostServicer):
             rt = await ctl.start(
                 request.name, run_root=Path(request.run_dir) if request.run_dir else None,
                 reconnect_delay=request.reconnect_delay or DEFAULT_RECONNECT_DELAY,
-                chap=chap, tls=self._node.identity, node=self._node.info.node_id)
+                chap=chap, tls=self._node.identity, node=self._node.info.node_id,
+                accel=request.accel)
             log.info("vm %s started here: pid %d", rt.name, rt.pid)
             return pb.VmReply(json=rt.dump().decode())
 

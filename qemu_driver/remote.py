@@ -1,8 +1,8 @@
 """dog's end of a VM hosted by a sheep node (qemu_driver/host.py): the same operations as
 VmControl's on a running VM, sent to the node that runs it, which its runtime record names.
 
-A VM whose record names no node was started by a dog on its own host (or by `sheep up
---vm`): VmControl drives it there, as before nodes hosted VMs.
+A VM whose record names no node was started by a dog on its own host (`dog vm start
+--here`, or `sheep up --vm`): VmControl drives it there.
 """
 
 from __future__ import annotations
@@ -122,10 +122,13 @@ class HostedVm:
         return _refusal(exc)
 
     async def start(self, name: str, *, run_root: str = "", reconnect_delay: int = 0,
-                    chap: Chap | None = None, timeout: float = START_DEADLINE) -> VmRuntime:
+                    chap: Chap | None = None, accel: str = "",
+                    timeout: float = START_DEADLINE) -> VmRuntime:
+        """`accel`: "kvm" or "tcg" to force on the node (dog's SHEEP_VM_ACCEL), "": the
+        node's own choice."""
         request = pb.VmStartRequest(name=name, run_dir=run_root, reconnect_delay=reconnect_delay,
                                     chap_user=chap.user if chap else "",
-                                    chap_secret=chap.secret if chap else b"")
+                                    chap_secret=chap.secret if chap else b"", accel=accel)
         reply = await self._call("VmStart", request, timeout)
         return VmRuntime.load(reply.json.encode())
 

@@ -1,8 +1,8 @@
-"""`dog vm ...`: VMs whose disks are VDIs, run by QEMU on a sheep node (`start --on NODE`,
-qemu_driver/host.py) or on the host dog runs on. Definitions live in the cluster (any node
-lists them); a running VM is driven through its QMP socket, by the node hosting it when its
-runtime record names one (from any machine that reaches the cluster), else by dog on the
-host that started it."""
+"""`dog vm ...`: VMs whose disks are VDIs, run by QEMU on a sheep node (by default the least
+loaded, or `start --on NODE`; qemu_driver/host.py) or, with `start --here`, on the host dog
+runs on. Definitions live in the cluster (any node lists them); a running VM is driven
+through its QMP socket, by the node hosting it when its runtime record names one (from any
+machine that reaches the cluster), else by dog on the host that started it."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from qemu_driver import console
+from qemu_driver.accel import OVERRIDE
 from qemu_driver.control import STOP_TIMEOUT, VmControl, listed_state
 from qemu_driver.migrate import describe, migrate
 from qemu_driver.migration import DEFAULT_TIMEOUT, Progress
 from qemu_driver.remote import (
+    ANY,
     HostedVm,
     HostUnreachable,
     NoSuchNode,
@@ -125,16 +127,19 @@ def _chap(args) -> Chap | None:
 
 
 async def vm_start(stub, args) -> None:
+    """On a node (--on, by default any: the least loaded), which shows the disks' gateway
+    its own certificate and follows dog's SHEEP_VM_ACCEL; or, --here, on this host."""
     chap = _chap(args)
-    if args.on:
+    if not args.here:
         async with _control(stub, args) as ctl:
             here = (await stub.NodeInfo(pb.Empty(), timeout=RPC_TIMEOUT)).node.id
             node = await choose_node(ctl.etcd, list((await ctl.vms.runtimes()).values()),
-                                     args.on, prefer=here)
+                                     args.on or ANY, prefer=here)
         async with hosted(node, args.identity) as remote:
             rt = await remote.start(args.name, chap=chap, reconnect_delay=args.reconnect_delay,
                                     run_root=str(Path(args.run_dir).resolve())
-                                    if args.run_dir else "")
+                                    if args.run_dir else "",
+                                    accel=os.environ.get(OVERRIDE, ""))
     else:
         async with _control(stub, args) as ctl:
             rt = await ctl.start(args.name,
@@ -163,7 +168,7 @@ async def vm_migrate(stub, args) -> None:
             raise DogError(f"VM {args.name!r} is not running")
         if not rt.node:
             raise DogError(f"VM {args.name!r} runs on a dog's host ({rt.host}), not on a "
-                           f"node: only VMs started with dog vm start --on migrate")
+                           f"node: a VM started with dog vm start --here does not migrate")
         try:
             source_node = await find_node(ctl.etcd, rt.node)
         except NoSuchNode:
@@ -412,21 +417,29 @@ def add_vm_commands(kinds: argparse._SubParsersAction, common: argparse.Argument
                         "another node restarts it (dog vm stop, or the guest powering off, "
                         "stops it for good)")
     cmd("delete", vm_delete, "forget a stopped VM (its VDIs stay)")
-    p = cmd("start", vm_start, "start QEMU for the VM on a node (--on) or on this host")
+    p = cmd("start", vm_start, "start QEMU for the VM on a node (by default the least "
+                               "loaded) or, with --here, on this host")
     p.epilog = ("The accelerator is KVM when a probe proves it runs a real guest on the "
-                "host that runs the VM, else TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg in "
-                "that host's environment (dog's, or with --on the node's) overrides the "
-                "probe. Over NBD, QEMU starts TLS wherever the gateway speaks it, with the "
-                "client certificate dog's config names (else dog's own; with --on, the "
-                "node's own); a gateway that requires TLS refuses a start without one.")
-    p.add_argument("--on", metavar="NODE", default="",
-                   help="the node that runs it: its id as dog node list --json gives it (or "
-                        "the first digits), or 'any': the one hosting the fewest VMs (the "
-                        "node dog talks to among equals); the node starts QEMU and drives it "
-                        "from then on, and shows the disks' gateway its own certificate")
+                "host that runs the VM, else TCG; SHEEP_VM_ACCEL=kvm or SHEEP_VM_ACCEL=tcg "
+                "overrides the probe: dog's (carried to the node that runs the VM, where it "
+                "wins over the node's own environment), else the node's. Over NBD, QEMU "
+                "starts TLS wherever the gateway speaks it, with the node's own certificate "
+                "(with --here, the client certificate dog's config names, else dog's own); a "
+                "gateway that requires TLS refuses a start without one.")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--on", metavar="NODE", default="",
+                       help="the node that runs it: its id as dog node list --json gives it "
+                            "(or the first digits), or 'any' (the default): the one hosting "
+                            "the fewest VMs (the node dog talks to among equals); the node "
+                            "starts QEMU and drives it from then on, and shows the disks' "
+                            "gateway its own certificate")
+    where.add_argument("--here", action="store_true",
+                       help="run QEMU on this host instead, driven from here by dog "
+                            "(such a VM does not migrate)")
     p.add_argument("--run-dir", help="the root of the VM's directory of sockets and logs, on "
-                                     "the host that runs it (default /run/sheep/vm/CLUSTER, "
-                                     "or under $XDG_RUNTIME_DIR for other users)")
+                                     "the host that runs it (a relative path is resolved "
+                                     "here; default /run/sheep/vm/CLUSTER, or under "
+                                     "$XDG_RUNTIME_DIR for other users)")
     p.add_argument("--reconnect-delay", type=int, default=60,
                    help="seconds QEMU holds guest I/O while its NBD gateway is away")
     p.add_argument("--iscsi-chap-file", default="", metavar="FILE",

@@ -1,6 +1,8 @@
 """VMs on VDIs end to end: `dog vm` boots the small guest (qemu_driver/guest.py) under TCG
 with its disks on a real 3-node cluster (copies=3) through QEMU's own NBD or iSCSI client,
-and the guest's jobs check what it sees. Node 0 is the gateway (NBD and iSCSI).
+and the guest's jobs check what it sees. Node 0 is the gateway (NBD and iSCSI). A VM runs
+where `dog vm start` puts it by default: on the least loaded node, node 0 here (the one
+dog talks to), unless a test says otherwise.
 
 One cluster serves the module; every test uses VMs and VDIs of its own. Faults run last:
 a storage node is killed (and brought back), then the gateway itself. Every wait is
@@ -41,6 +43,7 @@ from ..cluster import (
     start_cluster,
     wait_until,
 )
+from .test_vm_host import node_id
 
 pytestmark = pytest.mark.slow
 
@@ -141,8 +144,9 @@ class Vm:
                  "--transport", transport)
         return self
 
-    def start(self, env: dict[str, str] | None = None) -> Vm:
-        self.dog("start", self.name, "--run-dir", str(self.dir.parent), env=env)
+    def start(self, *where: str, env: dict[str, str] | None = None) -> Vm:
+        """`where`: --on NODE or --here; by default a node of dog's choice runs it."""
+        self.dog("start", self.name, *where, "--run-dir", str(self.dir.parent), env=env)
         return self
 
     def info(self) -> dict:
@@ -425,8 +429,10 @@ def test_a_guest_writing_while_a_storage_node_is_killed_sees_no_io_error(
 
 def test_the_guest_carries_on_when_its_gateway_is_killed_and_restarted(
         vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
+    # hosted by node 1: only its gateway (node 0) goes away under it
     vm = Vm(vmc, run_root, "reconnect").create(guest, [vdi(vmc, "reconnect")],
-                                               WRITE_LOOP.format(count=12)).start()
+                                               WRITE_LOOP.format(count=12))
+    vm.start("--on", node_id(vmc, 1))
     vm.wait_console("sheep-test: wrote 3")
     gateway = vmc.nodes[0]
     gateway.kill(signal.SIGKILL)
@@ -491,9 +497,9 @@ read -r go </dev/console
 
 def test_a_vm_forced_onto_kvm_that_fails_there_runs_again_under_tcg(
         vmc: Cluster, run_root: Path, guest: GuestImage) -> None:
-    """The one VM test that forces an accelerator: it tests the override and the fallback.
-    Under KVM this guest panics (or KVM fails it first); either way it must end up running
-    under TCG, saying why."""
+    """The one VM test that forces an accelerator: it tests the override (dog's, carried to
+    the node that runs the VM) and the fallback. Under KVM this guest panics (or KVM fails
+    it first); either way it must end up running under TCG, saying why."""
     vm = Vm(vmc, run_root, "fallback").create(guest, [vdi(vmc, "fallback")], TCG_ONLY)
     vm.start(env={OVERRIDE: "kvm"})
     vm.wait_console("sheep-test: under TCG")

@@ -1,6 +1,7 @@
 """`dog vm` on a cluster whose iSCSI portal requires CHAP: QEMU's iSCSI client logs in with
 the user and secret of `dog vm start --iscsi-chap-file` (the secret handed over in a file,
-never on QEMU's command line), and a start without them is refused in one line.
+never on QEMU's command line), on dog's host (--here) or on a node that dog hands them to,
+and a start without them is refused in one line.
 
 A 1-node cluster (copies=1) keeps it quick; the guest is the small one of test_vm.py,
 under TCG.
@@ -59,12 +60,12 @@ def guest() -> GuestImage:
     return guest_artifacts()
 
 
-def test_a_guest_boots_and_writes_over_iscsi_with_chap(
+def test_a_guest_on_dogs_host_boots_and_writes_over_iscsi_with_chap(
         chap_cluster: Cluster, run_root: Path, guest: GuestImage, chap_file: Path) -> None:
     disk = vdi(chap_cluster, "chap-disk")
     writer = Vm(chap_cluster, run_root, "chap-writer").create(
         guest, [disk], MAKE_FILES.format(vm="chap-writer"), "iscsi")
-    writer.dog("start", writer.name, "--run-dir", str(run_root),
+    writer.dog("start", writer.name, "--here", "--run-dir", str(run_root),
                "--iscsi-chap-file", str(chap_file))
     pid = writer.info()["runtime"]["pid"]
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
@@ -72,7 +73,7 @@ def test_a_guest_boots_and_writes_over_iscsi_with_chap(
     writer.finish()
     reader = Vm(chap_cluster, run_root, "chap-reader").create(guest, [disk], CHECK_FILES,
                                                                "iscsi")
-    reader.dog("start", reader.name, "--run-dir", str(run_root),
+    reader.dog("start", reader.name, "--here", "--run-dir", str(run_root),
                "--iscsi-chap-file", str(chap_file))
     assert "read: written by chap-writer" in reader.finish()
 

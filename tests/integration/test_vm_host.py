@@ -1,12 +1,16 @@
 """VMs hosted by sheep nodes (qemu_driver/host.py): `dog vm start --on NODE` asks that node to
-run the VM, and dog, talking to another node, drives it through the node that hosts it.
+run the VM (without --on, the least loaded node), and dog, talking to another node, drives
+it through the node that hosts it.
 
 A 2-node cluster (copies=2), node 0 the NBD gateway; one guest serves the module, started on
-node 1 by a dog talking to node 0, and the tests run in file order: it is stopped last.
+node 1 by a dog talking to node 0, and the tests run in file order: it is stopped last. The
+starts that only look at where and how QEMU runs use a VM with nothing to boot (its firmware
+finds an empty disk and waits), stopped at once.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_driver.accel import OVERRIDE
 from qemu_driver.guest import (
     POWER_OFF_MARKER,
     READY_MARKER,
@@ -71,6 +76,11 @@ def node_id(cluster: Cluster, i: int) -> str:
                 if s["node"]["control_port"] == port)
 
 
+def parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rpartition(")")[2].split()[1])
+
+
 def console(run_root: Path) -> str:
     path = run_root / NAME / "console.log"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -94,6 +104,23 @@ def hosted(cluster: Cluster, run_root: Path) -> Iterator[dict]:
         dog("vm", "stop", NAME, "--timeout", "1", address=a, check=False)
 
 
+@pytest.fixture(scope="module")
+def bootless(cluster: Cluster) -> str:
+    """A VM whose QEMU runs as soon as it starts: no kernel, an empty disk."""
+    a = cluster.nodes[0].address
+    dog("vdi", "create", "bootless", "16M", address=a)
+    dog("vm", "create", "bootless", "--vdi", "bootless", address=a)
+    return "bootless"
+
+
+@pytest.fixture
+def quick(cluster: Cluster, bootless: str) -> Iterator[str]:
+    """`bootless`, stopped after the test (QEMU told to quit: no guest heeds the button)."""
+    yield bootless
+    dog("vm", "stop", bootless, "--timeout", "0.1", address=cluster.nodes[0].address,
+        check=False)
+
+
 def test_a_start_on_an_unknown_node_is_a_one_line_error(cluster: Cluster) -> None:
     assert "no live node has id 'nosuchnode'" in dog_error(
         "vm", "start", "anything", "--on", "nosuchnode", address=cluster.address)
@@ -103,9 +130,31 @@ def test_a_vm_started_on_a_node_is_run_by_that_nodes_process(
         cluster: Cluster, hosted: dict) -> None:
     assert hosted["node"] == node_id(cluster, 1)
     # the supervisor keeping QEMU company is node 1's child: node 1 started it, not dog
-    stat = Path(f"/proc/{hosted['supervisor']}/stat").read_text()
-    parent = int(stat.rpartition(")")[2].split()[1])
-    assert parent == cluster.nodes[1].proc.pid
+    assert parent(hosted["supervisor"]) == cluster.nodes[1].proc.pid
+
+
+def test_a_vm_started_without_on_runs_on_the_least_loaded_node(
+        cluster: Cluster, hosted: dict, quick: str, run_root: Path) -> None:
+    """Node 1 hosts a VM, node 0 none: node 0 runs it, although dog talks to node 1 (the
+    node dog talks to only wins among equals)."""
+    rt = dog_json("vm", "start", quick, "--run-dir", str(run_root),
+                  address=cluster.nodes[1].address)
+    assert rt["node"] == node_id(cluster, 0)
+    assert parent(rt["supervisor"]) == cluster.nodes[0].proc.pid
+
+
+def test_the_accelerator_dog_forces_is_the_one_the_node_runs_the_vm_under(
+        cluster: Cluster, quick: str, run_root: Path) -> None:
+    """The one test here that forces an accelerator: dog's SHEEP_VM_ACCEL goes with the
+    start, and wins over the node's own choice (its environment has none: it would probe)."""
+    out = dog("vm", "start", quick, "--on", node_id(cluster, 0), "--run-dir", str(run_root),
+              "--json", address=cluster.nodes[0].address, env={OVERRIDE: "tcg"}).stdout
+    rt = json.loads(out)
+    assert rt["node"] == node_id(cluster, 0)
+    assert (rt["accel"], rt["accel_reason"]) == (
+        "tcg", f"forced by {OVERRIDE}=tcg given to dog vm start")
+    cmdline = Path(f"/proc/{rt['pid']}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"-accel") + 1] == b"tcg"
 
 
 def test_list_and_info_show_the_node_hosting_the_vm(cluster: Cluster, hosted: dict) -> None:

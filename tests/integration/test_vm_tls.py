@@ -1,6 +1,7 @@
-"""`dog vm` on a secure cluster whose NBD gateway requires TLS (`--nbd-tls require`): QEMU's
-NBD client starts TLS with the client certificate dog's config names (handed to QEMU as a
-tls-creds-x509 directory in the VM's run dir, never on its command line), a guest boots,
+"""`dog vm start --here` on a secure cluster whose NBD gateway requires TLS (`--nbd-tls
+require`): QEMU, on dog's host, has its NBD client start TLS with the client certificate
+dog's config names (handed to QEMU as a tls-creds-x509 directory in the VM's run dir, never
+on its command line; a node hosting a VM shows its own: test_vm_host_tls.py), a guest boots,
 writes a file system and a second VM reads it back; a disk hot-plugged into a running VM
 goes over TLS too; and a start without a certificate is refused in one line.
 
@@ -63,7 +64,8 @@ class SecureCluster:
 
 
 class TlsVm(Vm):
-    """A VM of test_vm.py driven by a dog that finds its credentials in dog.conf."""
+    """A VM of test_vm.py run on dog's host by a dog that finds its credentials in
+    dog.conf."""
 
     def __init__(self, cluster: SecureCluster, run_root: Path, name: str) -> None:
         super().__init__(cluster, run_root, name)  # type: ignore[arg-type]
@@ -71,6 +73,10 @@ class TlsVm(Vm):
 
     def dog(self, *args: str, check: bool = True, env: dict[str, str] | None = None):
         return super().dog(*args, check=check, env={**self.secure.env, **(env or {})})
+
+    def start(self, *where: str, env: dict[str, str] | None = None) -> TlsVm:
+        super().start("--here", *where, env=env)
+        return self
 
     def info(self) -> dict:
         return json.loads(self.dog("info", self.name, "--json").stdout)

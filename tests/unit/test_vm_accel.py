@@ -1,5 +1,5 @@
 """The accelerator probe boots a real kernel to its root mount, caches its verdict per host
-and kernel, and gives way to SHEEP_VM_ACCEL (the one test here that sets it is the test of
+and kernel, and gives way to SHEEP_VM_ACCEL (the tests here that set it are the tests of
 the override itself)."""
 
 from __future__ import annotations
@@ -86,3 +86,17 @@ def test_the_environment_overrides_the_probe(cache: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(accel.OVERRIDE, "xen")
     with pytest.raises(BadSpec, match="SHEEP_VM_ACCEL"):
         accel.choose_accel(None)
+
+
+def test_an_accelerator_a_dog_forces_wins_over_the_hosts_own_override(
+        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node starting a VM for a dog follows dog's SHEEP_VM_ACCEL, not its own."""
+    monkeypatch.setenv(accel.OVERRIDE, "kvm")
+    choice = accel.choose_accel(guest_artifacts().kernel, forced="tcg")
+    assert choice.accel == "tcg"
+    assert choice.reason == f"forced by {accel.OVERRIDE}=tcg given to dog vm start"
+    with pytest.raises(BadSpec) as bad:
+        accel.choose_accel(None, forced="xen")
+    assert str(bad.value) == (f"{accel.OVERRIDE}='xen' given to dog vm start: expected one "
+                              "of kvm, tcg")
+    assert not cache.exists()
